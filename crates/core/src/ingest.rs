@@ -1,0 +1,442 @@
+//! Decoding and per-sample validation of signed JSON ingest batches (DESIGN.md §4.1).
+//!
+//! Decoding borrows from the request body wherever the JSON has no escapes, and
+//! validation never allocates for a valid sample, because this runs for every sample
+//! the service accepts. Whole-request problems (not JSON, wrong shape) are a
+//! [`DecodeError`]; problems with one sample are a [`Rejection`] that names its index
+//! while the rest of the batch is stored.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::codes::Code;
+use crate::model::{EventSource, Kind, NewEvent};
+use crate::names;
+use crate::time::parse_rfc3339_ms;
+
+/// How far ahead of the server clock a sample may be.
+pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
+
+/// Request-level limits that depend on configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleLimits {
+    pub max_samples: usize,
+    /// Samples older than this (the raw retention) are refused.
+    pub max_age_ms: i64,
+}
+
+impl Default for SampleLimits {
+    fn default() -> Self {
+        SampleLimits { max_samples: 10_000, max_age_ms: 30 * 86_400_000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("a request may carry at most {max} samples; this one has {got}")]
+    TooManySamples { max: usize, got: usize },
+}
+
+impl DecodeError {
+    pub fn code(&self) -> Code {
+        match self {
+            DecodeError::Invalid(_) => Code::InvalidPayload,
+            DecodeError::TooManySamples { .. } => Code::TooManySamples,
+        }
+    }
+}
+
+/// A sample value as sent. JSON has no NaN or infinity, but clients send them as
+/// strings or null; those are per-sample rejections, not a broken request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WireValue {
+    Number(f64),
+    NotANumber,
+}
+
+impl<'de> Deserialize<'de> for WireValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = WireValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<WireValue, E> {
+                Ok(WireValue::Number(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<WireValue, E> {
+                Ok(WireValue::Number(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<WireValue, E> {
+                Ok(WireValue::Number(v as f64))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<WireValue, E> {
+                Ok(WireValue::NotANumber)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<WireValue, E> {
+                Ok(WireValue::NotANumber)
+            }
+            fn visit_unit<E>(self) -> Result<WireValue, E> {
+                Ok(WireValue::NotANumber)
+            }
+            fn visit_none<E>(self) -> Result<WireValue, E> {
+                Ok(WireValue::NotANumber)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A timestamp as sent: unix milliseconds or RFC 3339 text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WireTime<'a> {
+    Millis(f64),
+    Text(Cow<'a, str>),
+    Invalid,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for WireTime<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = WireTime<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("unix milliseconds or an RFC 3339 string")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<WireTime<'de>, E> {
+                Ok(WireTime::Millis(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<WireTime<'de>, E> {
+                Ok(WireTime::Millis(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<WireTime<'de>, E> {
+                Ok(WireTime::Millis(v as f64))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<WireTime<'de>, E> {
+                Ok(WireTime::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<WireTime<'de>, E> {
+                Ok(WireTime::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<WireTime<'de>, E> {
+                Ok(WireTime::Invalid)
+            }
+            fn visit_unit<E>(self) -> Result<WireTime<'de>, E> {
+                Ok(WireTime::Invalid)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One sample as sent.
+#[derive(Debug, Deserialize)]
+pub struct WireSample<'a> {
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    pub value: WireValue,
+    #[serde(rename = "type", default, borrow)]
+    pub kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub timestamp: Option<WireTime<'a>>,
+    #[serde(default, borrow)]
+    pub tags: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+}
+
+impl WireSample<'_> {
+    /// Tags sorted by key (JSON objects with a repeated key keep the last value).
+    pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
+        self.tags.iter().flatten().map(|(k, v)| (k.as_ref(), v.as_ref()))
+    }
+}
+
+/// The body of `POST /api/v1/metrics`.
+#[derive(Debug, Deserialize)]
+pub struct WireBatch<'a> {
+    #[serde(borrow)]
+    pub server_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub metrics: Vec<WireSample<'a>>,
+}
+
+/// Parses a JSON batch. Fails on anything that is not a well-shaped request.
+pub fn decode_json<'a>(body: &'a [u8], limits: &SampleLimits) -> Result<WireBatch<'a>, DecodeError> {
+    let batch: WireBatch = serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    if batch.metrics.len() > limits.max_samples {
+        return Err(DecodeError::TooManySamples { max: limits.max_samples, got: batch.metrics.len() });
+    }
+    Ok(batch)
+}
+
+/// Why one sample was refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    pub index: usize,
+    pub code: Code,
+    pub detail: String,
+}
+
+impl serde::Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A sample that passed validation; name and tags are read from its [`WireSample`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValidSample {
+    pub index: usize,
+    pub kind: Kind,
+    pub timestamp: i64,
+    pub value: f64,
+}
+
+/// Checks one sample against the rules of DESIGN.md §2 and §4.1.
+pub fn validate_sample(
+    index: usize,
+    sample: &WireSample<'_>,
+    now_ms: i64,
+    limits: &SampleLimits,
+) -> Result<ValidSample, Rejection> {
+    let reject = |code: Code, detail: String| Rejection { index, code, detail };
+    if !names::is_valid_metric_name(&sample.name) {
+        return Err(reject(
+            Code::InvalidName,
+            format!("metric names match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes", names::MAX_NAME_BYTES),
+        ));
+    }
+    let kind = match sample.kind.as_deref() {
+        None => Kind::Gauge,
+        Some(text) => Kind::parse(text)
+            .ok_or_else(|| reject(Code::InvalidType, "type must be gauge, counter or histogram".into()))?,
+    };
+    let value = match sample.value {
+        WireValue::Number(v) if v.is_finite() => v,
+        _ => return Err(reject(Code::InvalidValue, "value must be a finite number".into())),
+    };
+    if kind == Kind::Counter && value < 0.0 {
+        return Err(reject(Code::InvalidValue, "counter values are cumulative totals and cannot be negative".into()));
+    }
+    if let Some(tags) = &sample.tags {
+        if tags.len() > names::MAX_TAGS {
+            return Err(reject(Code::TooManyTags, format!("at most {} tags per sample, got {}", names::MAX_TAGS, tags.len())));
+        }
+        for (k, v) in tags {
+            if !names::is_valid_tag_key(k) {
+                return Err(reject(
+                    Code::InvalidTag,
+                    format!("tag keys match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes", names::MAX_TAG_KEY_BYTES),
+                ));
+            }
+            if !names::is_valid_tag_value(v) {
+                return Err(reject(
+                    Code::InvalidTag,
+                    format!("tag values have at most {} bytes and no control characters", names::MAX_TAG_VALUE_BYTES),
+                ));
+            }
+        }
+    }
+    let timestamp = match &sample.timestamp {
+        None => now_ms,
+        Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => *ms as i64,
+        Some(WireTime::Text(text)) => parse_rfc3339_ms(text)
+            .ok_or_else(|| reject(Code::InvalidTimestamp, "timestamp must be unix milliseconds or RFC 3339".into()))?,
+        Some(_) => return Err(reject(Code::InvalidTimestamp, "timestamp must be unix milliseconds or RFC 3339".into())),
+    };
+    if timestamp < now_ms - limits.max_age_ms {
+        return Err(reject(
+            Code::TooOld,
+            format!("timestamp is older than the raw retention of {} days", limits.max_age_ms / 86_400_000),
+        ));
+    }
+    if timestamp > now_ms + MAX_FUTURE_MS {
+        return Err(reject(Code::TooFarAhead, "timestamp is more than 5 minutes ahead of the server clock".into()));
+    }
+    Ok(ValidSample { index, kind, timestamp, value })
+}
+
+/// The body of `POST /api/v1/events`.
+#[derive(Debug, Deserialize)]
+pub struct WireEvent<'a> {
+    pub server_id: String,
+    pub kind: String,
+    pub title: String,
+    #[serde(default)]
+    pub detail: Option<String>,
+    #[serde(default, borrow)]
+    pub at: Option<WireTime<'a>>,
+}
+
+/// Kinds an author may post; the others are written by the system.
+pub const AUTHOR_EVENT_KINDS: [&str; 3] = ["deploy", "release", "incident"];
+
+pub fn decode_event(body: &[u8], now_ms: i64) -> Result<NewEvent, DecodeError> {
+    let wire: WireEvent = serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    if !AUTHOR_EVENT_KINDS.contains(&wire.kind.as_str()) {
+        return Err(DecodeError::Invalid("kind must be deploy, release or incident".into()));
+    }
+    let title = wire.title.trim();
+    if title.is_empty() || title.chars().count() > 200 {
+        return Err(DecodeError::Invalid("title must be 1 to 200 characters".into()));
+    }
+    if wire.detail.as_ref().is_some_and(|d| d.chars().count() > 4000) {
+        return Err(DecodeError::Invalid("detail must be at most 4000 characters".into()));
+    }
+    let at = match wire.at {
+        None => now_ms,
+        Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => ms as i64,
+        Some(WireTime::Text(t)) => {
+            parse_rfc3339_ms(&t).ok_or_else(|| DecodeError::Invalid("at must be RFC 3339 or unix ms".into()))?
+        }
+        Some(_) => return Err(DecodeError::Invalid("at must be RFC 3339 or unix ms".into())),
+    };
+    Ok(NewEvent {
+        server_id: wire.server_id,
+        kind: wire.kind,
+        title: title.to_owned(),
+        detail: wire.detail,
+        at,
+        source: EventSource::Author,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn validate_all(body: &str) -> (Vec<ValidSample>, Vec<Rejection>) {
+        let limits = SampleLimits::default();
+        let batch = decode_json(body.as_bytes(), &limits).unwrap();
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for (i, s) in batch.metrics.iter().enumerate() {
+            match validate_sample(i, s, NOW, &limits) {
+                Ok(v) => ok.push(v),
+                Err(r) => bad.push(r),
+            }
+        }
+        (ok, bad)
+    }
+
+    #[test]
+    fn decodes_the_design_example() {
+        let body = r#"{"server_id":"acme-search","metrics":[
+          {"name":"response_time","value":120,"type":"histogram","timestamp":"2025-06-15T15:06:40Z","tags":{"tool":"search"}}]}"#;
+        let limits = SampleLimits { max_age_ms: i64::MAX / 2, ..Default::default() };
+        let batch = decode_json(body.as_bytes(), &limits).unwrap();
+        assert_eq!(batch.server_id, "acme-search");
+        let v = validate_sample(0, &batch.metrics[0], NOW, &limits).unwrap();
+        assert_eq!(v.kind, Kind::Histogram);
+        assert_eq!(v.value, 120.0);
+        assert_eq!(v.timestamp, NOW);
+        assert_eq!(batch.metrics[0].tags().collect::<Vec<_>>(), vec![("tool", "search")]);
+    }
+
+    #[test]
+    fn defaults_gauge_and_now() {
+        let (ok, bad) = validate_all(r#"{"server_id":"a","metrics":[{"name":"x","value":1.5}]}"#);
+        assert!(bad.is_empty());
+        assert_eq!(ok[0].kind, Kind::Gauge);
+        assert_eq!(ok[0].timestamp, NOW);
+    }
+
+    #[test]
+    fn per_sample_rejections_name_their_index() {
+        let tags: String = (0..17).map(|i| format!(r#""k{i}":"v""#)).collect::<Vec<_>>().join(",");
+        let body = format!(
+            r#"{{"server_id":"a","metrics":[
+            {{"name":"ok","value":1}},
+            {{"name":"1bad","value":1}},
+            {{"name":"x","value":"NaN"}},
+            {{"name":"x","value":null}},
+            {{"name":"x","value":1,"type":"summary"}},
+            {{"name":"x","value":1,"tags":{{{tags}}}}},
+            {{"name":"x","value":1,"tags":{{"bad key":"v"}}}},
+            {{"name":"x","value":1,"timestamp":{old}}},
+            {{"name":"x","value":1,"timestamp":{ahead}}},
+            {{"name":"x","value":1,"timestamp":"yesterday"}},
+            {{"name":"x","value":-1,"type":"counter"}},
+            {{"name":"x","value":2,"timestamp":{edge}}}
+            ]}}"#,
+            old = NOW - 31 * 86_400_000,
+            ahead = NOW + MAX_FUTURE_MS + 1,
+            edge = NOW + MAX_FUTURE_MS,
+        );
+        let (ok, bad) = validate_all(&body);
+        assert_eq!(ok.iter().map(|v| v.index).collect::<Vec<_>>(), vec![0, 11]);
+        let codes: Vec<(usize, Code)> = bad.iter().map(|r| (r.index, r.code)).collect();
+        assert_eq!(
+            codes,
+            vec![
+                (1, Code::InvalidName),
+                (2, Code::InvalidValue),
+                (3, Code::InvalidValue),
+                (4, Code::InvalidType),
+                (5, Code::TooManyTags),
+                (6, Code::InvalidTag),
+                (7, Code::TooOld),
+                (8, Code::TooFarAhead),
+                (9, Code::InvalidTimestamp),
+                (10, Code::InvalidValue),
+            ]
+        );
+    }
+
+    #[test]
+    fn whole_request_errors() {
+        let limits = SampleLimits { max_samples: 2, ..Default::default() };
+        assert!(matches!(decode_json(b"not json", &limits), Err(DecodeError::Invalid(_))));
+        assert!(matches!(decode_json(br#"{"server_id":"a"}"#, &limits), Err(DecodeError::Invalid(_))));
+        assert!(matches!(decode_json(br#"{"server_id":"a","metrics":[{"value":1}]}"#, &limits), Err(DecodeError::Invalid(_))));
+        let three = br#"{"server_id":"a","metrics":[{"name":"a","value":1},{"name":"a","value":1},{"name":"a","value":1}]}"#;
+        assert_eq!(decode_json(three, &limits).unwrap_err(), DecodeError::TooManySamples { max: 2, got: 3 });
+    }
+
+    #[test]
+    fn escaped_strings_decode() {
+        let (ok, bad) = validate_all(r#"{"server_id":"a","metrics":[{"name":"x","value":1,"tags":{"t":"a\"b\u00e9"}}]}"#);
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(ok.len(), 1);
+    }
+
+    #[test]
+    fn events() {
+        let e = decode_event(br#"{"server_id":"a","kind":"deploy","title":" v1.2 ","at":"2025-06-02T12:00:00Z"}"#, NOW).unwrap();
+        assert_eq!((e.kind.as_str(), e.title.as_str(), e.at), ("deploy", "v1.2", 1_748_865_600_000));
+        assert!(decode_event(br#"{"server_id":"a","kind":"outage_started","title":"x"}"#, NOW).is_err());
+        assert!(decode_event(br#"{"server_id":"a","kind":"deploy","title":""}"#, NOW).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let limits = SampleLimits::default();
+            if let Ok(batch) = decode_json(&bytes, &limits) {
+                for (i, s) in batch.metrics.iter().enumerate() {
+                    let _ = validate_sample(i, s, NOW, &limits);
+                }
+            }
+        }
+
+        #[test]
+        fn valid_samples_round_trip(name in "[a-zA-Z_][a-zA-Z0-9_.:]{0,40}", value in -1e12f64..1e12, offset in -86_400_000i64..MAX_FUTURE_MS) {
+            let body = serde_json::json!({"server_id":"a","metrics":[{"name":name,"value":value,"timestamp":NOW + offset}]}).to_string();
+            let limits = SampleLimits::default();
+            let batch = decode_json(body.as_bytes(), &limits).unwrap();
+            let v = validate_sample(0, &batch.metrics[0], NOW, &limits).unwrap();
+            prop_assert_eq!(v.value, value);
+            prop_assert_eq!(v.timestamp, NOW + offset);
+            prop_assert_eq!(batch.metrics[0].name.as_ref(), name.as_str());
+        }
+    }
+}
