@@ -1,9 +1,9 @@
 //! Decode + verify + validate of one signed JSON batch: the CPU cost of the ingest
 //! path before storage. Run with `cargo bench -p mcp-metrics-core`.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mcp_metrics_core::ingest::{decode_json, validate_sample, SampleLimits};
-use mcp_metrics_core::signature::{sign, SignatureHeader};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use mcp_metrics_core::ingest::{SampleLimits, decode_json, validate_sample};
+use mcp_metrics_core::signature::{SignatureHeader, sign};
 use std::hint::black_box;
 
 fn batch(n: usize, now: i64) -> Vec<u8> {
@@ -17,7 +17,11 @@ fn batch(n: usize, now: i64) -> Vec<u8> {
             )
         })
         .collect();
-    format!(r#"{{"server_id":"bench","metrics":[{}]}}"#, metrics.join(",")).into_bytes()
+    format!(
+        r#"{{"server_id":"bench","metrics":[{}]}}"#,
+        metrics.join(",")
+    )
+    .into_bytes()
 }
 
 fn bench(c: &mut Criterion) {
@@ -32,7 +36,9 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("decode_verify_validate/{n}"), |b| {
             b.iter(|| {
                 let parsed = SignatureHeader::parse(&header).unwrap();
-                parsed.verify(secret, black_box(&body), now / 1000, 300).unwrap();
+                parsed
+                    .verify(secret, black_box(&body), now / 1000, 300)
+                    .unwrap();
                 let batch = decode_json(black_box(&body), &limits).unwrap();
                 let mut ok = 0;
                 for (i, s) in batch.metrics.iter().enumerate() {

@@ -10,8 +10,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{Deserializer, Visitor};
 use serde::Deserialize;
+use serde::de::{Deserializer, Visitor};
 
 use crate::codes::Code;
 use crate::model::{EventSource, Kind, NewEvent};
@@ -31,7 +31,10 @@ pub struct SampleLimits {
 
 impl Default for SampleLimits {
     fn default() -> Self {
-        SampleLimits { max_samples: 10_000, max_age_ms: 30 * 86_400_000 }
+        SampleLimits {
+            max_samples: 10_000,
+            max_age_ms: 30 * 86_400_000,
+        }
     }
 }
 
@@ -153,7 +156,10 @@ pub struct WireSample<'a> {
 impl WireSample<'_> {
     /// Tags sorted by key (JSON objects with a repeated key keep the last value).
     pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
-        self.tags.iter().flatten().map(|(k, v)| (k.as_ref(), v.as_ref()))
+        self.tags
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.as_ref(), v.as_ref()))
     }
 }
 
@@ -167,10 +173,17 @@ pub struct WireBatch<'a> {
 }
 
 /// Parses a JSON batch. Fails on anything that is not a well-shaped request.
-pub fn decode_json<'a>(body: &'a [u8], limits: &SampleLimits) -> Result<WireBatch<'a>, DecodeError> {
-    let batch: WireBatch = serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+pub fn decode_json<'a>(
+    body: &'a [u8],
+    limits: &SampleLimits,
+) -> Result<WireBatch<'a>, DecodeError> {
+    let batch: WireBatch =
+        serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
     if batch.metrics.len() > limits.max_samples {
-        return Err(DecodeError::TooManySamples { max: limits.max_samples, got: batch.metrics.len() });
+        return Err(DecodeError::TooManySamples {
+            max: limits.max_samples,
+            got: batch.metrics.len(),
+        });
     }
     Ok(batch)
 }
@@ -205,40 +218,72 @@ pub fn validate_sample(
     now_ms: i64,
     limits: &SampleLimits,
 ) -> Result<ValidSample, Rejection> {
-    let reject = |code: Code, detail: String| Rejection { index, code, detail };
+    let reject = |code: Code, detail: String| Rejection {
+        index,
+        code,
+        detail,
+    };
     if !names::is_valid_metric_name(&sample.name) {
         return Err(reject(
             Code::InvalidName,
-            format!("metric names match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes", names::MAX_NAME_BYTES),
+            format!(
+                "metric names match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes",
+                names::MAX_NAME_BYTES
+            ),
         ));
     }
     let kind = match sample.kind.as_deref() {
         None => Kind::Gauge,
-        Some(text) => Kind::parse(text)
-            .ok_or_else(|| reject(Code::InvalidType, "type must be gauge, counter or histogram".into()))?,
+        Some(text) => Kind::parse(text).ok_or_else(|| {
+            reject(
+                Code::InvalidType,
+                "type must be gauge, counter or histogram".into(),
+            )
+        })?,
     };
     let value = match sample.value {
         WireValue::Number(v) if v.is_finite() => v,
-        _ => return Err(reject(Code::InvalidValue, "value must be a finite number".into())),
+        _ => {
+            return Err(reject(
+                Code::InvalidValue,
+                "value must be a finite number".into(),
+            ));
+        }
     };
     if kind == Kind::Counter && value < 0.0 {
-        return Err(reject(Code::InvalidValue, "counter values are cumulative totals and cannot be negative".into()));
+        return Err(reject(
+            Code::InvalidValue,
+            "counter values are cumulative totals and cannot be negative".into(),
+        ));
     }
     if let Some(tags) = &sample.tags {
         if tags.len() > names::MAX_TAGS {
-            return Err(reject(Code::TooManyTags, format!("at most {} tags per sample, got {}", names::MAX_TAGS, tags.len())));
+            return Err(reject(
+                Code::TooManyTags,
+                format!(
+                    "at most {} tags per sample, got {}",
+                    names::MAX_TAGS,
+                    tags.len()
+                ),
+            ));
         }
         for (k, v) in tags {
             if !names::is_valid_tag_key(k) {
                 return Err(reject(
                     Code::InvalidTag,
-                    format!("tag keys match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes", names::MAX_TAG_KEY_BYTES),
+                    format!(
+                        "tag keys match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes",
+                        names::MAX_TAG_KEY_BYTES
+                    ),
                 ));
             }
             if !names::is_valid_tag_value(v) {
                 return Err(reject(
                     Code::InvalidTag,
-                    format!("tag values have at most {} bytes and no control characters", names::MAX_TAG_VALUE_BYTES),
+                    format!(
+                        "tag values have at most {} bytes and no control characters",
+                        names::MAX_TAG_VALUE_BYTES
+                    ),
                 ));
             }
         }
@@ -246,20 +291,40 @@ pub fn validate_sample(
     let timestamp = match &sample.timestamp {
         None => now_ms,
         Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => *ms as i64,
-        Some(WireTime::Text(text)) => parse_rfc3339_ms(text)
-            .ok_or_else(|| reject(Code::InvalidTimestamp, "timestamp must be unix milliseconds or RFC 3339".into()))?,
-        Some(_) => return Err(reject(Code::InvalidTimestamp, "timestamp must be unix milliseconds or RFC 3339".into())),
+        Some(WireTime::Text(text)) => parse_rfc3339_ms(text).ok_or_else(|| {
+            reject(
+                Code::InvalidTimestamp,
+                "timestamp must be unix milliseconds or RFC 3339".into(),
+            )
+        })?,
+        Some(_) => {
+            return Err(reject(
+                Code::InvalidTimestamp,
+                "timestamp must be unix milliseconds or RFC 3339".into(),
+            ));
+        }
     };
     if timestamp < now_ms - limits.max_age_ms {
         return Err(reject(
             Code::TooOld,
-            format!("timestamp is older than the raw retention of {} days", limits.max_age_ms / 86_400_000),
+            format!(
+                "timestamp is older than the raw retention of {} days",
+                limits.max_age_ms / 86_400_000
+            ),
         ));
     }
     if timestamp > now_ms + MAX_FUTURE_MS {
-        return Err(reject(Code::TooFarAhead, "timestamp is more than 5 minutes ahead of the server clock".into()));
+        return Err(reject(
+            Code::TooFarAhead,
+            "timestamp is more than 5 minutes ahead of the server clock".into(),
+        ));
     }
-    Ok(ValidSample { index, kind, timestamp, value })
+    Ok(ValidSample {
+        index,
+        kind,
+        timestamp,
+        value,
+    })
 }
 
 /// The body of `POST /api/v1/events`.
@@ -278,24 +343,38 @@ pub struct WireEvent<'a> {
 pub const AUTHOR_EVENT_KINDS: [&str; 3] = ["deploy", "release", "incident"];
 
 pub fn decode_event(body: &[u8], now_ms: i64) -> Result<NewEvent, DecodeError> {
-    let wire: WireEvent = serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    let wire: WireEvent =
+        serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
     if !AUTHOR_EVENT_KINDS.contains(&wire.kind.as_str()) {
-        return Err(DecodeError::Invalid("kind must be deploy, release or incident".into()));
+        return Err(DecodeError::Invalid(
+            "kind must be deploy, release or incident".into(),
+        ));
     }
     let title = wire.title.trim();
     if title.is_empty() || title.chars().count() > 200 {
-        return Err(DecodeError::Invalid("title must be 1 to 200 characters".into()));
+        return Err(DecodeError::Invalid(
+            "title must be 1 to 200 characters".into(),
+        ));
     }
-    if wire.detail.as_ref().is_some_and(|d| d.chars().count() > 4000) {
-        return Err(DecodeError::Invalid("detail must be at most 4000 characters".into()));
+    if wire
+        .detail
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > 4000)
+    {
+        return Err(DecodeError::Invalid(
+            "detail must be at most 4000 characters".into(),
+        ));
     }
     let at = match wire.at {
         None => now_ms,
         Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => ms as i64,
-        Some(WireTime::Text(t)) => {
-            parse_rfc3339_ms(&t).ok_or_else(|| DecodeError::Invalid("at must be RFC 3339 or unix ms".into()))?
+        Some(WireTime::Text(t)) => parse_rfc3339_ms(&t)
+            .ok_or_else(|| DecodeError::Invalid("at must be RFC 3339 or unix ms".into()))?,
+        Some(_) => {
+            return Err(DecodeError::Invalid(
+                "at must be RFC 3339 or unix ms".into(),
+            ));
         }
-        Some(_) => return Err(DecodeError::Invalid("at must be RFC 3339 or unix ms".into())),
     };
     Ok(NewEvent {
         server_id: wire.server_id,
@@ -332,14 +411,20 @@ mod tests {
     fn decodes_the_design_example() {
         let body = r#"{"server_id":"acme-search","metrics":[
           {"name":"response_time","value":120,"type":"histogram","timestamp":"2025-06-15T15:06:40Z","tags":{"tool":"search"}}]}"#;
-        let limits = SampleLimits { max_age_ms: i64::MAX / 2, ..Default::default() };
+        let limits = SampleLimits {
+            max_age_ms: i64::MAX / 2,
+            ..Default::default()
+        };
         let batch = decode_json(body.as_bytes(), &limits).unwrap();
         assert_eq!(batch.server_id, "acme-search");
         let v = validate_sample(0, &batch.metrics[0], NOW, &limits).unwrap();
         assert_eq!(v.kind, Kind::Histogram);
         assert_eq!(v.value, 120.0);
         assert_eq!(v.timestamp, NOW);
-        assert_eq!(batch.metrics[0].tags().collect::<Vec<_>>(), vec![("tool", "search")]);
+        assert_eq!(
+            batch.metrics[0].tags().collect::<Vec<_>>(),
+            vec![("tool", "search")]
+        );
     }
 
     #[test]
@@ -352,7 +437,10 @@ mod tests {
 
     #[test]
     fn per_sample_rejections_name_their_index() {
-        let tags: String = (0..17).map(|i| format!(r#""k{i}":"v""#)).collect::<Vec<_>>().join(",");
+        let tags: String = (0..17)
+            .map(|i| format!(r#""k{i}":"v""#))
+            .collect::<Vec<_>>()
+            .join(",");
         let body = format!(
             r#"{{"server_id":"a","metrics":[
             {{"name":"ok","value":1}},
@@ -394,26 +482,56 @@ mod tests {
 
     #[test]
     fn whole_request_errors() {
-        let limits = SampleLimits { max_samples: 2, ..Default::default() };
-        assert!(matches!(decode_json(b"not json", &limits), Err(DecodeError::Invalid(_))));
-        assert!(matches!(decode_json(br#"{"server_id":"a"}"#, &limits), Err(DecodeError::Invalid(_))));
-        assert!(matches!(decode_json(br#"{"server_id":"a","metrics":[{"value":1}]}"#, &limits), Err(DecodeError::Invalid(_))));
+        let limits = SampleLimits {
+            max_samples: 2,
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode_json(b"not json", &limits),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode_json(br#"{"server_id":"a"}"#, &limits),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode_json(br#"{"server_id":"a","metrics":[{"value":1}]}"#, &limits),
+            Err(DecodeError::Invalid(_))
+        ));
         let three = br#"{"server_id":"a","metrics":[{"name":"a","value":1},{"name":"a","value":1},{"name":"a","value":1}]}"#;
-        assert_eq!(decode_json(three, &limits).unwrap_err(), DecodeError::TooManySamples { max: 2, got: 3 });
+        assert_eq!(
+            decode_json(three, &limits).unwrap_err(),
+            DecodeError::TooManySamples { max: 2, got: 3 }
+        );
     }
 
     #[test]
     fn escaped_strings_decode() {
-        let (ok, bad) = validate_all(r#"{"server_id":"a","metrics":[{"name":"x","value":1,"tags":{"t":"a\"b\u00e9"}}]}"#);
+        let (ok, bad) = validate_all(
+            r#"{"server_id":"a","metrics":[{"name":"x","value":1,"tags":{"t":"a\"b\u00e9"}}]}"#,
+        );
         assert!(bad.is_empty(), "{bad:?}");
         assert_eq!(ok.len(), 1);
     }
 
     #[test]
     fn events() {
-        let e = decode_event(br#"{"server_id":"a","kind":"deploy","title":" v1.2 ","at":"2025-06-02T12:00:00Z"}"#, NOW).unwrap();
-        assert_eq!((e.kind.as_str(), e.title.as_str(), e.at), ("deploy", "v1.2", 1_748_865_600_000));
-        assert!(decode_event(br#"{"server_id":"a","kind":"outage_started","title":"x"}"#, NOW).is_err());
+        let e = decode_event(
+            br#"{"server_id":"a","kind":"deploy","title":" v1.2 ","at":"2025-06-02T12:00:00Z"}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.kind.as_str(), e.title.as_str(), e.at),
+            ("deploy", "v1.2", 1_748_865_600_000)
+        );
+        assert!(
+            decode_event(
+                br#"{"server_id":"a","kind":"outage_started","title":"x"}"#,
+                NOW
+            )
+            .is_err()
+        );
         assert!(decode_event(br#"{"server_id":"a","kind":"deploy","title":""}"#, NOW).is_err());
     }
 

@@ -21,9 +21,9 @@ pub fn is_valid_server_id(id: &str) -> bool {
         _ => return false,
     }
     bytes.len() <= 64
-        && bytes[1..]
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        && bytes[1..].iter().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
 }
 
 fn is_identifier(s: &str, max: usize) -> bool {
@@ -87,7 +87,13 @@ mod tests {
 
     #[test]
     fn metric_names() {
-        for ok in ["response_time", "_x", "a.b:c", "mcp.server.operation.duration", &"a".repeat(128)] {
+        for ok in [
+            "response_time",
+            "_x",
+            "a.b:c",
+            "mcp.server.operation.duration",
+            &"a".repeat(128),
+        ] {
             assert!(is_valid_metric_name(ok), "{ok}");
         }
         for bad in ["", "1a", "a-b", "a b", "é", &"a".repeat(129), ".a"] {

@@ -22,7 +22,9 @@ const SEALED_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SecretError {
-    #[error("the master key must be 64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`")]
+    #[error(
+        "the master key must be 64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`"
+    )]
     BadMasterKey,
     #[error("a sealed signing secret could not be opened: wrong master key or corrupted row")]
     CannotOpen,
@@ -103,7 +105,13 @@ impl MasterKey {
         let nonce = XNonce::from(nonce_bytes);
         let ciphertext = self
             .cipher()
-            .encrypt(&nonce, Payload { msg: secret.as_bytes(), aad: key_id.as_bytes() })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: secret.as_bytes(),
+                    aad: key_id.as_bytes(),
+                },
+            )
             .expect("XChaCha20-Poly1305 encryption of a short secret cannot fail");
         let mut out = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
         out.push(SEALED_VERSION);
@@ -116,10 +124,17 @@ impl MasterKey {
         if sealed.len() < 1 + NONCE_LEN + 16 || sealed[0] != SEALED_VERSION {
             return Err(SecretError::CannotOpen);
         }
-        let nonce_bytes: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN].try_into().expect("length checked");
+        let nonce_bytes: [u8; NONCE_LEN] =
+            sealed[1..1 + NONCE_LEN].try_into().expect("length checked");
         let plain = self
             .cipher()
-            .decrypt(&XNonce::from(nonce_bytes), Payload { msg: &sealed[1 + NONCE_LEN..], aad: key_id.as_bytes() })
+            .decrypt(
+                &XNonce::from(nonce_bytes),
+                Payload {
+                    msg: &sealed[1 + NONCE_LEN..],
+                    aad: key_id.as_bytes(),
+                },
+            )
             .map_err(|_| SecretError::CannotOpen)?;
         String::from_utf8(plain).map_err(|_| SecretError::CannotOpen)
     }
@@ -141,14 +156,23 @@ mod tests {
     fn seal_round_trips_and_binds_key_id() {
         let key = MasterKey::generate();
         let sealed = key.seal("key_1", "mcpm_ss_secret");
-        assert!(!sealed.windows(6).any(|w| w == b"secret"), "plaintext leaked into sealed form");
+        assert!(
+            !sealed.windows(6).any(|w| w == b"secret"),
+            "plaintext leaked into sealed form"
+        );
         assert_eq!(key.open("key_1", &sealed).unwrap(), "mcpm_ss_secret");
         assert_eq!(key.open("key_2", &sealed), Err(SecretError::CannotOpen));
-        assert_eq!(MasterKey::generate().open("key_1", &sealed), Err(SecretError::CannotOpen));
+        assert_eq!(
+            MasterKey::generate().open("key_1", &sealed),
+            Err(SecretError::CannotOpen)
+        );
         let mut tampered = sealed.clone();
         *tampered.last_mut().unwrap() ^= 1;
         assert_eq!(key.open("key_1", &tampered), Err(SecretError::CannotOpen));
-        assert_eq!(key.open("key_1", &sealed[..10]), Err(SecretError::CannotOpen));
+        assert_eq!(
+            key.open("key_1", &sealed[..10]),
+            Err(SecretError::CannotOpen)
+        );
     }
 
     #[test]

@@ -42,17 +42,28 @@ impl<'a> SignatureHeader<'a> {
         let mut timestamp = None;
         let mut candidates = Vec::new();
         for part in header.split(',') {
-            let (key, value) = part.trim().split_once('=').ok_or(SignatureError::Malformed)?;
+            let (key, value) = part
+                .trim()
+                .split_once('=')
+                .ok_or(SignatureError::Malformed)?;
             match key.trim() {
                 "t" => {
                     if timestamp.is_some() {
                         return Err(SignatureError::Malformed);
                     }
                     let value = value.trim();
-                    if value.is_empty() || value.len() > 12 || !value.bytes().all(|b| b.is_ascii_digit()) {
+                    if value.is_empty()
+                        || value.len() > 12
+                        || !value.bytes().all(|b| b.is_ascii_digit())
+                    {
                         return Err(SignatureError::Malformed);
                     }
-                    timestamp = Some((value, value.parse::<i64>().map_err(|_| SignatureError::Malformed)?));
+                    timestamp = Some((
+                        value,
+                        value
+                            .parse::<i64>()
+                            .map_err(|_| SignatureError::Malformed)?,
+                    ));
                 }
                 "v1" => {
                     if candidates.len() == MAX_CANDIDATES {
@@ -68,7 +79,11 @@ impl<'a> SignatureHeader<'a> {
         if candidates.is_empty() {
             return Err(SignatureError::Malformed);
         }
-        Ok(SignatureHeader { timestamp_text, timestamp, candidates })
+        Ok(SignatureHeader {
+            timestamp_text,
+            timestamp,
+            candidates,
+        })
     }
 
     /// Checks that one candidate is the HMAC of `"<t>.<body>"` under `secret`, then that
@@ -152,24 +167,46 @@ mod tests {
     #[test]
     fn stale_in_both_directions() {
         let header = sign(SECRET, 1_700_000_000, BODY);
-        assert_eq!(check(&header, BODY, 1_700_000_301), Err(SignatureError::Stale));
-        assert_eq!(check(&header, BODY, 1_699_999_699), Err(SignatureError::Stale));
+        assert_eq!(
+            check(&header, BODY, 1_700_000_301),
+            Err(SignatureError::Stale)
+        );
+        assert_eq!(
+            check(&header, BODY, 1_699_999_699),
+            Err(SignatureError::Stale)
+        );
     }
 
     #[test]
     fn other_body_or_secret_fails() {
         let header = sign(SECRET, 1_700_000_000, BODY);
-        assert_eq!(check(&header, b"{}", 1_700_000_000), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(&header, b"{}", 1_700_000_000),
+            Err(SignatureError::Mismatch)
+        );
         let other = sign(b"other", 1_700_000_000, BODY);
-        assert_eq!(check(&other, BODY, 1_700_000_000), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(&other, BODY, 1_700_000_000),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]
     fn empty_short_and_long_signatures_fail() {
         let full = compute(SECRET, 1_700_000_000, BODY);
-        for v1 in ["", &full[..62], &full[..2], &format!("{full}00"), &full.to_uppercase()[..63]] {
+        for v1 in [
+            "",
+            &full[..62],
+            &full[..2],
+            &format!("{full}00"),
+            &full.to_uppercase()[..63],
+        ] {
             let header = format!("t=1700000000,v1={v1}");
-            assert_eq!(check(&header, BODY, 1_700_000_000), Err(SignatureError::Mismatch), "{v1:?}");
+            assert_eq!(
+                check(&header, BODY, 1_700_000_000),
+                Err(SignatureError::Mismatch),
+                "{v1:?}"
+            );
         }
     }
 
@@ -182,8 +219,20 @@ mod tests {
 
     #[test]
     fn malformed_headers() {
-        for h in ["", "v1=abc", "t=,v1=ab", "t=12a,v1=ab", "t=1,t=2,v1=ab", "t=1", "garbage"] {
-            assert_eq!(SignatureHeader::parse(h).err(), Some(SignatureError::Malformed), "{h}");
+        for h in [
+            "",
+            "v1=abc",
+            "t=,v1=ab",
+            "t=12a,v1=ab",
+            "t=1,t=2,v1=ab",
+            "t=1",
+            "garbage",
+        ] {
+            assert_eq!(
+                SignatureHeader::parse(h).err(),
+                Some(SignatureError::Malformed),
+                "{h}"
+            );
         }
     }
 

@@ -1,1 +1,141 @@
-//! placeholder
+//! The mcp-metrics service: HTTP API, ingest pipeline and background tasks.
+//!
+//! [`run`] starts the whole service on a listener the caller has bound and stops it when
+//! the `shutdown` future completes, so tests start it on port 0 with a fresh database
+//! and talk to it over real HTTP, exactly as the binary does.
+
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod ingest;
+pub mod keyring;
+pub mod state;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mcp_metrics_core::time::now_ms;
+use mcp_metrics_store::{Store, StoreOptions};
+use tokio::net::TcpListener;
+
+use config::{Config, Synchronous};
+use ingest::series_cache::SeriesCache;
+use state::{AppState, Shared};
+use telemetry::Telemetry;
+
+/// Optional behaviour of [`run`].
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Register demo servers and feed them traffic.
+    pub demo: bool,
+}
+
+/// Installs the TLS crypto provider the HTTP client uses (ring). Idempotent.
+/// ring builds far faster than aws-lc and is only needed for `https://` pushes; its
+/// lack of post-quantum key exchange is what the deprecation note is about.
+#[allow(deprecated)]
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Opens the database named in the configuration, running migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let options = StoreOptions {
+        durable_fsync: config.sqlite.synchronous == Synchronous::Full,
+        ..Default::default()
+    };
+    mcp_metrics_store::open(&config.database, &options)
+        .await
+        .with_context(|| format!("cannot open the database {}", config.database))
+}
+
+/// Runs the service until `shutdown` completes, then stops accepting connections,
+/// finishes in-flight requests, commits queued writes and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: RunOptions,
+) -> anyhow::Result<()> {
+    install_crypto_provider();
+    let store = open_store(&config).await?;
+    let master_key = keyring::load_master_key(
+        config.master_key.as_deref(),
+        &config.database,
+        store.as_ref(),
+    )
+    .await?;
+    let telemetry = Arc::new(Telemetry::default());
+    let series = SeriesCache::default();
+    let known = store
+        .all_series()
+        .await
+        .context("cannot load the series index")?;
+    series.insert_all(&known);
+    telemetry
+        .series_cached
+        .store(known.len() as u64, std::sync::atomic::Ordering::Relaxed);
+
+    let (queue, writer) = ingest::writer::start(store.clone(), telemetry.clone(), &config.ingest);
+    let state = AppState::new(Shared {
+        store: store.clone(),
+        config,
+        master_key,
+        queue,
+        series,
+        telemetry,
+    });
+
+    let address = listener.local_addr()?;
+    let mut background = Vec::new();
+    background.push(tokio::spawn(housekeeping(store.clone())));
+    if options.demo {
+        let host = if address.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            address.ip().to_string()
+        };
+        let base = if address.is_ipv6() && host != "127.0.0.1" {
+            format!("http://[{host}]:{}", address.port())
+        } else {
+            format!("http://{host}:{}", address.port())
+        };
+        let demo_state = state.clone();
+        background.push(tokio::spawn(async move {
+            if let Err(e) = demo::run(demo_state, base).await {
+                tracing::error!(error = format!("{e:#}"), "demo traffic stopped");
+            }
+        }));
+    }
+
+    tracing::info!(%address, database = store.backend(), "mcp-metrics is listening");
+    let app = http::router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("the HTTP server failed")?;
+    for task in &background {
+        task.abort();
+    }
+    tracing::info!("no more requests; committing queued writes");
+    writer.drain_and_stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Periodic upkeep that needs no coordination: forgetting expired replay and retry
+/// guards.
+async fn housekeeping(store: Arc<dyn Store>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        ticker.tick().await;
+        match store.purge_request_guards(now_ms()).await {
+            Ok(n) if n > 0 => tracing::debug!(purged = n, "expired request guards removed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not purge request guards"),
+        }
+    }
+}

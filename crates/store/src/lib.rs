@@ -1,1 +1,103 @@
-//! placeholder
+//! Durable storage for mcp-metrics behind one trait.
+//!
+//! The [`Store`] trait speaks only domain types from `mcp-metrics-core`; SQL, drivers
+//! and migrations stay inside each implementation, so the HTTP layer and the ingest
+//! pipeline never change when a backend is added. [`open`] picks the implementation
+//! from the database URL.
+
+mod error;
+pub mod sqlite;
+mod types;
+
+use std::sync::Arc;
+
+pub use error::{StoreError, StoreResult};
+pub use types::*;
+
+use async_trait::async_trait;
+use mcp_metrics_core::model::{
+    CredentialInfo, NewEvent, SeriesInfo, Server, ServerFields, StoredCredential, StoredEvent,
+};
+
+/// Everything the service persists. Implementations must be safe to share between
+/// tasks; [`Store::write_batch`] is called by exactly one writer task at a time.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `"sqlite"` or `"postgres"`, for logs and `/readyz`.
+    fn backend(&self) -> &'static str;
+    /// Succeeds when the database answers and its schema is current.
+    async fn ping(&self) -> StoreResult<()>;
+    /// The newest applied migration.
+    async fn schema_version(&self) -> StoreResult<i64>;
+    async fn meta_get(&self, key: &str) -> StoreResult<Option<String>>;
+    async fn meta_set(&self, key: &str, value: &str) -> StoreResult<()>;
+
+    /// Registers a server; [`StoreError::Conflict`] when the id is taken.
+    async fn create_server(&self, id: &str, fields: &ServerFields, now: i64)
+    -> StoreResult<Server>;
+    /// Changes the fields that are `Some`; [`StoreError::NotFound`] for an unknown id.
+    async fn update_server(&self, id: &str, fields: &ServerFields, now: i64)
+    -> StoreResult<Server>;
+    /// Removes a server with its credentials, series, samples and events.
+    async fn delete_server(&self, id: &str) -> StoreResult<()>;
+    async fn get_server(&self, id: &str) -> StoreResult<Option<Server>>;
+    async fn list_servers(&self) -> StoreResult<Vec<Server>>;
+
+    async fn insert_credential(&self, credential: &StoredCredential) -> StoreResult<()>;
+    async fn credential_by_hash(
+        &self,
+        api_key_hash: &[u8; 32],
+    ) -> StoreResult<Option<StoredCredential>>;
+    /// Credentials of one server, or of all servers when `server_id` is `None`.
+    async fn list_credentials(&self, server_id: Option<&str>) -> StoreResult<Vec<CredentialInfo>>;
+    /// Every credential with its sealed secret, for re-sealing under a new master key.
+    async fn all_sealed_credentials(&self) -> StoreResult<Vec<StoredCredential>>;
+    /// Replaces sealed secrets in one transaction (master key rotation).
+    async fn reseal_credentials(&self, resealed: &[(String, Vec<u8>)]) -> StoreResult<()>;
+    /// Marks a credential revoked; [`StoreError::NotFound`] if it is not this server's.
+    async fn revoke_credential(&self, server_id: &str, key_id: &str, now: i64) -> StoreResult<()>;
+
+    /// Every known series, to warm the in-memory series cache at start-up.
+    async fn all_series(&self) -> StoreResult<Vec<SeriesInfo>>;
+    /// Series of one server, optionally only those with one metric name.
+    async fn series_of_server(
+        &self,
+        server_id: &str,
+        name: Option<&str>,
+    ) -> StoreResult<Vec<SeriesInfo>>;
+    /// Commits many ingest requests in one transaction (group commit). Each request is
+    /// checked for replay and retry inside the transaction, so the checks hold for every
+    /// process sharing the database.
+    async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>>;
+    /// Raw samples of the given series, ordered by (timestamp, series, seq).
+    async fn read_samples(
+        &self,
+        query: &SampleQuery,
+    ) -> StoreResult<Vec<mcp_metrics_core::model::RawSample>>;
+    /// Deletes replay and retry records that have expired; returns how many.
+    async fn purge_request_guards(&self, now: i64) -> StoreResult<u64>;
+
+    async fn insert_event(&self, event: &NewEvent) -> StoreResult<i64>;
+    /// Newest first; `before` is an (at, id) position from a previous page.
+    async fn list_events(
+        &self,
+        server_id: &str,
+        before: Option<(i64, i64)>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>>;
+}
+
+/// Opens the store named by a database URL, running migrations.
+///
+/// `sqlite://relative/path.db`, `sqlite:///absolute/path.db` and plain paths open SQLite.
+pub async fn open(url: &str, options: &StoreOptions) -> StoreResult<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(StoreError::Invalid(
+            "this build stores data in SQLite only; PostgreSQL support is not implemented yet"
+                .into(),
+        ));
+    }
+    let path = sqlite::path_from_url(url)?;
+    let store = sqlite::SqliteStore::open(&path, options).await?;
+    Ok(Arc::new(store))
+}

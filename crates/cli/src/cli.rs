@@ -1,0 +1,197 @@
+//! The command-line interface (DESIGN.md §4.6). Every flag's help says what it is for;
+//! `mcp-metrics --help` and `mcp-metrics COMMAND --help` are the reference.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mcp-metrics",
+    version,
+    about = "Self-hosted real-time metrics for directories of MCP servers.",
+    long_about = "Self-hosted real-time metrics for directories of MCP servers.\n\n\
+        Server authors push signed metrics; the service stores them durably and serves them \
+        back. Start with `mcp-metrics serve --demo`, then open http://127.0.0.1:8080/api/v1/servers.",
+    after_help = "Configuration is layered: defaults, then the TOML file (--config or MCP_METRICS_CONFIG), \
+        then MCP_METRICS_* environment variables, then flags."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone, Default)]
+pub struct DatabaseArgs {
+    /// Database URL, e.g. sqlite://mcp-metrics.db [env: MCP_METRICS_DATABASE]
+    #[arg(long)]
+    pub database: Option<String>,
+    /// TOML configuration file [env: MCP_METRICS_CONFIG]
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Apply database migrations and report the schema version.
+    Migrate(DatabaseArgs),
+    /// Register, list and remove MCP servers.
+    #[command(subcommand)]
+    Servers(ServersCommand),
+    /// Issue, list and revoke author credentials.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Sign and send metric samples to a running service.
+    Push(PushArgs),
+    /// Load-test a running service with pre-built signed batches.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on [env: MCP_METRICS_LISTEN] [default: 127.0.0.1:8080]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Register demo servers and feed them live signed traffic.
+    #[arg(long)]
+    pub demo: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ServersCommand {
+    /// Register a server.
+    Add(ServerAddArgs),
+    /// List registered servers.
+    List {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a server with its credentials, samples and events.
+    Remove {
+        /// Server id.
+        id: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct ServerAddArgs {
+    /// Server id: [a-z0-9][a-z0-9._-]{0,63}
+    pub id: String,
+    /// Display name.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Official MCP Registry name, e.g. io.github.owner/name
+    #[arg(long)]
+    pub registry_name: Option<String>,
+    #[arg(long)]
+    pub repository_url: Option<String>,
+    /// Streamable-HTTP endpoint that may be probed.
+    #[arg(long)]
+    pub remote_url: Option<String>,
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Issue a credential for a server; its secrets are printed once.
+    Issue {
+        /// Server id.
+        #[arg(long)]
+        server: String,
+        /// Print JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// List credentials (never their secrets).
+    List {
+        /// Only this server's credentials.
+        #[arg(long)]
+        server: Option<String>,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Revoke a credential.
+    Revoke {
+        #[arg(long)]
+        server: String,
+        /// The key_id to revoke.
+        key_id: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Re-seal every signing secret under a new master key.
+    RotateMaster {
+        /// The new key as 64 hex characters; generated when omitted.
+        #[arg(long, env = "MCP_METRICS_NEW_MASTER_KEY", hide_env_values = true)]
+        new_key: Option<String>,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// Server id the samples belong to.
+    #[arg(long)]
+    pub server: String,
+    /// API key of that server.
+    #[arg(long, env = "MCP_METRICS_API_KEY", hide_env_values = true)]
+    pub key: String,
+    /// Signing secret of that key.
+    #[arg(long, env = "MCP_METRICS_SIGNING_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// Base URL of the service.
+    #[arg(long, env = "MCP_METRICS_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Metric type of every sample: gauge, counter or histogram.
+    #[arg(long = "type", default_value = "gauge")]
+    pub kind: String,
+    /// Timestamp of every sample (unix ms or RFC 3339); now when omitted.
+    #[arg(long)]
+    pub timestamp: Option<String>,
+    /// Samples as name=value[,tag=value]..., e.g. response_time=120,tool=search
+    #[arg(required = true)]
+    pub samples: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Base URL of the service under test.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Admin token, used to create a fresh benchmark server and credential.
+    #[arg(long, env = "MCP_METRICS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+    /// Samples per request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Total samples to send (rounded up to whole requests).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub samples: usize,
+    /// Distinct series the samples spread over.
+    #[arg(long, default_value_t = 100)]
+    pub series: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,229 @@
+//! `mcp-metrics bench`: the end-to-end load generator. It creates a fresh server and
+//! credential through the operator API, builds and signs every request before the clock
+//! starts, then sends them over N keep-alive connections and reports samples/s and
+//! acknowledgement latency percentiles.
+//!
+//! Signatures are valid for 300 s, so a run must finish within that; the sample count
+//! bounds the run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use mcp_metrics_core::signature::sign;
+use mcp_metrics_core::time::now_ms;
+use serde_json::{Value, json};
+
+use crate::cli::BenchArgs;
+
+struct Prepared {
+    body: Vec<u8>,
+    signature: String,
+}
+
+/// Builds the `index`-th request: `batch` samples over `series` series with distinct
+/// timestamps, kinds mixed as a real MCP server reports them.
+fn build_body(server_id: &str, index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(batch * 110 + 64);
+    let _ = write!(out, r#"{{"server_id":"{server_id}","metrics":["#);
+    for j in 0..batch {
+        if j > 0 {
+            out.push(',');
+        }
+        let s = (index * batch + j) % series;
+        let ts = base_ms + ((index * batch + j) / series) as i64;
+        let (name, kind) = match s % 5 {
+            0 | 1 | 2 => ("response_time", "histogram"),
+            3 => ("requests", "counter"),
+            _ => ("active_sessions", "gauge"),
+        };
+        let value = match kind {
+            "counter" => (index * batch + j) as f64,
+            _ => ((index * 7919 + j * 104_729) % 50_000) as f64 / 100.0,
+        };
+        let _ = write!(
+            out,
+            r#"{{"name":"{name}","type":"{kind}","value":{value},"timestamp":{ts},"tags":{{"tool":"tool_{s}"}}}}"#
+        );
+    }
+    out.push_str("]}");
+    out.into_bytes()
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    mcp_metrics_server::install_crypto_provider();
+    if args.batch == 0 || args.connections == 0 || args.series == 0 {
+        bail!("--batch, --connections and --series must be positive");
+    }
+    let base = args.url.trim_end_matches('/').to_owned();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .build()?;
+    let admin = format!("Bearer {}", args.admin_token);
+
+    let server_id = format!("bench-{}", now_ms());
+    let created = client
+        .post(format!("{base}/api/v1/admin/servers"))
+        .header("authorization", &admin)
+        .json(&json!({"id": server_id, "name": "Load generator"}))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    if !created.status().is_success() {
+        bail!(
+            "creating the benchmark server failed: {} {}",
+            created.status(),
+            created.text().await.unwrap_or_default()
+        );
+    }
+    let key: Value = client
+        .post(format!("{base}/api/v1/admin/servers/{server_id}/keys"))
+        .header("authorization", &admin)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let api_key = key["api_key"]
+        .as_str()
+        .context("no api_key in the answer")?
+        .to_owned();
+    let secret = key["signing_secret"]
+        .as_str()
+        .context("no signing_secret in the answer")?
+        .to_owned();
+
+    let requests = args.samples.div_ceil(args.batch);
+    let base_ms = now_ms() - 3_600_000;
+    let t = now_ms() / 1000;
+    let progress = ProgressBar::new(requests as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} requests {elapsed}")
+            .expect("valid template"),
+    );
+    progress.set_message("signing");
+    let mut prepared = Vec::with_capacity(requests);
+    for i in 0..requests {
+        let body = build_body(&server_id, i, args.batch, args.series, base_ms);
+        let signature = sign(secret.as_bytes(), t, &body);
+        prepared.push(Prepared { body, signature });
+        progress.inc(1);
+    }
+    let prepared = Arc::new(prepared);
+    let bytes: usize = prepared.iter().map(|p| p.body.len()).sum();
+
+    progress.reset();
+    progress.set_message("sending");
+    let next = Arc::new(AtomicUsize::new(0));
+    let url = format!("{base}/api/v1/metrics");
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.connections {
+        let (client, url, api_key, prepared, next, progress) = (
+            client.clone(),
+            url.clone(),
+            api_key.clone(),
+            prepared.clone(),
+            next.clone(),
+            progress.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut accepted = 0u64;
+            let mut errors = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(p) = prepared.get(i) else { break };
+                let sent = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-api-key", &api_key)
+                    .header("x-signature", &p.signature)
+                    .body(p.body.clone())
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status().is_success() => {
+                        let answer: Value = r.json().await.unwrap_or(Value::Null);
+                        accepted += answer["accepted"].as_u64().unwrap_or(0);
+                        latencies.push(sent.elapsed());
+                    }
+                    _ => errors += 1,
+                }
+                progress.inc(1);
+            }
+            (latencies, accepted, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let (mut accepted, mut errors) = (0u64, 0u64);
+    for worker in workers {
+        let (l, a, e) = worker.await?;
+        latencies.extend(l);
+        accepted += a;
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    progress.finish_and_clear();
+    latencies.sort();
+    let rate = accepted as f64 / elapsed.as_secs_f64();
+    let result = json!({
+        "server_id": server_id,
+        "requests": requests,
+        "samples_per_request": args.batch,
+        "connections": args.connections,
+        "accepted_samples": accepted,
+        "errors": errors,
+        "seconds": elapsed.as_secs_f64(),
+        "samples_per_second": rate.round(),
+        "request_bytes_mean": bytes / requests.max(1),
+        "ack_p50_ms": percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        "ack_p99_ms": percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        "ack_max_ms": latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    });
+    if args.json {
+        println!("{result}");
+    } else {
+        println!(
+            "{} samples in {:.2} s over {} connections, {} per request: {:.0} samples/s, ack p50 {:.1} ms, p99 {:.1} ms, {} errors",
+            accepted,
+            elapsed.as_secs_f64(),
+            args.connections,
+            args.batch,
+            rate,
+            result["ack_p50_ms"].as_f64().unwrap_or(0.0),
+            result["ack_p99_ms"].as_f64().unwrap_or(0.0),
+            errors
+        );
+    }
+    if errors > 0 {
+        bail!("{errors} requests failed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_valid_distinct_batches() {
+        let a = build_body("s", 0, 10, 4, 1_000);
+        let b = build_body("s", 1, 10, 4, 1_000);
+        assert_ne!(a, b);
+        let v: Value = serde_json::from_slice(&a).unwrap();
+        assert_eq!(v["metrics"].as_array().unwrap().len(), 10);
+        assert_eq!(v["server_id"], "s");
+    }
+}

@@ -1,0 +1,129 @@
+//! Authentication of authors (API key, optionally a request signature) and of the
+//! operator (admin bearer token), as DESIGN.md §3 assigns roles.
+
+use axum::http::HeaderMap;
+use mcp_metrics_core::codes::Code;
+use mcp_metrics_core::model::StoredCredential;
+use mcp_metrics_core::secrets::hash_api_key;
+use mcp_metrics_core::signature::{SignatureError, SignatureHeader};
+use mcp_metrics_core::time::now_ms;
+use subtle::ConstantTimeEq;
+
+use super::problem::{ApiError, ApiResult};
+use crate::state::AppState;
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// The API key from `X-API-Key`, or from `Authorization: Bearer|Token` where allowed.
+fn api_key(headers: &HeaderMap, allow_authorization: bool) -> Option<&str> {
+    header(headers, "x-api-key").or_else(|| {
+        if !allow_authorization {
+            return None;
+        }
+        let value = header(headers, "authorization")?;
+        let (scheme, token) = value.split_once(' ')?;
+        (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
+            .then(|| token.trim())
+    })
+}
+
+/// Finds the active credential the request's API key belongs to.
+pub async fn author(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCredential> {
+    let key = api_key(headers, false).ok_or_else(|| {
+        ApiError::new(
+            Code::MissingKey,
+            "send the server's API key in the X-API-Key header",
+        )
+    })?;
+    let credential = state
+        .store
+        .credential_by_hash(&hash_api_key(key))
+        .await?
+        .ok_or_else(|| ApiError::new(Code::UnknownKey, "this API key is not known"))?;
+    if credential.revoked_at.is_some() {
+        return Err(ApiError::new(
+            Code::RevokedKey,
+            "this API key has been revoked",
+        ));
+    }
+    Ok(credential)
+}
+
+/// Checks `X-Signature` over the raw body with the credential's signing secret and
+/// returns the signature, which identifies the request for replay protection.
+pub fn verify_signature(
+    state: &AppState,
+    credential: &StoredCredential,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<[u8; 32]> {
+    let value = header(headers, "x-signature").ok_or_else(|| {
+        ApiError::new(
+            Code::InvalidSignature,
+            "send X-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256>",
+        )
+    })?;
+    let parsed = SignatureHeader::parse(value).map_err(signature_error)?;
+    let secret = state.master_key.open(&credential.key_id, &credential.sealed_secret).map_err(|e| {
+        tracing::error!(key_id = %credential.key_id, error = %e, "cannot open a signing secret");
+        ApiError::new(Code::Internal, "an internal error occurred; it has been logged")
+    })?;
+    parsed
+        .verify(
+            secret.as_bytes(),
+            body,
+            now_ms() / 1000,
+            state.config.ingest.signature_tolerance_secs,
+        )
+        .map_err(signature_error)
+}
+
+fn signature_error(e: SignatureError) -> ApiError {
+    match e {
+        SignatureError::Stale => ApiError::new(
+            Code::StaleTimestamp,
+            "the signature's t is more than 300 seconds from the server clock; check the client's clock",
+        ),
+        other => ApiError::new(Code::InvalidSignature, other.to_string()),
+    }
+}
+
+/// Refuses a credential of another server (403).
+pub fn require_server(credential: &StoredCredential, server_id: &str) -> ApiResult<()> {
+    if credential.server_id != server_id {
+        return Err(ApiError::new(
+            Code::ForbiddenServer,
+            "this API key belongs to another server",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the operator's bearer token in constant time.
+pub fn operator(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(expected) = &state.config.admin_token else {
+        return Err(ApiError::new(
+            Code::AdminDisabled,
+            "the admin API is off: set MCP_METRICS_ADMIN_TOKEN to enable it",
+        ));
+    };
+    let given = header(headers, "authorization")
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .unwrap_or("");
+    if given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            Code::Unauthorized,
+            "send Authorization: Bearer <admin token>",
+        ))
+    }
+}

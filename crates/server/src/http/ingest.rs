@@ -1,0 +1,192 @@
+//! Signed writes by authors: `POST /api/v1/metrics` (alias
+//! `/functions/v1/metrics-collect`) and `POST /api/v1/events` (DESIGN.md §4.1).
+//!
+//! The order of checks is fixed so each failure has one answer: key (401) → body size
+//! (413) → content type (415) → signature and clock (401) → JSON shape (400/413) → key's
+//! server (403) → per-sample validation → group commit (replay 409, overload 503).
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use mcp_metrics_core::codes::Code;
+use mcp_metrics_core::ingest::{decode_event, decode_json};
+use mcp_metrics_core::secrets::body_digest;
+use mcp_metrics_core::time::now_ms;
+use mcp_metrics_store::{RequestOutcome, WriteRequest};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+
+use super::auth;
+use super::problem::{ApiError, ApiResult};
+use crate::ingest::prepare;
+use crate::ingest::writer::SubmitError;
+use crate::state::AppState;
+
+pub fn router(state: &AppState) -> Router<AppState> {
+    let limit = DefaultBodyLimit::max(state.config.ingest.max_body_bytes);
+    Router::new()
+        .route("/api/v1/metrics", post(collect))
+        .route("/functions/v1/metrics-collect", post(collect))
+        .route("/api/v1/events", post(post_event))
+        .layer(limit)
+}
+
+fn body_or_413(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResult<Bytes> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                Code::PayloadTooLarge,
+                format!("the body is larger than the limit of {limit} bytes"),
+            )
+        } else {
+            ApiError::invalid("the request body could not be read")
+        }
+    })
+}
+
+fn require_json(headers: &HeaderMap) -> ApiResult<()> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            Code::UnsupportedMediaType,
+            "send Content-Type: application/json",
+        ))
+    }
+}
+
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Overloaded => ApiError::new(
+            Code::Overloaded,
+            "the write queue is full; retry after a moment",
+        )
+        .retry_after(1),
+        SubmitError::Closed => {
+            ApiError::new(Code::Unavailable, "the service is shutting down").retry_after(5)
+        }
+        SubmitError::Store(e) => e.into(),
+    }
+}
+
+async fn collect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match collect_inner(&state, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => {
+            state.telemetry.request_rejected(e.code);
+            e.into_response()
+        }
+    }
+}
+
+async fn collect_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let credential = auth::author(state, headers).await?;
+    let body = body_or_413(body, state.config.ingest.max_body_bytes)?;
+    require_json(headers)?;
+    let signature = auth::verify_signature(state, &credential, headers, &body)?;
+    let limits = state.sample_limits();
+    let batch = decode_json(&body, &limits).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    auth::require_server(&credential, &batch.server_id)?;
+
+    let prepared = prepare(
+        &batch,
+        &credential.server_id,
+        &state.series,
+        now_ms(),
+        &limits,
+    );
+    for rejection in &prepared.rejected {
+        state.telemetry.sample_rejected(rejection.code);
+    }
+    let mut request = prepared.request;
+    request.key_id = credential.key_id.clone();
+    request.signature = Some(signature);
+    request.body_digest = Some(body_digest(&body));
+    let accepted = request.samples.len();
+
+    let outcome = state.queue.submit(request).await.map_err(submit_error)?;
+    let duplicate = match outcome {
+        RequestOutcome::Stored { series } => {
+            if !series.is_empty() {
+                state.series.insert_all(&series);
+                state
+                    .telemetry
+                    .series_cached
+                    .store(state.series.len() as u64, Ordering::Relaxed);
+            }
+            state
+                .telemetry
+                .samples_accepted
+                .fetch_add(accepted as u64, Ordering::Relaxed);
+            false
+        }
+        RequestOutcome::Duplicate => {
+            state
+                .telemetry
+                .duplicate_requests
+                .fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        RequestOutcome::Replayed => {
+            return Err(ApiError::new(
+                Code::ReplayedRequest,
+                "this signature was already used; sign each request afresh",
+            ));
+        }
+    };
+    let mut response =
+        Json(json!({ "accepted": accepted, "rejected": prepared.rejected })).into_response();
+    if duplicate {
+        // The body was already stored from this key: acknowledged again, stored once.
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+async fn post_event(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let credential = auth::author(&state, &headers).await?;
+    let body = body_or_413(body, state.config.ingest.max_body_bytes)?;
+    require_json(&headers)?;
+    let signature = auth::verify_signature(&state, &credential, &headers, &body)?;
+    let event =
+        decode_event(&body, now_ms()).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    auth::require_server(&credential, &event.server_id)?;
+    // The signature passes through the writer so replays are refused as for samples.
+    let guard = WriteRequest {
+        key_id: credential.key_id.clone(),
+        signature: Some(signature),
+        ..Default::default()
+    };
+    if state.queue.submit(guard).await.map_err(submit_error)? == RequestOutcome::Replayed {
+        return Err(ApiError::new(
+            Code::ReplayedRequest,
+            "this signature was already used; sign each request afresh",
+        ));
+    }
+    let id = state.store.insert_event(&event).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
+}

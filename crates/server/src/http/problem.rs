@@ -1,0 +1,97 @@
+//! RFC 9457 problem details: the one error type of the HTTP layer.
+//!
+//! Every handler returns `Result<_, ApiError>`. A store failure is logged with its
+//! internal text and answered with a generic detail, so internals never reach a client.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mcp_metrics_core::codes::Code;
+use mcp_metrics_store::StoreError;
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: Code,
+    pub detail: String,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: Code, detail: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            detail: detail.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        ApiError::new(Code::NotFound, format!("{what} not found"))
+    }
+
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        ApiError::new(Code::InvalidPayload, detail)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::not_found("resource"),
+            StoreError::Conflict => ApiError::new(
+                Code::Conflict,
+                "a resource with this identity already exists",
+            ),
+            StoreError::Invalid(detail) => ApiError::invalid(detail),
+            StoreError::Unavailable(internal) => {
+                tracing::warn!(error = %internal, "database unavailable");
+                ApiError::new(
+                    Code::Unavailable,
+                    "the database is unavailable; retry shortly",
+                )
+                .retry_after(2)
+            }
+            StoreError::Database(internal) => {
+                tracing::error!(error = %internal, "database error");
+                ApiError::new(
+                    Code::Internal,
+                    "an internal error occurred; it has been logged",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = json!({
+            "type": format!("https://mcp-metrics.dev/problems/{}", self.code),
+            "title": self.code.title(),
+            "status": status.as_u16(),
+            "detail": self.detail,
+            "code": self.code.as_str(),
+        });
+        let mut response = (status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey"));
+        }
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

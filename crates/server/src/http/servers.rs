@@ -1,0 +1,98 @@
+//! Public reads of the server registry: `GET /api/v1/servers` and
+//! `GET /api/v1/servers/{id}` (DESIGN.md §4.3).
+//!
+//! The summary block's fields are null until the subsystems that compute them (rollups,
+//! usage, probes) exist; the shape is already the final one so clients need no change.
+
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use mcp_metrics_core::model::Server;
+use mcp_metrics_core::time::format_rfc3339_ms;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::problem::{ApiError, ApiResult};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/servers", get(list))
+        .route("/api/v1/servers/{id}", get(detail))
+}
+
+/// The JSON shape of a server in every public answer.
+pub fn server_json(server: &Server) -> Value {
+    json!({
+        "id": server.id,
+        "registry_name": server.registry_name,
+        "name": server.name,
+        "description": server.description,
+        "repository_url": server.repository_url,
+        "remote_url": server.remote_url,
+        "owner": server.owner,
+        "created_at": format_rfc3339_ms(server.created_at),
+        "updated_at": format_rfc3339_ms(server.updated_at),
+        "summary": {
+            "health": "unknown",
+            "uptime_7d": null,
+            "p95_24h": null,
+            "installs_30d": null,
+            "views_30d": null,
+        },
+    })
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    sort: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+    match q.sort.as_deref() {
+        None | Some("popular" | "uptime" | "latency" | "name") => {}
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "sort must be popular, uptime, latency or name, not {other:?}"
+            )));
+        }
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let offset = match q.cursor.as_deref() {
+        None => 0,
+        Some(c) => c
+            .parse::<usize>()
+            .map_err(|_| ApiError::invalid("cursor must be a value returned as next"))?,
+    };
+    let mut servers = state.store.list_servers().await?;
+    // Until summaries exist every sort key is null, so each order falls back to the name.
+    servers.sort_by(|a, b| {
+        let key = |s: &Server| {
+            s.name
+                .clone()
+                .unwrap_or_else(|| s.id.clone())
+                .to_lowercase()
+        };
+        key(a).cmp(&key(b)).then_with(|| a.id.cmp(&b.id))
+    });
+    let total = servers.len();
+    let page: Vec<Value> = servers
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(server_json)
+        .collect();
+    let next = (offset + limit < total).then(|| (offset + limit).to_string());
+    Ok(Json(json!({ "servers": page, "next": next })))
+}
+
+async fn detail(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let server = state
+        .store
+        .get_server(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("server"))?;
+    Ok(Json(server_json(&server)))
+}

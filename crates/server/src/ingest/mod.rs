@@ -1,0 +1,154 @@
+//! The ingest pipeline: validated samples → series resolution → bounded queue → one
+//! group-commit writer (DESIGN.md §7).
+//!
+//! [`prepare`] turns a decoded batch into a store request, resolving series through
+//! the in-memory cache; [`writer`] commits requests in groups.
+
+pub mod series_cache;
+pub mod writer;
+
+use std::collections::HashMap;
+
+use mcp_metrics_core::codes::Code;
+use mcp_metrics_core::ingest::{Rejection, SampleLimits, WireBatch, validate_sample};
+use mcp_metrics_core::model::SeriesKey;
+use mcp_metrics_store::{NewSeries, PendingSample, SeriesRef, WriteRequest};
+
+use series_cache::{SeriesCache, cache_key};
+
+/// A request ready for the writer, plus what to tell the client.
+pub struct Prepared {
+    pub request: WriteRequest,
+    pub rejected: Vec<Rejection>,
+}
+
+/// Validates every sample and resolves its series: known series by id from the cache,
+/// unseen ones as [`SeriesRef::New`] for the writer to create.
+pub fn prepare(
+    batch: &WireBatch<'_>,
+    server_id: &str,
+    cache: &SeriesCache,
+    now: i64,
+    limits: &SampleLimits,
+) -> Prepared {
+    let mut request = WriteRequest {
+        samples: Vec::with_capacity(batch.metrics.len()),
+        ..Default::default()
+    };
+    let mut rejected = Vec::new();
+    let mut new_index: HashMap<String, u32> = HashMap::new();
+    let mut key = String::with_capacity(128);
+    let known = cache.read();
+    for (index, sample) in batch.metrics.iter().enumerate() {
+        let valid = match validate_sample(index, sample, now, limits) {
+            Ok(valid) => valid,
+            Err(rejection) => {
+                rejected.push(rejection);
+                continue;
+            }
+        };
+        cache_key(&mut key, server_id, &sample.name, sample.tags());
+        let existing_kind = known
+            .get(key.as_str())
+            .map(|&(id, kind)| (SeriesRef::Known(id), kind))
+            .or_else(|| {
+                new_index
+                    .get(key.as_str())
+                    .map(|&i| (SeriesRef::New(i), request.new_series[i as usize].kind))
+            });
+        let series = match existing_kind {
+            Some((series, kind)) if kind == valid.kind => series,
+            Some((_, kind)) => {
+                rejected.push(Rejection {
+                    index,
+                    code: Code::KindMismatch,
+                    detail: format!(
+                        "this series is a {}, not a {}",
+                        kind.as_str(),
+                        valid.kind.as_str()
+                    ),
+                });
+                continue;
+            }
+            None => {
+                let i = request.new_series.len() as u32;
+                request.new_series.push(NewSeries {
+                    key: SeriesKey {
+                        server_id: server_id.to_owned(),
+                        name: sample.name.to_string(),
+                        tags: sample
+                            .tags()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
+                    },
+                    kind: valid.kind,
+                });
+                new_index.insert(key.clone(), i);
+                SeriesRef::New(i)
+            }
+        };
+        request.samples.push(PendingSample {
+            series,
+            kind: valid.kind,
+            timestamp: valid.timestamp,
+            value: valid.value,
+        });
+    }
+    Prepared { request, rejected }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcp_metrics_core::ingest::decode_json;
+    use mcp_metrics_core::model::{Kind, SeriesInfo};
+
+    #[test]
+    fn resolves_known_new_and_repeated_series() {
+        let cache = SeriesCache::default();
+        cache.insert_all(&[SeriesInfo {
+            id: 7,
+            key: SeriesKey {
+                server_id: "s".into(),
+                name: "known".into(),
+                tags: vec![("a".into(), "1".into())],
+            },
+            kind: Kind::Gauge,
+        }]);
+        let body = br#"{"server_id":"s","metrics":[
+            {"name":"known","value":1,"tags":{"a":"1"}},
+            {"name":"fresh","value":1,"type":"counter"},
+            {"name":"fresh","value":2,"type":"counter"},
+            {"name":"known","value":1,"type":"histogram","tags":{"a":"1"}},
+            {"name":"fresh","value":3,"type":"gauge"},
+            {"name":"known","value":1,"tags":{"a":"2"}}
+        ]}"#;
+        let limits = SampleLimits::default();
+        let batch = decode_json(body, &limits).unwrap();
+        let p = prepare(
+            &batch,
+            "s",
+            &cache,
+            mcp_metrics_core::time::now_ms(),
+            &limits,
+        );
+        let refs: Vec<SeriesRef> = p.request.samples.iter().map(|s| s.series).collect();
+        assert_eq!(
+            refs,
+            vec![
+                SeriesRef::Known(7),
+                SeriesRef::New(0),
+                SeriesRef::New(0),
+                SeriesRef::New(1)
+            ]
+        );
+        assert_eq!(p.request.new_series.len(), 2);
+        assert_eq!(
+            p.request.new_series[1].key.tags,
+            vec![("a".to_string(), "2".to_string())]
+        );
+        let mismatches: Vec<usize> = p.rejected.iter().map(|r| r.index).collect();
+        assert_eq!(mismatches, vec![3, 4]);
+        assert!(p.rejected.iter().all(|r| r.code == Code::KindMismatch));
+    }
+}

@@ -1,0 +1,45 @@
+//! The state every handler and background task shares.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use mcp_metrics_core::ingest::SampleLimits;
+use mcp_metrics_core::secrets::MasterKey;
+use mcp_metrics_store::Store;
+
+use crate::config::Config;
+use crate::ingest::series_cache::SeriesCache;
+use crate::ingest::writer::WriteQueue;
+use crate::telemetry::Telemetry;
+
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub config: Config,
+    pub master_key: MasterKey,
+    pub queue: WriteQueue,
+    pub series: SeriesCache,
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+
+    pub fn sample_limits(&self) -> SampleLimits {
+        SampleLimits {
+            max_samples: self.config.ingest.max_samples_per_request,
+            max_age_ms: self.config.retention.raw_days * 86_400_000,
+        }
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}

@@ -1,0 +1,327 @@
+//! The service's own metrics, exposed at `GET /metrics` in the Prometheus text format
+//! (DESIGN.md §4.5).
+//!
+//! A small fixed set of atomics: recording on the ingest path is a few relaxed atomic
+//! adds, and the exposition is written by hand, so no metrics framework sits in the hot
+//! path or the dependency tree.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mcp_metrics_core::codes::Code;
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+const SIZE_BOUNDS: &[f64] = &[
+    1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 25_000.0, 50_000.0, 100_000.0,
+];
+
+/// A cumulative histogram with fixed bucket bounds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Sum in micro-units so it can be an integer atomic.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((value * 1e6).max(0.0) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+/// All metrics of one service instance.
+pub struct Telemetry {
+    pub samples_accepted: AtomicU64,
+    pub duplicate_requests: AtomicU64,
+    samples_rejected: Vec<AtomicU64>,
+    requests_rejected: Vec<AtomicU64>,
+    pub commit_duration: Histogram,
+    pub commit_batch_samples: Histogram,
+    pub commit_batch_requests: Histogram,
+    pub commit_failures: AtomicU64,
+    pub queue_capacity_samples: AtomicU64,
+    pub queue_samples: AtomicU64,
+    pub series_cached: AtomicU64,
+    /// (route, method, status) → count, and route → latency.
+    http_requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    http_latency: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            samples_accepted: AtomicU64::new(0),
+            duplicate_requests: AtomicU64::new(0),
+            samples_rejected: Code::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            requests_rejected: Code::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            commit_duration: Histogram::new(LATENCY_BOUNDS),
+            commit_batch_samples: Histogram::new(SIZE_BOUNDS),
+            commit_batch_requests: Histogram::new(SIZE_BOUNDS),
+            commit_failures: AtomicU64::new(0),
+            queue_capacity_samples: AtomicU64::new(0),
+            queue_samples: AtomicU64::new(0),
+            series_cached: AtomicU64::new(0),
+            http_requests: Mutex::new(BTreeMap::new()),
+            http_latency: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Telemetry {
+    pub fn sample_rejected(&self, code: Code) {
+        self.samples_rejected[code as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn request_rejected(&self, code: Code) {
+        self.requests_rejected[code as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn http_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        *self
+            .http_requests
+            .lock()
+            .expect("telemetry lock")
+            .entry((route.to_owned(), method.to_owned(), status))
+            .or_default() += 1;
+        let histogram = self
+            .http_latency
+            .lock()
+            .expect("telemetry lock")
+            .entry(route.to_owned())
+            .or_insert_with(|| std::sync::Arc::new(Histogram::new(LATENCY_BOUNDS)))
+            .clone();
+        histogram.observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_ingest_samples_accepted_total Samples committed to the database."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mcp_metrics_ingest_samples_accepted_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "mcp_metrics_ingest_samples_accepted_total {}",
+            load(&self.samples_accepted)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_ingest_samples_rejected_total Samples refused, by code."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mcp_metrics_ingest_samples_rejected_total counter"
+        );
+        for code in Code::ALL {
+            let n = load(&self.samples_rejected[code as usize]);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "mcp_metrics_ingest_samples_rejected_total{{code=\"{code}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_ingest_requests_rejected_total Whole ingest requests refused, by code."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mcp_metrics_ingest_requests_rejected_total counter"
+        );
+        for code in Code::ALL {
+            let n = load(&self.requests_rejected[code as usize]);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "mcp_metrics_ingest_requests_rejected_total{{code=\"{code}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_ingest_duplicate_requests_total Retried requests acknowledged without storing again."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mcp_metrics_ingest_duplicate_requests_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "mcp_metrics_ingest_duplicate_requests_total {}",
+            load(&self.duplicate_requests)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_ingest_queue_samples Samples waiting for the writer."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_ingest_queue_samples gauge");
+        let _ = writeln!(
+            out,
+            "mcp_metrics_ingest_queue_samples {}",
+            load(&self.queue_samples)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_ingest_queue_capacity_samples Queue size beyond which writes get 503."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mcp_metrics_ingest_queue_capacity_samples gauge"
+        );
+        let _ = writeln!(
+            out,
+            "mcp_metrics_ingest_queue_capacity_samples {}",
+            load(&self.queue_capacity_samples)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_series_cached Series ids held in memory."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_series_cached gauge");
+        let _ = writeln!(
+            out,
+            "mcp_metrics_series_cached {}",
+            load(&self.series_cached)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_commit_failures_total Group commits the database refused."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_commit_failures_total counter");
+        let _ = writeln!(
+            out,
+            "mcp_metrics_commit_failures_total {}",
+            load(&self.commit_failures)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_commit_duration_seconds Time to commit one group of requests."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_commit_duration_seconds histogram");
+        self.commit_duration
+            .render(&mut out, "mcp_metrics_commit_duration_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_commit_batch_samples Samples per group commit."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_commit_batch_samples histogram");
+        self.commit_batch_samples
+            .render(&mut out, "mcp_metrics_commit_batch_samples", "");
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_commit_batch_requests Requests per group commit."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_commit_batch_requests histogram");
+        self.commit_batch_requests
+            .render(&mut out, "mcp_metrics_commit_batch_requests", "");
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_http_requests_total HTTP requests by route, method and status."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_http_requests_total counter");
+        for ((route, method, status), n) in
+            self.http_requests.lock().expect("telemetry lock").iter()
+        {
+            let _ = writeln!(
+                out,
+                "mcp_metrics_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_http_request_duration_seconds HTTP request latency by route."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE mcp_metrics_http_request_duration_seconds histogram"
+        );
+        for (route, histogram) in self.http_latency.lock().expect("telemetry lock").iter() {
+            histogram.render(
+                &mut out,
+                "mcp_metrics_http_request_duration_seconds",
+                &format!("route=\"{route}\""),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let t = Telemetry::default();
+        t.samples_accepted.fetch_add(5, Ordering::Relaxed);
+        t.sample_rejected(Code::TooOld);
+        t.request_rejected(Code::InvalidSignature);
+        t.commit_duration.observe(0.003);
+        t.http_request("/api/v1/metrics", "POST", 200, Duration::from_millis(2));
+        let text = t.render();
+        assert!(text.contains("mcp_metrics_ingest_samples_accepted_total 5\n"));
+        assert!(text.contains("mcp_metrics_ingest_samples_rejected_total{code=\"too_old\"} 1\n"));
+        assert!(text.contains(
+            "mcp_metrics_ingest_requests_rejected_total{code=\"invalid_signature\"} 1\n"
+        ));
+        assert!(text.contains("mcp_metrics_commit_duration_seconds_bucket{le=\"0.0025\"} 0\n"));
+        assert!(text.contains("mcp_metrics_commit_duration_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("mcp_metrics_commit_duration_seconds_count 1\n"));
+        assert!(text.contains(
+            "mcp_metrics_http_requests_total{route=\"/api/v1/metrics\",method=\"POST\",status=\"200\"} 1\n"
+        ));
+        assert!(text.contains("mcp_metrics_http_request_duration_seconds_bucket{route=\"/api/v1/metrics\",le=\"+Inf\"} 1\n"));
+    }
+}

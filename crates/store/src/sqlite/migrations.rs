@@ -1,0 +1,124 @@
+//! Versioned SQLite migrations. Each entry runs once, in order, inside a transaction,
+//! and is recorded in `schema_migrations`. Never edit an applied entry: add a new one.
+
+use rusqlite::Connection;
+
+/// (version, description, SQL)
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "servers, credentials, series, raw samples, events, request guards",
+    r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+CREATE TABLE servers (
+    id             TEXT PRIMARY KEY,
+    registry_name  TEXT,
+    name           TEXT,
+    description    TEXT,
+    repository_url TEXT,
+    remote_url     TEXT,
+    owner          TEXT,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL
+);
+
+-- api_key_hash: SHA-256 of the API key. sealed_secret: the signing secret sealed with
+-- the master key (XChaCha20-Poly1305, key_id as associated data).
+CREATE TABLE credentials (
+    key_id        TEXT PRIMARY KEY,
+    server_id     TEXT NOT NULL REFERENCES servers(id) ON DELETE CASCADE,
+    api_key_hash  BLOB NOT NULL UNIQUE,
+    sealed_secret BLOB NOT NULL,
+    created_at    INTEGER NOT NULL,
+    revoked_at    INTEGER,
+    last_used_at  INTEGER
+);
+CREATE INDEX credentials_by_server ON credentials(server_id);
+
+-- tags: canonical JSON object with sorted keys. kind: 0 gauge, 1 counter, 2 histogram.
+CREATE TABLE series (
+    id         INTEGER PRIMARY KEY,
+    server_id  TEXT NOT NULL REFERENCES servers(id) ON DELETE CASCADE,
+    name       TEXT NOT NULL,
+    tags       TEXT NOT NULL,
+    kind       INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (server_id, name, tags)
+);
+
+-- Raw samples (the seed's table name). Gauges and counters always have seq 0, so a
+-- second write at the same (series, ts) replaces the value; histogram observations
+-- that share a millisecond take seq 1, 2, ... SQLite stores the constant 0 in no bytes
+-- and integral REAL values as small integers, which keeps a row near 20 bytes.
+CREATE TABLE server_metrics (
+    series_id INTEGER NOT NULL,
+    ts        INTEGER NOT NULL,
+    seq       INTEGER NOT NULL,
+    value     REAL NOT NULL,
+    PRIMARY KEY (series_id, ts, seq)
+) WITHOUT ROWID;
+
+CREATE TABLE server_events (
+    id        INTEGER PRIMARY KEY,
+    server_id TEXT NOT NULL REFERENCES servers(id) ON DELETE CASCADE,
+    kind      TEXT NOT NULL,
+    title     TEXT NOT NULL,
+    detail    TEXT,
+    at        INTEGER NOT NULL,
+    source    TEXT NOT NULL
+);
+CREATE INDEX server_events_by_time ON server_events(server_id, at, id);
+
+CREATE TABLE seen_signatures (
+    signature  BLOB PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE request_digests (
+    key_id     TEXT NOT NULL,
+    digest     BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (key_id, digest)
+) WITHOUT ROWID;
+"#,
+)];
+
+/// The version a fully migrated database has.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+pub fn current_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version     INTEGER PRIMARY KEY,
+            description TEXT NOT NULL,
+            applied_at  INTEGER NOT NULL
+        )",
+    )?;
+    conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// Applies every migration newer than the database; returns the versions applied.
+pub fn run(conn: &mut Connection, now_ms: i64) -> rusqlite::Result<Vec<i64>> {
+    let current = current_version(conn)?;
+    let mut applied = Vec::new();
+    for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?1, ?2, ?3)",
+            rusqlite::params![version, description, now_ms],
+        )?;
+        tx.commit()?;
+        applied.push(*version);
+    }
+    Ok(applied)
+}

@@ -1,0 +1,729 @@
+//! The SQLite store: WAL mode, one writer connection behind a mutex and a small pool of
+//! read connections, each used from the blocking thread pool so async tasks never wait
+//! on disk.
+//!
+//! The single writer matches SQLite's own single-writer design and the pipeline's group
+//! commit: many requests share one transaction and one fsync.
+
+mod migrations;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use mcp_metrics_core::model::{
+    CredentialInfo, EventSource, Kind, NewEvent, RawSample, SeriesInfo, SeriesKey, Server,
+    ServerFields, StoredCredential, StoredEvent, Tags,
+};
+use mcp_metrics_core::time::now_ms;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
+
+use crate::{
+    RequestOutcome, SampleQuery, SeriesRef, Store, StoreError, StoreOptions, StoreResult,
+    WriteBatch,
+};
+
+pub use migrations::latest_version;
+
+/// Extracts the file path from `sqlite://path`, `sqlite:path` or a bare path.
+pub fn path_from_url(url: &str) -> StoreResult<PathBuf> {
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    if path.is_empty() {
+        return Err(StoreError::Invalid(format!(
+            "database URL {url:?} names no file"
+        )));
+    }
+    if path.contains("://") {
+        return Err(StoreError::Invalid(format!(
+            "unsupported database URL {url:?}: use sqlite://PATH"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen => {
+                StoreError::Unavailable(e.to_string())
+            }
+            ErrorCode::ConstraintViolation => StoreError::Conflict,
+            _ => StoreError::Database(e.to_string()),
+        },
+        _ => StoreError::Database(e.to_string()),
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Database(format!("database task failed: {e}"))
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    read_pool_size: usize,
+}
+
+impl Inner {
+    fn open_reader(&self) -> rusqlite::Result<Connection> {
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "query_only", "ON")?;
+        Ok(conn)
+    }
+}
+
+/// SQLite implementation of [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+fn configure_writer(conn: &Connection, options: &StoreOptions) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "could not switch the database to WAL mode (got {mode})"
+        )));
+    }
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if options.durable_fsync {
+            "FULL"
+        } else {
+            "NORMAL"
+        },
+    )?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // 32 MiB of page cache keeps the hot end of the sample index in memory.
+    conn.pragma_update(None, "cache_size", -32_768)?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies migrations.
+    pub async fn open(path: &Path, options: &StoreOptions) -> StoreResult<Self> {
+        let path = path.to_path_buf();
+        let options = options.clone();
+        tokio::task::spawn_blocking(move || -> StoreResult<Self> {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot create directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+            }
+            let mut writer = Connection::open(&path).map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot open SQLite database {}: {e}",
+                    path.display()
+                ))
+            })?;
+            configure_writer(&writer, &options).map_err(map_err)?;
+            let applied = migrations::run(&mut writer, now_ms()).map_err(map_err)?;
+            if !applied.is_empty() {
+                tracing::info!(path = %path.display(), ?applied, "applied SQLite migrations");
+            }
+            Ok(SqliteStore {
+                inner: Arc::new(Inner {
+                    path,
+                    writer: Mutex::new(writer),
+                    readers: Mutex::new(Vec::new()),
+                    read_pool_size: options.read_pool_size.max(1),
+                }),
+            })
+        })
+        .await
+        .map_err(join_err)?
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match inner.readers.lock().expect("reader pool poisoned").pop() {
+                Some(conn) => conn,
+                None => inner.open_reader().map_err(map_err)?,
+            };
+            let result = f(&conn).map_err(map_err);
+            let mut idle = inner.readers.lock().expect("reader pool poisoned");
+            if idle.len() < inner.read_pool_size {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(join_err)?
+    }
+
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner
+                .writer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(join_err)?
+    }
+}
+
+const SERVER_COLUMNS: &str = "id, registry_name, name, description, repository_url, remote_url, owner, created_at, updated_at";
+
+fn server_from_row(r: &Row<'_>) -> rusqlite::Result<Server> {
+    Ok(Server {
+        id: r.get(0)?,
+        registry_name: r.get(1)?,
+        name: r.get(2)?,
+        description: r.get(3)?,
+        repository_url: r.get(4)?,
+        remote_url: r.get(5)?,
+        owner: r.get(6)?,
+        created_at: r.get(7)?,
+        updated_at: r.get(8)?,
+    })
+}
+
+fn get_server(conn: &Connection, id: &str) -> rusqlite::Result<Option<Server>> {
+    conn.prepare_cached(&format!(
+        "SELECT {SERVER_COLUMNS} FROM servers WHERE id = ?1"
+    ))?
+    .query_row([id], server_from_row)
+    .optional()
+}
+
+const CREDENTIAL_COLUMNS: &str =
+    "key_id, server_id, api_key_hash, sealed_secret, created_at, revoked_at, last_used_at";
+
+fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
+    let hash: Vec<u8> = r.get(2)?;
+    Ok(StoredCredential {
+        key_id: r.get(0)?,
+        server_id: r.get(1)?,
+        api_key_hash: hash.try_into().unwrap_or([0; 32]),
+        sealed_secret: r.get(3)?,
+        created_at: r.get(4)?,
+        revoked_at: r.get(5)?,
+        last_used_at: r.get(6)?,
+    })
+}
+
+/// Canonical JSON for a sorted tag list: the stored identity of a series' tags.
+pub(crate) fn tags_to_json(tags: &Tags) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = tags
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+pub(crate) fn tags_from_json(text: &str) -> Tags {
+    serde_json::from_str::<BTreeMap<String, String>>(text)
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default()
+}
+
+fn series_from_row(r: &Row<'_>) -> rusqlite::Result<SeriesInfo> {
+    let tags: String = r.get(3)?;
+    let kind: i64 = r.get(4)?;
+    Ok(SeriesInfo {
+        id: r.get(0)?,
+        key: SeriesKey {
+            server_id: r.get(1)?,
+            name: r.get(2)?,
+            tags: tags_from_json(&tags),
+        },
+        kind: Kind::from_i64(kind).unwrap_or(Kind::Gauge),
+    })
+}
+
+fn event_from_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let source: String = r.get(6)?;
+    Ok(StoredEvent {
+        id: r.get(0)?,
+        event: NewEvent {
+            server_id: r.get(1)?,
+            kind: r.get(2)?,
+            title: r.get(3)?,
+            detail: r.get(4)?,
+            at: r.get(5)?,
+            source: if source == "system" {
+                EventSource::System
+            } else {
+                EventSource::Author
+            },
+        },
+    })
+}
+
+fn write_batch_blocking(
+    conn: &mut Connection,
+    batch: &WriteBatch,
+) -> rusqlite::Result<Vec<RequestOutcome>> {
+    let now = batch.now;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(batch.requests.len());
+    {
+        // A guard row that exists and has not expired makes the upsert a no-op, so
+        // `execute` reporting 0 changed rows means "seen inside the window".
+        let mut guard_signature = tx.prepare_cached(
+            "INSERT INTO seen_signatures (signature, expires_at) VALUES (?1, ?2)
+             ON CONFLICT (signature) DO UPDATE SET expires_at = excluded.expires_at
+             WHERE seen_signatures.expires_at <= ?3",
+        )?;
+        let mut guard_digest = tx.prepare_cached(
+            "INSERT INTO request_digests (key_id, digest, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key_id, digest) DO UPDATE SET expires_at = excluded.expires_at
+             WHERE request_digests.expires_at <= ?4",
+        )?;
+        let mut insert_series = tx.prepare_cached(
+            "INSERT INTO series (server_id, name, tags, kind, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (server_id, name, tags) DO NOTHING",
+        )?;
+        let mut find_series = tx.prepare_cached(
+            "SELECT id, kind FROM series WHERE server_id = ?1 AND name = ?2 AND tags = ?3",
+        )?;
+        let mut upsert_value = tx.prepare_cached(
+            "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
+             ON CONFLICT (series_id, ts, seq) DO UPDATE SET value = excluded.value",
+        )?;
+        let mut insert_observation = tx.prepare_cached(
+            "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
+             ON CONFLICT (series_id, ts, seq) DO NOTHING",
+        )?;
+        let mut insert_next_observation = tx.prepare_cached(
+            "INSERT INTO server_metrics (series_id, ts, seq, value)
+             SELECT ?1, ?2, MAX(seq) + 1, ?3 FROM server_metrics WHERE series_id = ?1 AND ts = ?2",
+        )?;
+        let mut touch_credential = tx.prepare_cached(
+            "UPDATE credentials SET last_used_at = ?2 WHERE key_id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
+        )?;
+
+        for request in &batch.requests {
+            if let Some(signature) = &request.signature
+                && guard_signature.execute(params![
+                    &signature[..],
+                    now + batch.replay_window_ms,
+                    now
+                ])? == 0
+            {
+                outcomes.push(RequestOutcome::Replayed);
+                continue;
+            }
+            if let Some(digest) = &request.body_digest
+                && guard_digest.execute(params![
+                    request.key_id,
+                    &digest[..],
+                    now + batch.retry_window_ms,
+                    now
+                ])? == 0
+            {
+                outcomes.push(RequestOutcome::Duplicate);
+                continue;
+            }
+            let mut series = Vec::with_capacity(request.new_series.len());
+            for new in &request.new_series {
+                let tags = tags_to_json(&new.key.tags);
+                insert_series.execute(params![
+                    new.key.server_id,
+                    new.key.name,
+                    tags,
+                    new.kind.to_i64(),
+                    now
+                ])?;
+                let (id, kind): (i64, i64) = find_series
+                    .query_row(params![new.key.server_id, new.key.name, tags], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
+                series.push(SeriesInfo {
+                    id,
+                    key: new.key.clone(),
+                    kind: Kind::from_i64(kind).unwrap_or(new.kind),
+                });
+            }
+            for sample in &request.samples {
+                let series_id = match sample.series {
+                    SeriesRef::Known(id) => id,
+                    SeriesRef::New(i) => series[i as usize].id,
+                };
+                if sample.kind == Kind::Histogram {
+                    if insert_observation.execute(params![
+                        series_id,
+                        sample.timestamp,
+                        sample.value
+                    ])? == 0
+                    {
+                        insert_next_observation.execute(params![
+                            series_id,
+                            sample.timestamp,
+                            sample.value
+                        ])?;
+                    }
+                } else {
+                    upsert_value.execute(params![series_id, sample.timestamp, sample.value])?;
+                }
+            }
+            touch_credential.execute(params![request.key_id, now])?;
+            outcomes.push(RequestOutcome::Stored { series });
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+fn read_samples_blocking(conn: &Connection, q: &SampleQuery) -> rusqlite::Result<Vec<RawSample>> {
+    // Each series is a range scan of the primary key; the per-series pages are merged
+    // into (timestamp, series, seq) order. A cursor (T, S, Q) continues after that row:
+    // series before S resume after T, series after S resume at T, S itself after (T, Q).
+    let mut stmt = conn.prepare_cached(
+        "SELECT ts, seq, value FROM server_metrics
+         WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 AND (ts, seq) > (?4, ?5)
+         ORDER BY ts, seq LIMIT ?6",
+    )?;
+    let mut rows = Vec::new();
+    for &series_id in &q.series_ids {
+        let (after_ts, after_seq) = match q.after {
+            None => (i64::MIN, i64::MIN),
+            Some((t, s, _)) if series_id < s => (t, i64::MAX),
+            Some((t, s, _)) if series_id > s => (t, -1),
+            Some((t, _, seq)) => (t, seq),
+        };
+        let found = stmt.query_map(
+            params![series_id, q.from, q.to, after_ts, after_seq, q.limit as i64],
+            |r| {
+                Ok(RawSample {
+                    series_id,
+                    timestamp: r.get(0)?,
+                    seq: r.get(1)?,
+                    value: r.get(2)?,
+                })
+            },
+        )?;
+        for row in found {
+            rows.push(row?);
+        }
+    }
+    rows.sort_by(|a, b| (a.timestamp, a.series_id, a.seq).cmp(&(b.timestamp, b.series_id, b.seq)));
+    rows.truncate(q.limit);
+    Ok(rows)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let version = self.schema_version().await?;
+        if version < migrations::latest_version() {
+            return Err(StoreError::Unavailable(format!(
+                "schema version {version} is older than {}: run `mcp-metrics migrate`",
+                migrations::latest_version()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn schema_version(&self) -> StoreResult<i64> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn meta_get(&self, key: &str) -> StoreResult<Option<String>> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn meta_set(&self, key: &str, value: &str) -> StoreResult<()> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )
+            .map_err(map_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_server(
+        &self,
+        id: &str,
+        fields: &ServerFields,
+        now: i64,
+    ) -> StoreResult<Server> {
+        let (id, f) = (id.to_owned(), fields.clone());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO servers (id, registry_name, name, description, repository_url, remote_url, owner, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                params![id, f.registry_name, f.name, f.description, f.repository_url, f.remote_url, f.owner, now],
+            )
+            .map_err(map_err)?;
+            get_server(c, &id).map_err(map_err)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
+    async fn update_server(
+        &self,
+        id: &str,
+        fields: &ServerFields,
+        now: i64,
+    ) -> StoreResult<Server> {
+        let (id, f) = (id.to_owned(), fields.clone());
+        self.write(move |c| {
+            let changed = c
+                .execute(
+                    "UPDATE servers SET
+                        registry_name = COALESCE(?2, registry_name), name = COALESCE(?3, name),
+                        description = COALESCE(?4, description), repository_url = COALESCE(?5, repository_url),
+                        remote_url = COALESCE(?6, remote_url), owner = COALESCE(?7, owner), updated_at = ?8
+                     WHERE id = ?1",
+                    params![id, f.registry_name, f.name, f.description, f.repository_url, f.remote_url, f.owner, now],
+                )
+                .map_err(map_err)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            get_server(c, &id).map_err(map_err)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
+    async fn delete_server(&self, id: &str) -> StoreResult<()> {
+        let id = id.to_owned();
+        self.write(move |c| {
+            let tx = c.transaction().map_err(map_err)?;
+            tx.execute(
+                "DELETE FROM server_metrics WHERE series_id IN (SELECT id FROM series WHERE server_id = ?1)",
+                [&id],
+            )
+            .map_err(map_err)?;
+            // Credentials, series and events go with the server (ON DELETE CASCADE).
+            let deleted = tx.execute("DELETE FROM servers WHERE id = ?1", [&id]).map_err(map_err)?;
+            if deleted == 0 {
+                return Err(StoreError::NotFound);
+            }
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn get_server(&self, id: &str) -> StoreResult<Option<Server>> {
+        let id = id.to_owned();
+        self.read(move |c| get_server(c, &id)).await
+    }
+
+    async fn list_servers(&self) -> StoreResult<Vec<Server>> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached(&format!("SELECT {SERVER_COLUMNS} FROM servers ORDER BY id"))?;
+            stmt.query_map([], server_from_row)?.collect()
+        })
+        .await
+    }
+
+    async fn insert_credential(&self, cred: &StoredCredential) -> StoreResult<()> {
+        let cred = cred.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO credentials (key_id, server_id, api_key_hash, sealed_secret, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![cred.key_id, cred.server_id, &cred.api_key_hash[..], cred.sealed_secret, cred.created_at],
+            )
+            .map_err(|e| match map_err(e) {
+                // The only other constraint is the server reference.
+                StoreError::Conflict => StoreError::NotFound,
+                other => other,
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn credential_by_hash(
+        &self,
+        api_key_hash: &[u8; 32],
+    ) -> StoreResult<Option<StoredCredential>> {
+        let hash = *api_key_hash;
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE api_key_hash = ?1"
+            ))?
+            .query_row([&hash[..]], credential_from_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn list_credentials(&self, server_id: Option<&str>) -> StoreResult<Vec<CredentialInfo>> {
+        let server_id = server_id.map(str::to_owned);
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE ?1 IS NULL OR server_id = ?1 ORDER BY server_id, created_at, key_id"
+            ))?;
+            stmt.query_map([server_id], |r| credential_from_row(r).map(|c| CredentialInfo::from(&c)))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn all_sealed_credentials(&self) -> StoreResult<Vec<StoredCredential>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials ORDER BY key_id"
+            ))?;
+            stmt.query_map([], credential_from_row)?.collect()
+        })
+        .await
+    }
+
+    async fn reseal_credentials(&self, resealed: &[(String, Vec<u8>)]) -> StoreResult<()> {
+        let resealed = resealed.to_vec();
+        self.write(move |c| {
+            let tx = c.transaction().map_err(map_err)?;
+            for (key_id, sealed) in &resealed {
+                tx.execute(
+                    "UPDATE credentials SET sealed_secret = ?2 WHERE key_id = ?1",
+                    params![key_id, sealed],
+                )
+                .map_err(map_err)?;
+            }
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn revoke_credential(&self, server_id: &str, key_id: &str, now: i64) -> StoreResult<()> {
+        let (server_id, key_id) = (server_id.to_owned(), key_id.to_owned());
+        self.write(move |c| {
+            let changed = c
+                .execute(
+                    "UPDATE credentials SET revoked_at = COALESCE(revoked_at, ?3) WHERE server_id = ?1 AND key_id = ?2",
+                    params![server_id, key_id, now],
+                )
+                .map_err(map_err)?;
+            if changed == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+        })
+        .await
+    }
+
+    async fn all_series(&self) -> StoreResult<Vec<SeriesInfo>> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT id, server_id, name, tags, kind FROM series ORDER BY id")?;
+            stmt.query_map([], series_from_row)?.collect()
+        })
+        .await
+    }
+
+    async fn series_of_server(
+        &self,
+        server_id: &str,
+        name: Option<&str>,
+    ) -> StoreResult<Vec<SeriesInfo>> {
+        let (server_id, name) = (server_id.to_owned(), name.map(str::to_owned));
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, server_id, name, tags, kind FROM series
+                 WHERE server_id = ?1 AND (?2 IS NULL OR name = ?2) ORDER BY id",
+            )?;
+            stmt.query_map(params![server_id, name], series_from_row)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
+        self.write(move |c| write_batch_blocking(c, &batch).map_err(map_err))
+            .await
+    }
+
+    async fn read_samples(&self, query: &SampleQuery) -> StoreResult<Vec<RawSample>> {
+        let query = query.clone();
+        self.read(move |c| read_samples_blocking(c, &query)).await
+    }
+
+    async fn purge_request_guards(&self, now: i64) -> StoreResult<u64> {
+        self.write(move |c| {
+            let a = c
+                .execute("DELETE FROM seen_signatures WHERE expires_at <= ?1", [now])
+                .map_err(map_err)?;
+            let b = c
+                .execute("DELETE FROM request_digests WHERE expires_at <= ?1", [now])
+                .map_err(map_err)?;
+            Ok((a + b) as u64)
+        })
+        .await
+    }
+
+    async fn insert_event(&self, event: &NewEvent) -> StoreResult<i64> {
+        let e = event.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO server_events (server_id, kind, title, detail, at, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![e.server_id, e.kind, e.title, e.detail, e.at, e.source.as_str()],
+            )
+            .map_err(|e| match map_err(e) {
+                StoreError::Conflict => StoreError::NotFound,
+                other => other,
+            })?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn list_events(
+        &self,
+        server_id: &str,
+        before: Option<(i64, i64)>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let server_id = server_id.to_owned();
+        let (at, id) = before.unwrap_or((i64::MAX, i64::MAX));
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, server_id, kind, title, detail, at, source FROM server_events
+                 WHERE server_id = ?1 AND (at, id) < (?2, ?3) ORDER BY at DESC, id DESC LIMIT ?4",
+            )?;
+            stmt.query_map(params![server_id, at, id, limit as i64], event_from_row)?
+                .collect()
+        })
+        .await
+    }
+}

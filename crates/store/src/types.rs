@@ -1,0 +1,96 @@
+//! Inputs and outputs of the store's ingest and read operations.
+
+use mcp_metrics_core::model::{Kind, SeriesInfo, SeriesKey};
+
+/// Tunables of a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// SQLite `synchronous`: `true` → FULL (survives power loss), `false` → NORMAL
+    /// (survives a process crash, the contract's `kill -9`).
+    pub durable_fsync: bool,
+    /// Read connections kept open.
+    pub read_pool_size: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durable_fsync: true,
+            read_pool_size: 4,
+        }
+    }
+}
+
+/// Which series a pending sample belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeriesRef {
+    /// Already in the store.
+    Known(i64),
+    /// Index into [`WriteRequest::new_series`]; the store creates it (or finds it, if
+    /// another request created it first).
+    New(u32),
+}
+
+/// A validated sample waiting to be written.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PendingSample {
+    pub series: SeriesRef,
+    pub kind: Kind,
+    pub timestamp: i64,
+    pub value: f64,
+}
+
+/// A series first seen in this request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSeries {
+    pub key: SeriesKey,
+    pub kind: Kind,
+}
+
+/// One acknowledged-after-commit ingest request.
+#[derive(Debug, Clone, Default)]
+pub struct WriteRequest {
+    pub key_id: String,
+    /// The verified signature; a second request with it inside the window is a replay.
+    pub signature: Option<[u8; 32]>,
+    /// SHA-256 of the body; a second request from the same key with it inside the window
+    /// is a retry, acknowledged without storing anything.
+    pub body_digest: Option<[u8; 32]>,
+    pub new_series: Vec<NewSeries>,
+    pub samples: Vec<PendingSample>,
+}
+
+/// Requests committed together.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    pub requests: Vec<WriteRequest>,
+    /// Unix ms at commit time; guards expire relative to it.
+    pub now: i64,
+    /// How long signatures and body digests are remembered, in ms.
+    pub replay_window_ms: i64,
+    pub retry_window_ms: i64,
+}
+
+/// What happened to one request of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestOutcome {
+    /// Samples stored; the series the store created or found for `new_series`, in order.
+    Stored { series: Vec<SeriesInfo> },
+    /// Same key and body seen inside the retry window: nothing stored.
+    Duplicate,
+    /// Same signature seen inside the replay window: nothing stored.
+    Replayed,
+}
+
+/// A page of raw samples.
+#[derive(Debug, Clone)]
+pub struct SampleQuery {
+    pub series_ids: Vec<i64>,
+    /// Inclusive lower bound, unix ms.
+    pub from: i64,
+    /// Exclusive upper bound, unix ms.
+    pub to: i64,
+    /// Position after which to continue: (timestamp, series_id, seq).
+    pub after: Option<(i64, i64, i64)>,
+    pub limit: usize,
+}
