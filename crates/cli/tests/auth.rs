@@ -1,0 +1,455 @@
+//! Regression tests for every security rule of signed ingest (DESIGN.md §4.1): each
+//! failure has its own status and code and stores nothing. Also the operator API's
+//! token and the raw read's key checks.
+
+mod common;
+
+use common::{ADMIN_TOKEN, Credential, TestService, batch};
+use mcp_metrics_core::signature::{compute, sign};
+use mcp_metrics_core::time::now_ms;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+fn body_for(server: &str) -> String {
+    batch(
+        server,
+        json!([{"name":"response_time","value":1,"type":"histogram","timestamp":now_ms() - 1000}]),
+    )
+}
+
+async fn assert_refused(
+    svc: &TestService,
+    key: Option<&str>,
+    signature: Option<&str>,
+    body: &str,
+    status: u16,
+    code: &str,
+) {
+    let (got, headers, answer) = svc.push_raw(key, signature, "application/json", body).await;
+    assert_eq!(
+        (got.as_u16(), answer["code"].as_str()),
+        (status, Some(code)),
+        "{answer}"
+    );
+    assert_eq!(
+        headers.get("content-type").unwrap(),
+        "application/problem+json"
+    );
+    // Internal details never leak.
+    assert!(!answer.to_string().to_lowercase().contains("sqlite"));
+}
+
+async fn stored(svc: &TestService, cred: &Credential) -> usize {
+    svc.samples(cred, "").await.len()
+}
+
+#[tokio::test]
+async fn each_auth_failure_has_its_status_and_code_and_stores_nothing() {
+    let svc = TestService::start().await;
+    let a = svc.server_with_key("server-a").await;
+    let b = svc.server_with_key("server-b").await;
+    let body = body_for("server-a");
+    let now = now_ms() / 1000;
+    let good = sign(a.secret.as_bytes(), now, body.as_bytes());
+    let mac = compute(a.secret.as_bytes(), now, body.as_bytes());
+
+    assert_refused(&svc, None, Some(&good), &body, 401, "missing_key").await;
+    assert_refused(
+        &svc,
+        Some("mcpm_ak_nope"),
+        Some(&good),
+        &body,
+        401,
+        "unknown_key",
+    )
+    .await;
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        None,
+        &body,
+        401,
+        "invalid_signature",
+    )
+    .await;
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some(&format!("t={now},v1={}", "0".repeat(64))),
+        &body,
+        401,
+        "invalid_signature",
+    )
+    .await;
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some(&format!("t={now},v1=")),
+        &body,
+        401,
+        "invalid_signature",
+    )
+    .await;
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some(&format!("t={now},v1={}", &mac[..63])),
+        &body,
+        401,
+        "invalid_signature",
+    )
+    .await;
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some(&format!("t={now},v1={}", &mac[..32])),
+        &body,
+        401,
+        "invalid_signature",
+    )
+    .await;
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some("garbage"),
+        &body,
+        401,
+        "invalid_signature",
+    )
+    .await;
+    // A signature over another body.
+    let other = body_for("server-a").replace("\"value\":1", "\"value\":2");
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some(&sign(a.secret.as_bytes(), now, other.as_bytes())),
+        &body,
+        401,
+        "invalid_signature",
+    )
+    .await;
+    // Signed with server B's secret.
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some(&sign(b.secret.as_bytes(), now, body.as_bytes())),
+        &body,
+        401,
+        "invalid_signature",
+    )
+    .await;
+    // The clock window is ±300 s.
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some(&sign(a.secret.as_bytes(), now - 301, body.as_bytes())),
+        &body,
+        401,
+        "stale_timestamp",
+    )
+    .await;
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some(&sign(a.secret.as_bytes(), now + 301, body.as_bytes())),
+        &body,
+        401,
+        "stale_timestamp",
+    )
+    .await;
+    // Key of server B used on server A's data, properly signed with B's secret.
+    assert_refused(
+        &svc,
+        Some(&b.api_key),
+        Some(&sign(b.secret.as_bytes(), now, body.as_bytes())),
+        &body,
+        403,
+        "forbidden_server",
+    )
+    .await;
+    assert_eq!(stored(&svc, &a).await, 0);
+    assert_eq!(stored(&svc, &b).await, 0);
+
+    // The good request is accepted once; the same request again is a replay.
+    let (status, _, _) = svc
+        .push_raw(Some(&a.api_key), Some(&good), "application/json", &body)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_refused(
+        &svc,
+        Some(&a.api_key),
+        Some(&good),
+        &body,
+        409,
+        "replayed_request",
+    )
+    .await;
+    assert_eq!(stored(&svc, &a).await, 1);
+
+    let text = svc.metrics_text().await;
+    assert!(
+        text.contains("mcp_metrics_ingest_requests_rejected_total{code=\"invalid_signature\"} 8\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mcp_metrics_ingest_requests_rejected_total{code=\"replayed_request\"} 1\n")
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_key_is_refused_and_rotation_keeps_other_keys_working() {
+    let svc = TestService::start().await;
+    let first = svc.server_with_key("s1").await;
+    let second = svc.issue_key("s1").await;
+    let (status, _) = svc
+        .admin(
+            Method::DELETE,
+            &format!("/api/v1/admin/servers/s1/keys/{}", first.key_id),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let body = body_for("s1");
+    let (status, _, answer) = svc.push(&first, &body).await;
+    assert_eq!(
+        (status.as_u16(), answer["code"].as_str()),
+        (401, Some("revoked_key"))
+    );
+    let (status, _, _) = svc.push(&second, &body).await;
+    assert_eq!(status, StatusCode::OK);
+    // Rotation and revocation are on the server's timeline.
+    let conn = rusqlite::Connection::open(svc.db_path()).unwrap();
+    let kinds: Vec<String> = conn
+        .prepare("SELECT kind FROM server_events WHERE server_id = 's1' AND source = 'system' ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(kinds, vec!["key_rotated", "key_revoked"]);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn several_v1_entries_allow_secret_rotation() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("s1").await;
+    let body = body_for("s1");
+    let now = now_ms() / 1000;
+    let header = format!(
+        "t={now},v1={},v1={}",
+        compute(b"old-secret", now, body.as_bytes()),
+        compute(cred.secret.as_bytes(), now, body.as_bytes())
+    );
+    let (status, _, _) = svc
+        .push_raw(
+            Some(&cred.api_key),
+            Some(&header),
+            "application/json",
+            &body,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn raw_read_requires_that_servers_key() {
+    let svc = TestService::start().await;
+    let a = svc.server_with_key("server-a").await;
+    let b = svc.server_with_key("server-b").await;
+    let get = |key: Option<String>| {
+        let mut r = svc.client.get(svc.url("/api/v1/servers/server-a/samples"));
+        if let Some(k) = key {
+            r = r.header("x-api-key", k);
+        }
+        r.send()
+    };
+    assert_eq!(get(None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(Some(b.api_key.clone())).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        get(Some(a.api_key.clone())).await.unwrap().status(),
+        StatusCode::OK
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn operator_api_requires_the_admin_token() {
+    let svc = TestService::start().await;
+    for token in [
+        None,
+        Some("wrong-token-wrong-token"),
+        Some(&ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1]),
+    ] {
+        let mut r = svc
+            .client
+            .post(svc.url("/api/v1/admin/servers"))
+            .json(&json!({"id":"x"}));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let response = r.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "unauthorized");
+    }
+    let (status, list) = svc.admin(Method::GET, "/api/v1/servers", None).await;
+    assert_eq!(
+        (status, list["servers"].as_array().unwrap().len()),
+        (StatusCode::OK, 0)
+    );
+    svc.stop().await;
+
+    let off = TestService::start_with(|c| c.admin_token = None).await;
+    let (status, body) = off
+        .admin(
+            Method::POST,
+            "/api/v1/admin/servers",
+            Some(json!({"id":"x"})),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (404, Some("admin_disabled"))
+    );
+    off.stop().await;
+}
+
+#[tokio::test]
+async fn operator_manages_servers_and_keys() {
+    let svc = TestService::start().await;
+    let (status, body) = svc
+        .admin(
+            Method::POST,
+            "/api/v1/admin/servers",
+            Some(json!({"id":"acme","name":"Acme","remote_url":"https://acme.example/mcp"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["summary"]["health"], "unknown");
+    let (status, _) = svc
+        .admin(
+            Method::POST,
+            "/api/v1/admin/servers",
+            Some(json!({"id":"acme"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = svc
+        .admin(
+            Method::POST,
+            "/api/v1/admin/servers",
+            Some(json!({"id":"Bad Id"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = svc
+        .admin(
+            Method::PATCH,
+            "/api/v1/admin/servers/acme",
+            Some(json!({"description":"Search"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["description"].as_str(), body["name"].as_str()),
+        (StatusCode::OK, Some("Search"), Some("Acme"))
+    );
+    let detail: Value = svc
+        .client
+        .get(svc.url("/api/v1/servers/acme"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(detail["description"], "Search");
+    assert_eq!(
+        svc.client
+            .get(svc.url("/api/v1/servers/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let key = svc.issue_key("acme").await;
+    assert!(key.api_key.starts_with("mcpm_ak_") && key.secret.starts_with("mcpm_ss_"));
+    let (status, keys) = svc
+        .admin(Method::GET, "/api/v1/admin/servers/acme/keys", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(keys["keys"][0]["key_id"], key.key_id.as_str());
+    assert!(!keys.to_string().contains(&key.api_key) && !keys.to_string().contains(&key.secret));
+
+    // Secrets are stored hashed and sealed, never in plain text.
+    let raw = std::fs::read(svc.db_path()).unwrap();
+    let mut wal = std::fs::read(svc.db_path().with_extension("db-wal")).unwrap_or_default();
+    wal.extend(raw);
+    let contains = |needle: &str| wal.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(!contains(&key.api_key) && !contains(&key.secret));
+
+    let (status, _) = svc
+        .admin(Method::DELETE, "/api/v1/admin/servers/acme", None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = svc
+        .admin(Method::DELETE, "/api/v1/admin/servers/acme", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn operations_endpoints() {
+    let svc = TestService::start().await;
+    let health: Value = svc
+        .client
+        .get(svc.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let ready: Value = svc
+        .client
+        .get(svc.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (ready["status"].as_str(), ready["database"].as_str()),
+        (Some("ready"), Some("sqlite"))
+    );
+    let cred = svc.server_with_key("s1").await;
+    assert_eq!(svc.push(&cred, &body_for("s1")).await.0, StatusCode::OK);
+    let text = svc.metrics_text().await;
+    for needle in [
+        "mcp_metrics_ingest_samples_accepted_total 1\n",
+        "mcp_metrics_commit_duration_seconds_count",
+        "mcp_metrics_commit_batch_samples_bucket",
+        "mcp_metrics_ingest_queue_samples 0\n",
+        "mcp_metrics_http_requests_total{route=\"/api/v1/metrics\",method=\"POST\",status=\"200\"} 1\n",
+        "mcp_metrics_http_request_duration_seconds_bucket{route=\"/api/v1/metrics\"",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    let missing = svc.client.get(svc.url("/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        missing.headers().get("content-type").unwrap(),
+        "application/problem+json"
+    );
+    svc.stop().await;
+}

@@ -1,0 +1,241 @@
+//! Test harness: starts the real service on port 0 with a fresh SQLite database in a
+//! temporary directory and talks to it over real HTTP.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use mcp_metrics_core::signature::sign;
+use mcp_metrics_core::time::now_ms;
+use mcp_metrics_server::RunOptions;
+use mcp_metrics_server::config::Config;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+pub struct TestService {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct Credential {
+    pub server_id: String,
+    pub key_id: String,
+    pub api_key: String,
+    pub secret: String,
+}
+
+impl TestService {
+    pub async fn start() -> TestService {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestService {
+        mcp_metrics_server::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::default();
+        config.database = format!("sqlite://{}", dir.path().join("test.db").display());
+        config.admin_token = Some(ADMIN_TOKEN.into());
+        // Tests survive a process crash, not a power cut: skip the fsync cost.
+        config.sqlite.synchronous = mcp_metrics_server::config::Synchronous::Normal;
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(mcp_metrics_server::run(
+            config,
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            RunOptions::default(),
+        ));
+        let service = TestService {
+            addr,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        service.wait_ready().await;
+        service
+    }
+
+    pub async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await
+                && r.status() == StatusCode::OK
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("service did not become ready");
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("test.db")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("service task").expect("service result");
+        }
+    }
+
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn create_server(&self, id: &str) {
+        let (status, body) = self
+            .admin(
+                reqwest::Method::POST,
+                "/api/v1/admin/servers",
+                Some(json!({"id": id, "name": id})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    pub async fn issue_key(&self, server_id: &str) -> Credential {
+        let (status, body) = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/api/v1/admin/servers/{server_id}/keys"),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        Credential {
+            server_id: server_id.into(),
+            key_id: body["key_id"].as_str().unwrap().into(),
+            api_key: body["api_key"].as_str().unwrap().into(),
+            secret: body["signing_secret"].as_str().unwrap().into(),
+        }
+    }
+
+    /// A server with one credential.
+    pub async fn server_with_key(&self, id: &str) -> Credential {
+        self.create_server(id).await;
+        self.issue_key(id).await
+    }
+
+    /// POSTs `body` signed now with the credential.
+    pub async fn push(
+        &self,
+        cred: &Credential,
+        body: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let signature = sign(cred.secret.as_bytes(), now_ms() / 1000, body.as_bytes());
+        self.push_raw(
+            Some(&cred.api_key),
+            Some(&signature),
+            "application/json",
+            body,
+        )
+        .await
+    }
+
+    pub async fn push_raw(
+        &self,
+        api_key: Option<&str>,
+        signature: Option<&str>,
+        content_type: &str,
+        body: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut request = self
+            .client
+            .post(self.url("/api/v1/metrics"))
+            .header("content-type", content_type)
+            .body(body.to_owned());
+        if let Some(key) = api_key {
+            request = request.header("x-api-key", key);
+        }
+        if let Some(signature) = signature {
+            request = request.header("x-signature", signature);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        (
+            status,
+            headers,
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    /// All raw samples of a server, following `next` links.
+    pub async fn samples(&self, cred: &Credential, query: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = format!("/api/v1/servers/{}/samples?{query}", cred.server_id);
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let response = self
+                .client
+                .get(self.url(&url))
+                .header("x-api-key", &cred.api_key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let page: Value = response.json().await.unwrap();
+            out.extend(page["samples"].as_array().unwrap().iter().cloned());
+            match page["next"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => return out,
+            }
+        }
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// A batch body for `server_id`.
+pub fn batch(server_id: &str, metrics: Value) -> String {
+    json!({ "server_id": server_id, "metrics": metrics }).to_string()
+}
