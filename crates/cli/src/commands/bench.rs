@@ -36,7 +36,7 @@ fn build_body(server_id: &str, index: usize, batch: usize, series: usize, base_m
         let s = (index * batch + j) % series;
         let ts = base_ms + ((index * batch + j) / series) as i64;
         let (name, kind) = match s % 5 {
-            0 | 1 | 2 => ("response_time", "histogram"),
+            0..=2 => ("response_time", "histogram"),
             3 => ("requests", "counter"),
             _ => ("active_sessions", "gauge"),
         };

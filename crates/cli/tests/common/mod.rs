@@ -40,9 +40,11 @@ impl TestService {
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestService {
         mcp_metrics_server::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::default();
-        config.database = format!("sqlite://{}", dir.path().join("test.db").display());
-        config.admin_token = Some(ADMIN_TOKEN.into());
+        let mut config = Config {
+            database: format!("sqlite://{}", dir.path().join("test.db").display()),
+            admin_token: Some(ADMIN_TOKEN.into()),
+            ..Config::default()
+        };
         // Tests survive a process crash, not a power cut: skip the fsync cost.
         config.sqlite.synchronous = mcp_metrics_server::config::Synchronous::Normal;
         adjust(&mut config);

@@ -426,7 +426,7 @@ fn read_samples_blocking(conn: &Connection, q: &SampleQuery) -> rusqlite::Result
             rows.push(row?);
         }
     }
-    rows.sort_by(|a, b| (a.timestamp, a.series_id, a.seq).cmp(&(b.timestamp, b.series_id, b.seq)));
+    rows.sort_by_key(|r| (r.timestamp, r.series_id, r.seq));
     rows.truncate(q.limit);
     Ok(rows)
 }
