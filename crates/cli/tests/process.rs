@@ -16,12 +16,22 @@ use serde_json::{Value, json};
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-metrics");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn spawn_serve(db: &str, port: u16) -> Child {
     Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database", db])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database",
+            db,
+        ])
         .env("MCP_METRICS_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -48,7 +58,13 @@ struct Key {
 }
 
 async fn register(client: &reqwest::Client, base: &str, id: &str) -> Key {
-    let r = client.post(format!("{base}/api/v1/admin/servers")).bearer_auth(ADMIN_TOKEN).json(&json!({"id": id})).send().await.unwrap();
+    let r = client
+        .post(format!("{base}/api/v1/admin/servers"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"id": id}))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success());
     let key: Value = client
         .post(format!("{base}/api/v1/admin/servers/{id}/keys"))
@@ -59,12 +75,21 @@ async fn register(client: &reqwest::Client, base: &str, id: &str) -> Key {
         .json()
         .await
         .unwrap();
-    Key { api_key: key["api_key"].as_str().unwrap().into(), secret: key["signing_secret"].as_str().unwrap().into() }
+    Key {
+        api_key: key["api_key"].as_str().unwrap().into(),
+        secret: key["signing_secret"].as_str().unwrap().into(),
+    }
 }
 
 /// Sends batches from several tasks until `stop`, returning the values of every sample
 /// the service acknowledged.
-async fn load_until(client: reqwest::Client, base: String, key: Arc<Key>, stop: Arc<AtomicBool>, worker: u64) -> Vec<i64> {
+async fn load_until(
+    client: reqwest::Client,
+    base: String,
+    key: Arc<Key>,
+    stop: Arc<AtomicBool>,
+    worker: u64,
+) -> Vec<i64> {
     let mut acked = Vec::new();
     let mut n = 0i64;
     while !stop.load(Ordering::Relaxed) {
@@ -98,7 +123,9 @@ async fn all_values(client: &reqwest::Client, base: &str, key: &Key) -> Vec<i64>
     let mut cursor = String::new();
     loop {
         let page: Value = client
-            .get(format!("{base}/api/v1/servers/durable/samples?limit=10000{cursor}"))
+            .get(format!(
+                "{base}/api/v1/servers/durable/samples?limit=10000{cursor}"
+            ))
             .header("x-api-key", &key.api_key)
             .send()
             .await
@@ -106,7 +133,13 @@ async fn all_values(client: &reqwest::Client, base: &str, key: &Key) -> Vec<i64>
             .json()
             .await
             .unwrap();
-        values.extend(page["samples"].as_array().unwrap().iter().map(|s| s["value"].as_f64().unwrap() as i64));
+        values.extend(
+            page["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["value"].as_f64().unwrap() as i64),
+        );
         match page["next"].as_str() {
             Some(next) => cursor = format!("&cursor={next}"),
             None => break,
@@ -124,7 +157,15 @@ async fn run_load_then(
 ) -> Vec<i64> {
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..4)
-        .map(|w| tokio::spawn(load_until(client.clone(), base.to_owned(), key.clone(), stop.clone(), w)))
+        .map(|w| {
+            tokio::spawn(load_until(
+                client.clone(),
+                base.to_owned(),
+                key.clone(),
+                stop.clone(),
+                w,
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     interrupt();
@@ -144,7 +185,10 @@ async fn acknowledged_samples_survive_kill_9() {
     let db = format!("sqlite://{}", dir.path().join("durable.db").display());
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let mut child = spawn_serve(&db, port);
     wait_ready(&client, &base).await;
     let key = Arc::new(register(&client, &base, "durable").await);
@@ -154,14 +198,23 @@ async fn acknowledged_samples_survive_kill_9() {
     })
     .await;
     let _ = child.wait();
-    assert!(acked.len() >= 1000, "the load produced only {} acknowledged samples", acked.len());
+    assert!(
+        acked.len() >= 1000,
+        "the load produced only {} acknowledged samples",
+        acked.len()
+    );
 
     let mut child = spawn_serve(&db, port);
     wait_ready(&client, &base).await;
     let stored = all_values(&client, &base, &key).await;
     let stored_set: std::collections::HashSet<i64> = stored.iter().copied().collect();
     let lost: Vec<&i64> = acked.iter().filter(|v| !stored_set.contains(v)).collect();
-    assert!(lost.is_empty(), "{} acknowledged samples lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged samples lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
     child.kill().unwrap();
     let _ = child.wait();
 }
@@ -173,7 +226,10 @@ async fn sigterm_drains_queued_writes_and_exits_cleanly() {
     let db = format!("sqlite://{}", dir.path().join("drain.db").display());
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let mut child = spawn_serve(&db, port);
     wait_ready(&client, &base).await;
     let key = Arc::new(register(&client, &base, "durable").await);
@@ -190,14 +246,26 @@ async fn sigterm_drains_queued_writes_and_exits_cleanly() {
     let mut child = spawn_serve(&db, port);
     wait_ready(&client, &base).await;
     let stored = all_values(&client, &base, &key).await;
-    assert_eq!(stored, acked, "every acknowledged sample, and only those, is stored");
+    assert_eq!(
+        stored, acked,
+        "every acknowledged sample, and only those, is stored"
+    );
     child.kill().unwrap();
     let _ = child.wait();
 }
 
 fn cli(args: &[&str], db: &str, env: &[(&str, &str)]) -> (bool, String, String) {
-    let output = Command::new(BIN).args(args).args(["--database", db]).envs(env.iter().copied()).output().unwrap();
-    (output.status.success(), String::from_utf8_lossy(&output.stdout).into(), String::from_utf8_lossy(&output.stderr).into())
+    let output = Command::new(BIN)
+        .args(args)
+        .args(["--database", db])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
 }
 
 #[tokio::test]
@@ -209,7 +277,11 @@ async fn cli_round_trip_servers_keys_push_read_back() {
     let (ok, out, err) = cli(&["migrate"], &db, &[]);
     assert!(ok, "{err}");
     assert!(out.contains("schema version"), "{out}");
-    let (ok, out, err) = cli(&["servers", "add", "acme-search", "--name", "Acme Search"], &db, &[]);
+    let (ok, out, err) = cli(
+        &["servers", "add", "acme-search", "--name", "Acme Search"],
+        &db,
+        &[],
+    );
     assert!(ok, "{err}");
     assert!(out.contains("Registered server acme-search"));
     let (ok, _, err) = cli(&["servers", "add", "acme-search"], &db, &[]);
@@ -217,17 +289,30 @@ async fn cli_round_trip_servers_keys_push_read_back() {
     let (ok, _, err) = cli(&["servers", "add", "Bad Id"], &db, &[]);
     assert!(!ok && err.contains("server ids match"), "{err}");
     let (ok, out, _) = cli(&["servers", "list"], &db, &[]);
-    assert!(ok && out.contains("acme-search") && out.contains("Acme Search"), "{out}");
-    let (ok, out, err) = cli(&["keys", "issue", "--server", "acme-search", "--json"], &db, &[]);
+    assert!(
+        ok && out.contains("acme-search") && out.contains("Acme Search"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(
+        &["keys", "issue", "--server", "acme-search", "--json"],
+        &db,
+        &[],
+    );
     assert!(ok, "{err}");
     let issued: Value = serde_json::from_str(&out).unwrap();
-    let (api_key, secret) = (issued["api_key"].as_str().unwrap(), issued["signing_secret"].as_str().unwrap());
+    let (api_key, secret) = (
+        issued["api_key"].as_str().unwrap(),
+        issued["signing_secret"].as_str().unwrap(),
+    );
     // The master key file was created beside the database, readable by the owner only.
     let key_file = dir.path().join("cli.db.master-key");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     let port = free_port();
@@ -238,14 +323,31 @@ async fn cli_round_trip_servers_keys_push_read_back() {
 
     let ts = (now_ms() - 5_000).to_string();
     let output = Command::new(BIN)
-        .args(["push", "--server", "acme-search", "--url", &base, "--type", "histogram", "--timestamp", &ts])
-        .args(["response_time=120.5,tool=search", "response_time=80,tool=fetch"])
+        .args([
+            "push",
+            "--server",
+            "acme-search",
+            "--url",
+            &base,
+            "--type",
+            "histogram",
+            "--timestamp",
+            &ts,
+        ])
+        .args([
+            "response_time=120.5,tool=search",
+            "response_time=80,tool=fetch",
+        ])
         .env("MCP_METRICS_API_KEY", api_key)
         .env("MCP_METRICS_SIGNING_SECRET", secret)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("accepted 2 of 2"), "{stdout}");
 
     let page: Value = client
@@ -268,19 +370,43 @@ async fn cli_round_trip_servers_keys_push_read_back() {
 
     // A wrong secret is refused with the service's explanation.
     let output = Command::new(BIN)
-        .args(["push", "--server", "acme-search", "--url", &base, "--key", api_key, "--secret", "wrong", "x=1"])
+        .args([
+            "push",
+            "--server",
+            "acme-search",
+            "--url",
+            &base,
+            "--key",
+            api_key,
+            "--secret",
+            "wrong",
+            "x=1",
+        ])
         .output()
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("invalid_signature"));
 
     let (ok, out, _) = cli(&["keys", "list", "--server", "acme-search"], &db, &[]);
-    assert!(ok && out.contains(issued["key_id"].as_str().unwrap()), "{out}");
+    assert!(
+        ok && out.contains(issued["key_id"].as_str().unwrap()),
+        "{out}"
+    );
     assert!(!out.contains(api_key) && !out.contains(secret));
     child.kill().unwrap();
     let _ = child.wait();
 
-    let (ok, out, _) = cli(&["keys", "revoke", "--server", "acme-search", issued["key_id"].as_str().unwrap()], &db, &[]);
+    let (ok, out, _) = cli(
+        &[
+            "keys",
+            "revoke",
+            "--server",
+            "acme-search",
+            issued["key_id"].as_str().unwrap(),
+        ],
+        &db,
+        &[],
+    );
     assert!(ok, "{out}");
     let (ok, _, err) = cli(&["servers", "remove", "nope"], &db, &[]);
     assert!(!ok && err.contains("no server"));

@@ -51,14 +51,18 @@ CREATE TABLE series (
 
 -- Raw samples (the seed's table name). Gauges and counters always have seq 0, so a
 -- second write at the same (series, ts) replaces the value; histogram observations
--- that share a millisecond take seq 1, 2, ... SQLite stores the constant 0 in no bytes
--- and integral REAL values as small integers, which keeps a row near 20 bytes.
+-- that share a millisecond take seq 1, 2, ... SQLite stores the constant 0 in no bytes.
+-- value has no declared type so it keeps the storage class it is given: a tagged
+-- integer for whole numbers and thousandths, a REAL otherwise (see value_codec.rs).
+-- Time leads the key: samples arrive roughly in time order, so inserts append to the
+-- right edge of the B-tree (full pages, few dirty pages per commit), retention deletes
+-- a prefix, and rollups read a time range of every series in one scan.
 CREATE TABLE server_metrics (
-    series_id INTEGER NOT NULL,
     ts        INTEGER NOT NULL,
+    series_id INTEGER NOT NULL,
     seq       INTEGER NOT NULL,
-    value     REAL NOT NULL,
-    PRIMARY KEY (series_id, ts, seq)
+    value     NOT NULL,
+    PRIMARY KEY (ts, series_id, seq)
 ) WITHOUT ROWID;
 
 CREATE TABLE server_events (

@@ -6,6 +6,7 @@
 //! commit: many requests share one transaction and one fsync.
 
 mod migrations;
+mod value_codec;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -286,6 +287,8 @@ fn write_batch_blocking(
     let now = batch.now;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.requests.len());
+    let mut rows: Vec<(i64, i64, Kind, f64)> =
+        Vec::with_capacity(batch.requests.iter().map(|r| r.samples.len()).sum());
     {
         // A guard row that exists and has not expired makes the upsert a no-op, so
         // `execute` reporting 0 changed rows means "seen inside the window".
@@ -308,11 +311,11 @@ fn write_batch_blocking(
         )?;
         let mut upsert_value = tx.prepare_cached(
             "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
-             ON CONFLICT (series_id, ts, seq) DO UPDATE SET value = excluded.value",
+             ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value",
         )?;
         let mut insert_observation = tx.prepare_cached(
             "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
-             ON CONFLICT (series_id, ts, seq) DO NOTHING",
+             ON CONFLICT (ts, series_id, seq) DO NOTHING",
         )?;
         let mut insert_next_observation = tx.prepare_cached(
             "INSERT INTO server_metrics (series_id, ts, seq, value)
@@ -364,30 +367,28 @@ fn write_batch_blocking(
                     kind: Kind::from_i64(kind).unwrap_or(new.kind),
                 });
             }
-            for sample in &request.samples {
+            rows.extend(request.samples.iter().map(|sample| {
                 let series_id = match sample.series {
                     SeriesRef::Known(id) => id,
                     SeriesRef::New(i) => series[i as usize].id,
                 };
-                if sample.kind == Kind::Histogram {
-                    if insert_observation.execute(params![
-                        series_id,
-                        sample.timestamp,
-                        sample.value
-                    ])? == 0
-                    {
-                        insert_next_observation.execute(params![
-                            series_id,
-                            sample.timestamp,
-                            sample.value
-                        ])?;
-                    }
-                } else {
-                    upsert_value.execute(params![series_id, sample.timestamp, sample.value])?;
-                }
-            }
+                (series_id, sample.timestamp, sample.kind, sample.value)
+            }));
             touch_credential.execute(params![request.key_id, now])?;
             outcomes.push(RequestOutcome::Stored { series });
+        }
+        // Inserting in key order walks the B-tree once instead of jumping around it. The sort is stable, so for one (series, ts)
+        // the later write still wins and observations keep their arrival order.
+        rows.sort_by_key(|&(series_id, ts, _, _)| (ts, series_id));
+        for (series_id, ts, kind, value) in rows {
+            if kind == Kind::Histogram {
+                let value = value_codec::encode(value);
+                if insert_observation.execute(params![series_id, ts, value])? == 0 {
+                    insert_next_observation.execute(params![series_id, ts, value])?;
+                }
+            } else {
+                upsert_value.execute(params![series_id, ts, value_codec::encode(value)])?;
+            }
         }
     }
     tx.commit()?;
@@ -395,40 +396,36 @@ fn write_batch_blocking(
 }
 
 fn read_samples_blocking(conn: &Connection, q: &SampleQuery) -> rusqlite::Result<Vec<RawSample>> {
-    // Each series is a range scan of the primary key; the per-series pages are merged
-    // into (timestamp, series, seq) order. A cursor (T, S, Q) continues after that row:
-    // series before S resume after T, series after S resume at T, S itself after (T, Q).
+    // The key is (ts, series_id, seq), so this is one range scan in the answer's order;
+    // rows of other series in the range are skipped by the IN filter.
+    let (after_ts, after_series, after_seq) = q.after.unwrap_or((i64::MIN, i64::MIN, i64::MIN));
+    let ids = serde_json::to_string(&q.series_ids).unwrap_or_else(|_| "[]".into());
     let mut stmt = conn.prepare_cached(
-        "SELECT ts, seq, value FROM server_metrics
-         WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3 AND (ts, seq) > (?4, ?5)
-         ORDER BY ts, seq LIMIT ?6",
+        "SELECT ts, series_id, seq, value FROM server_metrics
+         WHERE ts >= ?1 AND ts < ?2 AND (ts, series_id, seq) > (?3, ?4, ?5)
+           AND series_id IN (SELECT value FROM json_each(?6))
+         ORDER BY ts, series_id, seq LIMIT ?7",
     )?;
-    let mut rows = Vec::new();
-    for &series_id in &q.series_ids {
-        let (after_ts, after_seq) = match q.after {
-            None => (i64::MIN, i64::MIN),
-            Some((t, s, _)) if series_id < s => (t, i64::MAX),
-            Some((t, s, _)) if series_id > s => (t, -1),
-            Some((t, _, seq)) => (t, seq),
-        };
-        let found = stmt.query_map(
-            params![series_id, q.from, q.to, after_ts, after_seq, q.limit as i64],
-            |r| {
-                Ok(RawSample {
-                    series_id,
-                    timestamp: r.get(0)?,
-                    seq: r.get(1)?,
-                    value: r.get(2)?,
-                })
-            },
-        )?;
-        for row in found {
-            rows.push(row?);
-        }
-    }
-    rows.sort_by_key(|r| (r.timestamp, r.series_id, r.seq));
-    rows.truncate(q.limit);
-    Ok(rows)
+    let rows = stmt.query_map(
+        params![
+            q.from,
+            q.to,
+            after_ts,
+            after_series,
+            after_seq,
+            ids,
+            q.limit as i64
+        ],
+        |r| {
+            Ok(RawSample {
+                timestamp: r.get(0)?,
+                series_id: r.get(1)?,
+                seq: r.get(2)?,
+                value: value_codec::decode(r.get_ref(3)?),
+            })
+        },
+    )?;
+    rows.collect()
 }
 
 #[async_trait]

@@ -1,0 +1,93 @@
+//! Compact, exact storage of sample values.
+//!
+//! Most metric values are integers (counts) or short decimals (milliseconds like
+//! 123.45). An f64 costs 8 bytes in a SQLite record, while SQLite stores integers in 1
+//! to 8 bytes by magnitude. So a value that is exactly an integer, or exactly a number
+//! of thousandths, is stored as an integer with a tag bit: `2k` for the integer `k`,
+//! `2m + 1` for `m / 1000`. Everything else (and -0.0) is stored as a REAL. Decoding is
+//! exact: a value is only stored as an integer when the round trip gives the same bits.
+
+use rusqlite::types::{Value, ValueRef};
+
+/// Largest magnitude stored as a tagged integer (the doubled value stays below 2^53).
+const LIMIT: f64 = (1u64 << 52) as f64;
+
+pub fn encode(v: f64) -> Value {
+    if v.abs() < LIMIT && v.fract() == 0.0 && !(v == 0.0 && v.is_sign_negative()) {
+        return Value::Integer((v as i64) * 2);
+    }
+    let milli = v * 1000.0;
+    if milli.abs() < LIMIT && milli.fract() == 0.0 {
+        let m = milli as i64;
+        if ((m as f64) / 1000.0).to_bits() == v.to_bits() {
+            return Value::Integer(m * 2 + 1);
+        }
+    }
+    Value::Real(v)
+}
+
+pub fn decode(stored: ValueRef<'_>) -> f64 {
+    match stored {
+        ValueRef::Integer(n) if n & 1 == 0 => (n >> 1) as f64,
+        ValueRef::Integer(n) => ((n - 1) >> 1) as f64 / 1000.0,
+        ValueRef::Real(v) => v,
+        _ => f64::NAN,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(v: f64) -> f64 {
+        let encoded = encode(v);
+        let r = match &encoded {
+            Value::Integer(n) => ValueRef::Integer(*n),
+            Value::Real(f) => ValueRef::Real(*f),
+            _ => unreachable!(),
+        };
+        decode(r)
+    }
+
+    #[test]
+    fn common_values_become_small_integers() {
+        assert_eq!(encode(120.0), Value::Integer(240));
+        assert_eq!(encode(-3.0), Value::Integer(-6));
+        assert_eq!(encode(123.45), Value::Integer(246_901));
+        assert_eq!(encode(0.001), Value::Integer(3));
+        assert_eq!(encode(-0.5), Value::Integer(-999));
+        assert!(matches!(encode(0.1234), Value::Real(_)));
+        assert!(matches!(encode(-0.0), Value::Real(_)));
+        assert!(matches!(encode(1e300), Value::Real(_)));
+        for v in [
+            120.0,
+            -3.0,
+            123.45,
+            0.001,
+            -0.5,
+            0.1234,
+            -0.0,
+            1e300,
+            4503599627370495.0,
+            -0.001,
+            0.1,
+            0.7,
+        ] {
+            assert_eq!(round_trip(v).to_bits(), v.to_bits(), "{v}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_finite_value_round_trips_exactly(v in proptest::num::f64::NORMAL | proptest::num::f64::SUBNORMAL | proptest::num::f64::ZERO) {
+            prop_assert_eq!(round_trip(v).to_bits(), v.to_bits());
+        }
+
+        #[test]
+        fn decimals_round_trip_exactly(m in -1_000_000_000_000i64..1_000_000_000_000) {
+            let v = m as f64 / 1000.0;
+            prop_assert_eq!(round_trip(v).to_bits(), v.to_bits());
+        }
+    }
+}
