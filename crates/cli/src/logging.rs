@@ -1,6 +1,8 @@
 //! Log set-up: structured lines on stderr, filtered by `RUST_LOG` (default `info` for
 //! the service, `warn` for one-shot commands), as text or JSON.
 
+use std::io::IsTerminal;
+
 use mcp_metrics_server::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 

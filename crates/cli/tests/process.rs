@@ -315,6 +315,13 @@ async fn cli_round_trip_servers_keys_push_read_back() {
         );
     }
 
+    // Rotating the master key re-seals the secret: the file changes, the secret still works.
+    let before = std::fs::read_to_string(&key_file).unwrap();
+    let (ok, out, err) = cli(&["keys", "rotate-master"], &db, &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Re-sealed 1 signing secrets"), "{out}");
+    assert_ne!(std::fs::read_to_string(&key_file).unwrap(), before);
+
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
