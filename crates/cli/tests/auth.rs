@@ -31,10 +31,7 @@ async fn assert_refused(
         (status, Some(code)),
         "{answer}"
     );
-    assert_eq!(
-        headers.get("content-type").unwrap(),
-        "application/problem+json"
-    );
+    assert_eq!(headers.get("content-type").unwrap(), "application/problem+json");
     // Internal details never leak.
     assert!(!answer.to_string().to_lowercase().contains("sqlite"));
 }
@@ -54,24 +51,8 @@ async fn each_auth_failure_has_its_status_and_code_and_stores_nothing() {
     let mac = compute(a.secret.as_bytes(), now, body.as_bytes());
 
     assert_refused(&svc, None, Some(&good), &body, 401, "missing_key").await;
-    assert_refused(
-        &svc,
-        Some("mcpm_ak_nope"),
-        Some(&good),
-        &body,
-        401,
-        "unknown_key",
-    )
-    .await;
-    assert_refused(
-        &svc,
-        Some(&a.api_key),
-        None,
-        &body,
-        401,
-        "invalid_signature",
-    )
-    .await;
+    assert_refused(&svc, Some("mcpm_ak_nope"), Some(&good), &body, 401, "unknown_key").await;
+    assert_refused(&svc, Some(&a.api_key), None, &body, 401, "invalid_signature").await;
     assert_refused(
         &svc,
         Some(&a.api_key),
@@ -108,15 +89,7 @@ async fn each_auth_failure_has_its_status_and_code_and_stores_nothing() {
         "invalid_signature",
     )
     .await;
-    assert_refused(
-        &svc,
-        Some(&a.api_key),
-        Some("garbage"),
-        &body,
-        401,
-        "invalid_signature",
-    )
-    .await;
+    assert_refused(&svc, Some(&a.api_key), Some("garbage"), &body, 401, "invalid_signature").await;
     // A signature over another body.
     let other = body_for("server-a").replace("\"value\":1", "\"value\":2");
     assert_refused(
@@ -175,15 +148,7 @@ async fn each_auth_failure_has_its_status_and_code_and_stores_nothing() {
         .push_raw(Some(&a.api_key), Some(&good), "application/json", &body)
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_refused(
-        &svc,
-        Some(&a.api_key),
-        Some(&good),
-        &body,
-        409,
-        "replayed_request",
-    )
-    .await;
+    assert_refused(&svc, Some(&a.api_key), Some(&good), &body, 409, "replayed_request").await;
     assert_eq!(stored(&svc, &a).await, 1);
 
     let text = svc.metrics_text().await;
@@ -191,9 +156,7 @@ async fn each_auth_failure_has_its_status_and_code_and_stores_nothing() {
         text.contains("mcp_metrics_ingest_requests_rejected_total{code=\"invalid_signature\"} 8\n"),
         "{text}"
     );
-    assert!(
-        text.contains("mcp_metrics_ingest_requests_rejected_total{code=\"replayed_request\"} 1\n")
-    );
+    assert!(text.contains("mcp_metrics_ingest_requests_rejected_total{code=\"replayed_request\"} 1\n"));
     svc.stop().await;
 }
 
@@ -212,10 +175,7 @@ async fn revoked_key_is_refused_and_rotation_keeps_other_keys_working() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let body = body_for("s1");
     let (status, _, answer) = svc.push(&first, &body).await;
-    assert_eq!(
-        (status.as_u16(), answer["code"].as_str()),
-        (401, Some("revoked_key"))
-    );
+    assert_eq!((status.as_u16(), answer["code"].as_str()), (401, Some("revoked_key")));
     let (status, _, _) = svc.push(&second, &body).await;
     assert_eq!(status, StatusCode::OK);
     // Rotation and revocation are on the server's timeline.
@@ -243,12 +203,7 @@ async fn several_v1_entries_allow_secret_rotation() {
         compute(cred.secret.as_bytes(), now, body.as_bytes())
     );
     let (status, _, _) = svc
-        .push_raw(
-            Some(&cred.api_key),
-            Some(&header),
-            "application/json",
-            &body,
-        )
+        .push_raw(Some(&cred.api_key), Some(&header), "application/json", &body)
         .await;
     assert_eq!(status, StatusCode::OK);
     svc.stop().await;
@@ -271,10 +226,7 @@ async fn raw_read_requires_that_servers_key() {
         get(Some(b.api_key.clone())).await.unwrap().status(),
         StatusCode::FORBIDDEN
     );
-    assert_eq!(
-        get(Some(a.api_key.clone())).await.unwrap().status(),
-        StatusCode::OK
-    );
+    assert_eq!(get(Some(a.api_key.clone())).await.unwrap().status(), StatusCode::OK);
     svc.stop().await;
 }
 
@@ -299,24 +251,14 @@ async fn operator_api_requires_the_admin_token() {
         assert_eq!(body["code"], "unauthorized");
     }
     let (status, list) = svc.admin(Method::GET, "/api/v1/servers", None).await;
-    assert_eq!(
-        (status, list["servers"].as_array().unwrap().len()),
-        (StatusCode::OK, 0)
-    );
+    assert_eq!((status, list["servers"].as_array().unwrap().len()), (StatusCode::OK, 0));
     svc.stop().await;
 
     let off = TestService::start_with(|c| c.admin_token = None).await;
     let (status, body) = off
-        .admin(
-            Method::POST,
-            "/api/v1/admin/servers",
-            Some(json!({"id":"x"})),
-        )
+        .admin(Method::POST, "/api/v1/admin/servers", Some(json!({"id":"x"})))
         .await;
-    assert_eq!(
-        (status.as_u16(), body["code"].as_str()),
-        (404, Some("admin_disabled"))
-    );
+    assert_eq!((status.as_u16(), body["code"].as_str()), (404, Some("admin_disabled")));
     off.stop().await;
 }
 
@@ -333,19 +275,11 @@ async fn operator_manages_servers_and_keys() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["summary"]["health"], "unknown");
     let (status, _) = svc
-        .admin(
-            Method::POST,
-            "/api/v1/admin/servers",
-            Some(json!({"id":"acme"})),
-        )
+        .admin(Method::POST, "/api/v1/admin/servers", Some(json!({"id":"acme"})))
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
     let (status, _) = svc
-        .admin(
-            Method::POST,
-            "/api/v1/admin/servers",
-            Some(json!({"id":"Bad Id"})),
-        )
+        .admin(Method::POST, "/api/v1/admin/servers", Some(json!({"id":"Bad Id"})))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, body) = svc
@@ -381,9 +315,7 @@ async fn operator_manages_servers_and_keys() {
 
     let key = svc.issue_key("acme").await;
     assert!(key.api_key.starts_with("mcpm_ak_") && key.secret.starts_with("mcpm_ss_"));
-    let (status, keys) = svc
-        .admin(Method::GET, "/api/v1/admin/servers/acme/keys", None)
-        .await;
+    let (status, keys) = svc.admin(Method::GET, "/api/v1/admin/servers/acme/keys", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(keys["keys"][0]["key_id"], key.key_id.as_str());
     assert!(!keys.to_string().contains(&key.api_key) && !keys.to_string().contains(&key.secret));
@@ -395,13 +327,9 @@ async fn operator_manages_servers_and_keys() {
     let contains = |needle: &str| wal.windows(needle.len()).any(|w| w == needle.as_bytes());
     assert!(!contains(&key.api_key) && !contains(&key.secret));
 
-    let (status, _) = svc
-        .admin(Method::DELETE, "/api/v1/admin/servers/acme", None)
-        .await;
+    let (status, _) = svc.admin(Method::DELETE, "/api/v1/admin/servers/acme", None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = svc
-        .admin(Method::DELETE, "/api/v1/admin/servers/acme", None)
-        .await;
+    let (status, _) = svc.admin(Method::DELETE, "/api/v1/admin/servers/acme", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     svc.stop().await;
 }
@@ -451,5 +379,76 @@ async fn operations_endpoints() {
         missing.headers().get("content-type").unwrap(),
         "application/problem+json"
     );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_operator_requests_get_problem_documents_after_the_token_check() {
+    let svc = TestService::start().await;
+    let post = |token: Option<&'static str>, content_type: &'static str, body: &'static str| {
+        let mut r = svc
+            .client
+            .post(svc.url("/api/v1/admin/servers"))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    // Without the token the body is never looked at.
+    let r = post(None, "text/plain", "nonsense").await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers().get("www-authenticate").unwrap(), "Bearer");
+    for (content_type, body, status, code) in [
+        ("application/json", "{not json", 400, "invalid_payload"),
+        (
+            "application/json",
+            r#"{"id":"x","colour":"red"}"#,
+            400,
+            "invalid_payload",
+        ),
+        ("text/plain", r#"{"id":"x"}"#, 415, "unsupported_media_type"),
+    ] {
+        let r = post(Some(ADMIN_TOKEN), content_type, body).await.unwrap();
+        assert_eq!(r.status().as_u16(), status);
+        assert_eq!(r.headers().get("content-type").unwrap(), "application/problem+json");
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!(problem["code"], code);
+    }
+    let r = svc
+        .client
+        .get(svc.url("/api/v1/servers?limit=many"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.headers().get("content-type").unwrap(), "application/problem+json");
+    let r = svc.client.put(svc.url("/api/v1/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers().get("content-type").unwrap(), "application/problem+json");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn revoking_twice_is_harmless_and_recorded_once() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("s1").await;
+    let path = format!("/api/v1/admin/servers/s1/keys/{}", cred.key_id);
+    assert_eq!(svc.admin(Method::DELETE, &path, None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(svc.admin(Method::DELETE, &path, None).await.0, StatusCode::NO_CONTENT);
+    let (status, _) = svc
+        .admin(Method::DELETE, "/api/v1/admin/servers/s1/keys/key_nope", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let revoked: i64 = rusqlite::Connection::open(svc.db_path())
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM server_events WHERE kind = 'key_revoked'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(revoked, 1);
     svc.stop().await;
 }

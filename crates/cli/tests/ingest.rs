@@ -54,25 +54,14 @@ async fn retried_body_is_stored_once_even_when_resigned() {
         json!([{"name":"response_time","value":5,"type":"histogram","timestamp":t}]),
     );
     let (status, headers, answer) = svc.push(&cred, &body).await;
-    assert_eq!(
-        (status, answer["accepted"].as_u64()),
-        (StatusCode::OK, Some(1))
-    );
+    assert_eq!((status, answer["accepted"].as_u64()), (StatusCode::OK, Some(1)));
     assert!(headers.get("idempotent-replayed").is_none());
     // Same body, new signature (different t): acknowledged, not stored again.
     let signature = sign(cred.secret.as_bytes(), now_ms() / 1000 - 7, body.as_bytes());
     let (status, headers, answer) = svc
-        .push_raw(
-            Some(&cred.api_key),
-            Some(&signature),
-            "application/json",
-            &body,
-        )
+        .push_raw(Some(&cred.api_key), Some(&signature), "application/json", &body)
         .await;
-    assert_eq!(
-        (status, answer["accepted"].as_u64()),
-        (StatusCode::OK, Some(1))
-    );
+    assert_eq!((status, answer["accepted"].as_u64()), (StatusCode::OK, Some(1)));
     assert_eq!(headers.get("idempotent-replayed").unwrap(), "true");
     assert_eq!(svc.samples(&cred, "").await.len(), 1);
     assert!(
@@ -118,10 +107,7 @@ async fn gauge_rewritten_at_same_timestamp_keeps_last_value() {
     let cred = svc.server_with_key("s1").await;
     let t = now_ms() - 1000;
     for value in [1.0, 2.0, 3.0] {
-        let body = batch(
-            "s1",
-            json!([{"name":"active_sessions","value":value,"timestamp":t}]),
-        );
+        let body = batch("s1", json!([{"name":"active_sessions","value":value,"timestamp":t}]));
         assert_eq!(svc.push(&cred, &body).await.0, StatusCode::OK);
     }
     // Also inside one request: the later sample wins.
@@ -133,17 +119,9 @@ async fn gauge_rewritten_at_same_timestamp_keeps_last_value() {
     let samples = svc.samples(&cred, "").await;
     let pairs: Vec<(String, f64)> = samples
         .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_owned(),
-                s["value"].as_f64().unwrap(),
-            )
-        })
+        .map(|s| (s["name"].as_str().unwrap().to_owned(), s["value"].as_f64().unwrap()))
         .collect();
-    assert_eq!(
-        pairs,
-        vec![("active_sessions".into(), 3.0), ("requests".into(), 9.0)]
-    );
+    assert_eq!(pairs, vec![("active_sessions".into(), 3.0), ("requests".into(), 9.0)]);
     svc.stop().await;
 }
 
@@ -152,8 +130,7 @@ async fn per_sample_rejections_are_reported_by_index_and_the_rest_is_stored() {
     let svc = TestService::start().await;
     let cred = svc.server_with_key("s1").await;
     let now = now_ms();
-    let tags: serde_json::Map<String, Value> =
-        (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let tags: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
     let body = batch(
         "s1",
         json!([
@@ -215,10 +192,7 @@ async fn expect_problem(
     assert_eq!(body["code"], code, "{body}");
     assert_eq!(body["status"], status);
     assert!(body["title"].is_string() && body["detail"].is_string() && body["type"].is_string());
-    assert_eq!(
-        headers.get("content-type").unwrap(),
-        "application/problem+json"
-    );
+    assert_eq!(headers.get("content-type").unwrap(), "application/problem+json");
     let _ = svc;
 }
 
@@ -233,19 +207,11 @@ async fn whole_request_errors_are_problem_documents_and_store_nothing() {
     let cred = svc.server_with_key("s1").await;
     let sig = |body: &str| sign(cred.secret.as_bytes(), now_ms() / 1000, body.as_bytes());
 
-    let big = batch(
-        "s1",
-        json!([{"name":"x","value":1,"tags":{"pad":"p".repeat(5000)}}]),
-    );
+    let big = batch("s1", json!([{"name":"x","value":1,"tags":{"pad":"p".repeat(5000)}}]));
     expect_problem(
         &svc,
-        svc.push_raw(
-            Some(&cred.api_key),
-            Some(&sig(&big)),
-            "application/json",
-            &big,
-        )
-        .await,
+        svc.push_raw(Some(&cred.api_key), Some(&sig(&big)), "application/json", &big)
+            .await,
         413,
         "payload_too_large",
     )
@@ -257,13 +223,8 @@ async fn whole_request_errors_are_problem_documents_and_store_nothing() {
     );
     expect_problem(
         &svc,
-        svc.push_raw(
-            Some(&cred.api_key),
-            Some(&sig(&six)),
-            "application/json",
-            &six,
-        )
-        .await,
+        svc.push_raw(Some(&cred.api_key), Some(&sig(&six)), "application/json", &six)
+            .await,
         413,
         "too_many_samples",
     )
@@ -272,13 +233,8 @@ async fn whole_request_errors_are_problem_documents_and_store_nothing() {
     let broken = "{\"server_id\":\"s1\",\"metrics\":[";
     expect_problem(
         &svc,
-        svc.push_raw(
-            Some(&cred.api_key),
-            Some(&sig(broken)),
-            "application/json",
-            broken,
-        )
-        .await,
+        svc.push_raw(Some(&cred.api_key), Some(&sig(broken)), "application/json", broken)
+            .await,
         400,
         "invalid_payload",
     )
@@ -287,13 +243,8 @@ async fn whole_request_errors_are_problem_documents_and_store_nothing() {
     let shape = r#"{"server_id":"s1","metrics":{"name":"x"}}"#;
     expect_problem(
         &svc,
-        svc.push_raw(
-            Some(&cred.api_key),
-            Some(&sig(shape)),
-            "application/json",
-            shape,
-        )
-        .await,
+        svc.push_raw(Some(&cred.api_key), Some(&sig(shape)), "application/json", shape)
+            .await,
         400,
         "invalid_payload",
     )
@@ -332,9 +283,7 @@ async fn alias_route_and_events_accept_signed_writes() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(svc.samples(&cred, "").await.len(), 1);
 
-    let event =
-        json!({"server_id":"s1","kind":"deploy","title":"v1.2.0","at":"2026-01-02T03:04:05Z"})
-            .to_string();
+    let event = json!({"server_id":"s1","kind":"deploy","title":"v1.2.0","at":"2026-01-02T03:04:05Z"}).to_string();
     let signature = sign(cred.secret.as_bytes(), now_ms() / 1000, event.as_bytes());
     let post = || {
         svc.client
@@ -349,13 +298,25 @@ async fn alias_route_and_events_accept_signed_writes() {
     assert_eq!(response.status(), StatusCode::CREATED);
     let replay = post().await.unwrap();
     assert_eq!(replay.status(), StatusCode::CONFLICT);
+    // The same event re-signed is a retry: acknowledged, stored once.
+    let resigned = sign(cred.secret.as_bytes(), now_ms() / 1000 - 3, event.as_bytes());
+    let retry = svc
+        .client
+        .post(svc.url("/api/v1/events"))
+        .header("content-type", "application/json")
+        .header("x-api-key", &cred.api_key)
+        .header("x-signature", &resigned)
+        .body(event.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert_eq!(retry.headers().get("idempotent-replayed").unwrap(), "true");
     let rows: i64 = rusqlite::Connection::open(svc.db_path())
         .unwrap()
-        .query_row(
-            "SELECT count(*) FROM server_events WHERE kind = 'deploy'",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT count(*) FROM server_events WHERE kind = 'deploy'", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert_eq!(rows, 1);
     svc.stop().await;
@@ -383,11 +344,7 @@ async fn full_queue_answers_503_with_retry_after() {
     let first = {
         let svc_client = svc.client.clone();
         let url = svc.url("/api/v1/metrics");
-        let signature = sign(
-            cred.secret.as_bytes(),
-            now_ms() / 1000,
-            first_body.as_bytes(),
-        );
+        let signature = sign(cred.secret.as_bytes(), now_ms() / 1000, first_body.as_bytes());
         let key = cred.api_key.clone();
         tokio::spawn(async move {
             svc_client
@@ -430,13 +387,9 @@ async fn raw_read_pages_without_gaps_or_repeats() {
     // Three series, shared timestamps, several observations per millisecond.
     let mut metrics = Vec::new();
     for i in 0..50 {
-        metrics.push(
-            json!({"name":"response_time","type":"histogram","value":i,"timestamp":t + i / 5}),
-        );
+        metrics.push(json!({"name":"response_time","type":"histogram","value":i,"timestamp":t + i / 5}));
         metrics.push(json!({"name":"requests","type":"counter","value":i,"timestamp":t + i}));
-        metrics.push(
-            json!({"name":"active_sessions","value":i,"timestamp":t + i,"tags":{"zone":"a"}}),
-        );
+        metrics.push(json!({"name":"active_sessions","value":i,"timestamp":t + i,"tags":{"zone":"a"}}));
     }
     let (status, _, answer) = svc.push(&cred, &batch("s1", Value::Array(metrics))).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
@@ -444,10 +397,7 @@ async fn raw_read_pages_without_gaps_or_repeats() {
     assert_eq!(all.len(), 150);
     let paged = svc.samples(&cred, "limit=7").await;
     assert_eq!(paged, all);
-    let timestamps: Vec<i64> = all
-        .iter()
-        .map(|s| s["timestamp"].as_i64().unwrap())
-        .collect();
+    let timestamps: Vec<i64> = all.iter().map(|s| s["timestamp"].as_i64().unwrap()).collect();
     assert!(timestamps.windows(2).all(|w| w[0] <= w[1]), "oldest first");
     // Bad parameters are 400s.
     let r = svc

@@ -25,13 +25,7 @@ fn free_port() -> u16 {
 
 fn spawn_serve(db: &str, port: u16) -> Child {
     Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--database",
-            db,
-        ])
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database", db])
         .env("MCP_METRICS_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -123,9 +117,7 @@ async fn all_values(client: &reqwest::Client, base: &str, key: &Key) -> Vec<i64>
     let mut cursor = String::new();
     loop {
         let page: Value = client
-            .get(format!(
-                "{base}/api/v1/servers/durable/samples?limit=10000{cursor}"
-            ))
+            .get(format!("{base}/api/v1/servers/durable/samples?limit=10000{cursor}"))
             .header("x-api-key", &key.api_key)
             .send()
             .await
@@ -149,12 +141,7 @@ async fn all_values(client: &reqwest::Client, base: &str, key: &Key) -> Vec<i64>
     values
 }
 
-async fn run_load_then(
-    client: &reqwest::Client,
-    base: &str,
-    key: &Arc<Key>,
-    interrupt: impl FnOnce(),
-) -> Vec<i64> {
+async fn run_load_then(client: &reqwest::Client, base: &str, key: &Arc<Key>, interrupt: impl FnOnce()) -> Vec<i64> {
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..4)
         .map(|w| {
@@ -246,10 +233,7 @@ async fn sigterm_drains_queued_writes_and_exits_cleanly() {
     let mut child = spawn_serve(&db, port);
     wait_ready(&client, &base).await;
     let stored = all_values(&client, &base, &key).await;
-    assert_eq!(
-        stored, acked,
-        "every acknowledged sample, and only those, is stored"
-    );
+    assert_eq!(stored, acked, "every acknowledged sample, and only those, is stored");
     child.kill().unwrap();
     let _ = child.wait();
 }
@@ -277,11 +261,7 @@ async fn cli_round_trip_servers_keys_push_read_back() {
     let (ok, out, err) = cli(&["migrate"], &db, &[]);
     assert!(ok, "{err}");
     assert!(out.contains("schema version"), "{out}");
-    let (ok, out, err) = cli(
-        &["servers", "add", "acme-search", "--name", "Acme Search"],
-        &db,
-        &[],
-    );
+    let (ok, out, err) = cli(&["servers", "add", "acme-search", "--name", "Acme Search"], &db, &[]);
     assert!(ok, "{err}");
     assert!(out.contains("Registered server acme-search"));
     let (ok, _, err) = cli(&["servers", "add", "acme-search"], &db, &[]);
@@ -293,11 +273,7 @@ async fn cli_round_trip_servers_keys_push_read_back() {
         ok && out.contains("acme-search") && out.contains("Acme Search"),
         "{out}"
     );
-    let (ok, out, err) = cli(
-        &["keys", "issue", "--server", "acme-search", "--json"],
-        &db,
-        &[],
-    );
+    let (ok, out, err) = cli(&["keys", "issue", "--server", "acme-search", "--json"], &db, &[]);
     assert!(ok, "{err}");
     let issued: Value = serde_json::from_str(&out).unwrap();
     let (api_key, secret) = (
@@ -341,10 +317,7 @@ async fn cli_round_trip_servers_keys_push_read_back() {
             "--timestamp",
             &ts,
         ])
-        .args([
-            "response_time=120.5,tool=search",
-            "response_time=80,tool=fetch",
-        ])
+        .args(["response_time=120.5,tool=search", "response_time=80,tool=fetch"])
         .env("MCP_METRICS_API_KEY", api_key)
         .env("MCP_METRICS_SIGNING_SECRET", secret)
         .output()
@@ -395,14 +368,28 @@ async fn cli_round_trip_servers_keys_push_read_back() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("invalid_signature"));
 
     let (ok, out, _) = cli(&["keys", "list", "--server", "acme-search"], &db, &[]);
-    assert!(
-        ok && out.contains(issued["key_id"].as_str().unwrap()),
-        "{out}"
-    );
+    assert!(ok && out.contains(issued["key_id"].as_str().unwrap()), "{out}");
     assert!(!out.contains(api_key) && !out.contains(secret));
     child.kill().unwrap();
     let _ = child.wait();
 
+    // A lost key file is never silently replaced: the sealed secrets need the old key.
+    let saved = std::fs::read_to_string(&key_file).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
+    let (ok, _, err) = cli(&["keys", "issue", "--server", "acme-search"], &db, &[]);
+    assert!(
+        !ok && err.contains("master key file") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(!key_file.exists());
+    let wrong = "ab".repeat(32);
+    let (ok, _, err) = cli(
+        &["keys", "issue", "--server", "acme-search"],
+        &db,
+        &[("MCP_METRICS_MASTER_KEY", &wrong)],
+    );
+    assert!(!ok && err.contains("does not match"), "{err}");
+    std::fs::write(&key_file, saved).unwrap();
     let (ok, out, _) = cli(
         &[
             "keys",

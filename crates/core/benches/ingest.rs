@@ -17,11 +17,7 @@ fn batch(n: usize, now: i64) -> Vec<u8> {
             )
         })
         .collect();
-    format!(
-        r#"{{"server_id":"bench","metrics":[{}]}}"#,
-        metrics.join(",")
-    )
-    .into_bytes()
+    format!(r#"{{"server_id":"bench","metrics":[{}]}}"#, metrics.join(",")).into_bytes()
 }
 
 fn bench(c: &mut Criterion) {
@@ -36,9 +32,7 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("decode_verify_validate/{n}"), |b| {
             b.iter(|| {
                 let parsed = SignatureHeader::parse(&header).unwrap();
-                parsed
-                    .verify(secret, black_box(&body), now / 1000, 300)
-                    .unwrap();
+                parsed.verify(secret, black_box(&body), now / 1000, 300).unwrap();
                 let batch = decode_json(black_box(&body), &limits).unwrap();
                 let mut ok = 0;
                 for (i, s) in batch.metrics.iter().enumerate() {

@@ -179,10 +179,7 @@ mod tests {
         for code in Code::ALL {
             let s = code.as_str();
             assert!(seen.insert(s), "duplicate code {s}");
-            assert!(
-                s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-                "{s}"
-            );
+            assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{s}");
             assert!((400..600).contains(&code.status()));
         }
     }

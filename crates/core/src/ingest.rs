@@ -156,10 +156,7 @@ pub struct WireSample<'a> {
 impl WireSample<'_> {
     /// Tags sorted by key (JSON objects with a repeated key keep the last value).
     pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
-        self.tags
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.as_ref(), v.as_ref()))
+        self.tags.iter().flatten().map(|(k, v)| (k.as_ref(), v.as_ref()))
     }
 }
 
@@ -173,12 +170,8 @@ pub struct WireBatch<'a> {
 }
 
 /// Parses a JSON batch. Fails on anything that is not a well-shaped request.
-pub fn decode_json<'a>(
-    body: &'a [u8],
-    limits: &SampleLimits,
-) -> Result<WireBatch<'a>, DecodeError> {
-    let batch: WireBatch =
-        serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+pub fn decode_json<'a>(body: &'a [u8], limits: &SampleLimits) -> Result<WireBatch<'a>, DecodeError> {
+    let batch: WireBatch = serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
     if batch.metrics.len() > limits.max_samples {
         return Err(DecodeError::TooManySamples {
             max: limits.max_samples,
@@ -218,11 +211,7 @@ pub fn validate_sample(
     now_ms: i64,
     limits: &SampleLimits,
 ) -> Result<ValidSample, Rejection> {
-    let reject = |code: Code, detail: String| Rejection {
-        index,
-        code,
-        detail,
-    };
+    let reject = |code: Code, detail: String| Rejection { index, code, detail };
     if !names::is_valid_metric_name(&sample.name) {
         return Err(reject(
             Code::InvalidName,
@@ -234,20 +223,13 @@ pub fn validate_sample(
     }
     let kind = match sample.kind.as_deref() {
         None => Kind::Gauge,
-        Some(text) => Kind::parse(text).ok_or_else(|| {
-            reject(
-                Code::InvalidType,
-                "type must be gauge, counter or histogram".into(),
-            )
-        })?,
+        Some(text) => Kind::parse(text)
+            .ok_or_else(|| reject(Code::InvalidType, "type must be gauge, counter or histogram".into()))?,
     };
     let value = match sample.value {
         WireValue::Number(v) if v.is_finite() => v,
         _ => {
-            return Err(reject(
-                Code::InvalidValue,
-                "value must be a finite number".into(),
-            ));
+            return Err(reject(Code::InvalidValue, "value must be a finite number".into()));
         }
     };
     if kind == Kind::Counter && value < 0.0 {
@@ -260,11 +242,7 @@ pub fn validate_sample(
         if tags.len() > names::MAX_TAGS {
             return Err(reject(
                 Code::TooManyTags,
-                format!(
-                    "at most {} tags per sample, got {}",
-                    names::MAX_TAGS,
-                    tags.len()
-                ),
+                format!("at most {} tags per sample, got {}", names::MAX_TAGS, tags.len()),
             ));
         }
         for (k, v) in tags {
@@ -343,37 +321,25 @@ pub struct WireEvent<'a> {
 pub const AUTHOR_EVENT_KINDS: [&str; 3] = ["deploy", "release", "incident"];
 
 pub fn decode_event(body: &[u8], now_ms: i64) -> Result<NewEvent, DecodeError> {
-    let wire: WireEvent =
-        serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    let wire: WireEvent = serde_json::from_slice(body).map_err(|e| DecodeError::Invalid(e.to_string()))?;
     if !AUTHOR_EVENT_KINDS.contains(&wire.kind.as_str()) {
-        return Err(DecodeError::Invalid(
-            "kind must be deploy, release or incident".into(),
-        ));
+        return Err(DecodeError::Invalid("kind must be deploy, release or incident".into()));
     }
     let title = wire.title.trim();
     if title.is_empty() || title.chars().count() > 200 {
-        return Err(DecodeError::Invalid(
-            "title must be 1 to 200 characters".into(),
-        ));
+        return Err(DecodeError::Invalid("title must be 1 to 200 characters".into()));
     }
-    if wire
-        .detail
-        .as_ref()
-        .is_some_and(|d| d.chars().count() > 4000)
-    {
-        return Err(DecodeError::Invalid(
-            "detail must be at most 4000 characters".into(),
-        ));
+    if wire.detail.as_ref().is_some_and(|d| d.chars().count() > 4000) {
+        return Err(DecodeError::Invalid("detail must be at most 4000 characters".into()));
     }
     let at = match wire.at {
         None => now_ms,
         Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => ms as i64,
-        Some(WireTime::Text(t)) => parse_rfc3339_ms(&t)
-            .ok_or_else(|| DecodeError::Invalid("at must be RFC 3339 or unix ms".into()))?,
+        Some(WireTime::Text(t)) => {
+            parse_rfc3339_ms(&t).ok_or_else(|| DecodeError::Invalid("at must be RFC 3339 or unix ms".into()))?
+        }
         Some(_) => {
-            return Err(DecodeError::Invalid(
-                "at must be RFC 3339 or unix ms".into(),
-            ));
+            return Err(DecodeError::Invalid("at must be RFC 3339 or unix ms".into()));
         }
     };
     Ok(NewEvent {
@@ -421,10 +387,7 @@ mod tests {
         assert_eq!(v.kind, Kind::Histogram);
         assert_eq!(v.value, 120.0);
         assert_eq!(v.timestamp, NOW);
-        assert_eq!(
-            batch.metrics[0].tags().collect::<Vec<_>>(),
-            vec![("tool", "search")]
-        );
+        assert_eq!(batch.metrics[0].tags().collect::<Vec<_>>(), vec![("tool", "search")]);
     }
 
     #[test]
@@ -437,10 +400,7 @@ mod tests {
 
     #[test]
     fn per_sample_rejections_name_their_index() {
-        let tags: String = (0..17)
-            .map(|i| format!(r#""k{i}":"v""#))
-            .collect::<Vec<_>>()
-            .join(",");
+        let tags: String = (0..17).map(|i| format!(r#""k{i}":"v""#)).collect::<Vec<_>>().join(",");
         let body = format!(
             r#"{{"server_id":"a","metrics":[
             {{"name":"ok","value":1}},
@@ -498,7 +458,8 @@ mod tests {
             decode_json(br#"{"server_id":"a","metrics":[{"value":1}]}"#, &limits),
             Err(DecodeError::Invalid(_))
         ));
-        let three = br#"{"server_id":"a","metrics":[{"name":"a","value":1},{"name":"a","value":1},{"name":"a","value":1}]}"#;
+        let three =
+            br#"{"server_id":"a","metrics":[{"name":"a","value":1},{"name":"a","value":1},{"name":"a","value":1}]}"#;
         assert_eq!(
             decode_json(three, &limits).unwrap_err(),
             DecodeError::TooManySamples { max: 2, got: 3 }
@@ -507,9 +468,8 @@ mod tests {
 
     #[test]
     fn escaped_strings_decode() {
-        let (ok, bad) = validate_all(
-            r#"{"server_id":"a","metrics":[{"name":"x","value":1,"tags":{"t":"a\"b\u00e9"}}]}"#,
-        );
+        let (ok, bad) =
+            validate_all(r#"{"server_id":"a","metrics":[{"name":"x","value":1,"tags":{"t":"a\"b\u00e9"}}]}"#);
         assert!(bad.is_empty(), "{bad:?}");
         assert_eq!(ok.len(), 1);
     }
@@ -525,13 +485,7 @@ mod tests {
             (e.kind.as_str(), e.title.as_str(), e.at),
             ("deploy", "v1.2", 1_748_865_600_000)
         );
-        assert!(
-            decode_event(
-                br#"{"server_id":"a","kind":"outage_started","title":"x"}"#,
-                NOW
-            )
-            .is_err()
-        );
+        assert!(decode_event(br#"{"server_id":"a","kind":"outage_started","title":"x"}"#, NOW).is_err());
         assert!(decode_event(br#"{"server_id":"a","kind":"deploy","title":""}"#, NOW).is_err());
     }
 

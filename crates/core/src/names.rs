@@ -21,9 +21,9 @@ pub fn is_valid_server_id(id: &str) -> bool {
         _ => return false,
     }
     bytes.len() <= 64
-        && bytes[1..].iter().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        })
+        && bytes[1..]
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn is_identifier(s: &str, max: usize) -> bool {
@@ -57,11 +57,7 @@ pub fn is_valid_tag_value(value: &str) -> bool {
 /// Appends the canonical identity of a series to `out`: the name and the sorted tags,
 /// separated by a byte that valid names, keys and values cannot contain. Used as the key
 /// of the in-memory series cache, so it is written into a reused buffer.
-pub fn write_series_key<'a>(
-    out: &mut String,
-    name: &str,
-    sorted_tags: impl IntoIterator<Item = (&'a str, &'a str)>,
-) {
+pub fn write_series_key<'a>(out: &mut String, name: &str, sorted_tags: impl IntoIterator<Item = (&'a str, &'a str)>) {
     out.push_str(name);
     for (k, v) in sorted_tags {
         out.push('\u{1}');

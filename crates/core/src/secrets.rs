@@ -22,9 +22,7 @@ const SEALED_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SecretError {
-    #[error(
-        "the master key must be 64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`"
-    )]
+    #[error("the master key must be 64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`")]
     BadMasterKey,
     #[error("a sealed signing secret could not be opened: wrong master key or corrupted row")]
     CannotOpen,
@@ -124,8 +122,7 @@ impl MasterKey {
         if sealed.len() < 1 + NONCE_LEN + 16 || sealed[0] != SEALED_VERSION {
             return Err(SecretError::CannotOpen);
         }
-        let nonce_bytes: [u8; NONCE_LEN] =
-            sealed[1..1 + NONCE_LEN].try_into().expect("length checked");
+        let nonce_bytes: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN].try_into().expect("length checked");
         let plain = self
             .cipher()
             .decrypt(
@@ -169,10 +166,7 @@ mod tests {
         let mut tampered = sealed.clone();
         *tampered.last_mut().unwrap() ^= 1;
         assert_eq!(key.open("key_1", &tampered), Err(SecretError::CannotOpen));
-        assert_eq!(
-            key.open("key_1", &sealed[..10]),
-            Err(SecretError::CannotOpen)
-        );
+        assert_eq!(key.open("key_1", &sealed[..10]), Err(SecretError::CannotOpen));
     }
 
     #[test]

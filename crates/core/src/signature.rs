@@ -42,28 +42,17 @@ impl<'a> SignatureHeader<'a> {
         let mut timestamp = None;
         let mut candidates = Vec::new();
         for part in header.split(',') {
-            let (key, value) = part
-                .trim()
-                .split_once('=')
-                .ok_or(SignatureError::Malformed)?;
+            let (key, value) = part.trim().split_once('=').ok_or(SignatureError::Malformed)?;
             match key.trim() {
                 "t" => {
                     if timestamp.is_some() {
                         return Err(SignatureError::Malformed);
                     }
                     let value = value.trim();
-                    if value.is_empty()
-                        || value.len() > 12
-                        || !value.bytes().all(|b| b.is_ascii_digit())
-                    {
+                    if value.is_empty() || value.len() > 12 || !value.bytes().all(|b| b.is_ascii_digit()) {
                         return Err(SignatureError::Malformed);
                     }
-                    timestamp = Some((
-                        value,
-                        value
-                            .parse::<i64>()
-                            .map_err(|_| SignatureError::Malformed)?,
-                    ));
+                    timestamp = Some((value, value.parse::<i64>().map_err(|_| SignatureError::Malformed)?));
                 }
                 "v1" => {
                     if candidates.len() == MAX_CANDIDATES {
@@ -167,28 +156,16 @@ mod tests {
     #[test]
     fn stale_in_both_directions() {
         let header = sign(SECRET, 1_700_000_000, BODY);
-        assert_eq!(
-            check(&header, BODY, 1_700_000_301),
-            Err(SignatureError::Stale)
-        );
-        assert_eq!(
-            check(&header, BODY, 1_699_999_699),
-            Err(SignatureError::Stale)
-        );
+        assert_eq!(check(&header, BODY, 1_700_000_301), Err(SignatureError::Stale));
+        assert_eq!(check(&header, BODY, 1_699_999_699), Err(SignatureError::Stale));
     }
 
     #[test]
     fn other_body_or_secret_fails() {
         let header = sign(SECRET, 1_700_000_000, BODY);
-        assert_eq!(
-            check(&header, b"{}", 1_700_000_000),
-            Err(SignatureError::Mismatch)
-        );
+        assert_eq!(check(&header, b"{}", 1_700_000_000), Err(SignatureError::Mismatch));
         let other = sign(b"other", 1_700_000_000, BODY);
-        assert_eq!(
-            check(&other, BODY, 1_700_000_000),
-            Err(SignatureError::Mismatch)
-        );
+        assert_eq!(check(&other, BODY, 1_700_000_000), Err(SignatureError::Mismatch));
     }
 
     #[test]
@@ -228,11 +205,7 @@ mod tests {
             "t=1",
             "garbage",
         ] {
-            assert_eq!(
-                SignatureHeader::parse(h).err(),
-                Some(SignatureError::Malformed),
-                "{h}"
-            );
+            assert_eq!(SignatureHeader::parse(h).err(), Some(SignatureError::Malformed), "{h}");
         }
     }
 

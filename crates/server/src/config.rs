@@ -160,19 +160,17 @@ impl Config {
             .or_else(|| env("MCP_METRICS_CONFIG").map(Into::into));
         let mut config = match &file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| {
-                    format!("cannot read the configuration file {}", path.display())
-                })?;
-                toml::from_str(&text).with_context(|| {
-                    format!("the configuration file {} is not valid", path.display())
-                })?
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("the configuration file {} is not valid", path.display()))?
             }
             None => Config::default(),
         };
         if let Some(v) = env("MCP_METRICS_LISTEN") {
-            config.listen = v.parse().with_context(|| {
-                format!("MCP_METRICS_LISTEN={v:?} is not an address like 127.0.0.1:8080")
-            })?;
+            config.listen = v
+                .parse()
+                .with_context(|| format!("MCP_METRICS_LISTEN={v:?} is not an address like 127.0.0.1:8080"))?;
         }
         if let Some(v) = env("MCP_METRICS_DATABASE") {
             config.database = v;
@@ -212,14 +210,23 @@ impl Config {
         if let Some(token) = &self.admin_token
             && token.len() < 16
         {
-            bail!(
-                "the admin token must be at least 16 characters; make one with `openssl rand -hex 32`"
-            );
+            bail!("the admin token must be at least 16 characters; make one with `openssl rand -hex 32`");
         }
         if self.ingest.max_samples_per_request == 0
             || self.ingest.queue_capacity_samples < self.ingest.max_samples_per_request
         {
             bail!("ingest.queue_capacity_samples must be at least ingest.max_samples_per_request");
+        }
+        let ingest = &self.ingest;
+        if ingest.signature_tolerance_secs < 1 || ingest.replay_window_secs < 2 * ingest.signature_tolerance_secs {
+            // A signature stays acceptable for 2 × tolerance (t − tol … t + tol): a shorter
+            // replay window would let a captured request be replayed once it is forgotten.
+            bail!("ingest.replay_window_secs must be at least twice ingest.signature_tolerance_secs");
+        }
+        if ingest.retry_window_secs < 1 || ingest.max_batch_samples < 1 || ingest.max_body_bytes < 1024 {
+            bail!(
+                "ingest.retry_window_secs and ingest.max_batch_samples must be positive, ingest.max_body_bytes at least 1024"
+            );
         }
         if self.retention.raw_days < 1 {
             bail!("retention.raw_days must be at least 1");
@@ -234,10 +241,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
@@ -259,10 +263,7 @@ mod tests {
         )
         .unwrap();
         let c = Config::load(Some(&file), env(&[]), &Overrides::default()).unwrap();
-        assert_eq!(
-            (c.listen.port(), c.database.as_str()),
-            (9000, "sqlite://file.db")
-        );
+        assert_eq!((c.listen.port(), c.database.as_str()), (9000, "sqlite://file.db"));
         assert_eq!(c.ingest.max_samples_per_request, 500);
 
         let e = env(&[
@@ -270,10 +271,7 @@ mod tests {
             ("MCP_METRICS_LISTEN", "127.0.0.1:9001"),
         ]);
         let c = Config::load(Some(&file), e, &Overrides::default()).unwrap();
-        assert_eq!(
-            (c.listen.port(), c.database.as_str()),
-            (9001, "sqlite://env.db")
-        );
+        assert_eq!((c.listen.port(), c.database.as_str()), (9001, "sqlite://env.db"));
 
         let e = env(&[
             ("MCP_METRICS_DATABASE", "sqlite://env.db"),
@@ -284,20 +282,12 @@ mod tests {
             database: Some("sqlite://flag.db".into()),
         };
         let c = Config::load(None, e, &flags).unwrap();
-        assert_eq!(
-            (c.listen.port(), c.database.as_str()),
-            (9000, "sqlite://flag.db")
-        );
+        assert_eq!((c.listen.port(), c.database.as_str()), (9000, "sqlite://flag.db"));
     }
 
     #[test]
     fn bad_values_are_explained() {
-        let err = Config::load(
-            None,
-            env(&[("MCP_METRICS_LISTEN", "nope")]),
-            &Overrides::default(),
-        )
-        .unwrap_err();
+        let err = Config::load(None, env(&[("MCP_METRICS_LISTEN", "nope")]), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("MCP_METRICS_LISTEN"));
         let err = Config::load(
             None,

@@ -134,31 +134,20 @@ async fn prepare(state: &AppState) -> anyhow::Result<Vec<DemoServer>> {
             registry_name: Some(format!("io.github.mcp-metrics-demo/{}", profile.id)),
             name: Some(profile.name.into()),
             description: Some(profile.description.into()),
-            repository_url: Some(format!(
-                "https://github.com/mcp-metrics-demo/{}",
-                profile.id
-            )),
+            repository_url: Some(format!("https://github.com/mcp-metrics-demo/{}", profile.id)),
             remote_url: None,
             owner: Some("mcp-metrics demo".into()),
         };
-        match state
-            .store
-            .create_server(profile.id, &fields, now_ms())
-            .await
-        {
+        match state.store.create_server(profile.id, &fields, now_ms()).await {
             Ok(_) | Err(StoreError::Conflict) => {}
             Err(e) => return Err(e).context("cannot register the demo servers"),
         }
         for old in state.store.list_credentials(Some(profile.id)).await? {
             if old.revoked_at.is_none() {
-                state
-                    .store
-                    .revoke_credential(profile.id, &old.key_id, now_ms())
-                    .await?;
+                state.store.revoke_credential(profile.id, &old.key_id, now_ms()).await?;
             }
         }
-        let credential =
-            keyring::issue_credential(state.store.as_ref(), &state.master_key, profile.id).await?;
+        let credential = keyring::issue_credential(state.store.as_ref(), &state.master_key, profile.id).await?;
         servers.push(DemoServer {
             profile,
             credential,
@@ -190,25 +179,15 @@ fn tick(server: &mut DemoServer, rng: &mut Rng, now: i64) -> Value {
         let ts = now - 1000 + (i as i64 * 1000 / count.max(1) as i64);
         metrics.push(json!({"name":"response_time","type":"histogram","value":(latency * 10.0).round() / 10.0,"timestamp":ts,"tags":{"tool":tool}}));
         *server.tool_calls.get_mut(tool).expect("known tool") += 1.0;
-        if rng.uniform()
-            < if burst {
-                p.error_rate * 10.0
-            } else {
-                p.error_rate
-            }
-        {
+        if rng.uniform() < if burst { p.error_rate * 10.0 } else { p.error_rate } {
             errors += 1.0;
         }
     }
     server.requests_total += count as f64;
     server.errors_total += errors;
     server.sessions = (server.sessions + rng.normal()).clamp(0.0, 40.0 * daily);
-    metrics.push(
-        json!({"name":"requests","type":"counter","value":server.requests_total,"timestamp":now}),
-    );
-    metrics.push(
-        json!({"name":"errors","type":"counter","value":server.errors_total,"timestamp":now}),
-    );
+    metrics.push(json!({"name":"requests","type":"counter","value":server.requests_total,"timestamp":now}));
+    metrics.push(json!({"name":"errors","type":"counter","value":server.errors_total,"timestamp":now}));
     for (tool, total) in &server.tool_calls {
         metrics.push(json!({"name":"tool_calls","type":"counter","value":total,"timestamp":now,"tags":{"tool":tool}}));
     }
@@ -220,9 +199,7 @@ fn tick(server: &mut DemoServer, rng: &mut Rng, now: i64) -> Value {
 pub async fn run(state: AppState, base_url: String) -> anyhow::Result<()> {
     let mut servers = prepare(&state).await?;
     tracing::info!(servers = servers.len(), url = %base_url, "demo traffic started");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let url = format!("{base_url}/api/v1/metrics");
     let mut rng = Rng::new(now_ms() as u64);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -231,11 +208,7 @@ pub async fn run(state: AppState, base_url: String) -> anyhow::Result<()> {
         let now = now_ms();
         for server in &mut servers {
             let body = tick(server, &mut rng, now).to_string();
-            let signature = sign(
-                server.credential.signing_secret.as_bytes(),
-                now / 1000,
-                body.as_bytes(),
-            );
+            let signature = sign(server.credential.signing_secret.as_bytes(), now / 1000, body.as_bytes());
             let sent = client
                 .post(&url)
                 .header("content-type", "application/json")

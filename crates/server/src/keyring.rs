@@ -48,17 +48,21 @@ pub async fn load_master_key(
     database_url: &str,
     store: &dyn Store,
 ) -> anyhow::Result<MasterKey> {
+    let recorded = store.meta_get(FINGERPRINT_META_KEY).await?;
     let key = match configured {
         Some(hex) => MasterKey::from_hex(hex).context("MCP_METRICS_MASTER_KEY is not valid")?,
         None if store.backend() == "sqlite" => {
-            let path = key_file_for(database_url)
-                .context("cannot derive a master key file path from the database URL")?;
+            let path =
+                key_file_for(database_url).context("cannot derive a master key file path from the database URL")?;
             if path.exists() {
-                let text = std::fs::read_to_string(&path).with_context(|| {
-                    format!("cannot read the master key file {}", path.display())
-                })?;
-                MasterKey::from_hex(&text)
-                    .with_context(|| format!("the master key file {} is corrupt", path.display()))?
+                read_key_file(&path)?
+            } else if recorded.is_some() {
+                // Generating a key now would make every sealed secret unreadable.
+                bail!(
+                    "the master key file {} is missing, but this database's signing secrets were sealed with a \
+                     master key; restore that file or set MCP_METRICS_MASTER_KEY",
+                    path.display()
+                );
             } else {
                 let key = MasterKey::generate();
                 write_private_file(&path, &format!("{}\n", key.to_hex()))?;
@@ -75,7 +79,7 @@ pub async fn load_master_key(
         ),
     };
     let fingerprint = key.fingerprint();
-    match store.meta_get(FINGERPRINT_META_KEY).await? {
+    match recorded {
         Some(stored) if stored != fingerprint => bail!(
             "the master key does not match the one this database's signing secrets were sealed with \
              (fingerprint {stored}); set MCP_METRICS_MASTER_KEY to that key, or restore its key file"
@@ -86,9 +90,22 @@ pub async fn load_master_key(
     Ok(key)
 }
 
-/// Re-seals every signing secret under `new` and records its fingerprint.
+fn read_key_file(path: &Path) -> anyhow::Result<MasterKey> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the master key file {}", path.display()))?;
+    MasterKey::from_hex(&text).with_context(|| format!("the master key file {} is corrupt", path.display()))
+}
+
+/// Re-seals every signing secret under `new` and records its fingerprint, in one
+/// transaction: either every secret opens with the new key or none changed.
+///
+/// With a SQLite key file, the new key is first written to `<file>.new` and moved over
+/// the key file after the commit, so no moment exists where the sealed secrets and every
+/// copy of their key disagree. Returns how many secrets were re-sealed.
 pub async fn rotate_master_key(
     store: &dyn Store,
+    database_url: &str,
+    uses_key_file: bool,
     old: &MasterKey,
     new: &MasterKey,
 ) -> anyhow::Result<usize> {
@@ -103,10 +120,29 @@ pub async fn rotate_master_key(
         })?;
         resealed.push((c.key_id.clone(), new.seal(&c.key_id, &secret)));
     }
-    store.reseal_credentials(&resealed).await?;
+    let staged = if uses_key_file {
+        let path = key_file_for(database_url).context("cannot derive the master key file path")?;
+        let mut staged_name = path.file_name().unwrap_or_default().to_os_string();
+        staged_name.push(".new");
+        let staged = path.with_file_name(staged_name);
+        let _ = std::fs::remove_file(&staged);
+        write_private_file(&staged, &format!("{}\n", new.to_hex()))?;
+        Some((staged, path))
+    } else {
+        None
+    };
     store
-        .meta_set(FINGERPRINT_META_KEY, &new.fingerprint())
+        .reseal_credentials(&resealed, FINGERPRINT_META_KEY, &new.fingerprint())
         .await?;
+    if let Some((staged, path)) = staged {
+        std::fs::rename(&staged, &path).with_context(|| {
+            format!(
+                "the secrets are re-sealed but {} could not replace {}: move it by hand",
+                staged.display(),
+                path.display()
+            )
+        })?;
+    }
     Ok(resealed.len())
 }
 
@@ -163,20 +199,12 @@ pub async fn issue_credential(
     })
 }
 
-/// Revokes a credential and notes it on the server's timeline.
-pub async fn revoke_credential(
-    store: &dyn Store,
-    server_id: &str,
-    key_id: &str,
-) -> StoreResult<()> {
-    store.revoke_credential(server_id, key_id, now_ms()).await?;
-    system_event(
-        store,
-        server_id,
-        "key_revoked",
-        format!("Credential {key_id} revoked"),
-    )
-    .await;
+/// Revokes a credential and notes it on the server's timeline. Revoking an already
+/// revoked credential changes nothing and records nothing.
+pub async fn revoke_credential(store: &dyn Store, server_id: &str, key_id: &str) -> StoreResult<()> {
+    if store.revoke_credential(server_id, key_id, now_ms()).await? {
+        system_event(store, server_id, "key_revoked", format!("Credential {key_id} revoked")).await;
+    }
     Ok(())
 }
 

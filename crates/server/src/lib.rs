@@ -12,7 +12,7 @@ pub mod keyring;
 pub mod state;
 pub mod telemetry;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ use config::{Config, Synchronous};
 use ingest::series_cache::SeriesCache;
 use state::{AppState, Shared};
 use telemetry::Telemetry;
+
+/// How long in-flight requests may take to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Optional behaviour of [`run`].
 #[derive(Debug, Clone, Default)]
@@ -62,18 +65,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     install_crypto_provider();
     let store = open_store(&config).await?;
-    let master_key = keyring::load_master_key(
-        config.master_key.as_deref(),
-        &config.database,
-        store.as_ref(),
-    )
-    .await?;
+    let master_key = keyring::load_master_key(config.master_key.as_deref(), &config.database, store.as_ref()).await?;
     let telemetry = Arc::new(Telemetry::default());
     let series = SeriesCache::default();
-    let known = store
-        .all_series()
-        .await
-        .context("cannot load the series index")?;
+    let known = store.all_series().await.context("cannot load the series index")?;
     series.insert_all(&known);
     telemetry
         .series_cached
@@ -113,10 +108,25 @@ pub async fn run(
 
     tracing::info!(%address, database = store.backend(), "mcp-metrics is listening");
     let app = http::router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("the HTTP server failed")?;
+    // One shutdown signal feeds both the graceful stop and its deadline: a client that
+    // keeps a connection open must not keep the process (and the queued writes) hostage.
+    let (signal, signalled) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signal.send(true);
+    });
+    let mut graceful = signalled.clone();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|stop| *stop).await;
+    });
+    let mut deadline = signalled;
+    tokio::select! {
+        served = serve.into_future() => served.context("the HTTP server failed")?,
+        _ = async move {
+            let _ = deadline.wait_for(|stop| *stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => tracing::warn!(seconds = SHUTDOWN_GRACE.as_secs(), "connections still open at the shutdown deadline; stopping anyway"),
+    }
     for task in &background {
         task.abort();
     }

@@ -53,10 +53,7 @@ impl Histogram {
         let sep = if labels.is_empty() { "" } else { "," };
         for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-            );
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
         }
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
@@ -146,10 +143,7 @@ impl Telemetry {
             out,
             "# HELP mcp_metrics_ingest_samples_accepted_total Samples committed to the database."
         );
-        let _ = writeln!(
-            out,
-            "# TYPE mcp_metrics_ingest_samples_accepted_total counter"
-        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_ingest_samples_accepted_total counter");
         let _ = writeln!(
             out,
             "mcp_metrics_ingest_samples_accepted_total {}",
@@ -159,44 +153,29 @@ impl Telemetry {
             out,
             "# HELP mcp_metrics_ingest_samples_rejected_total Samples refused, by code."
         );
-        let _ = writeln!(
-            out,
-            "# TYPE mcp_metrics_ingest_samples_rejected_total counter"
-        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_ingest_samples_rejected_total counter");
         for code in Code::ALL {
             let n = load(&self.samples_rejected[code as usize]);
             if n > 0 {
-                let _ = writeln!(
-                    out,
-                    "mcp_metrics_ingest_samples_rejected_total{{code=\"{code}\"}} {n}"
-                );
+                let _ = writeln!(out, "mcp_metrics_ingest_samples_rejected_total{{code=\"{code}\"}} {n}");
             }
         }
         let _ = writeln!(
             out,
             "# HELP mcp_metrics_ingest_requests_rejected_total Whole ingest requests refused, by code."
         );
-        let _ = writeln!(
-            out,
-            "# TYPE mcp_metrics_ingest_requests_rejected_total counter"
-        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_ingest_requests_rejected_total counter");
         for code in Code::ALL {
             let n = load(&self.requests_rejected[code as usize]);
             if n > 0 {
-                let _ = writeln!(
-                    out,
-                    "mcp_metrics_ingest_requests_rejected_total{{code=\"{code}\"}} {n}"
-                );
+                let _ = writeln!(out, "mcp_metrics_ingest_requests_rejected_total{{code=\"{code}\"}} {n}");
             }
         }
         let _ = writeln!(
             out,
             "# HELP mcp_metrics_ingest_duplicate_requests_total Retried requests acknowledged without storing again."
         );
-        let _ = writeln!(
-            out,
-            "# TYPE mcp_metrics_ingest_duplicate_requests_total counter"
-        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_ingest_duplicate_requests_total counter");
         let _ = writeln!(
             out,
             "mcp_metrics_ingest_duplicate_requests_total {}",
@@ -207,44 +186,26 @@ impl Telemetry {
             "# HELP mcp_metrics_ingest_queue_samples Samples waiting for the writer."
         );
         let _ = writeln!(out, "# TYPE mcp_metrics_ingest_queue_samples gauge");
-        let _ = writeln!(
-            out,
-            "mcp_metrics_ingest_queue_samples {}",
-            load(&self.queue_samples)
-        );
+        let _ = writeln!(out, "mcp_metrics_ingest_queue_samples {}", load(&self.queue_samples));
         let _ = writeln!(
             out,
             "# HELP mcp_metrics_ingest_queue_capacity_samples Queue size beyond which writes get 503."
         );
-        let _ = writeln!(
-            out,
-            "# TYPE mcp_metrics_ingest_queue_capacity_samples gauge"
-        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_ingest_queue_capacity_samples gauge");
         let _ = writeln!(
             out,
             "mcp_metrics_ingest_queue_capacity_samples {}",
             load(&self.queue_capacity_samples)
         );
-        let _ = writeln!(
-            out,
-            "# HELP mcp_metrics_series_cached Series ids held in memory."
-        );
+        let _ = writeln!(out, "# HELP mcp_metrics_series_cached Series ids held in memory.");
         let _ = writeln!(out, "# TYPE mcp_metrics_series_cached gauge");
-        let _ = writeln!(
-            out,
-            "mcp_metrics_series_cached {}",
-            load(&self.series_cached)
-        );
+        let _ = writeln!(out, "mcp_metrics_series_cached {}", load(&self.series_cached));
         let _ = writeln!(
             out,
             "# HELP mcp_metrics_commit_failures_total Group commits the database refused."
         );
         let _ = writeln!(out, "# TYPE mcp_metrics_commit_failures_total counter");
-        let _ = writeln!(
-            out,
-            "mcp_metrics_commit_failures_total {}",
-            load(&self.commit_failures)
-        );
+        let _ = writeln!(out, "mcp_metrics_commit_failures_total {}", load(&self.commit_failures));
         let _ = writeln!(
             out,
             "# HELP mcp_metrics_commit_duration_seconds Time to commit one group of requests."
@@ -252,10 +213,7 @@ impl Telemetry {
         let _ = writeln!(out, "# TYPE mcp_metrics_commit_duration_seconds histogram");
         self.commit_duration
             .render(&mut out, "mcp_metrics_commit_duration_seconds", "");
-        let _ = writeln!(
-            out,
-            "# HELP mcp_metrics_commit_batch_samples Samples per group commit."
-        );
+        let _ = writeln!(out, "# HELP mcp_metrics_commit_batch_samples Samples per group commit.");
         let _ = writeln!(out, "# TYPE mcp_metrics_commit_batch_samples histogram");
         self.commit_batch_samples
             .render(&mut out, "mcp_metrics_commit_batch_samples", "");
@@ -271,9 +229,7 @@ impl Telemetry {
             "# HELP mcp_metrics_http_requests_total HTTP requests by route, method and status."
         );
         let _ = writeln!(out, "# TYPE mcp_metrics_http_requests_total counter");
-        for ((route, method, status), n) in
-            self.http_requests.lock().expect("telemetry lock").iter()
-        {
+        for ((route, method, status), n) in self.http_requests.lock().expect("telemetry lock").iter() {
             let _ = writeln!(
                 out,
                 "mcp_metrics_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
@@ -283,10 +239,7 @@ impl Telemetry {
             out,
             "# HELP mcp_metrics_http_request_duration_seconds HTTP request latency by route."
         );
-        let _ = writeln!(
-            out,
-            "# TYPE mcp_metrics_http_request_duration_seconds histogram"
-        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_http_request_duration_seconds histogram");
         for (route, histogram) in self.http_latency.lock().expect("telemetry lock").iter() {
             histogram.render(
                 &mut out,
@@ -313,15 +266,19 @@ mod tests {
         let text = t.render();
         assert!(text.contains("mcp_metrics_ingest_samples_accepted_total 5\n"));
         assert!(text.contains("mcp_metrics_ingest_samples_rejected_total{code=\"too_old\"} 1\n"));
-        assert!(text.contains(
-            "mcp_metrics_ingest_requests_rejected_total{code=\"invalid_signature\"} 1\n"
-        ));
+        assert!(text.contains("mcp_metrics_ingest_requests_rejected_total{code=\"invalid_signature\"} 1\n"));
         assert!(text.contains("mcp_metrics_commit_duration_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("mcp_metrics_commit_duration_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("mcp_metrics_commit_duration_seconds_count 1\n"));
-        assert!(text.contains(
-            "mcp_metrics_http_requests_total{route=\"/api/v1/metrics\",method=\"POST\",status=\"200\"} 1\n"
-        ));
-        assert!(text.contains("mcp_metrics_http_request_duration_seconds_bucket{route=\"/api/v1/metrics\",le=\"+Inf\"} 1\n"));
+        assert!(
+            text.contains(
+                "mcp_metrics_http_requests_total{route=\"/api/v1/metrics\",method=\"POST\",status=\"200\"} 1\n"
+            )
+        );
+        assert!(
+            text.contains(
+                "mcp_metrics_http_request_duration_seconds_bucket{route=\"/api/v1/metrics\",le=\"+Inf\"} 1\n"
+            )
+        );
     }
 }

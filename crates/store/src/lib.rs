@@ -33,47 +33,42 @@ pub trait Store: Send + Sync + 'static {
     async fn meta_set(&self, key: &str, value: &str) -> StoreResult<()>;
 
     /// Registers a server; [`StoreError::Conflict`] when the id is taken.
-    async fn create_server(&self, id: &str, fields: &ServerFields, now: i64)
-    -> StoreResult<Server>;
+    async fn create_server(&self, id: &str, fields: &ServerFields, now: i64) -> StoreResult<Server>;
     /// Changes the fields that are `Some`; [`StoreError::NotFound`] for an unknown id.
-    async fn update_server(&self, id: &str, fields: &ServerFields, now: i64)
-    -> StoreResult<Server>;
+    async fn update_server(&self, id: &str, fields: &ServerFields, now: i64) -> StoreResult<Server>;
     /// Removes a server with its credentials, series, samples and events.
     async fn delete_server(&self, id: &str) -> StoreResult<()>;
     async fn get_server(&self, id: &str) -> StoreResult<Option<Server>>;
     async fn list_servers(&self) -> StoreResult<Vec<Server>>;
 
     async fn insert_credential(&self, credential: &StoredCredential) -> StoreResult<()>;
-    async fn credential_by_hash(
-        &self,
-        api_key_hash: &[u8; 32],
-    ) -> StoreResult<Option<StoredCredential>>;
+    async fn credential_by_hash(&self, api_key_hash: &[u8; 32]) -> StoreResult<Option<StoredCredential>>;
     /// Credentials of one server, or of all servers when `server_id` is `None`.
     async fn list_credentials(&self, server_id: Option<&str>) -> StoreResult<Vec<CredentialInfo>>;
     /// Every credential with its sealed secret, for re-sealing under a new master key.
     async fn all_sealed_credentials(&self) -> StoreResult<Vec<StoredCredential>>;
-    /// Replaces sealed secrets in one transaction (master key rotation).
-    async fn reseal_credentials(&self, resealed: &[(String, Vec<u8>)]) -> StoreResult<()>;
-    /// Marks a credential revoked; [`StoreError::NotFound`] if it is not this server's.
-    async fn revoke_credential(&self, server_id: &str, key_id: &str, now: i64) -> StoreResult<()>;
+    /// Replaces sealed secrets and records the new master key's fingerprint under
+    /// `meta[fingerprint_key]`, all in one transaction (master key rotation).
+    async fn reseal_credentials(
+        &self,
+        resealed: &[(String, Vec<u8>)],
+        fingerprint_key: &str,
+        fingerprint: &str,
+    ) -> StoreResult<()>;
+    /// Marks a credential revoked. Returns `false` when it already was;
+    /// [`StoreError::NotFound`] if the server has no such credential.
+    async fn revoke_credential(&self, server_id: &str, key_id: &str, now: i64) -> StoreResult<bool>;
 
     /// Every known series, to warm the in-memory series cache at start-up.
     async fn all_series(&self) -> StoreResult<Vec<SeriesInfo>>;
     /// Series of one server, optionally only those with one metric name.
-    async fn series_of_server(
-        &self,
-        server_id: &str,
-        name: Option<&str>,
-    ) -> StoreResult<Vec<SeriesInfo>>;
+    async fn series_of_server(&self, server_id: &str, name: Option<&str>) -> StoreResult<Vec<SeriesInfo>>;
     /// Commits many ingest requests in one transaction (group commit). Each request is
     /// checked for replay and retry inside the transaction, so the checks hold for every
     /// process sharing the database.
     async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>>;
     /// Raw samples of the given series, ordered by (timestamp, series, seq).
-    async fn read_samples(
-        &self,
-        query: &SampleQuery,
-    ) -> StoreResult<Vec<mcp_metrics_core::model::RawSample>>;
+    async fn read_samples(&self, query: &SampleQuery) -> StoreResult<Vec<mcp_metrics_core::model::RawSample>>;
     /// Deletes replay and retry records that have expired; returns how many.
     async fn purge_request_guards(&self, now: i64) -> StoreResult<u64>;
 
@@ -93,8 +88,7 @@ pub trait Store: Send + Sync + 'static {
 pub async fn open(url: &str, options: &StoreOptions) -> StoreResult<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return Err(StoreError::Invalid(
-            "this build stores data in SQLite only; PostgreSQL support is not implemented yet"
-                .into(),
+            "this build stores data in SQLite only; PostgreSQL support is not implemented yet".into(),
         ));
     }
     let path = sqlite::path_from_url(url)?;

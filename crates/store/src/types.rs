@@ -1,6 +1,6 @@
 //! Inputs and outputs of the store's ingest and read operations.
 
-use mcp_metrics_core::model::{Kind, SeriesInfo, SeriesKey};
+use mcp_metrics_core::model::{Kind, NewEvent, SeriesInfo, SeriesKey};
 
 /// Tunables of a store.
 #[derive(Debug, Clone)]
@@ -58,6 +58,8 @@ pub struct WriteRequest {
     pub body_digest: Option<[u8; 32]>,
     pub new_series: Vec<NewSeries>,
     pub samples: Vec<PendingSample>,
+    /// A server event to store in the same transaction as the request's guards.
+    pub event: Option<NewEvent>,
 }
 
 /// Requests committed together.
@@ -75,7 +77,11 @@ pub struct WriteBatch {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestOutcome {
     /// Samples stored; the series the store created or found for `new_series`, in order.
-    Stored { series: Vec<SeriesInfo> },
+    Stored {
+        series: Vec<SeriesInfo>,
+        /// Id of the request's event, when it carried one.
+        event_id: Option<i64>,
+    },
     /// Same key and body seen inside the retry window: nothing stored.
     Duplicate,
     /// Same signature seen inside the replay window: nothing stored.

@@ -16,9 +16,7 @@ use std::sync::Arc;
 
 use crate::cli::{DatabaseArgs, KeysCommand, ServerAddArgs, ServersCommand};
 
-async fn open(
-    db: &DatabaseArgs,
-) -> anyhow::Result<(mcp_metrics_server::config::Config, Arc<dyn Store>)> {
+async fn open(db: &DatabaseArgs) -> anyhow::Result<(mcp_metrics_server::config::Config, Arc<dyn Store>)> {
     let config = super::load_config(db, Overrides::default())?;
     crate::logging::init(config.log_format, "warn");
     let store = mcp_metrics_server::open_store(&config).await?;
@@ -75,10 +73,7 @@ pub async fn servers(cmd: ServersCommand) -> anyhow::Result<()> {
 
 async fn add_server(args: ServerAddArgs) -> anyhow::Result<()> {
     if !is_valid_server_id(&args.id) {
-        bail!(
-            "server ids match [a-z0-9][a-z0-9._-]{{0,63}}; {:?} does not",
-            args.id
-        );
+        bail!("server ids match [a-z0-9][a-z0-9._-]{{0,63}}; {:?} does not", args.id);
     }
     let fields = ServerFields {
         registry_name: args.registry_name,
@@ -108,24 +103,15 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Issue { server, json, db } => {
             let (config, store) = open(&db).await?;
             if store.get_server(&server).await?.is_none() {
-                bail!(
-                    "no server with id {server}; register it with `mcp-metrics servers add {server}`"
-                );
+                bail!("no server with id {server}; register it with `mcp-metrics servers add {server}`");
             }
-            let master = keyring::load_master_key(
-                config.master_key.as_deref(),
-                &config.database,
-                store.as_ref(),
-            )
-            .await?;
+            let master =
+                keyring::load_master_key(config.master_key.as_deref(), &config.database, store.as_ref()).await?;
             let issued = keyring::issue_credential(store.as_ref(), &master, &server).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&issued)?);
             } else {
-                println!(
-                    "Issued credential {} for server {}.",
-                    issued.key_id, issued.server_id
-                );
+                println!("Issued credential {} for server {}.", issued.key_id, issued.server_id);
                 println!();
                 println!("  api_key:        {}", issued.api_key);
                 println!("  signing_secret: {}", issued.signing_secret);
@@ -151,12 +137,8 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                     k.key_id,
                     k.server_id,
                     format_rfc3339_ms(k.created_at),
-                    k.last_used_at
-                        .map(format_rfc3339_ms)
-                        .unwrap_or_else(|| "never".into()),
-                    k.revoked_at
-                        .map(format_rfc3339_ms)
-                        .unwrap_or_else(|| "-".into()),
+                    k.last_used_at.map(format_rfc3339_ms).unwrap_or_else(|| "never".into()),
+                    k.revoked_at.map(format_rfc3339_ms).unwrap_or_else(|| "-".into()),
                 );
             }
             Ok(())
@@ -174,36 +156,23 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::RotateMaster { new_key, db } => {
             let (config, store) = open(&db).await?;
-            let old = keyring::load_master_key(
-                config.master_key.as_deref(),
-                &config.database,
-                store.as_ref(),
-            )
-            .await?;
+            let old = keyring::load_master_key(config.master_key.as_deref(), &config.database, store.as_ref()).await?;
             let new = match new_key {
                 Some(hex) => MasterKey::from_hex(&hex).context("--new-key is not valid")?,
                 None => MasterKey::generate(),
             };
-            let count = keyring::rotate_master_key(store.as_ref(), &old, &new).await?;
+            let uses_key_file = config.master_key.is_none() && store.backend() == "sqlite";
+            if !uses_key_file {
+                // Shown before anything changes, so the key cannot be lost to a crash.
+                if std::io::stdout().is_terminal() {
+                    println!("The new master key (set MCP_METRICS_MASTER_KEY to it on every node, then restart):");
+                }
+                println!("{}", new.to_hex());
+            }
+            let count = keyring::rotate_master_key(store.as_ref(), &config.database, uses_key_file, &old, &new).await?;
             println!("Re-sealed {count} signing secrets under the new master key.");
-            match (
-                config.master_key.is_some(),
-                keyring::key_file_for(&config.database),
-            ) {
-                (false, Some(path)) if store.backend() == "sqlite" => {
-                    std::fs::write(&path, format!("{}\n", new.to_hex())).with_context(|| {
-                        format!("cannot write the new master key to {}", path.display())
-                    })?;
-                    println!("The new key is in {}.", path.display());
-                }
-                _ => {
-                    if std::io::stdout().is_terminal() {
-                        println!(
-                            "Set MCP_METRICS_MASTER_KEY to the new key on every node before restarting:"
-                        );
-                    }
-                    println!("{}", new.to_hex());
-                }
+            if let (true, Some(path)) = (uses_key_file, keyring::key_file_for(&config.database)) {
+                println!("The new key is in {}. Restart the service to use it.", path.display());
             }
             Ok(())
         }

@@ -94,10 +94,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .error_for_status()?
         .json()
         .await?;
-    let api_key = key["api_key"]
-        .as_str()
-        .context("no api_key in the answer")?
-        .to_owned();
+    let api_key = key["api_key"].as_str().context("no api_key in the answer")?.to_owned();
     let secret = key["signing_secret"]
         .as_str()
         .context("no signing_secret in the answer")?
@@ -108,8 +105,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let t = now_ms() / 1000;
     let progress = ProgressBar::new(requests as u64);
     progress.set_style(
-        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} requests {elapsed}")
-            .expect("valid template"),
+        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} requests {elapsed}").expect("valid template"),
     );
     progress.set_message("signing");
     let mut prepared = Vec::with_capacity(requests);

@@ -33,20 +33,17 @@ pub fn parse_sample(text: &str) -> anyhow::Result<(String, f64, Map<String, Valu
 pub async fn run(args: PushArgs) -> anyhow::Result<()> {
     mcp_metrics_server::install_crypto_provider();
     let Some(kind) = Kind::parse(&args.kind) else {
-        bail!(
-            "--type must be gauge, counter or histogram, not {:?}",
-            args.kind
-        );
+        bail!("--type must be gauge, counter or histogram, not {:?}", args.kind);
     };
     let timestamp = match &args.timestamp {
-        Some(t) => parse_time_param(t)
-            .with_context(|| format!("--timestamp {t:?} is not unix ms or RFC 3339"))?,
+        Some(t) => parse_time_param(t).with_context(|| format!("--timestamp {t:?} is not unix ms or RFC 3339"))?,
         None => now_ms(),
     };
     let mut metrics = Vec::new();
     for text in &args.samples {
         let (name, value, tags) = parse_sample(text)?;
-        metrics.push(json!({"name": name, "value": value, "type": kind.as_str(), "timestamp": timestamp, "tags": tags}));
+        metrics
+            .push(json!({"name": name, "value": value, "type": kind.as_str(), "timestamp": timestamp, "tags": tags}));
     }
     let body = json!({"server_id": args.server, "metrics": metrics}).to_string();
     let signature = sign(args.secret.as_bytes(), now_ms() / 1000, body.as_bytes());
@@ -63,14 +60,8 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
     let status = response.status();
     let answer: Value = response.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
-        let detail = answer
-            .get("detail")
-            .and_then(Value::as_str)
-            .unwrap_or("no detail");
-        let code = answer
-            .get("code")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown");
+        let detail = answer.get("detail").and_then(Value::as_str).unwrap_or("no detail");
+        let code = answer.get("code").and_then(Value::as_str).unwrap_or("unknown");
         bail!("the service refused the push ({status}, {code}): {detail}");
     }
     let accepted = answer.get("accepted").and_then(Value::as_u64).unwrap_or(0);
@@ -98,8 +89,7 @@ mod tests {
 
     #[test]
     fn parses_samples() {
-        let (name, value, tags) =
-            parse_sample("response_time=120.5,tool=search,region=eu").unwrap();
+        let (name, value, tags) = parse_sample("response_time=120.5,tool=search,region=eu").unwrap();
         assert_eq!((name.as_str(), value), ("response_time", 120.5));
         assert_eq!(tags.get("tool"), Some(&Value::String("search".into())));
         assert_eq!(tags.len(), 2);

@@ -16,21 +16,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
     )?;
     crate::logging::init(config.log_format, "info");
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}: is another process using it? Choose another with --listen",
-                config.listen
-            )
-        })?;
-    mcp_metrics_server::run(
-        config,
-        listener,
-        shutdown_signal(),
-        RunOptions { demo: args.demo },
-    )
-    .await
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is another process using it? Choose another with --listen",
+            config.listen
+        )
+    })?;
+    mcp_metrics_server::run(config, listener, shutdown_signal(), RunOptions { demo: args.demo }).await
 }
 
 async fn shutdown_signal() {

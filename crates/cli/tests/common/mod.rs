@@ -48,9 +48,7 @@ impl TestService {
         // Tests survive a process crash, not a power cut: skip the fsync cost.
         config.sqlite.synchronous = mcp_metrics_server::config::Synchronous::Normal;
         adjust(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(mcp_metrics_server::run(
@@ -103,16 +101,8 @@ impl TestService {
         }
     }
 
-    pub async fn admin(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut request = self
-            .client
-            .request(method, self.url(path))
-            .bearer_auth(ADMIN_TOKEN);
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = self.client.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN);
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -156,19 +146,10 @@ impl TestService {
     }
 
     /// POSTs `body` signed now with the credential.
-    pub async fn push(
-        &self,
-        cred: &Credential,
-        body: &str,
-    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    pub async fn push(&self, cred: &Credential, body: &str) -> (StatusCode, reqwest::header::HeaderMap, Value) {
         let signature = sign(cred.secret.as_bytes(), now_ms() / 1000, body.as_bytes());
-        self.push_raw(
-            Some(&cred.api_key),
-            Some(&signature),
-            "application/json",
-            body,
-        )
-        .await
+        self.push_raw(Some(&cred.api_key), Some(&signature), "application/json", body)
+            .await
     }
 
     pub async fn push_raw(
@@ -192,11 +173,7 @@ impl TestService {
         let response = request.send().await.expect("request");
         let status = response.status();
         let headers = response.headers().clone();
-        (
-            status,
-            headers,
-            response.json().await.unwrap_or(Value::Null),
-        )
+        (status, headers, response.json().await.unwrap_or(Value::Null))
     }
 
     /// All raw samples of a server, following `next` links.

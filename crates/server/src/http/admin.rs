@@ -1,6 +1,7 @@
 //! The operator API (DESIGN.md §4.4): registering servers and issuing and revoking
 //! credentials, behind `Authorization: Bearer $MCP_METRICS_ADMIN_TOKEN`.
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -26,14 +27,8 @@ pub fn router() -> Router<AppState> {
             "/api/v1/admin/servers/{id}",
             axum::routing::patch(update_server).delete(delete_server),
         )
-        .route(
-            "/api/v1/admin/servers/{id}/keys",
-            post(issue_key).get(list_keys),
-        )
-        .route(
-            "/api/v1/admin/servers/{id}/keys/{key_id}",
-            delete(revoke_key),
-        )
+        .route("/api/v1/admin/servers/{id}/keys", post(issue_key).get(list_keys))
+        .route("/api/v1/admin/servers/{id}/keys/{key_id}", delete(revoke_key))
         .route("/api/v1/admin/ping", get(ping))
 }
 
@@ -85,10 +80,10 @@ async fn ping(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Js
 async fn create_server(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Json<ServerBody>,
+    body: Result<Json<ServerBody>, JsonRejection>,
 ) -> ApiResult<Response> {
     auth::operator(&state, &headers)?;
-    let ServerBody { id, fields } = body.0;
+    let Json(ServerBody { id, fields }) = body?;
     let id = id.ok_or_else(|| ApiError::invalid("id is required"))?;
     if !is_valid_server_id(&id) {
         return Err(ApiError::invalid("id must match [a-z0-9][a-z0-9._-]{0,63}"));
@@ -112,9 +107,10 @@ async fn update_server(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: Json<ServerBody>,
+    body: Result<Json<ServerBody>, JsonRejection>,
 ) -> ApiResult<Json<Value>> {
     auth::operator(&state, &headers)?;
+    let Json(body) = body?;
     if body.id.as_ref().is_some_and(|new| *new != id) {
         return Err(ApiError::invalid("a server's id cannot change"));
     }
@@ -144,11 +140,7 @@ async fn delete_server(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn issue_key(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn issue_key(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
     auth::operator(&state, &headers)?;
     if state.store.get_server(&id).await?.is_none() {
         return Err(ApiError::not_found("server"));
@@ -156,12 +148,7 @@ async fn issue_key(
     let issued = keyring::issue_credential(state.store.as_ref(), &state.master_key, &id).await?;
     tracing::info!(server_id = %id, key_id = %issued.key_id, "issued a credential");
     let body = json!({ "key_id": issued.key_id, "api_key": issued.api_key, "signing_secret": issued.signing_secret });
-    Ok((
-        StatusCode::CREATED,
-        [("cache-control", "no-store")],
-        Json(body),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, [("cache-control", "no-store")], Json(body)).into_response())
 }
 
 async fn list_keys(

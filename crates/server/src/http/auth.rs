@@ -28,29 +28,21 @@ fn api_key(headers: &HeaderMap, allow_authorization: bool) -> Option<&str> {
         }
         let value = header(headers, "authorization")?;
         let (scheme, token) = value.split_once(' ')?;
-        (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
-            .then(|| token.trim())
+        (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token")).then(|| token.trim())
     })
 }
 
 /// Finds the active credential the request's API key belongs to.
 pub async fn author(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCredential> {
-    let key = api_key(headers, false).ok_or_else(|| {
-        ApiError::new(
-            Code::MissingKey,
-            "send the server's API key in the X-API-Key header",
-        )
-    })?;
+    let key = api_key(headers, false)
+        .ok_or_else(|| ApiError::new(Code::MissingKey, "send the server's API key in the X-API-Key header"))?;
     let credential = state
         .store
         .credential_by_hash(&hash_api_key(key))
         .await?
         .ok_or_else(|| ApiError::new(Code::UnknownKey, "this API key is not known"))?;
     if credential.revoked_at.is_some() {
-        return Err(ApiError::new(
-            Code::RevokedKey,
-            "this API key has been revoked",
-        ));
+        return Err(ApiError::new(Code::RevokedKey, "this API key has been revoked"));
     }
     Ok(credential)
 }
@@ -69,26 +61,27 @@ pub fn verify_signature(
             "send X-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256>",
         )
     })?;
-    let parsed = SignatureHeader::parse(value).map_err(signature_error)?;
-    let secret = state.master_key.open(&credential.key_id, &credential.sealed_secret).map_err(|e| {
-        tracing::error!(key_id = %credential.key_id, error = %e, "cannot open a signing secret");
-        ApiError::new(Code::Internal, "an internal error occurred; it has been logged")
-    })?;
+    let tolerance = state.config.ingest.signature_tolerance_secs;
+    let parsed = SignatureHeader::parse(value).map_err(|e| signature_error(e, tolerance))?;
+    let secret = state
+        .master_key
+        .open(&credential.key_id, &credential.sealed_secret)
+        .map_err(|e| {
+            tracing::error!(key_id = %credential.key_id, error = %e, "cannot open a signing secret");
+            ApiError::new(Code::Internal, "an internal error occurred; it has been logged")
+        })?;
     parsed
-        .verify(
-            secret.as_bytes(),
-            body,
-            now_ms() / 1000,
-            state.config.ingest.signature_tolerance_secs,
-        )
-        .map_err(signature_error)
+        .verify(secret.as_bytes(), body, now_ms() / 1000, tolerance)
+        .map_err(|e| signature_error(e, tolerance))
 }
 
-fn signature_error(e: SignatureError) -> ApiError {
+fn signature_error(e: SignatureError, tolerance_secs: i64) -> ApiError {
     match e {
         SignatureError::Stale => ApiError::new(
             Code::StaleTimestamp,
-            "the signature's t is more than 300 seconds from the server clock; check the client's clock",
+            format!(
+                "the signature's t is more than {tolerance_secs} seconds from the server clock; check the client's clock"
+            ),
         ),
         other => ApiError::new(Code::InvalidSignature, other.to_string()),
     }

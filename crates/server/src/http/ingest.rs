@@ -67,23 +67,15 @@ fn require_json(headers: &HeaderMap) -> ApiResult<()> {
 
 fn submit_error(e: SubmitError) -> ApiError {
     match e {
-        SubmitError::Overloaded => ApiError::new(
-            Code::Overloaded,
-            "the write queue is full; retry after a moment",
-        )
-        .retry_after(1),
-        SubmitError::Closed => {
-            ApiError::new(Code::Unavailable, "the service is shutting down").retry_after(5)
+        SubmitError::Overloaded => {
+            ApiError::new(Code::Overloaded, "the write queue is full; retry after a moment").retry_after(1)
         }
+        SubmitError::Closed => ApiError::new(Code::Unavailable, "the service is shutting down").retry_after(5),
         SubmitError::Store(e) => e.into(),
     }
 }
 
-async fn collect(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn collect(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     match collect_inner(&state, &headers, body).await {
         Ok(response) => response,
         Err(e) => {
@@ -106,13 +98,7 @@ async fn collect_inner(
     let batch = decode_json(&body, &limits).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
     auth::require_server(&credential, &batch.server_id)?;
 
-    let prepared = prepare(
-        &batch,
-        &credential.server_id,
-        &state.series,
-        now_ms(),
-        &limits,
-    );
+    let prepared = prepare(&batch, &credential.server_id, &state.series, now_ms(), &limits);
     for rejection in &prepared.rejected {
         state.telemetry.sample_rejected(rejection.code);
     }
@@ -124,7 +110,7 @@ async fn collect_inner(
 
     let outcome = state.queue.submit(request).await.map_err(submit_error)?;
     let duplicate = match outcome {
-        RequestOutcome::Stored { series } => {
+        RequestOutcome::Stored { series, .. } => {
             if !series.is_empty() {
                 state.series.insert_all(&series);
                 state
@@ -139,10 +125,7 @@ async fn collect_inner(
             false
         }
         RequestOutcome::Duplicate => {
-            state
-                .telemetry
-                .duplicate_requests
-                .fetch_add(1, Ordering::Relaxed);
+            state.telemetry.duplicate_requests.fetch_add(1, Ordering::Relaxed);
             true
         }
         RequestOutcome::Replayed => {
@@ -152,8 +135,7 @@ async fn collect_inner(
             ));
         }
     };
-    let mut response =
-        Json(json!({ "accepted": accepted, "rejected": prepared.rejected })).into_response();
+    let mut response = Json(json!({ "accepted": accepted, "rejected": prepared.rejected })).into_response();
     if duplicate {
         // The body was already stored from this key: acknowledged again, stored once.
         response
@@ -172,21 +154,32 @@ async fn post_event(
     let body = body_or_413(body, state.config.ingest.max_body_bytes)?;
     require_json(&headers)?;
     let signature = auth::verify_signature(&state, &credential, &headers, &body)?;
-    let event =
-        decode_event(&body, now_ms()).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    let event = decode_event(&body, now_ms()).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
     auth::require_server(&credential, &event.server_id)?;
-    // The signature passes through the writer so replays are refused as for samples.
-    let guard = WriteRequest {
+    // The event is written by the group-commit writer in the same transaction as its
+    // replay and retry guards, so a replay is refused and a re-signed retry stored once.
+    let request = WriteRequest {
         key_id: credential.key_id.clone(),
         signature: Some(signature),
+        body_digest: Some(body_digest(&body)),
+        event: Some(event),
         ..Default::default()
     };
-    if state.queue.submit(guard).await.map_err(submit_error)? == RequestOutcome::Replayed {
-        return Err(ApiError::new(
-            Code::ReplayedRequest,
-            "this signature was already used; sign each request afresh",
-        ));
-    }
-    let id = state.store.insert_event(&event).await?;
+    let id = match state.queue.submit(request).await.map_err(submit_error)? {
+        RequestOutcome::Stored { event_id, .. } => event_id,
+        RequestOutcome::Duplicate => {
+            let mut response = Json(json!({ "id": null, "duplicate": true })).into_response();
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return Ok(response);
+        }
+        RequestOutcome::Replayed => {
+            return Err(ApiError::new(
+                Code::ReplayedRequest,
+                "this signature was already used; sign each request afresh",
+            ));
+        }
+    };
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
 }

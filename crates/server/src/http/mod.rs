@@ -30,15 +30,18 @@ pub fn router(state: AppState) -> Router {
         .merge(ops::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
+async fn method_not_allowed() -> Response {
+    let mut e = ApiError::new(Code::NotFound, "this endpoint does not accept that method");
+    e.status_override = Some(405);
+    e.into_response()
+}
+
 async fn not_found() -> Response {
-    ApiError::new(
-        Code::NotFound,
-        "no such endpoint; see docs/METRICS.md for the API",
-    )
-    .into_response()
+    ApiError::new(Code::NotFound, "no such endpoint; see docs/METRICS.md for the API").into_response()
 }
 
 /// Counts requests and their latency by route template (never by concrete path, which
@@ -52,11 +55,8 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
         .unwrap_or_default();
     let method = request.method().as_str().to_owned();
     let response = next.run(request).await;
-    state.telemetry.http_request(
-        &route,
-        &method,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    state
+        .telemetry
+        .http_request(&route, &method, response.status().as_u16(), started.elapsed());
     response
 }

@@ -23,9 +23,7 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     match state.store.ping().await {
-        Ok(()) => {
-            Json(json!({ "status": "ready", "database": state.store.backend() })).into_response()
-        }
+        Ok(()) => Json(json!({ "status": "ready", "database": state.store.backend() })).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
             (
@@ -39,10 +37,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.telemetry.render(),
     )
         .into_response()

@@ -3,6 +3,7 @@
 //! Every handler returns `Result<_, ApiError>`. A store failure is logged with its
 //! internal text and answered with a generic detail, so internals never reach a client.
 
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mcp_metrics_core::codes::Code;
@@ -14,6 +15,8 @@ pub struct ApiError {
     pub code: Code,
     pub detail: String,
     pub retry_after_secs: Option<u64>,
+    /// A status other than the code's own, for the few answers with no code of their own.
+    pub status_override: Option<u16>,
 }
 
 impl ApiError {
@@ -22,6 +25,7 @@ impl ApiError {
             code,
             detail: detail.into(),
             retry_after_secs: None,
+            status_override: None,
         }
     }
 
@@ -43,34 +47,42 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => ApiError::not_found("resource"),
-            StoreError::Conflict => ApiError::new(
-                Code::Conflict,
-                "a resource with this identity already exists",
-            ),
+            StoreError::Conflict => ApiError::new(Code::Conflict, "a resource with this identity already exists"),
             StoreError::Invalid(detail) => ApiError::invalid(detail),
             StoreError::Unavailable(internal) => {
                 tracing::warn!(error = %internal, "database unavailable");
-                ApiError::new(
-                    Code::Unavailable,
-                    "the database is unavailable; retry shortly",
-                )
-                .retry_after(2)
+                ApiError::new(Code::Unavailable, "the database is unavailable; retry shortly").retry_after(2)
             }
             StoreError::Database(internal) => {
                 tracing::error!(error = %internal, "database error");
-                ApiError::new(
-                    Code::Internal,
-                    "an internal error occurred; it has been logged",
-                )
+                ApiError::new(Code::Internal, "an internal error occurred; it has been logged")
             }
         }
     }
 }
 
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection.status() {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ApiError::new(Code::UnsupportedMediaType, "send Content-Type: application/json")
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(Code::PayloadTooLarge, "the body is too large"),
+            _ => ApiError::invalid(rejection.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::invalid(rejection.body_text())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.status_override.unwrap_or(self.code.status()))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = json!({
             "type": format!("https://mcp-metrics.dev/problems/{}", self.code),
             "title": self.code.title(),
@@ -88,7 +100,13 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if status == StatusCode::UNAUTHORIZED {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey"));
+            // The operator proves itself with a bearer token, authors with an API key.
+            let scheme = if self.code == Code::Unauthorized {
+                "Bearer"
+            } else {
+                "ApiKey"
+            };
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
         }
         response
     }

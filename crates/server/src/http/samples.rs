@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::routing::get;
@@ -44,15 +45,17 @@ async fn samples(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Query(q): Query<SamplesQuery>,
+    query: Result<Query<SamplesQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let credential = auth::author(&state, &headers).await?;
     auth::require_server(&credential, &id)?;
+    let Query(q) = query?;
     let time = |value: &Option<String>, default: i64, what: &str| -> ApiResult<i64> {
         match value {
             None => Ok(default),
-            Some(v) => parse_time_param(v)
-                .ok_or_else(|| ApiError::invalid(format!("{what} must be unix ms or RFC 3339"))),
+            Some(v) => {
+                parse_time_param(v).ok_or_else(|| ApiError::invalid(format!("{what} must be unix ms or RFC 3339")))
+            }
         }
     };
     let now = now_ms();
@@ -64,14 +67,10 @@ async fn samples(
     }
     let after = match &q.cursor {
         None => None,
-        Some(c) => Some(
-            parse_cursor(c)
-                .ok_or_else(|| ApiError::invalid("cursor must be a value returned as next"))?,
-        ),
+        Some(c) => Some(parse_cursor(c).ok_or_else(|| ApiError::invalid("cursor must be a value returned as next"))?),
     };
     let series = state.store.series_of_server(&id, q.name.as_deref()).await?;
-    let by_id: HashMap<i64, &mcp_metrics_core::model::SeriesInfo> =
-        series.iter().map(|s| (s.id, s)).collect();
+    let by_id: HashMap<i64, &mcp_metrics_core::model::SeriesInfo> = series.iter().map(|s| (s.id, s)).collect();
     let mut rows = state
         .store
         .read_samples(&SampleQuery {
@@ -94,7 +93,12 @@ async fn samples(
         .iter()
         .filter_map(|r| {
             let s = by_id.get(&r.series_id)?;
-            let tags: Map<String, Value> = s.key.tags.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+            let tags: Map<String, Value> = s
+                .key
+                .tags
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
             Some(json!({ "name": s.key.name, "tags": tags, "timestamp": r.timestamp, "value": r.value }))
         })
         .collect();

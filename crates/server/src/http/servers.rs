@@ -4,6 +4,7 @@
 //! The summary block's fields are null until the subsystems that compute them (rollups,
 //! usage, probes) exist; the shape is already the final one so clients need no change.
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -50,7 +51,11 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = query?;
     match q.sort.as_deref() {
         None | Some("popular" | "uptime" | "latency" | "name") => {}
         Some(other) => {
@@ -69,21 +74,11 @@ async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiR
     let mut servers = state.store.list_servers().await?;
     // Until summaries exist every sort key is null, so each order falls back to the name.
     servers.sort_by(|a, b| {
-        let key = |s: &Server| {
-            s.name
-                .clone()
-                .unwrap_or_else(|| s.id.clone())
-                .to_lowercase()
-        };
+        let key = |s: &Server| s.name.clone().unwrap_or_else(|| s.id.clone()).to_lowercase();
         key(a).cmp(&key(b)).then_with(|| a.id.cmp(&b.id))
     });
     let total = servers.len();
-    let page: Vec<Value> = servers
-        .iter()
-        .skip(offset)
-        .take(limit)
-        .map(server_json)
-        .collect();
+    let page: Vec<Value> = servers.iter().skip(offset).take(limit).map(server_json).collect();
     let next = (offset + limit < total).then(|| (offset + limit).to_string());
     Ok(Json(json!({ "servers": page, "next": next })))
 }

@@ -62,11 +62,7 @@ pub fn prepare(
                 rejected.push(Rejection {
                     index,
                     code: Code::KindMismatch,
-                    detail: format!(
-                        "this series is a {}, not a {}",
-                        kind.as_str(),
-                        valid.kind.as_str()
-                    ),
+                    detail: format!("this series is a {}, not a {}", kind.as_str(), valid.kind.as_str()),
                 });
                 continue;
             }
@@ -76,10 +72,7 @@ pub fn prepare(
                     key: SeriesKey {
                         server_id: server_id.to_owned(),
                         name: sample.name.to_string(),
-                        tags: sample
-                            .tags()
-                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                            .collect(),
+                        tags: sample.tags().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
                     },
                     kind: valid.kind,
                 });
@@ -125,13 +118,7 @@ mod tests {
         ]}"#;
         let limits = SampleLimits::default();
         let batch = decode_json(body, &limits).unwrap();
-        let p = prepare(
-            &batch,
-            "s",
-            &cache,
-            mcp_metrics_core::time::now_ms(),
-            &limits,
-        );
+        let p = prepare(&batch, "s", &cache, mcp_metrics_core::time::now_ms(), &limits);
         let refs: Vec<SeriesRef> = p.request.samples.iter().map(|s| s.series).collect();
         assert_eq!(
             refs,

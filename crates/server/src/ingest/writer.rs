@@ -82,11 +82,7 @@ impl WriterHandle {
     }
 }
 
-pub fn start(
-    store: Arc<dyn Store>,
-    telemetry: Arc<Telemetry>,
-    config: &IngestConfig,
-) -> (WriteQueue, WriterHandle) {
+pub fn start(store: Arc<dyn Store>, telemetry: Arc<Telemetry>, config: &IngestConfig) -> (WriteQueue, WriterHandle) {
     let (tx, rx) = mpsc::unbounded_channel();
     let capacity = config.queue_capacity_samples;
     telemetry
@@ -122,19 +118,25 @@ struct Writer {
 
 impl Writer {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>, stop: Arc<Notify>) {
+        let mut stopping = false;
         loop {
-            let first = tokio::select! {
-                biased;
-                job = rx.recv() => match job {
-                    Some(job) => job,
-                    None => return,
-                },
-                _ = stop.notified() => {
-                    // No handler is running any more; commit what is left and end.
-                    while let Ok(job) = rx.try_recv() {
-                        self.commit(vec![job]).await;
+            let first = if stopping {
+                // No handler is running any more: commit what is left, in groups, and end.
+                match rx.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    job = rx.recv() => match job {
+                        Some(job) => job,
+                        None => return,
+                    },
+                    _ = stop.notified() => {
+                        stopping = true;
+                        continue;
                     }
-                    return;
                 }
             };
             let mut jobs = vec![first];

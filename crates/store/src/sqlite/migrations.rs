@@ -39,8 +39,10 @@ CREATE TABLE credentials (
 CREATE INDEX credentials_by_server ON credentials(server_id);
 
 -- tags: canonical JSON object with sorted keys. kind: 0 gauge, 1 counter, 2 histogram.
+-- AUTOINCREMENT: ids of deleted series are never reused, so a stale id held in some
+-- process's cache can never point at another server's series.
 CREATE TABLE series (
-    id         INTEGER PRIMARY KEY,
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
     server_id  TEXT NOT NULL REFERENCES servers(id) ON DELETE CASCADE,
     name       TEXT NOT NULL,
     tags       TEXT NOT NULL,
@@ -51,7 +53,7 @@ CREATE TABLE series (
 
 -- Raw samples (the seed's table name). Gauges and counters always have seq 0, so a
 -- second write at the same (series, ts) replaces the value; histogram observations
--- that share a millisecond take seq 1, 2, ... SQLite stores the constant 0 in no bytes.
+-- that share a millisecond take seq 0, 1, 2, ... SQLite stores the constant 0 in no bytes.
 -- value has no declared type so it keeps the storage class it is given: a tagged
 -- integer for whole numbers and thousandths, a REAL otherwise (see value_codec.rs).
 -- Time leads the key: samples arrive roughly in time order, so inserts append to the
@@ -103,11 +105,9 @@ pub fn current_version(conn: &Connection) -> rusqlite::Result<i64> {
             applied_at  INTEGER NOT NULL
         )",
     )?;
-    conn.query_row(
-        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-        [],
-        |r| r.get(0),
-    )
+    conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| {
+        r.get(0)
+    })
 }
 
 /// Applies every migration newer than the database; returns the versions applied.

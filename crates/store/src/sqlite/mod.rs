@@ -14,16 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use mcp_metrics_core::model::{
-    CredentialInfo, EventSource, Kind, NewEvent, RawSample, SeriesInfo, SeriesKey, Server,
-    ServerFields, StoredCredential, StoredEvent, Tags,
+    CredentialInfo, EventSource, Kind, NewEvent, RawSample, SeriesInfo, SeriesKey, Server, ServerFields,
+    StoredCredential, StoredEvent, Tags,
 };
 use mcp_metrics_core::time::now_ms;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
 
-use crate::{
-    RequestOutcome, SampleQuery, SeriesRef, Store, StoreError, StoreOptions, StoreResult,
-    WriteBatch,
-};
+use crate::{RequestOutcome, SampleQuery, SeriesRef, Store, StoreError, StoreOptions, StoreResult, WriteBatch};
 
 pub use migrations::latest_version;
 
@@ -34,9 +31,7 @@ pub fn path_from_url(url: &str) -> StoreResult<PathBuf> {
         .or_else(|| url.strip_prefix("sqlite:"))
         .unwrap_or(url);
     if path.is_empty() {
-        return Err(StoreError::Invalid(format!(
-            "database URL {url:?} names no file"
-        )));
+        return Err(StoreError::Invalid(format!("database URL {url:?} names no file")));
     }
     if path.contains("://") {
         return Err(StoreError::Invalid(format!(
@@ -96,11 +91,7 @@ fn configure_writer(conn: &Connection, options: &StoreOptions) -> rusqlite::Resu
     conn.pragma_update(
         None,
         "synchronous",
-        if options.durable_fsync {
-            "FULL"
-        } else {
-            "NORMAL"
-        },
+        if options.durable_fsync { "FULL" } else { "NORMAL" },
     )?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
@@ -116,19 +107,11 @@ impl SqliteStore {
         let options = options.clone();
         tokio::task::spawn_blocking(move || -> StoreResult<Self> {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    StoreError::Unavailable(format!(
-                        "cannot create directory {}: {e}",
-                        dir.display()
-                    ))
-                })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StoreError::Unavailable(format!("cannot create directory {}: {e}", dir.display())))?;
             }
-            let mut writer = Connection::open(&path).map_err(|e| {
-                StoreError::Unavailable(format!(
-                    "cannot open SQLite database {}: {e}",
-                    path.display()
-                ))
-            })?;
+            let mut writer = Connection::open(&path)
+                .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
             configure_writer(&writer, &options).map_err(map_err)?;
             let applied = migrations::run(&mut writer, now_ms()).map_err(map_err)?;
             if !applied.is_empty() {
@@ -181,10 +164,7 @@ impl SqliteStore {
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = inner
-                .writer
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut conn = inner.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut conn)
         })
         .await
@@ -192,7 +172,8 @@ impl SqliteStore {
     }
 }
 
-const SERVER_COLUMNS: &str = "id, registry_name, name, description, repository_url, remote_url, owner, created_at, updated_at";
+const SERVER_COLUMNS: &str =
+    "id, registry_name, name, description, repository_url, remote_url, owner, created_at, updated_at";
 
 fn server_from_row(r: &Row<'_>) -> rusqlite::Result<Server> {
     Ok(Server {
@@ -209,15 +190,12 @@ fn server_from_row(r: &Row<'_>) -> rusqlite::Result<Server> {
 }
 
 fn get_server(conn: &Connection, id: &str) -> rusqlite::Result<Option<Server>> {
-    conn.prepare_cached(&format!(
-        "SELECT {SERVER_COLUMNS} FROM servers WHERE id = ?1"
-    ))?
-    .query_row([id], server_from_row)
-    .optional()
+    conn.prepare_cached(&format!("SELECT {SERVER_COLUMNS} FROM servers WHERE id = ?1"))?
+        .query_row([id], server_from_row)
+        .optional()
 }
 
-const CREDENTIAL_COLUMNS: &str =
-    "key_id, server_id, api_key_hash, sealed_secret, created_at, revoked_at, last_used_at";
+const CREDENTIAL_COLUMNS: &str = "key_id, server_id, api_key_hash, sealed_secret, created_at, revoked_at, last_used_at";
 
 fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
     let hash: Vec<u8> = r.get(2)?;
@@ -280,15 +258,11 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
-fn write_batch_blocking(
-    conn: &mut Connection,
-    batch: &WriteBatch,
-) -> rusqlite::Result<Vec<RequestOutcome>> {
+fn write_batch_blocking(conn: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<Vec<RequestOutcome>> {
     let now = batch.now;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.requests.len());
-    let mut rows: Vec<(i64, i64, Kind, f64)> =
-        Vec::with_capacity(batch.requests.iter().map(|r| r.samples.len()).sum());
+    let mut rows: Vec<(i64, i64, Kind, f64)> = Vec::with_capacity(batch.requests.iter().map(|r| r.samples.len()).sum());
     {
         // A guard row that exists and has not expired makes the upsert a no-op, so
         // `execute` reporting 0 changed rows means "seen inside the window".
@@ -306,9 +280,8 @@ fn write_batch_blocking(
             "INSERT INTO series (server_id, name, tags, kind, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (server_id, name, tags) DO NOTHING",
         )?;
-        let mut find_series = tx.prepare_cached(
-            "SELECT id, kind FROM series WHERE server_id = ?1 AND name = ?2 AND tags = ?3",
-        )?;
+        let mut find_series =
+            tx.prepare_cached("SELECT id, kind FROM series WHERE server_id = ?1 AND name = ?2 AND tags = ?3")?;
         let mut upsert_value = tx.prepare_cached(
             "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
              ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value",
@@ -321,28 +294,22 @@ fn write_batch_blocking(
             "INSERT INTO server_metrics (series_id, ts, seq, value)
              SELECT ?1, ?2, MAX(seq) + 1, ?3 FROM server_metrics WHERE series_id = ?1 AND ts = ?2",
         )?;
+        let mut insert_event = tx.prepare_cached(
+            "INSERT INTO server_events (server_id, kind, title, detail, at, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
         let mut touch_credential = tx.prepare_cached(
             "UPDATE credentials SET last_used_at = ?2 WHERE key_id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
         )?;
 
         for request in &batch.requests {
             if let Some(signature) = &request.signature
-                && guard_signature.execute(params![
-                    &signature[..],
-                    now + batch.replay_window_ms,
-                    now
-                ])? == 0
+                && guard_signature.execute(params![&signature[..], now + batch.replay_window_ms, now])? == 0
             {
                 outcomes.push(RequestOutcome::Replayed);
                 continue;
             }
             if let Some(digest) = &request.body_digest
-                && guard_digest.execute(params![
-                    request.key_id,
-                    &digest[..],
-                    now + batch.retry_window_ms,
-                    now
-                ])? == 0
+                && guard_digest.execute(params![request.key_id, &digest[..], now + batch.retry_window_ms, now])? == 0
             {
                 outcomes.push(RequestOutcome::Duplicate);
                 continue;
@@ -350,13 +317,7 @@ fn write_batch_blocking(
             let mut series = Vec::with_capacity(request.new_series.len());
             for new in &request.new_series {
                 let tags = tags_to_json(&new.key.tags);
-                insert_series.execute(params![
-                    new.key.server_id,
-                    new.key.name,
-                    tags,
-                    new.kind.to_i64(),
-                    now
-                ])?;
+                insert_series.execute(params![new.key.server_id, new.key.name, tags, new.kind.to_i64(), now])?;
                 let (id, kind): (i64, i64) = find_series
                     .query_row(params![new.key.server_id, new.key.name, tags], |r| {
                         Ok((r.get(0)?, r.get(1)?))
@@ -374,11 +335,19 @@ fn write_batch_blocking(
                 };
                 (series_id, sample.timestamp, sample.kind, sample.value)
             }));
+            let event_id = match &request.event {
+                Some(e) => {
+                    insert_event.execute(params![e.server_id, e.kind, e.title, e.detail, e.at, e.source.as_str()])?;
+                    Some(tx.last_insert_rowid())
+                }
+                None => None,
+            };
             touch_credential.execute(params![request.key_id, now])?;
-            outcomes.push(RequestOutcome::Stored { series });
+            outcomes.push(RequestOutcome::Stored { series, event_id });
         }
-        // Inserting in key order walks the B-tree once instead of jumping around it. The sort is stable, so for one (series, ts)
-        // the later write still wins and observations keep their arrival order.
+        // Inserting in key order walks the B-tree once instead of jumping around it. The
+        // sort is stable, so for one (series, ts) the later write still wins and
+        // observations keep their arrival order.
         rows.sort_by_key(|&(series_id, ts, _, _)| (ts, series_id));
         for (series_id, ts, kind, value) in rows {
             if kind == Kind::Histogram {
@@ -407,15 +376,7 @@ fn read_samples_blocking(conn: &Connection, q: &SampleQuery) -> rusqlite::Result
          ORDER BY ts, series_id, seq LIMIT ?7",
     )?;
     let rows = stmt.query_map(
-        params![
-            q.from,
-            q.to,
-            after_ts,
-            after_series,
-            after_seq,
-            ids,
-            q.limit as i64
-        ],
+        params![q.from, q.to, after_ts, after_series, after_seq, ids, q.limit as i64],
         |r| {
             Ok(RawSample {
                 timestamp: r.get(0)?,
@@ -447,11 +408,9 @@ impl Store for SqliteStore {
 
     async fn schema_version(&self) -> StoreResult<i64> {
         self.read(|c| {
-            c.query_row(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                [],
-                |r| r.get(0),
-            )
+            c.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })
         })
         .await
     }
@@ -478,12 +437,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_server(
-        &self,
-        id: &str,
-        fields: &ServerFields,
-        now: i64,
-    ) -> StoreResult<Server> {
+    async fn create_server(&self, id: &str, fields: &ServerFields, now: i64) -> StoreResult<Server> {
         let (id, f) = (id.to_owned(), fields.clone());
         self.write(move |c| {
             c.execute(
@@ -497,12 +451,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_server(
-        &self,
-        id: &str,
-        fields: &ServerFields,
-        now: i64,
-    ) -> StoreResult<Server> {
+    async fn update_server(&self, id: &str, fields: &ServerFields, now: i64) -> StoreResult<Server> {
         let (id, f) = (id.to_owned(), fields.clone());
         self.write(move |c| {
             let changed = c
@@ -512,7 +461,16 @@ impl Store for SqliteStore {
                         description = COALESCE(?4, description), repository_url = COALESCE(?5, repository_url),
                         remote_url = COALESCE(?6, remote_url), owner = COALESCE(?7, owner), updated_at = ?8
                      WHERE id = ?1",
-                    params![id, f.registry_name, f.name, f.description, f.repository_url, f.remote_url, f.owner, now],
+                    params![
+                        id,
+                        f.registry_name,
+                        f.name,
+                        f.description,
+                        f.repository_url,
+                        f.remote_url,
+                        f.owner,
+                        now
+                    ],
                 )
                 .map_err(map_err)?;
             if changed == 0 {
@@ -533,7 +491,9 @@ impl Store for SqliteStore {
             )
             .map_err(map_err)?;
             // Credentials, series and events go with the server (ON DELETE CASCADE).
-            let deleted = tx.execute("DELETE FROM servers WHERE id = ?1", [&id]).map_err(map_err)?;
+            let deleted = tx
+                .execute("DELETE FROM servers WHERE id = ?1", [&id])
+                .map_err(map_err)?;
             if deleted == 0 {
                 return Err(StoreError::NotFound);
             }
@@ -549,8 +509,7 @@ impl Store for SqliteStore {
 
     async fn list_servers(&self) -> StoreResult<Vec<Server>> {
         self.read(|c| {
-            let mut stmt =
-                c.prepare_cached(&format!("SELECT {SERVER_COLUMNS} FROM servers ORDER BY id"))?;
+            let mut stmt = c.prepare_cached(&format!("SELECT {SERVER_COLUMNS} FROM servers ORDER BY id"))?;
             stmt.query_map([], server_from_row)?.collect()
         })
         .await
@@ -573,10 +532,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn credential_by_hash(
-        &self,
-        api_key_hash: &[u8; 32],
-    ) -> StoreResult<Option<StoredCredential>> {
+    async fn credential_by_hash(&self, api_key_hash: &[u8; 32]) -> StoreResult<Option<StoredCredential>> {
         let hash = *api_key_hash;
         self.read(move |c| {
             c.prepare_cached(&format!(
@@ -602,16 +558,21 @@ impl Store for SqliteStore {
 
     async fn all_sealed_credentials(&self) -> StoreResult<Vec<StoredCredential>> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {CREDENTIAL_COLUMNS} FROM credentials ORDER BY key_id"
-            ))?;
+            let mut stmt =
+                c.prepare_cached(&format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials ORDER BY key_id"))?;
             stmt.query_map([], credential_from_row)?.collect()
         })
         .await
     }
 
-    async fn reseal_credentials(&self, resealed: &[(String, Vec<u8>)]) -> StoreResult<()> {
+    async fn reseal_credentials(
+        &self,
+        resealed: &[(String, Vec<u8>)],
+        fingerprint_key: &str,
+        fingerprint: &str,
+    ) -> StoreResult<()> {
         let resealed = resealed.to_vec();
+        let (fingerprint_key, fingerprint) = (fingerprint_key.to_owned(), fingerprint.to_owned());
         self.write(move |c| {
             let tx = c.transaction().map_err(map_err)?;
             for (key_id, sealed) in &resealed {
@@ -621,47 +582,59 @@ impl Store for SqliteStore {
                 )
                 .map_err(map_err)?;
             }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![fingerprint_key, fingerprint],
+            )
+            .map_err(map_err)?;
             tx.commit().map_err(map_err)
         })
         .await
     }
 
-    async fn revoke_credential(&self, server_id: &str, key_id: &str, now: i64) -> StoreResult<()> {
+    async fn revoke_credential(&self, server_id: &str, key_id: &str, now: i64) -> StoreResult<bool> {
         let (server_id, key_id) = (server_id.to_owned(), key_id.to_owned());
         self.write(move |c| {
-            let changed = c
-                .execute(
-                    "UPDATE credentials SET revoked_at = COALESCE(revoked_at, ?3) WHERE server_id = ?1 AND key_id = ?2",
-                    params![server_id, key_id, now],
+            let revoked_at: Option<Option<i64>> = c
+                .query_row(
+                    "SELECT revoked_at FROM credentials WHERE server_id = ?1 AND key_id = ?2",
+                    params![server_id, key_id],
+                    |r| r.get(0),
                 )
+                .optional()
                 .map_err(map_err)?;
-            if changed == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+            match revoked_at {
+                None => Err(StoreError::NotFound),
+                Some(Some(_)) => Ok(false),
+                Some(None) => {
+                    c.execute(
+                        "UPDATE credentials SET revoked_at = ?3 WHERE server_id = ?1 AND key_id = ?2",
+                        params![server_id, key_id, now],
+                    )
+                    .map_err(map_err)?;
+                    Ok(true)
+                }
+            }
         })
         .await
     }
 
     async fn all_series(&self) -> StoreResult<Vec<SeriesInfo>> {
         self.read(|c| {
-            let mut stmt =
-                c.prepare_cached("SELECT id, server_id, name, tags, kind FROM series ORDER BY id")?;
+            let mut stmt = c.prepare_cached("SELECT id, server_id, name, tags, kind FROM series ORDER BY id")?;
             stmt.query_map([], series_from_row)?.collect()
         })
         .await
     }
 
-    async fn series_of_server(
-        &self,
-        server_id: &str,
-        name: Option<&str>,
-    ) -> StoreResult<Vec<SeriesInfo>> {
+    async fn series_of_server(&self, server_id: &str, name: Option<&str>) -> StoreResult<Vec<SeriesInfo>> {
         let (server_id, name) = (server_id.to_owned(), name.map(str::to_owned));
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, server_id, name, tags, kind FROM series
                  WHERE server_id = ?1 AND (?2 IS NULL OR name = ?2) ORDER BY id",
             )?;
-            stmt.query_map(params![server_id, name], series_from_row)?
-                .collect()
+            stmt.query_map(params![server_id, name], series_from_row)?.collect()
         })
         .await
     }
