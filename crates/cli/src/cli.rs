@@ -44,6 +44,8 @@ pub enum Command {
     /// Issue, list and revoke author credentials.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Recompute rollups (dirty buckets, or every minute in --from..--to) and apply retention.
+    Aggregate(AggregateArgs),
     /// Sign and send metric samples to a running service.
     Push(PushArgs),
     /// Load-test a running service with pre-built signed batches.
@@ -144,6 +146,18 @@ pub enum KeysCommand {
         #[command(flatten)]
         db: DatabaseArgs,
     },
+}
+
+#[derive(Args)]
+pub struct AggregateArgs {
+    /// Recompute every minute with raw samples from this time (unix ms or RFC 3339).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// ... up to this time (exclusive); defaults to now when --from is given.
+    #[arg(long)]
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
 }
 
 #[derive(Args)]

@@ -10,6 +10,7 @@ pub mod ingest;
 pub mod model;
 pub mod names;
 pub mod period;
+pub mod points;
 pub mod rollup;
 pub mod secrets;
 pub mod signature;

@@ -16,7 +16,15 @@ pub enum Period {
 }
 
 impl Period {
-    pub const ALL: [Period; 7] = [Period::H1, Period::H6, Period::H24, Period::D7, Period::D30, Period::D90, Period::Y1];
+    pub const ALL: [Period; 7] = [
+        Period::H1,
+        Period::H6,
+        Period::H24,
+        Period::D7,
+        Period::D30,
+        Period::D90,
+        Period::Y1,
+    ];
 
     pub fn parse(s: &str) -> Option<Period> {
         Period::ALL.into_iter().find(|p| p.as_str() == s)
@@ -108,8 +116,10 @@ mod tests {
 
     #[test]
     fn resolution_table() {
-        let table: Vec<(&str, &str, i64, Level)> =
-            Period::ALL.iter().map(|p| (p.as_str(), p.resolution_label(), p.points(), p.source_level())).collect();
+        let table: Vec<(&str, &str, i64, Level)> = Period::ALL
+            .iter()
+            .map(|p| (p.as_str(), p.resolution_label(), p.points(), p.source_level()))
+            .collect();
         assert_eq!(
             table,
             vec![
@@ -124,7 +134,11 @@ mod tests {
         );
         for p in Period::ALL {
             assert!(p.points() <= 1500);
-            assert_eq!(p.resolution_ms() % p.source_level().bucket_ms(), 0, "{p:?} points are whole source buckets");
+            assert_eq!(
+                p.resolution_ms() % p.source_level().bucket_ms(),
+                0,
+                "{p:?} points are whole source buckets"
+            );
             assert_eq!(Period::parse(p.as_str()), Some(p));
         }
         assert!(Period::D30.max_age_secs() > Period::H1.max_age_secs());

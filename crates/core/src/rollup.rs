@@ -37,6 +37,15 @@ impl Level {
         }
     }
 
+    /// The level this one's buckets are built from (`None` for minutes: raw samples).
+    pub fn child(self) -> Option<Level> {
+        match self {
+            Level::Minute => None,
+            Level::Hour => Some(Level::Minute),
+            Level::Day => Some(Level::Hour),
+        }
+    }
+
     pub fn as_i64(self) -> i64 {
         match self {
             Level::Minute => 0,
@@ -186,7 +195,10 @@ mod tests {
     #[test]
     fn gauge_and_histogram_fields() {
         let g = BucketStats::fold(Kind::Gauge, [(1, 4.0), (2, 1.0), (3, 7.0), (4, 2.0)]).unwrap();
-        assert_eq!((g.count, g.sum, g.min, g.max, g.last, g.first), (4, 14.0, 1.0, 7.0, 2.0, 4.0));
+        assert_eq!(
+            (g.count, g.sum, g.min, g.max, g.last, g.first),
+            (4, 14.0, 1.0, 7.0, 2.0, 4.0)
+        );
         assert!(g.sketch.is_none());
         let h = BucketStats::fold(Kind::Histogram, (1..=100).map(|i| (i, i as f64))).unwrap();
         assert!((h.quantile(0.5).unwrap() - 50.0).abs() <= 0.5);

@@ -69,7 +69,11 @@ impl Bins {
     }
 
     fn nonzero(&self) -> impl DoubleEndedIterator<Item = (i32, u64)> + '_ {
-        self.counts.iter().enumerate().filter(|(_, n)| **n > 0).map(move |(i, n)| (self.offset + i as i32, *n))
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(move |(i, n)| (self.offset + i as i32, *n))
     }
 }
 
@@ -165,7 +169,10 @@ impl Sketch {
             return Err(CorruptSketch);
         }
         input = &input[1..];
-        let mut sketch = Sketch { zero: get_varint(&mut input)?, ..Sketch::default() };
+        let mut sketch = Sketch {
+            zero: get_varint(&mut input)?,
+            ..Sketch::default()
+        };
         sketch.count = sketch.zero;
         for negative in [false, true] {
             let bins = get_varint(&mut input)?;
@@ -177,7 +184,11 @@ impl Sketch {
                 index += unzigzag(get_varint(&mut input)?);
                 let n = get_varint(&mut input)?;
                 let index = i32::try_from(index).map_err(|_| CorruptSketch)?;
-                let target = if negative { &mut sketch.negative } else { &mut sketch.positive };
+                let target = if negative {
+                    &mut sketch.negative
+                } else {
+                    &mut sketch.positive
+                };
                 target.add(index, n);
                 sketch.count = sketch.count.checked_add(n).ok_or(CorruptSketch)?;
             }

@@ -28,6 +28,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub ingest: IngestConfig,
     pub retention: RetentionConfig,
+    pub rollup: RollupConfig,
     pub sqlite: SqliteConfig,
 }
 
@@ -43,6 +44,7 @@ impl std::fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("ingest", &self.ingest)
             .field("retention", &self.retention)
+            .field("rollup", &self.rollup)
             .field("sqlite", &self.sqlite)
             .finish()
     }
@@ -91,13 +93,42 @@ impl Default for IngestConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
-    /// Raw samples older than this are refused at ingest.
+    /// Raw samples are kept this many days; older ones are refused at ingest.
     pub raw_days: i64,
+    /// 1-minute rollups.
+    pub minute_days: i64,
+    /// 1-hour rollups.
+    pub hour_days: i64,
+    /// 1-day rollups (`server_metrics_daily`); kept forever when unset.
+    pub day_days: Option<i64>,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        RetentionConfig { raw_days: 30 }
+        RetentionConfig {
+            raw_days: 30,
+            minute_days: 30,
+            hour_days: 400,
+            day_days: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RollupConfig {
+    /// Seconds between rollup passes: the most a new sample waits to show in its minute.
+    pub interval_secs: f64,
+    /// Seconds between retention runs.
+    pub retention_interval_secs: u64,
+}
+
+impl Default for RollupConfig {
+    fn default() -> Self {
+        RollupConfig {
+            interval_secs: 2.0,
+            retention_interval_secs: 300,
+        }
     }
 }
 
@@ -135,6 +166,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             ingest: IngestConfig::default(),
             retention: RetentionConfig::default(),
+            rollup: RollupConfig::default(),
             sqlite: SqliteConfig::default(),
         }
     }
@@ -227,6 +259,15 @@ impl Config {
             bail!(
                 "ingest.retry_window_secs and ingest.max_batch_samples must be positive, ingest.max_body_bytes at least 1024"
             );
+        }
+        let r = &self.retention;
+        if r.minute_days < 1 || r.hour_days < r.minute_days || r.day_days.is_some_and(|d| d < r.hour_days) {
+            bail!(
+                "retention must keep minutes at least a day, hours at least as long as minutes, days at least as long as hours"
+            );
+        }
+        if !(self.rollup.interval_secs >= 0.05 && self.rollup.interval_secs <= 3600.0) {
+            bail!("rollup.interval_secs must be between 0.05 and 3600");
         }
         if self.retention.raw_days < 1 {
             bail!("retention.raw_days must be at least 1");

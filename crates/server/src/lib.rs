@@ -4,11 +4,13 @@
 //! the `shutdown` future completes, so tests start it on port 0 with a fresh database
 //! and talk to it over real HTTP, exactly as the binary does.
 
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod http;
 pub mod ingest;
 pub mod keyring;
+pub mod rollup;
 pub mod state;
 pub mod telemetry;
 
@@ -21,6 +23,7 @@ use mcp_metrics_core::time::now_ms;
 use mcp_metrics_store::{Store, StoreOptions};
 use tokio::net::TcpListener;
 
+use cache::ReadCache;
 use config::{Config, Synchronous};
 use ingest::series_cache::SeriesCache;
 use state::{AppState, Shared};
@@ -81,12 +84,22 @@ pub async fn run(
         master_key,
         queue,
         series,
-        telemetry,
+        telemetry: telemetry.clone(),
+        cache: ReadCache::new(10_000),
     });
 
     let address = listener.local_addr()?;
     let mut background = Vec::new();
     background.push(tokio::spawn(housekeeping(store.clone())));
+    let job_state = state.clone();
+    background.push(tokio::spawn(rollup::run_job(
+        store.clone(),
+        state.config.retention.clone(),
+        Duration::from_secs_f64(state.config.rollup.interval_secs),
+        Duration::from_secs(state.config.rollup.retention_interval_secs),
+        telemetry,
+        move |servers| servers.iter().for_each(|s| job_state.cache.invalidate_server(s)),
+    )));
     if options.demo {
         let host = if address.ip().is_unspecified() {
             "127.0.0.1".to_string()

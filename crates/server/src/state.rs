@@ -7,6 +7,7 @@ use mcp_metrics_core::ingest::SampleLimits;
 use mcp_metrics_core::secrets::MasterKey;
 use mcp_metrics_store::Store;
 
+use crate::cache::ReadCache;
 use crate::config::Config;
 use crate::ingest::series_cache::SeriesCache;
 use crate::ingest::writer::WriteQueue;
@@ -22,6 +23,7 @@ pub struct Shared {
     pub queue: WriteQueue,
     pub series: SeriesCache,
     pub telemetry: Arc<Telemetry>,
+    pub cache: ReadCache,
 }
 
 impl AppState {

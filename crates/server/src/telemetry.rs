@@ -84,6 +84,12 @@ pub struct Telemetry {
     pub queue_capacity_samples: AtomicU64,
     pub queue_samples: AtomicU64,
     pub series_cached: AtomicU64,
+    pub rollup_duration: Histogram,
+    pub rollup_samples_folded: AtomicU64,
+    pub rollup_buckets_written: AtomicU64,
+    pub rollup_backlog: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
     /// (route, method, status) → count, and route → latency.
     http_requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     http_latency: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
@@ -103,6 +109,12 @@ impl Default for Telemetry {
             queue_capacity_samples: AtomicU64::new(0),
             queue_samples: AtomicU64::new(0),
             series_cached: AtomicU64::new(0),
+            rollup_duration: Histogram::new(LATENCY_BOUNDS),
+            rollup_samples_folded: AtomicU64::new(0),
+            rollup_buckets_written: AtomicU64::new(0),
+            rollup_backlog: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
             http_requests: Mutex::new(BTreeMap::new()),
             http_latency: Mutex::new(BTreeMap::new()),
         }
@@ -116,6 +128,14 @@ impl Telemetry {
 
     pub fn request_rejected(&self, code: Code) {
         self.requests_rejected[code as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rollup_pass(&self, elapsed: Duration, report: &crate::rollup::PassReport) {
+        self.rollup_duration.observe(elapsed.as_secs_f64());
+        self.rollup_samples_folded
+            .fetch_add(report.samples_folded, Ordering::Relaxed);
+        self.rollup_buckets_written
+            .fetch_add(report.buckets(), Ordering::Relaxed);
     }
 
     pub fn http_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
@@ -200,6 +220,58 @@ impl Telemetry {
         let _ = writeln!(out, "# HELP mcp_metrics_series_cached Series ids held in memory.");
         let _ = writeln!(out, "# TYPE mcp_metrics_series_cached gauge");
         let _ = writeln!(out, "mcp_metrics_series_cached {}", load(&self.series_cached));
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_rollup_samples_folded_total Raw samples folded into minute rollups."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_rollup_samples_folded_total counter");
+        let _ = writeln!(
+            out,
+            "mcp_metrics_rollup_samples_folded_total {}",
+            load(&self.rollup_samples_folded)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_rollup_buckets_written_total Rollup buckets recomputed (minute, hour, day)."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_rollup_buckets_written_total counter");
+        let _ = writeln!(
+            out,
+            "mcp_metrics_rollup_buckets_written_total {}",
+            load(&self.rollup_buckets_written)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_rollup_backlog Dirty buckets waiting for the rollup job."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_rollup_backlog gauge");
+        let _ = writeln!(out, "mcp_metrics_rollup_backlog {}", load(&self.rollup_backlog));
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_rollup_pass_duration_seconds Time of one rollup pass."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_rollup_pass_duration_seconds histogram");
+        self.rollup_duration
+            .render(&mut out, "mcp_metrics_rollup_pass_duration_seconds", "");
+        let (hits, misses) = (load(&self.cache_hits), load(&self.cache_misses));
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_cache_requests_total Metric-read cache lookups by result."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_cache_requests_total counter");
+        let _ = writeln!(out, "mcp_metrics_cache_requests_total{{result=\"hit\"}} {hits}");
+        let _ = writeln!(out, "mcp_metrics_cache_requests_total{{result=\"miss\"}} {misses}");
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_cache_hit_ratio Hits over lookups of the metric-read cache since start."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_cache_hit_ratio gauge");
+        let ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        };
+        let _ = writeln!(out, "mcp_metrics_cache_hit_ratio {ratio}");
         let _ = writeln!(
             out,
             "# HELP mcp_metrics_commit_failures_total Group commits the database refused."

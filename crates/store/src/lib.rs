@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use mcp_metrics_core::model::{
     CredentialInfo, NewEvent, SeriesInfo, Server, ServerFields, StoredCredential, StoredEvent,
 };
+use mcp_metrics_core::rollup::{BucketStats, Level};
 
 /// Everything the service persists. Implementations must be safe to share between
 /// tasks; [`Store::write_batch`] is called by exactly one writer task at a time.
@@ -71,6 +72,23 @@ pub trait Store: Send + Sync + 'static {
     async fn read_samples(&self, query: &SampleQuery) -> StoreResult<Vec<mcp_metrics_core::model::RawSample>>;
     /// Deletes replay and retry records that have expired; returns how many.
     async fn purge_request_guards(&self, now: i64) -> StoreResult<u64>;
+
+    /// Dirty buckets of `level` (at most `max_marks`) with what they are rebuilt from,
+    /// read from one consistent snapshot.
+    async fn rollup_work(&self, level: Level, max_marks: usize) -> StoreResult<RollupWork>;
+    /// Stores recomputed buckets (`None` deletes an emptied bucket), clears the marks
+    /// that were not renewed meanwhile, and marks the parent buckets dirty.
+    async fn apply_rollups(&self, level: Level, results: Vec<(DirtyMark, Option<BucketStats>)>) -> StoreResult<()>;
+    /// Clears marks without recomputing their buckets.
+    async fn drop_dirty_marks(&self, marks: Vec<DirtyMark>) -> StoreResult<()>;
+    /// Marks every minute with raw samples in [from, to) dirty; returns how many.
+    async fn mark_range_dirty(&self, from: i64, to: i64) -> StoreResult<u64>;
+    /// Dirty marks waiting, by level.
+    async fn dirty_backlog(&self) -> StoreResult<[u64; 3]>;
+    /// Stored buckets of `level` for these series in [from, to), by series then time.
+    async fn read_rollups(&self, level: Level, series_ids: &[i64], from: i64, to: i64) -> StoreResult<Vec<RollupRow>>;
+    /// Deletes data older than the cutoffs.
+    async fn apply_retention(&self, cutoffs: &RetentionCutoffs) -> StoreResult<RetentionReport>;
 
     async fn insert_event(&self, event: &NewEvent) -> StoreResult<i64>;
     /// Newest first; `before` is an (at, id) position from a previous page.

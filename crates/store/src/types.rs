@@ -1,6 +1,9 @@
 //! Inputs and outputs of the store's ingest and read operations.
 
+use std::collections::HashMap;
+
 use mcp_metrics_core::model::{Kind, NewEvent, SeriesInfo, SeriesKey};
+use mcp_metrics_core::rollup::{BucketStats, Level};
 
 /// Tunables of a store.
 #[derive(Debug, Clone)]
@@ -99,4 +102,58 @@ pub struct SampleQuery {
     /// Position after which to continue: (timestamp, series_id, seq).
     pub after: Option<(i64, i64, i64)>,
     pub limit: usize,
+}
+
+/// A (level, bucket, series) whose rollup must be recomputed. `generation` changes each
+/// time the mark is set again, so a pass only clears marks that nothing renewed while it
+/// computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DirtyMark {
+    pub level: Level,
+    pub bucket: i64,
+    pub series_id: i64,
+    pub generation: i64,
+}
+
+/// What a dirty bucket is recomputed from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RollupInput {
+    /// Raw samples of a minute, in (timestamp, seq) order.
+    Raw(Vec<(i64, f64)>),
+    /// The finer buckets of an hour or a day, oldest first.
+    Children(Vec<BucketStats>),
+}
+
+/// One pass's worth of dirty buckets with their inputs, read from one snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct RollupWork {
+    pub items: Vec<(DirtyMark, RollupInput)>,
+    /// Kind and server of every series in `items`.
+    pub series: HashMap<i64, (Kind, String)>,
+}
+
+/// A stored rollup bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollupRow {
+    pub series_id: i64,
+    pub bucket: i64,
+    pub stats: BucketStats,
+}
+
+/// Data older than these instants (unix ms) is deleted; `None` keeps it forever.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RetentionCutoffs {
+    pub raw: Option<i64>,
+    pub minute: Option<i64>,
+    pub hour: Option<i64>,
+    pub day: Option<i64>,
+}
+
+/// Rows deleted by one retention run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetentionReport {
+    pub raw: u64,
+    pub minute: u64,
+    pub hour: u64,
+    pub day: u64,
 }

@@ -2,6 +2,7 @@
 //! servers, keys) load the same layered configuration as `serve`.
 
 mod admin;
+mod aggregate;
 mod bench;
 mod push;
 mod serve;
@@ -16,6 +17,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(db) => admin::migrate(db).await,
         Command::Servers(cmd) => admin::servers(cmd).await,
         Command::Keys(cmd) => admin::keys(cmd).await,
+        Command::Aggregate(args) => aggregate::run(args).await,
         Command::Push(args) => push::run(args).await,
         Command::Bench(args) => bench::run(args).await,
     }

@@ -30,6 +30,8 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/admin/servers/{id}/keys", post(issue_key).get(list_keys))
         .route("/api/v1/admin/servers/{id}/keys/{key_id}", delete(revoke_key))
         .route("/api/v1/admin/ping", get(ping))
+        .route("/api/v1/admin/aggregate", post(aggregate))
+        .route("/functions/v1/metrics-aggregate", post(aggregate))
 }
 
 #[derive(Deserialize)]
@@ -100,7 +102,7 @@ async fn create_server(
             ),
             other => other.into(),
         })?;
-    Ok((StatusCode::CREATED, Json(server_json(&server))).into_response())
+    Ok((StatusCode::CREATED, Json(server_json(&server, None))).into_response())
 }
 
 async fn update_server(
@@ -123,7 +125,7 @@ async fn update_server(
             StoreError::NotFound => ApiError::not_found("server"),
             other => other.into(),
         })?;
-    Ok(Json(server_json(&server)))
+    Ok(Json(server_json(&server, None)))
 }
 
 async fn delete_server(
@@ -191,4 +193,64 @@ async fn revoke_key(
         })?;
     tracing::info!(server_id = %id, key_id = %key_id, "revoked a credential");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AggregateBody {
+    from: Option<Value>,
+    to: Option<Value>,
+}
+
+fn time_value(v: &Value, what: &str) -> ApiResult<i64> {
+    match v {
+        Value::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| ApiError::invalid(format!("{what} must be unix ms or RFC 3339"))),
+        Value::String(s) => mcp_metrics_core::time::parse_time_param(s)
+            .ok_or_else(|| ApiError::invalid(format!("{what} must be unix ms or RFC 3339"))),
+        _ => Err(ApiError::invalid(format!("{what} must be unix ms or RFC 3339"))),
+    }
+}
+
+/// Recomputes rollups (all dirty buckets, plus every minute with raw samples in
+/// [from, to) when given) and applies retention; answers what was done.
+async fn aggregate(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    auth::operator(&state, &headers)?;
+    let request: AggregateBody = if body.iter().all(u8::is_ascii_whitespace) {
+        AggregateBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(e.to_string()))?
+    };
+    let started = std::time::Instant::now();
+    let marked = match (&request.from, &request.to) {
+        (None, None) => 0,
+        (from, to) => {
+            let from = from.as_ref().map(|v| time_value(v, "from")).transpose()?.unwrap_or(0);
+            let to = to
+                .as_ref()
+                .map(|v| time_value(v, "to"))
+                .transpose()?
+                .unwrap_or(i64::MAX);
+            if from >= to {
+                return Err(ApiError::invalid("from must be before to"));
+            }
+            state.store.mark_range_dirty(from, to).await?
+        }
+    };
+    let retention = &state.config.retention;
+    let report = crate::rollup::run_until_idle(&state.store, retention, 10_000, |_, _| {}).await?;
+    report.servers.iter().for_each(|s| state.cache.invalidate_server(s));
+    let deleted = crate::rollup::apply_retention(&state.store, retention).await?;
+    tracing::info!(marked, buckets = report.buckets(), "aggregation run by the operator");
+    Ok(Json(json!({
+        "marked_minutes": marked,
+        "rollups": report,
+        "retention_deleted": deleted,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    })))
 }

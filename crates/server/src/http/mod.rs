@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod ingest;
+pub mod metrics;
 pub mod ops;
 pub mod problem;
 pub mod samples;
@@ -26,6 +27,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ingest::router(&state))
         .merge(servers::router())
         .merge(samples::router())
+        .merge(metrics::router())
         .merge(admin::router())
         .merge(ops::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), track))

@@ -23,7 +23,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The JSON shape of a server in every public answer.
-pub fn server_json(server: &Server) -> Value {
+pub fn server_json(server: &Server, p95_24h: Option<f64>) -> Value {
     json!({
         "id": server.id,
         "registry_name": server.registry_name,
@@ -37,7 +37,7 @@ pub fn server_json(server: &Server) -> Value {
         "summary": {
             "health": "unknown",
             "uptime_7d": null,
-            "p95_24h": null,
+            "p95_24h": p95_24h,
             "installs_30d": null,
             "views_30d": null,
         },
@@ -71,14 +71,31 @@ async fn list(
             .parse::<usize>()
             .map_err(|_| ApiError::invalid("cursor must be a value returned as next"))?,
     };
-    let mut servers = state.store.list_servers().await?;
-    // Until summaries exist every sort key is null, so each order falls back to the name.
-    servers.sort_by(|a, b| {
-        let key = |s: &Server| s.name.clone().unwrap_or_else(|| s.id.clone()).to_lowercase();
-        key(a).cmp(&key(b)).then_with(|| a.id.cmp(&b.id))
-    });
-    let total = servers.len();
-    let page: Vec<Value> = servers.iter().skip(offset).take(limit).map(server_json).collect();
+    let servers = state.store.list_servers().await?;
+    let mut rows = Vec::with_capacity(servers.len());
+    for server in servers {
+        let p95 = super::metrics::p95_24h(&state, &server.id).await?;
+        rows.push((server, p95));
+    }
+    let name_key = |s: &Server| s.name.clone().unwrap_or_else(|| s.id.clone()).to_lowercase();
+    // Summaries not computed yet (popularity needs usage, uptime needs probes) are null:
+    // those orders fall back to the name. Nulls sort last.
+    match q.sort.as_deref() {
+        Some("latency") => rows.sort_by(|(a, pa), (b, pb)| match (pa, pb) {
+            (Some(x), Some(y)) => x.total_cmp(y).then_with(|| name_key(a).cmp(&name_key(b))),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => name_key(a).cmp(&name_key(b)),
+        }),
+        _ => rows.sort_by(|(a, _), (b, _)| name_key(a).cmp(&name_key(b)).then_with(|| a.id.cmp(&b.id))),
+    }
+    let total = rows.len();
+    let page: Vec<Value> = rows
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|(s, p95)| server_json(s, *p95))
+        .collect();
     let next = (offset + limit < total).then(|| (offset + limit).to_string());
     Ok(Json(json!({ "servers": page, "next": next })))
 }
@@ -89,5 +106,6 @@ async fn detail(State(state): State<AppState>, Path(id): Path<String>) -> ApiRes
         .get_server(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("server"))?;
-    Ok(Json(server_json(&server)))
+    let p95 = super::metrics::p95_24h(&state, &id).await?;
+    Ok(Json(server_json(&server, p95)))
 }

@@ -4,10 +4,11 @@
 use rusqlite::Connection;
 
 /// (version, description, SQL)
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "servers, credentials, series, raw samples, events, request guards",
-    r#"
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "servers, credentials, series, raw samples, events, request guards",
+        r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -90,7 +91,70 @@ CREATE TABLE request_digests (
     PRIMARY KEY (key_id, digest)
 ) WITHOUT ROWID;
 "#,
-)];
+    ),
+    (
+        2,
+        "rollups per minute, hour and day, and their dirty marks",
+        r#"
+-- One row per series and bucket. sketch: the DDSketch of histogram series (NULL for
+-- other kinds). The daily table keeps the seed's name.
+CREATE TABLE rollups_1m (
+    series_id INTEGER NOT NULL,
+    bucket    INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    sum       REAL NOT NULL,
+    min       REAL NOT NULL,
+    max       REAL NOT NULL,
+    first     REAL NOT NULL,
+    first_ts  INTEGER NOT NULL,
+    last      REAL NOT NULL,
+    last_ts   INTEGER NOT NULL,
+    increase  REAL NOT NULL,
+    sketch    BLOB,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+CREATE TABLE rollups_1h (
+    series_id INTEGER NOT NULL,
+    bucket    INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    sum       REAL NOT NULL,
+    min       REAL NOT NULL,
+    max       REAL NOT NULL,
+    first     REAL NOT NULL,
+    first_ts  INTEGER NOT NULL,
+    last      REAL NOT NULL,
+    last_ts   INTEGER NOT NULL,
+    increase  REAL NOT NULL,
+    sketch    BLOB,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+CREATE TABLE server_metrics_daily (
+    series_id INTEGER NOT NULL,
+    bucket    INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    sum       REAL NOT NULL,
+    min       REAL NOT NULL,
+    max       REAL NOT NULL,
+    first     REAL NOT NULL,
+    first_ts  INTEGER NOT NULL,
+    last      REAL NOT NULL,
+    last_ts   INTEGER NOT NULL,
+    increase  REAL NOT NULL,
+    sketch    BLOB,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+
+-- level: 0 minute, 1 hour, 2 day.
+CREATE TABLE rollup_dirty (
+    level      INTEGER NOT NULL,
+    bucket     INTEGER NOT NULL,
+    series_id  INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    PRIMARY KEY (level, bucket, series_id)
+) WITHOUT ROWID;
+"#,
+    ),
+];
 
 /// The version a fully migrated database has.
 pub fn latest_version() -> i64 {

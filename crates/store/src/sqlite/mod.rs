@@ -6,6 +6,7 @@
 //! commit: many requests share one transaction and one fsync.
 
 mod migrations;
+mod rollups;
 mod value_codec;
 
 use std::collections::BTreeMap;
@@ -17,12 +18,18 @@ use mcp_metrics_core::model::{
     CredentialInfo, EventSource, Kind, NewEvent, RawSample, SeriesInfo, SeriesKey, Server, ServerFields,
     StoredCredential, StoredEvent, Tags,
 };
+use mcp_metrics_core::rollup::{BucketStats, Level, align};
 use mcp_metrics_core::time::now_ms;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
 
-use crate::{RequestOutcome, SampleQuery, SeriesRef, Store, StoreError, StoreOptions, StoreResult, WriteBatch};
+use crate::{
+    DirtyMark, RequestOutcome, RetentionCutoffs, RetentionReport, RollupRow, RollupWork, SampleQuery, SeriesRef, Store,
+    StoreError, StoreOptions, StoreResult, WriteBatch,
+};
 
 pub use migrations::latest_version;
+
+const MINUTE: i64 = 60_000;
 
 /// Extracts the file path from `sqlite://path`, `sqlite:path` or a bare path.
 pub fn path_from_url(url: &str) -> StoreResult<PathBuf> {
@@ -60,12 +67,32 @@ fn join_err(e: tokio::task::JoinError) -> StoreError {
 
 struct Inner {
     path: PathBuf,
+    /// Source of dirty-mark generations: strictly increasing, also across restarts
+    /// (seeded from the clock in microseconds).
+    generation: std::sync::atomic::AtomicI64,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     read_pool_size: usize,
 }
 
 impl Inner {
+    fn next_generation(&self) -> i64 {
+        let floor = now_ms() * 1000;
+        let mut current = self.generation.load(std::sync::atomic::Ordering::Relaxed);
+        loop {
+            let next = floor.max(current + 1);
+            match self.generation.compare_exchange_weak(
+                current,
+                next,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
     fn open_reader(&self) -> rusqlite::Result<Connection> {
         let conn = Connection::open(&self.path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -120,6 +147,7 @@ impl SqliteStore {
             Ok(SqliteStore {
                 inner: Arc::new(Inner {
                     path,
+                    generation: std::sync::atomic::AtomicI64::new(0),
                     writer: Mutex::new(writer),
                     readers: Mutex::new(Vec::new()),
                     read_pool_size: options.read_pool_size.max(1),
@@ -258,10 +286,15 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
-fn write_batch_blocking(conn: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<Vec<RequestOutcome>> {
+fn write_batch_blocking(
+    conn: &mut Connection,
+    batch: &WriteBatch,
+    generation: i64,
+) -> rusqlite::Result<Vec<RequestOutcome>> {
     let now = batch.now;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.requests.len());
+    let mut dirty: Vec<(i64, i64)> = Vec::new();
     let mut rows: Vec<(i64, i64, Kind, f64)> = Vec::with_capacity(batch.requests.iter().map(|r| r.samples.len()).sum());
     {
         // A guard row that exists and has not expired makes the upsert a no-op, so
@@ -358,6 +391,19 @@ fn write_batch_blocking(conn: &mut Connection, batch: &WriteBatch) -> rusqlite::
             } else {
                 upsert_value.execute(params![series_id, ts, value_codec::encode(value)])?;
             }
+            if dirty.last() != Some(&(align(ts, MINUTE), series_id)) {
+                dirty.push((align(ts, MINUTE), series_id));
+            }
+        }
+        // Every minute that received a sample is recomputed by the rollup job.
+        dirty.sort_unstable();
+        dirty.dedup();
+        let mut mark = tx.prepare_cached(
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
+        )?;
+        for (minute, series_id) in dirty {
+            mark.execute(params![minute, series_id, generation])?;
         }
     }
     tx.commit()?;
@@ -640,7 +686,8 @@ impl Store for SqliteStore {
     }
 
     async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
-        self.write(move |c| write_batch_blocking(c, &batch).map_err(map_err))
+        let generation = self.inner.next_generation();
+        self.write(move |c| write_batch_blocking(c, &batch, generation).map_err(map_err))
             .await
     }
 
@@ -660,6 +707,67 @@ impl Store for SqliteStore {
             Ok((a + b) as u64)
         })
         .await
+    }
+
+    async fn rollup_work(&self, level: Level, max_marks: usize) -> StoreResult<RollupWork> {
+        self.read(move |c| rollups::work(c, level, max_marks)).await
+    }
+
+    async fn apply_rollups(&self, level: Level, results: Vec<(DirtyMark, Option<BucketStats>)>) -> StoreResult<()> {
+        let generation = self.inner.next_generation();
+        self.write(move |c| {
+            // Marks whose inputs are past retention are only cleared: recomputing them
+            // from what is left would erase good buckets.
+            rollups::apply(c, level, &results, generation).map_err(map_err)
+        })
+        .await
+    }
+
+    async fn drop_dirty_marks(&self, marks: Vec<DirtyMark>) -> StoreResult<()> {
+        self.write(move |c| rollups::drop_marks(c, &marks).map_err(map_err))
+            .await
+    }
+
+    async fn mark_range_dirty(&self, from: i64, to: i64) -> StoreResult<u64> {
+        let generation = self.inner.next_generation();
+        self.write(move |c| rollups::mark_range(c, from, to, generation).map_err(map_err))
+            .await
+    }
+
+    async fn dirty_backlog(&self) -> StoreResult<[u64; 3]> {
+        self.read(rollups::backlog).await
+    }
+
+    async fn read_rollups(&self, level: Level, series_ids: &[i64], from: i64, to: i64) -> StoreResult<Vec<RollupRow>> {
+        let ids = series_ids.to_vec();
+        self.read(move |c| rollups::read(c, level, &ids, from, to)).await
+    }
+
+    async fn apply_retention(&self, cutoffs: &RetentionCutoffs) -> StoreResult<RetentionReport> {
+        let mut report = RetentionReport::default();
+        if let Some(cutoff) = cutoffs.raw {
+            loop {
+                let (deleted, more) = self
+                    .write(move |c| rollups::retention_raw_slice(c, cutoff).map_err(map_err))
+                    .await?;
+                report.raw += deleted;
+                if !more {
+                    break;
+                }
+            }
+        }
+        for (level, cutoff, slot) in [
+            (Level::Minute, cutoffs.minute, &mut report.minute),
+            (Level::Hour, cutoffs.hour, &mut report.hour),
+            (Level::Day, cutoffs.day, &mut report.day),
+        ] {
+            if let Some(cutoff) = cutoff {
+                *slot = self
+                    .write(move |c| rollups::retention_level(c, level, cutoff).map_err(map_err))
+                    .await?;
+            }
+        }
+        Ok(report)
     }
 
     async fn insert_event(&self, event: &NewEvent) -> StoreResult<i64> {

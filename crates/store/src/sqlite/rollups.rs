@@ -1,0 +1,305 @@
+//! SQL of the rollup tables: reading dirty buckets with their inputs from one snapshot,
+//! writing recomputed buckets and clearing marks with a generation check, retention.
+
+use std::collections::{HashMap, HashSet};
+
+use mcp_metrics_core::model::Kind;
+use mcp_metrics_core::rollup::{BucketStats, Level, align};
+use mcp_metrics_core::sketch::Sketch;
+use rusqlite::{Connection, Row, TransactionBehavior, params};
+
+use super::value_codec;
+use crate::{DirtyMark, RollupInput, RollupRow, RollupWork};
+
+pub fn table(level: Level) -> &'static str {
+    match level {
+        Level::Minute => "rollups_1m",
+        Level::Hour => "rollups_1h",
+        Level::Day => "server_metrics_daily",
+    }
+}
+
+const STATS_COLUMNS: &str = "count, sum, min, max, first, first_ts, last, last_ts, increase, sketch";
+
+/// Reads the ten stats columns starting at `at`.
+fn stats_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<BucketStats> {
+    let count: i64 = r.get(at)?;
+    let sketch: Option<Vec<u8>> = r.get(at + 9)?;
+    Ok(BucketStats {
+        count: count as u64,
+        sum: r.get(at + 1)?,
+        min: r.get(at + 2)?,
+        max: r.get(at + 3)?,
+        first: r.get(at + 4)?,
+        first_ts: r.get(at + 5)?,
+        last: r.get(at + 6)?,
+        last_ts: r.get(at + 7)?,
+        increase: r.get(at + 8)?,
+        sketch: match sketch {
+            None => None,
+            Some(bytes) => Some(Sketch::decode(&bytes).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(at + 9, rusqlite::types::Type::Blob, Box::new(e))
+            })?),
+        },
+    })
+}
+
+pub fn work(conn: &Connection, level: Level, max_marks: usize) -> rusqlite::Result<RollupWork> {
+    // One read transaction: the marks and the data they are rebuilt from come from the
+    // same WAL snapshot, so a sample committed later also renewed its mark.
+    let tx = conn.unchecked_transaction()?;
+    let marks: Vec<DirtyMark> = tx
+        .prepare_cached(
+            "SELECT bucket, series_id, generation FROM rollup_dirty WHERE level = ?1
+             ORDER BY bucket, series_id LIMIT ?2",
+        )?
+        .query_map(params![level.as_i64(), max_marks as i64], |r| {
+            Ok(DirtyMark {
+                level,
+                bucket: r.get(0)?,
+                series_id: r.get(1)?,
+                generation: r.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut items = Vec::with_capacity(marks.len());
+    match level.child() {
+        None => {
+            // Minutes: one range scan of the raw table per marked minute.
+            let mut scan = tx.prepare_cached(
+                "SELECT series_id, ts, value FROM server_metrics WHERE ts >= ?1 AND ts < ?2 ORDER BY ts, series_id, seq",
+            )?;
+            let mut i = 0;
+            while i < marks.len() {
+                let bucket = marks[i].bucket;
+                let end = marks[i..]
+                    .iter()
+                    .position(|m| m.bucket != bucket)
+                    .map_or(marks.len(), |n| i + n);
+                let wanted: HashSet<i64> = marks[i..end].iter().map(|m| m.series_id).collect();
+                let mut by_series: HashMap<i64, Vec<(i64, f64)>> = HashMap::new();
+                let mut rows = scan.query(params![bucket, bucket + level.bucket_ms()])?;
+                while let Some(r) = rows.next()? {
+                    let series_id: i64 = r.get(0)?;
+                    if wanted.contains(&series_id) {
+                        by_series
+                            .entry(series_id)
+                            .or_default()
+                            .push((r.get(1)?, value_codec::decode(r.get_ref(2)?)));
+                    }
+                }
+                for mark in &marks[i..end] {
+                    items.push((
+                        *mark,
+                        RollupInput::Raw(by_series.remove(&mark.series_id).unwrap_or_default()),
+                    ));
+                }
+                i = end;
+            }
+        }
+        Some(child) => {
+            let mut children = tx.prepare_cached(&format!(
+                "SELECT {STATS_COLUMNS} FROM {} WHERE series_id = ?1 AND bucket >= ?2 AND bucket < ?3 ORDER BY bucket",
+                table(child)
+            ))?;
+            for mark in marks {
+                let stats = children
+                    .query_map(
+                        params![mark.series_id, mark.bucket, mark.bucket + level.bucket_ms()],
+                        |r| stats_from_row(r, 0),
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                items.push((mark, RollupInput::Children(stats)));
+            }
+        }
+    }
+    let ids: Vec<i64> = items
+        .iter()
+        .map(|(m, _)| m.series_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut series = HashMap::with_capacity(ids.len());
+    let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
+    let mut stmt =
+        tx.prepare_cached("SELECT id, kind, server_id FROM series WHERE id IN (SELECT value FROM json_each(?1))")?;
+    let mut rows = stmt.query([ids_json])?;
+    while let Some(r) = rows.next()? {
+        let kind: i64 = r.get(1)?;
+        series.insert(
+            r.get::<_, i64>(0)?,
+            (Kind::from_i64(kind).unwrap_or(Kind::Gauge), r.get::<_, String>(2)?),
+        );
+    }
+    drop(rows);
+    drop(stmt);
+    tx.commit()?;
+    Ok(RollupWork { items, series })
+}
+
+pub fn apply(
+    conn: &mut Connection,
+    level: Level,
+    results: &[(DirtyMark, Option<BucketStats>)],
+    generation: i64,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let name = table(level);
+        let mut upsert = tx.prepare_cached(&format!(
+            "INSERT INTO {name} (series_id, bucket, {STATS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (series_id, bucket) DO UPDATE SET
+               count = excluded.count, sum = excluded.sum, min = excluded.min, max = excluded.max,
+               first = excluded.first, first_ts = excluded.first_ts, last = excluded.last,
+               last_ts = excluded.last_ts, increase = excluded.increase, sketch = excluded.sketch"
+        ))?;
+        let mut delete = tx.prepare_cached(&format!("DELETE FROM {name} WHERE series_id = ?1 AND bucket = ?2"))?;
+        let mut clear = tx.prepare_cached(
+            "DELETE FROM rollup_dirty WHERE level = ?1 AND bucket = ?2 AND series_id = ?3 AND generation = ?4",
+        )?;
+        let mut mark_parent = tx.prepare_cached(
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
+        )?;
+        for (mark, stats) in results {
+            match stats {
+                Some(s) => {
+                    upsert.execute(params![
+                        mark.series_id,
+                        mark.bucket,
+                        s.count as i64,
+                        s.sum,
+                        s.min,
+                        s.max,
+                        s.first,
+                        s.first_ts,
+                        s.last,
+                        s.last_ts,
+                        s.increase,
+                        s.sketch.as_ref().map(Sketch::encode),
+                    ])?;
+                }
+                None => {
+                    delete.execute(params![mark.series_id, mark.bucket])?;
+                }
+            }
+            clear.execute(params![level.as_i64(), mark.bucket, mark.series_id, mark.generation])?;
+            if let Some(parent) = level.parent() {
+                mark_parent.execute(params![
+                    parent.as_i64(),
+                    align(mark.bucket, parent.bucket_ms()),
+                    mark.series_id,
+                    generation
+                ])?;
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// Drops marks without recomputing (their inputs are past retention).
+pub fn drop_marks(conn: &mut Connection, marks: &[DirtyMark]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut clear = tx.prepare_cached(
+            "DELETE FROM rollup_dirty WHERE level = ?1 AND bucket = ?2 AND series_id = ?3 AND generation = ?4",
+        )?;
+        for m in marks {
+            clear.execute(params![m.level.as_i64(), m.bucket, m.series_id, m.generation])?;
+        }
+    }
+    tx.commit()
+}
+
+pub fn mark_range(conn: &mut Connection, from: i64, to: i64, generation: i64) -> rusqlite::Result<u64> {
+    let changed = conn.execute(
+        "INSERT INTO rollup_dirty (level, bucket, series_id, generation)
+         SELECT 0, (ts / 60000) * 60000 AS minute, series_id, ?3 FROM server_metrics
+         WHERE ts >= ?1 AND ts < ?2 GROUP BY minute, series_id
+         ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
+        params![from, to, generation],
+    )?;
+    Ok(changed as u64)
+}
+
+pub fn backlog(conn: &Connection) -> rusqlite::Result<[u64; 3]> {
+    let mut out = [0u64; 3];
+    let mut stmt = conn.prepare_cached("SELECT level, count(*) FROM rollup_dirty GROUP BY level")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let level: i64 = r.get(0)?;
+        let n: i64 = r.get(1)?;
+        if let Some(slot) = out.get_mut(level as usize) {
+            *slot = n as u64;
+        }
+    }
+    Ok(out)
+}
+
+pub fn read(
+    conn: &Connection,
+    level: Level,
+    series_ids: &[i64],
+    from: i64,
+    to: i64,
+) -> rusqlite::Result<Vec<RollupRow>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT bucket, {STATS_COLUMNS} FROM {} WHERE series_id = ?1 AND bucket >= ?2 AND bucket < ?3 ORDER BY bucket",
+        table(level)
+    ))?;
+    let mut out = Vec::new();
+    for &series_id in series_ids {
+        let rows = stmt.query_map(params![series_id, from, to], |r| {
+            Ok(RollupRow {
+                series_id,
+                bucket: r.get(0)?,
+                stats: stats_from_row(r, 1)?,
+            })
+        })?;
+        for row in rows {
+            out.push(row?);
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes one slice of raw samples older than `cutoff` (at most an hour of data per
+/// call, so the writer lock is held briefly); returns rows deleted and whether more
+/// remain.
+pub fn retention_raw_slice(conn: &mut Connection, cutoff: i64) -> rusqlite::Result<(u64, bool)> {
+    let oldest: Option<i64> = conn
+        .query_row("SELECT ts FROM server_metrics ORDER BY ts LIMIT 1", [], |r| r.get(0))
+        .ok();
+    let Some(oldest) = oldest.filter(|t| *t < cutoff) else {
+        return Ok((0, false));
+    };
+    let until = cutoff.min(oldest + 3_600_000);
+    let deleted = conn.execute("DELETE FROM server_metrics WHERE ts < ?1", [until])? as u64;
+    Ok((deleted, until < cutoff))
+}
+
+/// Deletes rollups of `level` older than `cutoff`, series by series, and the dirty marks
+/// of that level older than it.
+pub fn retention_level(conn: &mut Connection, level: Level, cutoff: i64) -> rusqlite::Result<u64> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut deleted = 0u64;
+    {
+        let ids: Vec<i64> = tx
+            .prepare_cached("SELECT id FROM series")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut delete = tx.prepare_cached(&format!(
+            "DELETE FROM {} WHERE series_id = ?1 AND bucket < ?2",
+            table(level)
+        ))?;
+        for id in ids {
+            deleted += delete.execute(params![id, cutoff])? as u64;
+        }
+        tx.execute(
+            "DELETE FROM rollup_dirty WHERE level = ?1 AND bucket < ?2",
+            params![level.as_i64(), cutoff],
+        )?;
+    }
+    tx.commit()?;
+    Ok(deleted)
+}
