@@ -6,17 +6,22 @@ use crate::rollup::{BucketStats, counter_step};
 
 /// Merges buckets (sorted by start) into `count` points of width `step` from `from`.
 /// Buckets before `from` are ignored; a point without buckets is `None`, a gap.
-pub fn bucketize(buckets: &[(i64, BucketStats)], from: i64, step: i64, count: usize) -> Vec<Option<BucketStats>> {
+pub fn bucketize(
+    buckets: impl IntoIterator<Item = (i64, BucketStats)>,
+    from: i64,
+    step: i64,
+    count: usize,
+) -> Vec<Option<BucketStats>> {
     let mut points: Vec<Option<BucketStats>> = vec![None; count];
     for (start, stats) in buckets {
-        if *start < from {
+        if start < from {
             continue;
         }
         let i = ((start - from) / step) as usize;
         let Some(slot) = points.get_mut(i) else { continue };
         match slot {
-            Some(point) => point.merge_next(stats),
-            None => *slot = Some(stats.clone()),
+            Some(point) => point.merge_next(&stats),
+            None => *slot = Some(stats),
         }
     }
     points
@@ -83,7 +88,7 @@ mod tests {
             gauge(180_000, &[3.0, 5.0]),
             gauge(300_000, &[7.0]),
         ];
-        let points = bucketize(&buckets, 0, 300_000, 3);
+        let points = bucketize(buckets, 0, 300_000, 3);
         let p0 = points[0].as_ref().unwrap();
         assert_eq!((p0.count, p0.sum, p0.min, p0.max, p0.last), (3, 9.0, 1.0, 5.0, 5.0));
         assert_eq!(points[1].as_ref().unwrap().count, 1);
@@ -100,7 +105,7 @@ mod tests {
         };
         let seed = c(-60_000, &[100.0]).1;
         let buckets = vec![c(0, &[110.0, 120.0]), c(60_000, &[5.0]), c(180_000, &[9.0])];
-        let points = bucketize(&buckets, 0, 60_000, 4);
+        let points = bucketize(buckets, 0, 60_000, 4);
         // 100→110→120: 20; restart to 5: 5; gap; 5→9: 4.
         assert_eq!(
             counter_increases(&points, Some(&seed)),

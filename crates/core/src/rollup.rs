@@ -165,6 +165,16 @@ impl BucketStats {
         self.sum / self.count as f64
     }
 
+    /// p50, p95 and p99 in one pass, clamped to the exact min and max.
+    pub fn percentiles(&self) -> [Option<f64>; 3] {
+        match &self.sketch {
+            None => [None; 3],
+            Some(s) => s
+                .quantiles([0.50, 0.95, 0.99])
+                .map(|v| v.map(|v| v.clamp(self.min, self.max))),
+        }
+    }
+
     /// A percentile from the sketch, clamped to the exact min and max.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         self.sketch.as_ref()?.quantile(q).map(|v| v.clamp(self.min, self.max))

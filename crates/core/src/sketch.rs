@@ -52,6 +52,38 @@ impl Bins {
             self.counts.resize((index - self.offset) as usize + 1, 0);
         }
         self.counts[(index - self.offset) as usize] += n;
+        self.collapse();
+    }
+
+    fn end(&self) -> i32 {
+        self.offset + self.counts.len() as i32
+    }
+
+    /// Adds `other`'s counts, growing the range at most once.
+    fn merge(&mut self, other: &Bins) {
+        if other.counts.is_empty() {
+            return;
+        }
+        if self.counts.is_empty() {
+            self.clone_from(other);
+            return;
+        }
+        let (lo, hi) = (self.offset.min(other.offset), self.end().max(other.end()));
+        if lo < self.offset || hi > self.end() {
+            let mut counts = vec![0; (hi - lo) as usize];
+            let at = (self.offset - lo) as usize;
+            counts[at..at + self.counts.len()].copy_from_slice(&self.counts);
+            self.counts = counts;
+            self.offset = lo;
+        }
+        let at = (other.offset - self.offset) as usize;
+        for (mine, theirs) in self.counts[at..at + other.counts.len()].iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.collapse();
+    }
+
+    fn collapse(&mut self) {
         if self.counts.len() > MAX_BINS {
             let excess = self.counts.len() - MAX_BINS;
             let collapsed: u64 = self.counts.drain(..excess).sum();
@@ -60,12 +92,20 @@ impl Bins {
         }
     }
 
-    fn merge(&mut self, other: &Bins) {
-        for (i, &n) in other.counts.iter().enumerate() {
-            if n > 0 {
-                self.add(other.offset + i as i32, n);
-            }
+    /// Builds bins from ascending (index, count) pairs in one allocation.
+    fn from_sorted(pairs: &[(i32, u64)]) -> Bins {
+        let (Some(first), Some(last)) = (pairs.first(), pairs.last()) else {
+            return Bins::default();
+        };
+        let mut bins = Bins {
+            offset: first.0,
+            counts: vec![0; (last.0 - first.0) as usize + 1],
+        };
+        for (index, n) in pairs {
+            bins.counts[(index - first.0) as usize] += n;
         }
+        bins.collapse();
+        bins
     }
 
     fn nonzero(&self) -> impl DoubleEndedIterator<Item = (i32, u64)> + '_ {
@@ -144,6 +184,35 @@ impl Sketch {
         self.positive.nonzero().next_back().map(|(i, _)| value_of(i))
     }
 
+    /// Several quantiles (ascending) in one walk over the bins.
+    pub fn quantiles<const N: usize>(&self, qs: [f64; N]) -> [Option<f64>; N] {
+        let mut out = [None; N];
+        if self.count == 0 {
+            return out;
+        }
+        let ranks = qs.map(|q| q.clamp(0.0, 1.0) * (self.count - 1) as f64);
+        let mut next = 0;
+        let mut seen = 0u64;
+        let bins = self
+            .negative
+            .nonzero()
+            .rev()
+            .map(|(i, n)| (-value_of(i), n))
+            .chain(std::iter::once((0.0, self.zero)))
+            .chain(self.positive.nonzero().map(|(i, n)| (value_of(i), n)));
+        for (value, n) in bins {
+            seen += n;
+            while next < N && seen as f64 > ranks[next] {
+                out[next] = Some(value);
+                next += 1;
+            }
+            if next == N {
+                break;
+            }
+        }
+        out
+    }
+
     /// Compact binary form: version, zero count, then each sign's non-empty bins as
     /// (zig-zag index delta, count) varints.
     pub fn encode(&self) -> Vec<u8> {
@@ -174,23 +243,30 @@ impl Sketch {
             ..Sketch::default()
         };
         sketch.count = sketch.zero;
+        let mut pairs = Vec::new();
         for negative in [false, true] {
             let bins = get_varint(&mut input)?;
             if bins > MAX_BINS as u64 {
                 return Err(CorruptSketch);
             }
+            pairs.clear();
             let mut index = 0i64;
             for _ in 0..bins {
                 index += unzigzag(get_varint(&mut input)?);
                 let n = get_varint(&mut input)?;
-                let index = i32::try_from(index).map_err(|_| CorruptSketch)?;
-                let target = if negative {
-                    &mut sketch.negative
-                } else {
-                    &mut sketch.positive
-                };
-                target.add(index, n);
+                let i = i32::try_from(index).map_err(|_| CorruptSketch)?;
+                // Bins are written in ascending order; anything else is corrupt.
+                if pairs.last().is_some_and(|(previous, _)| *previous >= i) {
+                    return Err(CorruptSketch);
+                }
+                pairs.push((i, n));
                 sketch.count = sketch.count.checked_add(n).ok_or(CorruptSketch)?;
+            }
+            let built = Bins::from_sorted(&pairs);
+            if negative {
+                sketch.negative = built;
+            } else {
+                sketch.positive = built;
             }
         }
         if !input.is_empty() {
@@ -324,6 +400,13 @@ mod tests {
             reversed.merge(&sb);
             reversed.merge(&sa);
             prop_assert_eq!(left, reversed);
+        }
+
+        #[test]
+        fn quantiles_in_one_walk_match_single_quantiles(values in distribution()) {
+            let s = sketch_of(&values);
+            let [a, b, c] = s.quantiles([0.5, 0.95, 0.99]);
+            prop_assert_eq!((a, b, c), (s.quantile(0.5), s.quantile(0.95), s.quantile(0.99)));
         }
 
         #[test]

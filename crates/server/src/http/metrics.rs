@@ -160,11 +160,15 @@ struct SeriesPoints {
     increases: Vec<Option<f64>>,
 }
 
-fn series_points(kind: Kind, rows: &[(i64, BucketStats)], from: i64, period: Period) -> SeriesPoints {
+fn series_points(kind: Kind, rows: Vec<(i64, BucketStats)>, from: i64, period: Period) -> SeriesPoints {
+    let seed = if kind == Kind::Counter {
+        rows.iter().rev().find(|(b, _)| *b < from).map(|(_, s)| s.clone())
+    } else {
+        None
+    };
     let points = bucketize(rows, from, period.resolution_ms(), period.points() as usize);
     let increases = if kind == Kind::Counter {
-        let seed = rows.iter().rev().find(|(b, _)| *b < from).map(|(_, s)| s);
-        counter_increases(&points, seed)
+        counter_increases(&points, seed.as_ref())
     } else {
         Vec::new()
     };
@@ -214,15 +218,14 @@ pub async fn compute_metrics(
     if let Some(names) = names {
         series.retain(|s| names.contains(&s.key.name));
     }
-    let (from, to, grouped) = load(state, &series, period, now).await?;
+    let (from, to, mut grouped) = load(state, &series, period, now).await?;
     let step = period.resolution_ms();
     let t: Vec<Value> = (0..period.points()).map(|i| json!(from + i * step)).collect();
     let mut latency: Option<BucketStats> = None;
     let (mut requests, mut errors, mut have_requests, mut have_errors) = (0.0, 0.0, false, false);
     let mut out = Vec::with_capacity(series.len());
     for s in &series {
-        let rows = grouped.get(&s.id).map(Vec::as_slice).unwrap_or(&[]);
-        let sp = series_points(s.kind, rows, from, period);
+        let sp = series_points(s.kind, grouped.remove(&s.id).unwrap_or_default(), from, period);
         let mut points = Map::new();
         points.insert("t".into(), Value::Array(t.clone()));
         let field = |f: &dyn Fn(&BucketStats) -> Option<f64>| opt(sp.points.iter().map(|p| p.as_ref().and_then(f)));
@@ -232,9 +235,14 @@ pub async fn compute_metrics(
                 points.insert("avg".into(), field(&|p| Some(p.avg())));
                 points.insert("min".into(), field(&|p| Some(p.min)));
                 points.insert("max".into(), field(&|p| Some(p.max)));
-                points.insert("p50".into(), field(&|p| p.quantile(0.50)));
-                points.insert("p95".into(), field(&|p| p.quantile(0.95)));
-                points.insert("p99".into(), field(&|p| p.quantile(0.99)));
+                let percentiles: Vec<[Option<f64>; 3]> = sp
+                    .points
+                    .iter()
+                    .map(|p| p.as_ref().map_or([None; 3], BucketStats::percentiles))
+                    .collect();
+                for (i, name) in ["p50", "p95", "p99"].into_iter().enumerate() {
+                    points.insert(name.into(), opt(percentiles.iter().map(|p| p[i])));
+                }
                 if s.key.name == "response_time" {
                     sp.points
                         .iter()
@@ -414,16 +422,11 @@ async fn compute_compare(
                 kind.as_str()
             )));
         }
-        let (_, _, grouped) = load(state, &series, period, now).await?;
+        let (_, _, mut grouped) = load(state, &series, period, now).await?;
         let mut combined: Vec<Option<BucketStats>> = vec![None; n];
         let mut increases: Vec<Option<f64>> = vec![None; n];
         for s in &series {
-            let sp = series_points(
-                s.kind,
-                grouped.get(&s.id).map(Vec::as_slice).unwrap_or(&[]),
-                from,
-                period,
-            );
+            let sp = series_points(s.kind, grouped.remove(&s.id).unwrap_or_default(), from, period);
             for (slot, p) in combined.iter_mut().zip(&sp.points) {
                 if let Some(p) = p {
                     combine_parallel(slot, p);

@@ -97,6 +97,8 @@ impl Inner {
         let conn = Connection::open(&self.path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "query_only", "ON")?;
+        // Reads map the file instead of copying pages through read(2).
+        conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
         Ok(conn)
     }
 }
@@ -729,8 +731,9 @@ impl Store for SqliteStore {
     }
 
     async fn mark_range_dirty(&self, from: i64, to: i64) -> StoreResult<u64> {
+        let minutes = self.read(move |c| rollups::minutes_with_samples(c, from, to)).await?;
         let generation = self.inner.next_generation();
-        self.write(move |c| rollups::mark_range(c, from, to, generation).map_err(map_err))
+        self.write(move |c| rollups::mark_minutes(c, &minutes, generation).map_err(map_err))
             .await
     }
 

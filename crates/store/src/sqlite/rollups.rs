@@ -24,7 +24,11 @@ const STATS_COLUMNS: &str = "count, sum, min, max, first, first_ts, last, last_t
 /// Reads the ten stats columns starting at `at`.
 fn stats_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<BucketStats> {
     let count: i64 = r.get(at)?;
-    let sketch: Option<Vec<u8>> = r.get(at + 9)?;
+    // Decoded straight from SQLite's buffer: no copy of the blob.
+    let sketch = match r.get_ref(at + 9)? {
+        rusqlite::types::ValueRef::Blob(bytes) => Some(bytes),
+        _ => None,
+    };
     Ok(BucketStats {
         count: count as u64,
         sum: r.get(at + 1)?,
@@ -37,7 +41,7 @@ fn stats_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<BucketStats> {
         increase: r.get(at + 8)?,
         sketch: match sketch {
             None => None,
-            Some(bytes) => Some(Sketch::decode(&bytes).map_err(|e| {
+            Some(bytes) => Some(Sketch::decode(bytes).map_err(|e| {
                 rusqlite::Error::FromSqlConversionFailure(at + 9, rusqlite::types::Type::Blob, Box::new(e))
             })?),
         },
@@ -211,15 +215,41 @@ pub fn drop_marks(conn: &mut Connection, marks: &[DirtyMark]) -> rusqlite::Resul
     tx.commit()
 }
 
-pub fn mark_range(conn: &mut Connection, from: i64, to: i64, generation: i64) -> rusqlite::Result<u64> {
-    let changed = conn.execute(
-        "INSERT INTO rollup_dirty (level, bucket, series_id, generation)
-         SELECT 0, (ts / 60000) * 60000 AS minute, series_id, ?3 FROM server_metrics
-         WHERE ts >= ?1 AND ts < ?2 GROUP BY minute, series_id
-         ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
-        params![from, to, generation],
-    )?;
-    Ok(changed as u64)
+/// The distinct (minute, series) pairs with raw samples in [from, to). One ordered scan
+/// of the time-first key; a GROUP BY would sort every row instead.
+pub fn minutes_with_samples(conn: &Connection, from: i64, to: i64) -> rusqlite::Result<Vec<(i64, i64)>> {
+    let mut stmt = conn.prepare_cached("SELECT ts, series_id FROM server_metrics WHERE ts >= ?1 AND ts < ?2")?;
+    let mut rows = stmt.query(params![from, to])?;
+    let mut out = Vec::new();
+    let mut minute = i64::MIN;
+    let mut seen: HashSet<i64> = HashSet::new();
+    while let Some(r) = rows.next()? {
+        let (ts, series_id): (i64, i64) = (r.get(0)?, r.get(1)?);
+        let m = align(ts, 60_000);
+        if m != minute {
+            minute = m;
+            seen.clear();
+        }
+        if seen.insert(series_id) {
+            out.push((m, series_id));
+        }
+    }
+    Ok(out)
+}
+
+pub fn mark_minutes(conn: &mut Connection, minutes: &[(i64, i64)], generation: i64) -> rusqlite::Result<u64> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut mark = tx.prepare_cached(
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
+        )?;
+        for (minute, series_id) in minutes {
+            mark.execute(params![minute, series_id, generation])?;
+        }
+    }
+    tx.commit()?;
+    Ok(minutes.len() as u64)
 }
 
 pub fn backlog(conn: &Connection) -> rusqlite::Result<[u64; 3]> {
