@@ -16,3 +16,4 @@ pub mod secrets;
 pub mod signature;
 pub mod sketch;
 pub mod time;
+pub mod usage;

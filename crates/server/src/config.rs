@@ -29,6 +29,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub retention: RetentionConfig,
     pub rollup: RollupConfig,
+    pub usage: UsageConfig,
     pub sqlite: SqliteConfig,
 }
 
@@ -45,6 +46,7 @@ impl std::fmt::Debug for Config {
             .field("ingest", &self.ingest)
             .field("retention", &self.retention)
             .field("rollup", &self.rollup)
+            .field("usage", &self.usage)
             .field("sqlite", &self.sqlite)
             .finish()
     }
@@ -116,6 +118,27 @@ impl Default for RetentionConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct UsageConfig {
+    /// Origins allowed to send the usage beacon from a browser (`*` for any).
+    pub cors_origins: Vec<String>,
+    /// Usage events allowed per truncated client address per minute...
+    pub rate_per_minute: u32,
+    /// ... with bursts of this many.
+    pub burst: u32,
+    /// Days the anonymous event log is kept (daily figures are kept forever).
+    pub event_days: i64,
+    /// Events waiting for the database beyond which the beacon answers 503.
+    pub queue_capacity: usize,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig { cors_origins: Vec::new(), rate_per_minute: 120, burst: 60, event_days: 90, queue_capacity: 100_000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RollupConfig {
     /// Seconds between rollup passes: the most a new sample waits to show in its minute.
     pub interval_secs: f64,
@@ -167,6 +190,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             retention: RetentionConfig::default(),
             rollup: RollupConfig::default(),
+            usage: UsageConfig::default(),
             sqlite: SqliteConfig::default(),
         }
     }
@@ -268,6 +292,14 @@ impl Config {
         }
         if !(self.rollup.interval_secs >= 0.05 && self.rollup.interval_secs <= 3600.0) {
             bail!("rollup.interval_secs must be between 0.05 and 3600");
+        }
+        for cidr in &self.trusted_proxies {
+            if mcp_metrics_core::usage::Cidr::parse(cidr).is_none() {
+                bail!("trusted proxy {cidr:?} is not an address or CIDR such as 10.0.0.0/8");
+            }
+        }
+        if self.usage.rate_per_minute == 0 || self.usage.burst == 0 || self.usage.event_days < 1 || self.usage.queue_capacity == 0 {
+            bail!("usage.rate_per_minute, usage.burst, usage.event_days and usage.queue_capacity must be positive");
         }
         if self.retention.raw_days < 1 {
             bail!("retention.raw_days must be at least 1");

@@ -5,6 +5,7 @@
 //! and talk to it over real HTTP, exactly as the binary does.
 
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod http;
@@ -13,6 +14,7 @@ pub mod keyring;
 pub mod rollup;
 pub mod state;
 pub mod telemetry;
+pub mod usage;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -33,10 +35,12 @@ use telemetry::Telemetry;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Optional behaviour of [`run`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Register demo servers and feed them traffic.
     pub demo: bool,
+    /// The clock of usage days and salts; the system clock when `None` (tests move it).
+    pub clock: Option<Arc<dyn clock::Clock>>,
 }
 
 /// Installs the TLS crypto provider the HTTP client uses (ring). Idempotent.
@@ -78,6 +82,9 @@ pub async fn run(
         .store(known.len() as u64, std::sync::atomic::Ordering::Relaxed);
 
     let (queue, writer) = ingest::writer::start(store.clone(), telemetry.clone(), &config.ingest);
+    let clock: Arc<dyn clock::Clock> = options.clock.clone().unwrap_or_else(|| Arc::new(clock::SystemClock));
+    let (usage, usage_writer) =
+        usage::UsageService::start(store.clone(), clock.clone(), &config.usage, &config.trusted_proxies);
     let state = AppState::new(Shared {
         store: store.clone(),
         config,
@@ -86,6 +93,12 @@ pub async fn run(
         series,
         telemetry: telemetry.clone(),
         cache: ReadCache::new(10_000),
+        usage,
+        clock,
+        known_servers: moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(Duration::from_secs(30))
+            .build(),
     });
 
     let address = listener.local_addr()?;
@@ -129,6 +142,7 @@ pub async fn run(
         let _ = signal.send(true);
     });
     let mut graceful = signalled.clone();
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = graceful.wait_for(|stop| *stop).await;
     });
@@ -145,6 +159,7 @@ pub async fn run(
     }
     tracing::info!("no more requests; committing queued writes");
     writer.drain_and_stop().await;
+    usage_writer.drain_and_stop().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -8,6 +8,8 @@ use mcp_metrics_core::secrets::MasterKey;
 use mcp_metrics_store::Store;
 
 use crate::cache::ReadCache;
+use crate::clock::Clock;
+use crate::usage::UsageService;
 use crate::config::Config;
 use crate::ingest::series_cache::SeriesCache;
 use crate::ingest::writer::WriteQueue;
@@ -24,6 +26,10 @@ pub struct Shared {
     pub series: SeriesCache,
     pub telemetry: Arc<Telemetry>,
     pub cache: ReadCache,
+    pub usage: Arc<UsageService>,
+    pub clock: Arc<dyn Clock>,
+    /// Ids of registered servers seen recently (positive answers only).
+    pub known_servers: moka::sync::Cache<String, ()>,
 }
 
 impl AppState {

@@ -90,6 +90,20 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes data older than the cutoffs.
     async fn apply_retention(&self, cutoffs: &RetentionCutoffs) -> StoreResult<RetentionReport>;
 
+    /// The salt of a UTC day: `candidate` is stored if the day has none yet; the stored
+    /// one is returned, so every node uses the same salt.
+    async fn usage_salt(&self, day: i64, candidate: [u8; 32]) -> StoreResult<[u8; 32]>;
+    /// Deletes salts, and the per-visitor day records keyed by them, of days before
+    /// `day`; returns how many salts.
+    async fn forget_usage_before(&self, day: i64) -> StoreResult<u64>;
+    /// Stores usage events and updates the daily figures in one transaction.
+    async fn record_usage(&self, events: Vec<UsageRecord>) -> StoreResult<()>;
+    /// Daily usage of a server for days in [from_day, to_day], oldest first; days
+    /// without events are absent.
+    async fn usage_days(&self, server_id: &str, from_day: i64, to_day: i64) -> StoreResult<Vec<UsageDay>>;
+    /// Deletes anonymous usage events older than `cutoff` (unix ms).
+    async fn purge_usage_events(&self, cutoff: i64) -> StoreResult<u64>;
+
     async fn insert_event(&self, event: &NewEvent) -> StoreResult<i64>;
     /// Newest first; `before` is an (at, id) position from a previous page.
     async fn list_events(

@@ -157,3 +157,27 @@ pub struct RetentionReport {
     pub hour: u64,
     pub day: u64,
 }
+
+/// One accepted usage event, already anonymous: no address, only the visitor's keyed
+/// hash for the day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub server_id: String,
+    pub kind: mcp_metrics_core::usage::UsageKind,
+    pub client: Option<String>,
+    /// Unix ms.
+    pub at: i64,
+    pub visitor: [u8; 16],
+}
+
+/// Usage of one server on one UTC day. `counted` applies the once-per-visitor rule to
+/// installs, tests, config copies and repository clicks; `raw` counts every event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UsageDay {
+    /// Days since the epoch.
+    pub day: i64,
+    pub visitors: u64,
+    /// Indexed by `UsageKind::index()`.
+    pub counted: [u64; 5],
+    pub raw: [u64; 5],
+}

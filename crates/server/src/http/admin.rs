@@ -139,6 +139,7 @@ async fn delete_server(
         other => other.into(),
     })?;
     state.series.remove_server(&id);
+    state.known_servers.invalidate(&id);
     Ok(StatusCode::NO_CONTENT)
 }
 

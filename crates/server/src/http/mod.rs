@@ -3,12 +3,14 @@
 
 pub mod admin;
 pub mod auth;
+pub mod events;
 pub mod ingest;
 pub mod metrics;
 pub mod ops;
 pub mod problem;
 pub mod samples;
 pub mod servers;
+pub mod usage;
 
 use std::time::Instant;
 
@@ -28,6 +30,8 @@ pub fn router(state: AppState) -> Router {
         .merge(servers::router())
         .merge(samples::router())
         .merge(metrics::router())
+        .merge(usage::router())
+        .merge(events::router())
         .merge(admin::router())
         .merge(ops::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), track))

@@ -154,6 +154,58 @@ CREATE TABLE rollup_dirty (
 ) WITHOUT ROWID;
 "#,
     ),
+    (
+        3,
+        "anonymous usage: daily salts, events, per-visitor day flags, daily figures",
+        r#"
+-- A random salt per UTC day for visitor ids; deleted after 48 hours.
+CREATE TABLE usage_salts (
+    day        INTEGER PRIMARY KEY,
+    salt       BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+
+-- Anonymous event log (the seed's table name): no address, no visitor id.
+-- counted: whether the event counted in public figures.
+CREATE TABLE server_usage (
+    id        INTEGER PRIMARY KEY,
+    server_id TEXT NOT NULL REFERENCES servers(id) ON DELETE CASCADE,
+    event     TEXT NOT NULL,
+    client    TEXT,
+    at        INTEGER NOT NULL,
+    counted   INTEGER NOT NULL
+);
+CREATE INDEX server_usage_by_time ON server_usage(at);
+CREATE INDEX server_usage_by_server ON server_usage(server_id);
+
+-- Which once-per-day events a visitor id already counted (bit per event kind).
+-- Visitor ids are keyed hashes under the day's salt; rows go with the salt.
+CREATE TABLE usage_visitors (
+    day       INTEGER NOT NULL,
+    server_id TEXT NOT NULL,
+    visitor   BLOB NOT NULL,
+    flags     INTEGER NOT NULL,
+    PRIMARY KEY (day, server_id, visitor)
+) WITHOUT ROWID;
+
+CREATE TABLE usage_daily (
+    server_id       TEXT NOT NULL REFERENCES servers(id) ON DELETE CASCADE,
+    day             INTEGER NOT NULL,
+    visitors        INTEGER NOT NULL DEFAULT 0,
+    views           INTEGER NOT NULL DEFAULT 0,
+    installs        INTEGER NOT NULL DEFAULT 0,
+    tests           INTEGER NOT NULL DEFAULT 0,
+    copy_config     INTEGER NOT NULL DEFAULT 0,
+    repo_click      INTEGER NOT NULL DEFAULT 0,
+    raw_views       INTEGER NOT NULL DEFAULT 0,
+    raw_installs    INTEGER NOT NULL DEFAULT 0,
+    raw_tests       INTEGER NOT NULL DEFAULT 0,
+    raw_copy_config INTEGER NOT NULL DEFAULT 0,
+    raw_repo_click  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (server_id, day)
+) WITHOUT ROWID;
+"#,
+    ),
 ];
 
 /// The version a fully migrated database has.

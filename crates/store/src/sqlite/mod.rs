@@ -7,6 +7,7 @@
 
 mod migrations;
 mod rollups;
+mod usage;
 mod value_codec;
 
 use std::collections::BTreeMap;
@@ -24,7 +25,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavio
 
 use crate::{
     DirtyMark, RequestOutcome, RetentionCutoffs, RetentionReport, RollupRow, RollupWork, SampleQuery, SeriesRef, Store,
-    StoreError, StoreOptions, StoreResult, WriteBatch,
+    StoreError, StoreOptions, StoreResult, UsageDay, UsageRecord, WriteBatch,
 };
 
 pub use migrations::latest_version;
@@ -771,6 +772,27 @@ impl Store for SqliteStore {
             }
         }
         Ok(report)
+    }
+
+    async fn usage_salt(&self, day: i64, candidate: [u8; 32]) -> StoreResult<[u8; 32]> {
+        self.write(move |c| usage::salt(c, day, candidate, now_ms()).map_err(map_err)).await
+    }
+
+    async fn forget_usage_before(&self, day: i64) -> StoreResult<u64> {
+        self.write(move |c| usage::forget_before(c, day).map_err(map_err)).await
+    }
+
+    async fn record_usage(&self, events: Vec<UsageRecord>) -> StoreResult<()> {
+        self.write(move |c| usage::record(c, &events).map_err(map_err)).await
+    }
+
+    async fn usage_days(&self, server_id: &str, from_day: i64, to_day: i64) -> StoreResult<Vec<UsageDay>> {
+        let server_id = server_id.to_owned();
+        self.read(move |c| usage::days(c, &server_id, from_day, to_day)).await
+    }
+
+    async fn purge_usage_events(&self, cutoff: i64) -> StoreResult<u64> {
+        self.write(move |c| usage::purge_events(c, cutoff).map_err(map_err)).await
     }
 
     async fn insert_event(&self, event: &NewEvent) -> StoreResult<i64> {
