@@ -407,3 +407,86 @@ async fn cli_round_trip_servers_keys_push_read_back() {
     let (ok, out, _) = cli(&["servers", "remove", "acme-search"], &db, &[]);
     assert!(ok, "{out}");
 }
+
+#[tokio::test]
+async fn no_raw_client_address_reaches_the_database_or_the_logs() {
+    mcp_metrics_server::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("private.db");
+    let db = format!("sqlite://{}", db_path.display());
+    let log_path = dir.path().join("serve.log");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database", &db])
+        .env("MCP_METRICS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("MCP_METRICS_TRUSTED_PROXIES", "127.0.0.1/32")
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base).await;
+    let _key = register(&client, &base, "durable").await;
+    let addresses = ["203.0.113.77", "2001:db8:abcd:12::77", "198.51.100.201"];
+    let ua = "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0";
+    for (i, ip) in addresses.iter().cycle().take(60).enumerate() {
+        let event = ["view", "install", "test", "copy_config", "repo_click"][i % 5];
+        let forwarded = if i % 2 == 0 {
+            ip.to_string()
+        } else {
+            format!("{ip}, 127.0.0.1")
+        };
+        let mut request = client
+            .post(format!("{base}/api/v1/usage"))
+            .header("user-agent", ua)
+            .header("x-forwarded-for", forwarded)
+            .body(json!({"server_id": if i % 7 == 0 { "unknown" } else { "durable" }, "event": event}).to_string());
+        if i % 11 == 0 {
+            request = request.header("content-type", "application/xml");
+        }
+        let _ = request.send().await.unwrap();
+    }
+    // Usage reads, and a failing ingest, also pass through the logs.
+    let _ = client
+        .get(format!("{base}/api/v1/servers/durable/usage"))
+        .send()
+        .await
+        .unwrap();
+    let _ = client
+        .post(format!("{base}/api/v1/metrics"))
+        .header("x-forwarded-for", addresses[0])
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored: Value = client
+        .get(format!("{base}/api/v1/servers/durable/usage"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(stored["raw_totals"]["views"].as_u64().unwrap() > 0, "{stored}");
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    child.wait().unwrap();
+
+    let mut haystack = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        haystack.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    assert!(haystack.len() > 10_000, "database and logs were written");
+    let contains = |needle: &[u8]| haystack.windows(needle.len()).any(|w| w == needle);
+    for ip in addresses {
+        assert!(!contains(ip.as_bytes()), "{ip} found in the database files or the logs");
+        let parsed: std::net::IpAddr = ip.parse().unwrap();
+        let octets: Vec<u8> = match parsed {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        assert!(!contains(&octets), "{ip} found in binary form");
+    }
+}

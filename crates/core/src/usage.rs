@@ -25,8 +25,13 @@ pub enum UsageKind {
 }
 
 impl UsageKind {
-    pub const ALL: [UsageKind; 5] =
-        [UsageKind::View, UsageKind::Install, UsageKind::Test, UsageKind::CopyConfig, UsageKind::RepoClick];
+    pub const ALL: [UsageKind; 5] = [
+        UsageKind::View,
+        UsageKind::Install,
+        UsageKind::Test,
+        UsageKind::CopyConfig,
+        UsageKind::RepoClick,
+    ];
 
     pub fn parse(s: &str) -> Option<UsageKind> {
         UsageKind::ALL.into_iter().find(|k| k.as_str() == s)
@@ -80,7 +85,11 @@ pub fn decode(body: &[u8]) -> Result<(String, UsageKind, Option<String>), UsageE
     let parsed: UsageBody = serde_json::from_slice(body).map_err(|e| UsageError::Body(e.to_string()))?;
     let kind = UsageKind::parse(&parsed.event).ok_or(UsageError::Event)?;
     if let Some(c) = &parsed.client
-        && (c.is_empty() || c.len() > 64 || !c.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
+        && (c.is_empty()
+            || c.len() > 64
+            || !c
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
     {
         return Err(UsageError::Client);
     }
@@ -131,11 +140,19 @@ impl Cidr {
         };
         match (self.network, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -184,7 +201,14 @@ pub fn day_of(ms: i64) -> i64 {
 }
 
 /// User agents of automation that the bot list may not know.
-pub const HEADLESS_PATTERNS: [&str; 6] = ["HeadlessChrome", "PhantomJS", "Puppeteer", "Playwright", "Selenium", "Headless"];
+pub const HEADLESS_PATTERNS: [&str; 6] = [
+    "HeadlessChrome",
+    "PhantomJS",
+    "Puppeteer",
+    "Playwright",
+    "Selenium",
+    "Headless",
+];
 
 #[cfg(test)]
 mod tests {
@@ -193,9 +217,18 @@ mod tests {
 
     #[test]
     fn truncation() {
-        assert_eq!(truncate_ip("203.0.113.77".parse().unwrap()), "203.0.113.0".parse::<IpAddr>().unwrap());
-        assert_eq!(truncate_ip("2001:db8:abcd:12::1".parse().unwrap()), "2001:db8:abcd::".parse::<IpAddr>().unwrap());
-        assert_eq!(truncate_ip("::ffff:198.51.100.9".parse().unwrap()), "198.51.100.0".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            truncate_ip("203.0.113.77".parse().unwrap()),
+            "203.0.113.0".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            truncate_ip("2001:db8:abcd:12::1".parse().unwrap()),
+            "2001:db8:abcd::".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            truncate_ip("::ffff:198.51.100.9".parse().unwrap()),
+            "198.51.100.0".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -208,7 +241,10 @@ mod tests {
         // Untrusted peer: the header is ignored.
         assert_eq!(client_ip(outside, Some("203.0.113.5"), &trusted), outside);
         // Trusted peer: the right-most untrusted hop.
-        assert_eq!(client_ip(peer, Some("203.0.113.5, 10.1.2.3"), &trusted), "203.0.113.5".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(peer, Some("203.0.113.5, 10.1.2.3"), &trusted),
+            "203.0.113.5".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(client_ip(peer, Some("garbage"), &trusted), peer);
         assert_eq!(client_ip(peer, None, &trusted), peer);
         assert_eq!(client_ip(peer, Some("203.0.113.5"), &[]), peer);
@@ -233,7 +269,10 @@ mod tests {
             ("a".into(), UsageKind::Install, Some("cursor".into()))
         );
         assert_eq!(decode(br#"{"server_id":"a","event":"like"}"#), Err(UsageError::Event));
-        assert_eq!(decode(br#"{"server_id":"a","event":"view","client":"x y"}"#), Err(UsageError::Client));
+        assert_eq!(
+            decode(br#"{"server_id":"a","event":"view","client":"x y"}"#),
+            Err(UsageError::Client)
+        );
         assert!(matches!(decode(b"nope"), Err(UsageError::Body(_))));
         assert_eq!(day_of(DAY_MS - 1), 0);
         assert_eq!(day_of(DAY_MS), 1);

@@ -133,7 +133,13 @@ pub struct UsageConfig {
 
 impl Default for UsageConfig {
     fn default() -> Self {
-        UsageConfig { cors_origins: Vec::new(), rate_per_minute: 120, burst: 60, event_days: 90, queue_capacity: 100_000 }
+        UsageConfig {
+            cors_origins: Vec::new(),
+            rate_per_minute: 120,
+            burst: 60,
+            event_days: 90,
+            queue_capacity: 100_000,
+        }
     }
 }
 
@@ -298,7 +304,11 @@ impl Config {
                 bail!("trusted proxy {cidr:?} is not an address or CIDR such as 10.0.0.0/8");
             }
         }
-        if self.usage.rate_per_minute == 0 || self.usage.burst == 0 || self.usage.event_days < 1 || self.usage.queue_capacity == 0 {
+        if self.usage.rate_per_minute == 0
+            || self.usage.burst == 0
+            || self.usage.event_days < 1
+            || self.usage.queue_capacity == 0
+        {
             bail!("usage.rate_per_minute, usage.burst, usage.event_days and usage.queue_capacity must be positive");
         }
         if self.retention.raw_days < 1 {

@@ -9,11 +9,11 @@ use mcp_metrics_store::Store;
 
 use crate::cache::ReadCache;
 use crate::clock::Clock;
-use crate::usage::UsageService;
 use crate::config::Config;
 use crate::ingest::series_cache::SeriesCache;
 use crate::ingest::writer::WriteQueue;
 use crate::telemetry::Telemetry;
+use crate::usage::UsageService;
 
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);

@@ -162,7 +162,12 @@ impl UsageService {
     }
 }
 
-async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<UsageRecord>, stop: Arc<Notify>, service: Arc<UsageService>) {
+async fn write_loop(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<UsageRecord>,
+    stop: Arc<Notify>,
+    service: Arc<UsageService>,
+) {
     const BATCH: usize = 5_000;
     let mut stopping = false;
     let mut prune = tokio::time::interval(Duration::from_secs(60));

@@ -22,7 +22,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             config.listen
         )
     })?;
-    mcp_metrics_server::run(config, listener, shutdown_signal(), RunOptions { demo: args.demo, ..RunOptions::default() }).await
+    mcp_metrics_server::run(
+        config,
+        listener,
+        shutdown_signal(),
+        RunOptions {
+            demo: args.demo,
+            ..RunOptions::default()
+        },
+    )
+    .await
 }
 
 async fn shutdown_signal() {

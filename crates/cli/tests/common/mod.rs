@@ -38,6 +38,10 @@ impl TestService {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestService {
+        Self::start_full(adjust, RunOptions::default()).await
+    }
+
+    pub async fn start_full(adjust: impl FnOnce(&mut Config), options: RunOptions) -> TestService {
         mcp_metrics_server::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config {
@@ -57,7 +61,7 @@ impl TestService {
             async move {
                 let _ = stopped.await;
             },
-            RunOptions::default(),
+            options,
         ));
         let service = TestService {
             addr,

@@ -52,7 +52,11 @@ async fn list(
     let mut events = state.store.list_events(&id, before, limit + 1).await?;
     let more = events.len() > limit;
     events.truncate(limit);
-    let next = if more { events.last().map(|e| format!("{}.{}", e.event.at, e.id)) } else { None };
+    let next = if more {
+        events.last().map(|e| format!("{}.{}", e.event.at, e.id))
+    } else {
+        None
+    };
     let items: Vec<Value> = events
         .iter()
         .map(|e| {

@@ -19,7 +19,9 @@ use super::problem::{ApiError, ApiResult};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/servers", get(list)).route("/api/v1/servers/{id}", get(detail))
+    Router::new()
+        .route("/api/v1/servers", get(list))
+        .route("/api/v1/servers/{id}", get(detail))
 }
 
 /// Whether a server is registered; positive answers are cached briefly because the
@@ -97,16 +99,23 @@ fn by_option(a: Option<f64>, b: Option<f64>) -> Ordering {
     }
 }
 
-async fn list(State(state): State<AppState>, query: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<Json<Value>> {
+async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
     let Query(q) = query?;
     let sort = q.sort.as_deref().unwrap_or("popular");
     if !matches!(sort, "popular" | "uptime" | "latency" | "name") {
-        return Err(ApiError::invalid(format!("sort must be popular, uptime, latency or name, not {sort:?}")));
+        return Err(ApiError::invalid(format!(
+            "sort must be popular, uptime, latency or name, not {sort:?}"
+        )));
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let offset = match q.cursor.as_deref() {
         None => 0,
-        Some(c) => c.parse::<usize>().map_err(|_| ApiError::invalid("cursor must be a value returned as next"))?,
+        Some(c) => c
+            .parse::<usize>()
+            .map_err(|_| ApiError::invalid("cursor must be a value returned as next"))?,
     };
     let servers = state.store.list_servers().await?;
     let mut rows = Vec::with_capacity(servers.len());
@@ -117,21 +126,35 @@ async fn list(State(state): State<AppState>, query: Result<Query<ListQuery>, Que
     rows.sort_by(|(a, sa), (b, sb)| {
         let primary = match sort {
             // Installs rank first (they are de-duplicated per visitor and day), then views.
-            "popular" => sb.installs_30d.cmp(&sa.installs_30d).then(sb.views_30d.cmp(&sa.views_30d)),
+            "popular" => sb
+                .installs_30d
+                .cmp(&sa.installs_30d)
+                .then(sb.views_30d.cmp(&sa.views_30d)),
             "latency" => by_option(sa.p95_24h, sb.p95_24h),
             // Uptime needs probes; until then this order is by name.
             _ => Ordering::Equal,
         };
-        primary.then_with(|| name_key(a).cmp(&name_key(b))).then_with(|| a.id.cmp(&b.id))
+        primary
+            .then_with(|| name_key(a).cmp(&name_key(b)))
+            .then_with(|| a.id.cmp(&b.id))
     });
     let total = rows.len();
-    let page: Vec<Value> = rows.iter().skip(offset).take(limit).map(|(s, sum)| server_json(s, Some(sum))).collect();
+    let page: Vec<Value> = rows
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|(s, sum)| server_json(s, Some(sum)))
+        .collect();
     let next = (offset + limit < total).then(|| (offset + limit).to_string());
     Ok(Json(json!({ "servers": page, "next": next })))
 }
 
 async fn detail(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let server = state.store.get_server(&id).await?.ok_or_else(|| ApiError::not_found("server"))?;
+    let server = state
+        .store
+        .get_server(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("server"))?;
     let s = summary(&state, &id).await?;
     Ok(Json(server_json(&server, Some(&s))))
 }

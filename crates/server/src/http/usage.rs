@@ -34,7 +34,9 @@ pub fn router() -> Router<AppState> {
 
 /// CORS headers for an allowed origin.
 fn cors(state: &AppState, headers: &HeaderMap, response: &mut Response) {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else { return };
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return;
+    };
     let allowed = &state.config.usage.cors_origins;
     if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
         let h = response.headers_mut();
@@ -50,8 +52,14 @@ async fn preflight(State(state): State<AppState>, headers: HeaderMap) -> Respons
     cors(&state, &headers, &mut response);
     if response.headers().contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
         let h = response.headers_mut();
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("POST, OPTIONS"));
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("content-type"),
+        );
         h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
     }
     response
@@ -81,10 +89,16 @@ async fn beacon_inner(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<()> {
     let body = body.map_err(|_| ApiError::new(Code::PayloadTooLarge, "a usage event is at most 4096 bytes"))?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("text/plain");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("text/plain");
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if essence != "application/json" && essence != "text/plain" {
-        return Err(ApiError::new(Code::UnsupportedMediaType, "send JSON as application/json or text/plain"));
+        return Err(ApiError::new(
+            Code::UnsupportedMediaType,
+            "send JSON as application/json or text/plain",
+        ));
     }
     let (server_id, kind, client) =
         mcp_metrics_core::usage::decode(&body).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -92,15 +106,24 @@ async fn beacon_inner(
         return Err(ApiError::not_found("server"));
     }
     let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
-    match state.usage.record(&server_id, kind, client, peer.ip(), forwarded, user_agent).await? {
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match state
+        .usage
+        .record(&server_id, kind, client, peer.ip(), forwarded, user_agent)
+        .await?
+    {
         Outcome::Queued | Outcome::Bot => Ok(()),
         Outcome::RateLimited => {
             Err(ApiError::new(Code::RateLimited, "too many usage events from this network; slow down").retry_after(60))
         }
-        Outcome::Overloaded => {
-            Err(ApiError::new(Code::Overloaded, "usage events are arriving faster than they are stored").retry_after(1))
-        }
+        Outcome::Overloaded => Err(ApiError::new(
+            Code::Overloaded,
+            "usage events are arriving faster than they are stored",
+        )
+        .retry_after(1)),
     }
 }
 
@@ -177,8 +200,9 @@ async fn read(
     });
     let mut response = Json(body).into_response();
     let max_age = Duration::from_secs(30).as_secs();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_str(&format!("public, max-age={max_age}")).expect("valid"));
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_str(&format!("public, max-age={max_age}")).expect("valid"),
+    );
     Ok(response)
 }

@@ -775,7 +775,8 @@ impl Store for SqliteStore {
     }
 
     async fn usage_salt(&self, day: i64, candidate: [u8; 32]) -> StoreResult<[u8; 32]> {
-        self.write(move |c| usage::salt(c, day, candidate, now_ms()).map_err(map_err)).await
+        self.write(move |c| usage::salt(c, day, candidate, now_ms()).map_err(map_err))
+            .await
     }
 
     async fn forget_usage_before(&self, day: i64) -> StoreResult<u64> {
@@ -792,7 +793,8 @@ impl Store for SqliteStore {
     }
 
     async fn purge_usage_events(&self, cutoff: i64) -> StoreResult<u64> {
-        self.write(move |c| usage::purge_events(c, cutoff).map_err(map_err)).await
+        self.write(move |c| usage::purge_events(c, cutoff).map_err(map_err))
+            .await
     }
 
     async fn insert_event(&self, event: &NewEvent) -> StoreResult<i64> {

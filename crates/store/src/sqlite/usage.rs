@@ -48,7 +48,10 @@ pub fn record(conn: &mut Connection, events: &[UsageRecord]) -> rusqlite::Result
                 true
             };
             log.execute(params![e.server_id, e.kind.as_str(), e.client, e.at, counted])?;
-            let d = daily.entry((&e.server_id, day)).or_insert(UsageDay { day, ..UsageDay::default() });
+            let d = daily.entry((&e.server_id, day)).or_insert(UsageDay {
+                day,
+                ..UsageDay::default()
+            });
             d.visitors += u64::from(fresh);
             d.counted[e.kind.index()] += u64::from(counted);
             d.raw[e.kind.index()] += 1;
