@@ -208,4 +208,18 @@ pub struct BenchArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// What to send: signed metric batches, or usage beacons from many simulated
+    /// visitors (each from its own network via X-Forwarded-For: start the service
+    /// with MCP_METRICS_TRUSTED_PROXIES=127.0.0.1/32).
+    #[arg(long, value_enum, default_value = "metrics")]
+    pub mode: BenchMode,
+    /// Usage mode: total beacons to send.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    Metrics,
+    Usage,
 }

@@ -246,6 +246,12 @@ async fn rate_limit_answers_429_and_counts_nothing_beyond_it() {
     let u2 = usage(&svc, "acme", "30d").await;
     assert_eq!(u2, u);
     assert_eq!(u["raw_totals"]["views"], 6);
+    let text = svc.metrics_text().await;
+    assert!(
+        text.contains("mcp_metrics_usage_events_total{outcome=\"rate_limited\"} 3\n"),
+        "{text}"
+    );
+    assert!(text.contains("mcp_metrics_usage_events_total{outcome=\"queued\"} 6\n"));
     svc.stop().await;
 }
 

@@ -160,6 +160,37 @@ impl UsageService {
     pub fn tracked_addresses(&self) -> usize {
         self.limiter.len()
     }
+
+    /// Appends the usage pipeline's metrics in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let s = &self.stats;
+        let _ = writeln!(out, "# HELP mcp_metrics_usage_events_total Usage beacons by outcome.");
+        let _ = writeln!(out, "# TYPE mcp_metrics_usage_events_total counter");
+        for (outcome, n) in [
+            ("queued", &s.queued),
+            ("bot", &s.bots),
+            ("rate_limited", &s.rate_limited),
+            ("overloaded", &s.overloaded),
+            ("write_failed", &s.write_failures),
+        ] {
+            let _ = writeln!(
+                out,
+                "mcp_metrics_usage_events_total{{outcome=\"{outcome}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_usage_rate_limited_networks Client networks the rate limiter tracks."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_usage_rate_limited_networks gauge");
+        let _ = writeln!(
+            out,
+            "mcp_metrics_usage_rate_limited_networks {}",
+            self.tracked_addresses()
+        );
+    }
 }
 
 async fn write_loop(

@@ -100,6 +100,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .context("no signing_secret in the answer")?
         .to_owned();
 
+    if args.mode == crate::cli::BenchMode::Usage {
+        return run_usage(&client, &base, &server_id, &args).await;
+    }
     let requests = args.samples.div_ceil(args.batch);
     let base_ms = now_ms() - 3_600_000;
     let t = now_ms() / 1000;
@@ -205,6 +208,100 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if errors > 0 {
         bail!("{errors} requests failed");
+    }
+    Ok(())
+}
+
+/// Sends usage beacons, each from its own simulated visitor and network.
+async fn run_usage(client: &reqwest::Client, base: &str, server_id: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let body = json!({"server_id": server_id, "event": "view"}).to_string();
+    let next = Arc::new(AtomicUsize::new(0));
+    let url = format!("{base}/api/v1/usage");
+    let progress = ProgressBar::new(args.events as u64);
+    progress.set_style(
+        ProgressStyle::with_template("sending [{bar:40}] {pos}/{len} beacons {elapsed}").expect("valid template"),
+    );
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.connections {
+        let (client, url, body, next, progress, total) = (
+            client.clone(),
+            url.clone(),
+            body.clone(),
+            next.clone(),
+            progress.clone(),
+            args.events,
+        );
+        workers.push(tokio::spawn(async move {
+            let (mut latencies, mut accepted, mut errors) = (Vec::new(), 0u64, 0u64);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                // A distinct /24 per visitor (the rate limit and visitor ids are per network).
+                let ip = format!("{}.{}.{}.1", 10 + ((i >> 16) & 127), (i >> 8) & 255, i & 255);
+                let sent = Instant::now();
+                let r = client
+                    .post(&url)
+                    .header("content-type", "text/plain")
+                    .header(
+                        "user-agent",
+                        "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0",
+                    )
+                    .header("x-forwarded-for", ip)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => {
+                        accepted += 1;
+                        latencies.push(sent.elapsed());
+                    }
+                    _ => errors += 1,
+                }
+                if i % 256 == 0 {
+                    progress.set_position(i as u64);
+                }
+            }
+            (latencies, accepted, errors)
+        }));
+    }
+    let (mut latencies, mut accepted, mut errors) = (Vec::new(), 0u64, 0u64);
+    for w in workers {
+        let (l, a, e) = w.await?;
+        latencies.extend(l);
+        accepted += a;
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    progress.finish_and_clear();
+    latencies.sort();
+    let rate = accepted as f64 / elapsed.as_secs_f64();
+    let result = json!({
+        "server_id": server_id,
+        "events": args.events,
+        "connections": args.connections,
+        "accepted": accepted,
+        "errors": errors,
+        "seconds": elapsed.as_secs_f64(),
+        "events_per_second": rate.round(),
+        "p50_ms": percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        "p99_ms": percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+    });
+    if args.json {
+        println!("{result}");
+    } else {
+        println!(
+            "{accepted} usage beacons in {:.2} s over {} connections: {rate:.0} events/s, p50 {:.2} ms, p99 {:.2} ms, {errors} errors",
+            elapsed.as_secs_f64(),
+            args.connections,
+            result["p50_ms"].as_f64().unwrap_or(0.0),
+            result["p99_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if errors > 0 {
+        bail!("{errors} beacons failed");
     }
     Ok(())
 }

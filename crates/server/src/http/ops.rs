@@ -36,9 +36,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let mut text = state.telemetry.render();
+    state.usage.render_metrics(&mut text);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.telemetry.render(),
+        text,
     )
         .into_response()
 }
