@@ -14,8 +14,8 @@ fn samples(n: usize) -> Vec<(i64, f64)> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            // Latency-like values: 5 ms to ~2 s, two decimals.
-            let v = (5.0 * (1.0 + (x % 40_000) as f64 / 100.0)).round() / 100.0 * 100.0;
+            // Latency-like values from 5 to 2,005 ms.
+            let v = 5.0 + (x % 200_000) as f64 / 100.0;
             (i as i64, v)
         })
         .collect()

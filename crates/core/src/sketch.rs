@@ -15,7 +15,7 @@ pub const RELATIVE_ACCURACY: f64 = 0.01;
 /// Magnitudes below this count as zero.
 const MIN_INDEXABLE: f64 = 1e-9;
 /// Bins kept per sign; beyond this the lowest bins collapse together (only reached by
-/// data spanning more than 10^35 orders of relative range).
+/// data spanning about 35 orders of magnitude).
 const MAX_BINS: usize = 4096;
 const FORMAT_VERSION: u8 = 1;
 
@@ -262,6 +262,13 @@ impl Sketch {
                 pairs.push((i, n));
                 sketch.count = sketch.count.checked_add(n).ok_or(CorruptSketch)?;
             }
+            // A valid sketch never spans more than MAX_BINS; a corrupt one must not make
+            // decoding allocate for an absurd range.
+            if let (Some(first), Some(last)) = (pairs.first(), pairs.last())
+                && (i64::from(last.0) - i64::from(first.0)) >= MAX_BINS as i64
+            {
+                return Err(CorruptSketch);
+            }
             let built = Bins::from_sorted(&pairs);
             if negative {
                 sketch.negative = built;
@@ -356,6 +363,9 @@ mod tests {
         assert!(Sketch::decode(&[]).is_err());
         assert!(Sketch::decode(&[2, 0, 0, 0]).is_err());
         assert!(Sketch::decode(&bytes[..bytes.len() - 1]).is_err());
+        // Two bins 2^30 apart: refused, not allocated.
+        let far = [1u8, 0, 2, 0, 1, 0x80, 0x80, 0x80, 0x80, 0x08, 1, 0];
+        assert_eq!(Sketch::decode(&far), Err(CorruptSketch));
     }
 
     fn distribution() -> impl Strategy<Value = Vec<f64>> {

@@ -291,9 +291,12 @@ impl Config {
             );
         }
         let r = &self.retention;
-        if r.minute_days < 1 || r.hour_days < r.minute_days || r.day_days.is_some_and(|d| d < r.hour_days) {
+        // Late samples are accepted for raw_days; their minute, hour and day must still
+        // exist to be corrected, so each level lives at least as long as the one below.
+        if r.minute_days < r.raw_days || r.hour_days < r.minute_days || r.day_days.is_some_and(|d| d < r.hour_days) {
             bail!(
-                "retention must keep minutes at least a day, hours at least as long as minutes, days at least as long as hours"
+                "retention must keep minutes at least as long as raw samples, hours at least as long as minutes, \
+                 and days at least as long as hours"
             );
         }
         if !(self.rollup.interval_secs >= 0.05 && self.rollup.interval_secs <= 3600.0) {

@@ -38,7 +38,7 @@ pub async fn run(args: AggregateArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{spinner} rollups [{bar:40}] {msg} ({elapsed})").expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
-    let report = rollup::run_until_idle(&store, &config.retention, 100_000, |done, left| {
+    let report = rollup::run_until_idle(&store, &config.retention, 100, |done, left| {
         bar.set_length(done.buckets() + left);
         bar.set_position(done.buckets());
         bar.set_message(format!(

@@ -131,13 +131,17 @@ async fn metrics_alias(
 
 async fn serve_metrics(state: AppState, id: String, q: MetricsQuery, headers: HeaderMap) -> ApiResult<Response> {
     let period = parse_period(q.period.as_deref())?;
-    let names: Option<Vec<String>> = q.names.map(|n| {
-        n.split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect()
-    });
+    // `names=` with nothing in it means no filter, like leaving it out.
+    let names: Option<Vec<String>> = q
+        .names
+        .map(|n| {
+            n.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|n| !n.is_empty());
     if state.store.get_server(&id).await?.is_none() {
         return Err(ApiError::not_found("server"));
     }

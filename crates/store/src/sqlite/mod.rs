@@ -68,32 +68,12 @@ fn join_err(e: tokio::task::JoinError) -> StoreError {
 
 struct Inner {
     path: PathBuf,
-    /// Source of dirty-mark generations: strictly increasing, also across restarts
-    /// (seeded from the clock in microseconds).
-    generation: std::sync::atomic::AtomicI64,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     read_pool_size: usize,
 }
 
 impl Inner {
-    fn next_generation(&self) -> i64 {
-        let floor = now_ms() * 1000;
-        let mut current = self.generation.load(std::sync::atomic::Ordering::Relaxed);
-        loop {
-            let next = floor.max(current + 1);
-            match self.generation.compare_exchange_weak(
-                current,
-                next,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            ) {
-                Ok(_) => return next,
-                Err(actual) => current = actual,
-            }
-        }
-    }
-
     fn open_reader(&self) -> rusqlite::Result<Connection> {
         let conn = Connection::open(&self.path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -150,7 +130,6 @@ impl SqliteStore {
             Ok(SqliteStore {
                 inner: Arc::new(Inner {
                     path,
-                    generation: std::sync::atomic::AtomicI64::new(0),
                     writer: Mutex::new(writer),
                     readers: Mutex::new(Vec::new()),
                     read_pool_size: options.read_pool_size.max(1),
@@ -289,11 +268,7 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
-fn write_batch_blocking(
-    conn: &mut Connection,
-    batch: &WriteBatch,
-    generation: i64,
-) -> rusqlite::Result<Vec<RequestOutcome>> {
+fn write_batch_blocking(conn: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<Vec<RequestOutcome>> {
     let now = batch.now;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.requests.len());
@@ -402,11 +377,11 @@ fn write_batch_blocking(
         dirty.sort_unstable();
         dirty.dedup();
         let mut mark = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, 0)
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = rollup_dirty.generation + 1",
         )?;
         for (minute, series_id) in dirty {
-            mark.execute(params![minute, series_id, generation])?;
+            mark.execute(params![minute, series_id])?;
         }
     }
     tx.commit()?;
@@ -689,8 +664,7 @@ impl Store for SqliteStore {
     }
 
     async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
-        let generation = self.inner.next_generation();
-        self.write(move |c| write_batch_blocking(c, &batch, generation).map_err(map_err))
+        self.write(move |c| write_batch_blocking(c, &batch).map_err(map_err))
             .await
     }
 
@@ -717,11 +691,10 @@ impl Store for SqliteStore {
     }
 
     async fn apply_rollups(&self, level: Level, results: Vec<(DirtyMark, Option<BucketStats>)>) -> StoreResult<()> {
-        let generation = self.inner.next_generation();
         self.write(move |c| {
             // Marks whose inputs are past retention are only cleared: recomputing them
             // from what is left would erase good buckets.
-            rollups::apply(c, level, &results, generation).map_err(map_err)
+            rollups::apply(c, level, &results).map_err(map_err)
         })
         .await
     }
@@ -733,8 +706,7 @@ impl Store for SqliteStore {
 
     async fn mark_range_dirty(&self, from: i64, to: i64) -> StoreResult<u64> {
         let minutes = self.read(move |c| rollups::minutes_with_samples(c, from, to)).await?;
-        let generation = self.inner.next_generation();
-        self.write(move |c| rollups::mark_minutes(c, &minutes, generation).map_err(map_err))
+        self.write(move |c| rollups::mark_minutes(c, &minutes).map_err(map_err))
             .await
     }
 

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use mcp_metrics_core::model::Kind;
 use mcp_metrics_core::rollup::{BucketStats, Level, align};
 use mcp_metrics_core::sketch::Sketch;
-use rusqlite::{Connection, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::value_codec;
 use crate::{DirtyMark, RollupInput, RollupRow, RollupWork};
@@ -141,11 +141,14 @@ pub fn work(conn: &Connection, level: Level, max_marks: usize) -> rusqlite::Resu
     Ok(RollupWork { items, series })
 }
 
+/// Stores recomputed buckets. A bucket is written only if its mark is cleared here,
+/// i.e. nothing renewed it (a newer sample) and no other pass already handled it since
+/// this pass read it: a result computed from an older snapshot never overwrites a newer
+/// one.
 pub fn apply(
     conn: &mut Connection,
     level: Level,
     results: &[(DirtyMark, Option<BucketStats>)],
-    generation: i64,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
@@ -162,10 +165,13 @@ pub fn apply(
             "DELETE FROM rollup_dirty WHERE level = ?1 AND bucket = ?2 AND series_id = ?3 AND generation = ?4",
         )?;
         let mut mark_parent = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (?1, ?2, ?3, 0)
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = rollup_dirty.generation + 1",
         )?;
         for (mark, stats) in results {
+            if clear.execute(params![level.as_i64(), mark.bucket, mark.series_id, mark.generation])? == 0 {
+                continue;
+            }
             match stats {
                 Some(s) => {
                     upsert.execute(params![
@@ -187,13 +193,11 @@ pub fn apply(
                     delete.execute(params![mark.series_id, mark.bucket])?;
                 }
             }
-            clear.execute(params![level.as_i64(), mark.bucket, mark.series_id, mark.generation])?;
             if let Some(parent) = level.parent() {
                 mark_parent.execute(params![
                     parent.as_i64(),
                     align(mark.bucket, parent.bucket_ms()),
-                    mark.series_id,
-                    generation
+                    mark.series_id
                 ])?;
             }
         }
@@ -237,15 +241,15 @@ pub fn minutes_with_samples(conn: &Connection, from: i64, to: i64) -> rusqlite::
     Ok(out)
 }
 
-pub fn mark_minutes(conn: &mut Connection, minutes: &[(i64, i64)], generation: i64) -> rusqlite::Result<u64> {
+pub fn mark_minutes(conn: &mut Connection, minutes: &[(i64, i64)]) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut mark = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, 0)
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = rollup_dirty.generation + 1",
         )?;
         for (minute, series_id) in minutes {
-            mark.execute(params![minute, series_id, generation])?;
+            mark.execute(params![minute, series_id])?;
         }
     }
     tx.commit()?;
@@ -299,7 +303,7 @@ pub fn read(
 pub fn retention_raw_slice(conn: &mut Connection, cutoff: i64) -> rusqlite::Result<(u64, bool)> {
     let oldest: Option<i64> = conn
         .query_row("SELECT ts FROM server_metrics ORDER BY ts LIMIT 1", [], |r| r.get(0))
-        .ok();
+        .optional()?;
     let Some(oldest) = oldest.filter(|t| *t < cutoff) else {
         return Ok((0, false));
     };

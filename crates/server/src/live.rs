@@ -1,0 +1,88 @@
+//! The live hub: per-server fan-out of "something changed" messages to SSE and
+//! WebSocket clients (DESIGN.md §4.3 live).
+//!
+//! Each server has a bounded broadcast channel. A client that falls more than the
+//! channel's capacity behind is dropped (its stream ends and the browser reconnects)
+//! instead of being buffered without limit, and the number of open streams is capped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+
+/// Messages buffered per server before a slow client is dropped.
+const CHANNEL_CAPACITY: usize = 64;
+
+/// One message: `kind` is the SSE event name (`metric`, `usage`, `event`, ...).
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveMessage {
+    pub kind: &'static str,
+    pub data: serde_json::Value,
+}
+
+pub struct LiveHub {
+    channels: Mutex<HashMap<String, broadcast::Sender<Arc<LiveMessage>>>>,
+    streams: Arc<Semaphore>,
+}
+
+/// A subscription; holding it counts against the stream limit.
+pub struct Subscription {
+    pub receiver: broadcast::Receiver<Arc<LiveMessage>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl LiveHub {
+    pub fn new(max_streams: usize) -> Self {
+        LiveHub { channels: Mutex::new(HashMap::new()), streams: Arc::new(Semaphore::new(max_streams)) }
+    }
+
+    /// `None` when the stream limit is reached.
+    pub fn subscribe(&self, server_id: &str) -> Option<Subscription> {
+        let permit = self.streams.clone().try_acquire_owned().ok()?;
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let sender = channels.entry(server_id.to_owned()).or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0);
+        Some(Subscription { receiver: sender.subscribe(), _permit: permit })
+    }
+
+    /// Sends to everyone watching `server_id`; a server nobody watches costs a lookup.
+    pub fn publish(&self, server_id: &str, message: LiveMessage) {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sender) = channels.get(server_id) {
+            if sender.receiver_count() == 0 {
+                channels.remove(server_id);
+            } else {
+                let _ = sender.send(Arc::new(message));
+            }
+        }
+    }
+
+    pub fn open_streams(&self, max: usize) -> usize {
+        max - self.streams.available_permits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn fans_out_drops_laggards_and_caps_streams() {
+        let hub = LiveHub::new(2);
+        let mut a = hub.subscribe("s").unwrap();
+        let mut b = hub.subscribe("s").unwrap();
+        assert!(hub.subscribe("s").is_none(), "stream limit");
+        hub.publish("s", LiveMessage { kind: "metric", data: json!({"n": 1}) });
+        hub.publish("other", LiveMessage { kind: "metric", data: json!({}) });
+        assert_eq!(a.receiver.recv().await.unwrap().data["n"], 1);
+        for n in 0..(CHANNEL_CAPACITY + 5) {
+            hub.publish("s", LiveMessage { kind: "metric", data: json!({ "n": n }) });
+        }
+        // b never read: it lagged and must be dropped by its stream.
+        assert!(matches!(b.receiver.recv().await, Err(broadcast::error::RecvError::Lagged(_))));
+        drop(a);
+        drop(b);
+        assert!(hub.subscribe("s").is_some(), "permits come back");
+    }
+}

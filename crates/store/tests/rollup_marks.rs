@@ -1,0 +1,103 @@
+//! The generation check of dirty marks: a pass whose inputs went stale while it
+//! computed must not overwrite the bucket, and must leave the mark for the next pass.
+
+use mcp_metrics_core::model::{Kind, SeriesKey, ServerFields};
+use mcp_metrics_core::rollup::{BucketStats, Level};
+use mcp_metrics_core::time::now_ms;
+use mcp_metrics_store::sqlite::SqliteStore;
+use mcp_metrics_store::{
+    NewSeries, PendingSample, RollupInput, SeriesRef, Store, StoreOptions, WriteBatch, WriteRequest,
+};
+
+fn sample(value: f64, ts: i64) -> WriteBatch {
+    WriteBatch {
+        requests: vec![WriteRequest {
+            key_id: "k".into(),
+            new_series: vec![NewSeries {
+                key: SeriesKey {
+                    server_id: "s".into(),
+                    name: "rt".into(),
+                    tags: vec![],
+                },
+                kind: Kind::Histogram,
+            }],
+            samples: vec![PendingSample {
+                series: SeriesRef::New(0),
+                kind: Kind::Histogram,
+                timestamp: ts,
+                value,
+            }],
+            ..Default::default()
+        }],
+        now: now_ms(),
+        replay_window_ms: 600_000,
+        retry_window_ms: 600_000,
+    }
+}
+
+fn fold(input: &RollupInput) -> Option<BucketStats> {
+    match input {
+        RollupInput::Raw(samples) => BucketStats::fold(Kind::Histogram, samples.iter().copied()),
+        RollupInput::Children(c) => BucketStats::merge_all(c),
+    }
+}
+
+#[tokio::test]
+async fn stale_pass_does_not_overwrite_and_keeps_the_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("m.db"), &StoreOptions::default())
+        .await
+        .unwrap();
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let ts = (now_ms() / 60_000 - 2) * 60_000;
+    store.write_batch(sample(10.0, ts)).await.unwrap();
+
+    // Pass A reads the minute with one sample...
+    let stale = store.rollup_work(Level::Minute, 100).await.unwrap();
+    assert_eq!(stale.items.len(), 1);
+    // ...a second sample lands in the same minute, renewing the mark...
+    store.write_batch(sample(20.0, ts + 1)).await.unwrap();
+    // ...a fresh pass B handles it completely...
+    let fresh = store.rollup_work(Level::Minute, 100).await.unwrap();
+    let results: Vec<_> = fresh.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    // ...and then the stale pass A tries to write its older result.
+    let results: Vec<_> = stale.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+
+    let series = store.series_of_server("s", None).await.unwrap();
+    let rows = store
+        .read_rollups(Level::Minute, &[series[0].id], 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].stats.count, 2, "the newer result stands");
+    assert_eq!(store.dirty_backlog().await.unwrap()[0], 0);
+    // The hour was marked by B only.
+    assert_eq!(store.dirty_backlog().await.unwrap()[1], 1);
+}
+
+#[tokio::test]
+async fn renewed_mark_survives_a_pass_that_read_it_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("m.db"), &StoreOptions::default())
+        .await
+        .unwrap();
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let ts = (now_ms() / 60_000 - 2) * 60_000;
+    store.write_batch(sample(10.0, ts)).await.unwrap();
+    let stale = store.rollup_work(Level::Minute, 100).await.unwrap();
+    store.write_batch(sample(20.0, ts + 1)).await.unwrap();
+    let results: Vec<_> = stale.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    // Nothing written from the stale snapshot, and the minute is still dirty.
+    let series = store.series_of_server("s", None).await.unwrap();
+    assert!(
+        store
+            .read_rollups(Level::Minute, &[series[0].id], 0, i64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.dirty_backlog().await.unwrap()[0], 1);
+}
