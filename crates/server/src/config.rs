@@ -30,6 +30,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub rollup: RollupConfig,
     pub usage: UsageConfig,
+    pub live: LiveConfig,
     pub sqlite: SqliteConfig,
 }
 
@@ -47,6 +48,7 @@ impl std::fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("rollup", &self.rollup)
             .field("usage", &self.usage)
+            .field("live", &self.live)
             .field("sqlite", &self.sqlite)
             .finish()
     }
@@ -145,6 +147,19 @@ impl Default for UsageConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct LiveConfig {
+    /// Open SSE and WebSocket streams beyond which new ones get 503.
+    pub max_streams: usize,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig { max_streams: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RollupConfig {
     /// Seconds between rollup passes: the most a new sample waits to show in its minute.
     pub interval_secs: f64,
@@ -155,7 +170,7 @@ pub struct RollupConfig {
 impl Default for RollupConfig {
     fn default() -> Self {
         RollupConfig {
-            interval_secs: 2.0,
+            interval_secs: 1.0,
             retention_interval_secs: 300,
         }
     }
@@ -197,6 +212,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             rollup: RollupConfig::default(),
             usage: UsageConfig::default(),
+            live: LiveConfig::default(),
             sqlite: SqliteConfig::default(),
         }
     }

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod http;
 pub mod ingest;
 pub mod keyring;
+pub mod live;
 pub mod rollup;
 pub mod state;
 pub mod telemetry;
@@ -82,6 +83,7 @@ pub async fn run(
         .store(known.len() as u64, std::sync::atomic::Ordering::Relaxed);
 
     let (queue, writer) = ingest::writer::start(store.clone(), telemetry.clone(), &config.ingest);
+    let live = Arc::new(live::LiveHub::new(config.live.max_streams));
     let clock: Arc<dyn clock::Clock> = options.clock.clone().unwrap_or_else(|| Arc::new(clock::SystemClock));
     let (usage, usage_writer) =
         usage::UsageService::start(store.clone(), clock.clone(), &config.usage, &config.trusted_proxies);
@@ -95,6 +97,7 @@ pub async fn run(
         cache: ReadCache::new(10_000),
         usage,
         clock,
+        live: live.clone(),
         known_servers: moka::sync::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(Duration::from_secs(30))
@@ -111,7 +114,15 @@ pub async fn run(
         Duration::from_secs_f64(state.config.rollup.interval_secs),
         Duration::from_secs(state.config.rollup.retention_interval_secs),
         telemetry,
-        move |servers| servers.iter().for_each(|s| job_state.cache.invalidate_server(s)),
+        move |changes| {
+            for (server, names) in changes {
+                job_state.cache.invalidate_server(server);
+                let data = serde_json::json!({ "names": names });
+                job_state
+                    .live
+                    .publish(server, live::LiveMessage { kind: "metric", data });
+            }
+        },
     )));
     if options.demo {
         let host = if address.ip().is_unspecified() {
@@ -137,8 +148,10 @@ pub async fn run(
     // One shutdown signal feeds both the graceful stop and its deadline: a client that
     // keeps a connection open must not keep the process (and the queued writes) hostage.
     let (signal, signalled) = tokio::sync::watch::channel(false);
+    let live_at_stop = live.clone();
     tokio::spawn(async move {
         shutdown.await;
+        live_at_stop.close();
         let _ = signal.send(true);
     });
     let mut graceful = signalled.clone();

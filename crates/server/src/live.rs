@@ -34,15 +34,23 @@ pub struct Subscription {
 
 impl LiveHub {
     pub fn new(max_streams: usize) -> Self {
-        LiveHub { channels: Mutex::new(HashMap::new()), streams: Arc::new(Semaphore::new(max_streams)) }
+        LiveHub {
+            channels: Mutex::new(HashMap::new()),
+            streams: Arc::new(Semaphore::new(max_streams)),
+        }
     }
 
     /// `None` when the stream limit is reached.
     pub fn subscribe(&self, server_id: &str) -> Option<Subscription> {
         let permit = self.streams.clone().try_acquire_owned().ok()?;
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let sender = channels.entry(server_id.to_owned()).or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0);
-        Some(Subscription { receiver: sender.subscribe(), _permit: permit })
+        let sender = channels
+            .entry(server_id.to_owned())
+            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0);
+        Some(Subscription {
+            receiver: sender.subscribe(),
+            _permit: permit,
+        })
     }
 
     /// Sends to everyone watching `server_id`; a server nobody watches costs a lookup.
@@ -55,6 +63,13 @@ impl LiveHub {
                 let _ = sender.send(Arc::new(message));
             }
         }
+    }
+
+    /// Ends every open stream (at shutdown, so open SSE connections do not hold the
+    /// graceful stop until its deadline) and refuses new ones.
+    pub fn close(&self) {
+        self.streams.close();
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub fn open_streams(&self, max: usize) -> usize {
@@ -73,14 +88,35 @@ mod tests {
         let mut a = hub.subscribe("s").unwrap();
         let mut b = hub.subscribe("s").unwrap();
         assert!(hub.subscribe("s").is_none(), "stream limit");
-        hub.publish("s", LiveMessage { kind: "metric", data: json!({"n": 1}) });
-        hub.publish("other", LiveMessage { kind: "metric", data: json!({}) });
+        hub.publish(
+            "s",
+            LiveMessage {
+                kind: "metric",
+                data: json!({"n": 1}),
+            },
+        );
+        hub.publish(
+            "other",
+            LiveMessage {
+                kind: "metric",
+                data: json!({}),
+            },
+        );
         assert_eq!(a.receiver.recv().await.unwrap().data["n"], 1);
         for n in 0..(CHANNEL_CAPACITY + 5) {
-            hub.publish("s", LiveMessage { kind: "metric", data: json!({ "n": n }) });
+            hub.publish(
+                "s",
+                LiveMessage {
+                    kind: "metric",
+                    data: json!({ "n": n }),
+                },
+            );
         }
         // b never read: it lagged and must be dropped by its stream.
-        assert!(matches!(b.receiver.recv().await, Err(broadcast::error::RecvError::Lagged(_))));
+        assert!(matches!(
+            b.receiver.recv().await,
+            Err(broadcast::error::RecvError::Lagged(_))
+        ));
         drop(a);
         drop(b);
         assert!(hub.subscribe("s").is_some(), "permits come back");

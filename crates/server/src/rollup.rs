@@ -8,7 +8,7 @@
 //! its bucket dirty for the next pass. Recomputing is therefore idempotent and late
 //! samples anywhere inside raw retention correct their minute, hour and day.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,9 +33,10 @@ pub struct PassReport {
     pub samples_folded: u64,
     /// Marks cleared without recomputing because their inputs are past retention.
     pub skipped_past_retention: u64,
-    /// Servers whose rollups changed (for cache invalidation and live updates).
+    /// Servers whose rollups changed, with the metric names that changed (for cache
+    /// invalidation and live updates).
     #[serde(skip)]
-    pub servers: BTreeSet<String>,
+    pub servers: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl PassReport {
@@ -45,7 +46,9 @@ impl PassReport {
         self.days += other.days;
         self.samples_folded += other.samples_folded;
         self.skipped_past_retention += other.skipped_past_retention;
-        self.servers.extend(other.servers);
+        for (server, names) in other.servers {
+            self.servers.entry(server).or_default().extend(names);
+        }
     }
 
     pub fn buckets(&self) -> u64 {
@@ -120,7 +123,7 @@ fn compute(level: Level, work: mcp_metrics_store::RollupWork, cutoff: Option<i64
         }
         // A series deleted with its server has no entry: its bucket is removed.
         let (kind, server) = match work.series.get(&mark.series_id) {
-            Some((kind, server)) => (*kind, Some(server)),
+            Some((kind, server, name)) => (*kind, Some((server, name))),
             None => (Kind::Gauge, None),
         };
         let stats = match (server, input) {
@@ -131,8 +134,8 @@ fn compute(level: Level, work: mcp_metrics_store::RollupWork, cutoff: Option<i64
             }
             (Some(_), RollupInput::Children(children)) => BucketStats::merge_all(&children),
         };
-        if let Some(server) = server {
-            report.servers.insert(server.clone());
+        if let Some((server, name)) = server {
+            report.servers.entry(server.clone()).or_default().insert(name.clone());
         }
         match level {
             Level::Minute => report.minutes += 1,
@@ -179,7 +182,7 @@ pub async fn run_job(
     interval: Duration,
     retention_interval: Duration,
     telemetry: Arc<crate::telemetry::Telemetry>,
-    on_change: impl Fn(&BTreeSet<String>) + Send + 'static,
+    on_change: impl Fn(&BTreeMap<String, BTreeSet<String>>) + Send + 'static,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

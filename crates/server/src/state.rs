@@ -12,6 +12,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::ingest::series_cache::SeriesCache;
 use crate::ingest::writer::WriteQueue;
+use crate::live::LiveHub;
 use crate::telemetry::Telemetry;
 use crate::usage::UsageService;
 
@@ -28,6 +29,7 @@ pub struct Shared {
     pub cache: ReadCache,
     pub usage: Arc<UsageService>,
     pub clock: Arc<dyn Clock>,
+    pub live: Arc<LiveHub>,
     /// Ids of registered servers seen recently (positive answers only).
     pub known_servers: moka::sync::Cache<String, ()>,
 }

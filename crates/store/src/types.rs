@@ -128,8 +128,8 @@ pub enum RollupInput {
 #[derive(Debug, Clone, Default)]
 pub struct RollupWork {
     pub items: Vec<(DirtyMark, RollupInput)>,
-    /// Kind and server of every series in `items`.
-    pub series: HashMap<i64, (Kind, String)>,
+    /// Kind, server and metric name of every series in `items`.
+    pub series: HashMap<i64, (Kind, String, String)>,
 }
 
 /// A stored rollup bucket.

@@ -245,7 +245,7 @@ async fn aggregate(
     };
     let retention = &state.config.retention;
     let report = crate::rollup::run_until_idle(&state.store, retention, 3, |_, _| {}).await?;
-    report.servers.iter().for_each(|s| state.cache.invalidate_server(s));
+    report.servers.keys().for_each(|s| state.cache.invalidate_server(s));
     let deleted = crate::rollup::apply_retention(&state.store, retention).await?;
     tracing::info!(marked, buckets = report.buckets(), "aggregation run by the operator");
     Ok(Json(json!({

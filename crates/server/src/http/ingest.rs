@@ -158,6 +158,7 @@ async fn post_event(
     auth::require_server(&credential, &event.server_id)?;
     // The event is written by the group-commit writer in the same transaction as its
     // replay and retry guards, so a replay is refused and a re-signed retry stored once.
+    let (kind, title) = (event.kind.clone(), event.title.clone());
     let request = WriteRequest {
         key_id: credential.key_id.clone(),
         signature: Some(signature),
@@ -166,7 +167,13 @@ async fn post_event(
         ..Default::default()
     };
     let id = match state.queue.submit(request).await.map_err(submit_error)? {
-        RequestOutcome::Stored { event_id, .. } => event_id,
+        RequestOutcome::Stored { event_id, .. } => {
+            let data = json!({ "id": event_id, "kind": kind, "title": title });
+            state
+                .live
+                .publish(&credential.server_id, crate::live::LiveMessage { kind: "event", data });
+            event_id
+        }
         RequestOutcome::Duplicate => {
             let mut response = Json(json!({ "id": null, "duplicate": true })).into_response();
             response

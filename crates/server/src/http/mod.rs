@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod events;
 pub mod ingest;
+pub mod live;
 pub mod metrics;
 pub mod ops;
 pub mod problem;
@@ -32,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .merge(metrics::router())
         .merge(usage::router())
         .merge(events::router())
+        .merge(live::router())
         .merge(admin::router())
         .merge(ops::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), track))

@@ -125,14 +125,15 @@ pub fn work(conn: &Connection, level: Level, max_marks: usize) -> rusqlite::Resu
         .collect();
     let mut series = HashMap::with_capacity(ids.len());
     let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
-    let mut stmt =
-        tx.prepare_cached("SELECT id, kind, server_id FROM series WHERE id IN (SELECT value FROM json_each(?1))")?;
+    let mut stmt = tx
+        .prepare_cached("SELECT id, kind, server_id, name FROM series WHERE id IN (SELECT value FROM json_each(?1))")?;
     let mut rows = stmt.query([ids_json])?;
     while let Some(r) = rows.next()? {
         let kind: i64 = r.get(1)?;
+        let kind = Kind::from_i64(kind).unwrap_or(Kind::Gauge);
         series.insert(
             r.get::<_, i64>(0)?,
-            (Kind::from_i64(kind).unwrap_or(Kind::Gauge), r.get::<_, String>(2)?),
+            (kind, r.get::<_, String>(2)?, r.get::<_, String>(3)?),
         );
     }
     drop(rows);

@@ -1,0 +1,171 @@
+//! Live updates over SSE and WebSocket: a new sample reaches an open stream within
+//! seconds; unknown servers and the stream limit are refused.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestService, batch};
+use futures_util::{SinkExt, StreamExt};
+use mcp_metrics_core::signature::sign;
+use mcp_metrics_core::time::now_ms;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn push_latency(svc: &TestService, cred: &common::Credential) {
+    let body = batch(
+        &cred.server_id,
+        json!([{"name":"response_time","type":"histogram","value":12,"timestamp":now_ms() - 10}]),
+    );
+    assert_eq!(svc.push(cred, &body).await.0, StatusCode::OK);
+}
+
+/// Reads SSE text until `needle` shows up or the deadline passes.
+async fn sse_until<B: AsRef<[u8]>>(
+    stream: &mut (impl futures_util::Stream<Item = reqwest::Result<B>> + Unpin),
+    needle: &str,
+    within: Duration,
+) -> String {
+    let deadline = Instant::now() + within;
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        match tokio::time::timeout(deadline - Instant::now(), stream.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                text.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+                if text.contains(needle) {
+                    return text;
+                }
+            }
+            _ => break,
+        }
+    }
+    panic!("{needle:?} not received within {within:?}; got {text:?}");
+}
+
+#[tokio::test]
+async fn a_new_sample_reaches_an_open_sse_stream_within_seconds() {
+    let svc = TestService::start_with(|c| c.rollup.interval_secs = 0.2).await;
+    let cred = svc.server_with_key("acme").await;
+    let response = svc
+        .client
+        .get(svc.url("/api/v1/servers/acme/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response
+            .headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut stream = response.bytes_stream();
+    sse_until(&mut stream, "event: ready", Duration::from_secs(2)).await;
+    let sent = Instant::now();
+    push_latency(&svc, &cred).await;
+    let text = sse_until(&mut stream, "event: metric", Duration::from_secs(3)).await;
+    assert!(text.contains("response_time"), "{text}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "update took {:?}",
+        sent.elapsed()
+    );
+    // Author events are announced too.
+    let event = json!({"server_id":"acme","kind":"release","title":"v2"}).to_string();
+    let r = svc
+        .client
+        .post(svc.url("/api/v1/events"))
+        .header("content-type", "application/json")
+        .header("x-api-key", &cred.api_key)
+        .header(
+            "x-signature",
+            sign(cred.secret.as_bytes(), now_ms() / 1000, event.as_bytes()),
+        )
+        .body(event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let text = sse_until(&mut stream, "event: event", Duration::from_secs(2)).await;
+    assert!(text.contains("\"title\":\"v2\""), "{text}");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_carries_the_same_messages() {
+    let svc = TestService::start_with(|c| c.rollup.interval_secs = 0.2).await;
+    let cred = svc.server_with_key("acme").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/api/v1/servers/acme/ws", svc.addr))
+        .await
+        .unwrap();
+    let next_json = |msg: tokio_tungstenite::tungstenite::Message| -> Value {
+        serde_json::from_str(msg.to_text().unwrap()).unwrap()
+    };
+    let first = tokio::time::timeout(Duration::from_secs(2), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next_json(first)["type"], "ready");
+    push_latency(&svc, &cred).await;
+    let message = tokio::time::timeout(Duration::from_secs(3), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let message = next_json(message);
+    assert_eq!(message["type"], "metric");
+    assert_eq!(message["data"]["names"], json!(["response_time"]));
+    ws.close(None).await.unwrap();
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_servers_and_the_stream_limit_are_refused() {
+    let svc = TestService::start_with(|c| c.live.max_streams = 1).await;
+    svc.create_server("acme").await;
+    let r = svc
+        .client
+        .get(svc.url("/api/v1/servers/nope/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let held = svc
+        .client
+        .get(svc.url("/api/v1/servers/acme/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    let refused = svc
+        .client
+        .get(svc.url("/api/v1/servers/acme/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    drop(held);
+    let mut ok = false;
+    for _ in 0..50 {
+        if svc
+            .client
+            .get(svc.url("/api/v1/servers/acme/live"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == StatusCode::OK
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "a closed stream frees its slot");
+    let _ = svc.client.get(svc.url("/api/v1/servers/acme/ws")).send().await;
+    svc.stop().await;
+}

@@ -1,0 +1,92 @@
+//! Live updates of one server: Server-Sent Events at `GET /api/v1/servers/{id}/live`
+//! and the same messages over a WebSocket at `/api/v1/servers/{id}/ws` (DESIGN.md §4.3).
+//!
+//! Messages say what changed (`metric`: rollup buckets of these series changed;
+//! `usage`; `event`); clients refetch what they show. A client that falls behind is
+//! disconnected and reconnects, which SSE does by itself.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::stream::Stream;
+use mcp_metrics_core::codes::Code;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::problem::{ApiError, ApiResult};
+use crate::live::Subscription;
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/servers/{id}/live", get(sse))
+        .route("/api/v1/servers/{id}/ws", get(ws))
+}
+
+async fn subscribe(state: &AppState, id: &str) -> ApiResult<Subscription> {
+    if !super::servers::exists(state, id).await? {
+        return Err(ApiError::not_found("server"));
+    }
+    state
+        .live
+        .subscribe(id)
+        .ok_or_else(|| ApiError::new(Code::Overloaded, "too many live streams are open; retry later").retry_after(5))
+}
+
+fn events(subscription: Subscription) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures_util::stream::unfold(subscription, |mut sub| async move {
+        match sub.receiver.recv().await {
+            Ok(message) => {
+                let event = Event::default().event(message.kind).data(message.data.to_string());
+                Some((Ok(event), sub))
+            }
+            // Lagged: this client is too slow; ending the stream drops it. Closed: the
+            // service is stopping.
+            Err(RecvError::Lagged(_) | RecvError::Closed) => None,
+        }
+    })
+}
+
+async fn sse(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let subscription = subscribe(&state, &id).await?;
+    let hello = futures_util::stream::once(async { Ok(Event::default().event("ready").data("{}")) });
+    let stream = futures_util::StreamExt::chain(hello, events(subscription));
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+async fn ws(State(state): State<AppState>, Path(id): Path<String>, upgrade: WebSocketUpgrade) -> ApiResult<Response> {
+    let subscription = subscribe(&state, &id).await?;
+    Ok(upgrade.on_upgrade(move |socket| forward(socket, subscription)))
+}
+
+async fn forward(mut socket: WebSocket, mut subscription: Subscription) {
+    let _ = socket.send(Message::Text(r#"{"type":"ready","data":{}}"#.into())).await;
+    loop {
+        tokio::select! {
+            message = subscription.receiver.recv() => match message {
+                Ok(m) => {
+                    let text = serde_json::json!({ "type": m.kind, "data": m.data }).to_string();
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+            },
+            incoming = socket.recv() => match incoming {
+                // Clients only listen; a close or an error ends the session.
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
