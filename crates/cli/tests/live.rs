@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestService, batch};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use mcp_metrics_core::signature::sign;
 use mcp_metrics_core::time::now_ms;
 use reqwest::StatusCode;
