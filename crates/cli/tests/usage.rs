@@ -413,3 +413,30 @@ async fn events_are_listed_newest_first_with_paging() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn a_forwarded_line_added_by_the_proxy_beats_one_sent_by_the_client() {
+    let svc = TestService::start_with(trusted).await;
+    svc.create_server("acme").await;
+    beacon(&svc, "acme", "install", "203.0.113.10", FIREFOX).await;
+    // The client claims another address in its own header line; the proxy appends a
+    // second line with the real one. The right-most entry is the one believed.
+    let r = svc
+        .client
+        .post(svc.url("/api/v1/usage"))
+        .header("content-type", "text/plain")
+        .header("user-agent", FIREFOX)
+        .header("x-forwarded-for", "198.51.100.20")
+        .header("x-forwarded-for", "203.0.113.10")
+        .body(json!({"server_id": "acme", "event": "install"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let u = settle(&svc, "acme", 2).await;
+    assert_eq!(
+        (u["totals"]["visitors"].as_u64(), u["totals"]["installs"].as_u64()),
+        (Some(1), Some(1))
+    );
+    svc.stop().await;
+}

@@ -5,6 +5,7 @@
 //! and talk to it over real HTTP, exactly as the binary does.
 
 pub mod cache;
+pub mod charts;
 pub mod clock;
 pub mod config;
 pub mod demo;

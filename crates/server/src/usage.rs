@@ -20,12 +20,19 @@ use tokio::sync::{Notify, mpsc};
 use crate::clock::Clock;
 use crate::config::UsageConfig;
 
-/// Why an event did not count.
+/// Who sent a beacon, decided before anything else is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A person, from this truncated network address.
+    Human(IpAddr),
+    Bot,
+    RateLimited,
+}
+
+/// What became of a human's event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Queued,
-    Bot,
-    RateLimited,
     Overloaded,
 }
 
@@ -46,6 +53,7 @@ pub struct UsageService {
     trusted: Vec<Cidr>,
     salts: Mutex<HashMap<i64, [u8; 32]>>,
     tx: mpsc::Sender<UsageRecord>,
+    event_days: i64,
     pub stats: UsageStats,
 }
 
@@ -82,6 +90,7 @@ impl UsageService {
             trusted: trusted_proxies.iter().filter_map(|c| Cidr::parse(c)).collect(),
             salts: Mutex::new(HashMap::new()),
             tx,
+            event_days: config.event_days,
             stats: UsageStats::default(),
         });
         let stop = Arc::new(Notify::new());
@@ -113,26 +122,30 @@ impl UsageService {
         Ok(salt)
     }
 
-    /// Classifies and, for a human within the rate limit, queues one event.
+    /// Classifies a sender: bots (and absent user agents) first, then the per-network
+    /// rate limit. The address is truncated here, before it is used for anything.
+    pub fn admit(&self, peer: IpAddr, forwarded_for: Option<&str>, user_agent: &str) -> Admission {
+        let address = usage::truncate_ip(usage::client_ip(peer, forwarded_for, &self.trusted));
+        if self.limiter.check_key(&address).is_err() {
+            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Admission::RateLimited;
+        }
+        if self.is_bot(user_agent) {
+            self.stats.bots.fetch_add(1, Ordering::Relaxed);
+            return Admission::Bot;
+        }
+        Admission::Human(address)
+    }
+
+    /// Queues a human's event under today's visitor id.
     pub async fn record(
         &self,
         server_id: &str,
         kind: UsageKind,
         client: Option<String>,
-        peer: IpAddr,
-        forwarded_for: Option<&str>,
+        address: IpAddr,
         user_agent: &str,
     ) -> StoreResult<Outcome> {
-        if self.is_bot(user_agent) {
-            self.stats.bots.fetch_add(1, Ordering::Relaxed);
-            return Ok(Outcome::Bot);
-        }
-        // The only place the address exists: truncated before anything uses it.
-        let address = usage::truncate_ip(usage::client_ip(peer, forwarded_for, &self.trusted));
-        if self.limiter.check_key(&address).is_err() {
-            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-            return Ok(Outcome::RateLimited);
-        }
         let at = self.clock.now_ms();
         let salt = self.salt(usage::day_of(at)).await?;
         let record = UsageRecord {
@@ -148,6 +161,21 @@ impl UsageService {
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         Ok(Outcome::Queued)
+    }
+
+    /// Periodic upkeep: salts (and visitor day records) older than 48 hours go even when
+    /// no beacon arrives, and the anonymous event log is cut to `event_days`.
+    pub async fn housekeeping(&self) -> StoreResult<()> {
+        let now = self.clock.now_ms();
+        self.store.forget_usage_before(usage::day_of(now) - 1).await?;
+        self.salts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|d, _| *d >= usage::day_of(now) - 1);
+        self.store
+            .purge_usage_events(now - self.event_days * usage::DAY_MS)
+            .await?;
+        Ok(())
     }
 
     /// Forgets idle rate-limiter entries so memory follows the active addresses, not
@@ -216,6 +244,9 @@ async fn write_loop(
                 },
                 _ = prune.tick() => {
                     service.prune();
+                    if let Err(e) = service.housekeeping().await {
+                        tracing::warn!(error = %e, "usage housekeeping failed; retrying in a minute");
+                    }
                     continue;
                 }
                 _ = stop.notified() => {

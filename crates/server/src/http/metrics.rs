@@ -344,7 +344,7 @@ struct CompareQuery {
 
 const MAX_COMPARED: usize = 10;
 
-fn stat_allowed(kind: Kind, stat: &str) -> bool {
+pub fn stat_allowed(kind: Kind, stat: &str) -> bool {
     match kind {
         Kind::Histogram => matches!(stat, "count" | "avg" | "min" | "max" | "p50" | "p95" | "p99"),
         Kind::Counter => matches!(stat, "increase" | "rate"),
@@ -352,7 +352,7 @@ fn stat_allowed(kind: Kind, stat: &str) -> bool {
     }
 }
 
-fn stat_value(stat: &str, p: &BucketStats) -> Option<f64> {
+pub fn stat_value(stat: &str, p: &BucketStats) -> Option<f64> {
     match stat {
         "count" => Some(p.count as f64),
         "avg" => Some(p.avg()),
@@ -403,6 +403,61 @@ async fn compare(
     .await
 }
 
+/// One metric of one server over a period, all its tag sets combined per point:
+/// (kind, point starts, merged buckets, counter increases).
+pub type CombinedPoints = (Kind, Vec<i64>, Vec<Option<BucketStats>>, Vec<Option<f64>>);
+
+pub async fn combined_points(
+    state: &AppState,
+    server_id: &str,
+    metric: &str,
+    period: Period,
+    now: i64,
+) -> ApiResult<Option<CombinedPoints>> {
+    let series = state.store.series_of_server(server_id, Some(metric)).await?;
+    let Some(kind) = series.first().map(|s| s.kind) else {
+        return Ok(None);
+    };
+    let (from, _, mut grouped) = load(state, &series, period, now).await?;
+    let n = period.points() as usize;
+    let mut combined: Vec<Option<BucketStats>> = vec![None; n];
+    let mut increases: Vec<Option<f64>> = vec![None; n];
+    // Tag sets of another kind than the first cannot be combined with it; skip them.
+    for s in series.iter().filter(|s| s.kind == kind) {
+        let sp = series_points(s.kind, grouped.remove(&s.id).unwrap_or_default(), from, period);
+        for (slot, p) in combined.iter_mut().zip(&sp.points) {
+            if let Some(p) = p {
+                combine_parallel(slot, p);
+            }
+        }
+        for (slot, inc) in increases.iter_mut().zip(&sp.increases) {
+            if let Some(inc) = inc {
+                *slot = Some(slot.unwrap_or(0.0) + inc);
+            }
+        }
+    }
+    let t = (0..n as i64).map(|i| from + i * period.resolution_ms()).collect();
+    Ok(Some((kind, t, combined, increases)))
+}
+
+/// A statistic of combined points (`increase` and `rate` for counters).
+pub fn stat_series(
+    kind: Kind,
+    stat: &str,
+    points: &[Option<BucketStats>],
+    increases: &[Option<f64>],
+    step: i64,
+) -> Vec<Option<f64>> {
+    match (kind, stat) {
+        (Kind::Counter, "increase") => increases.to_vec(),
+        (Kind::Counter, _) => increases.iter().map(|i| i.map(|v| v * 1000.0 / step as f64)).collect(),
+        _ => points
+            .iter()
+            .map(|p| p.as_ref().and_then(|p| stat_value(stat, p)))
+            .collect(),
+    }
+}
+
 async fn compute_compare(
     state: &AppState,
     servers: &[String],
@@ -416,38 +471,18 @@ async fn compute_compare(
     let n = period.points() as usize;
     let mut entries = Vec::with_capacity(servers.len());
     for id in servers {
-        let series = state.store.series_of_server(id, Some(metric)).await?;
-        let kind = series.first().map(|s| s.kind);
-        if let Some(kind) = kind
-            && !stat_allowed(kind, stat)
-        {
+        let Some((kind, _, points, increases)) = combined_points(state, id, metric, period, now).await? else {
+            entries.push(json!({ "id": id, "kind": null, "values": vec![Value::Null; n] }));
+            continue;
+        };
+        if !stat_allowed(kind, stat) {
             return Err(ApiError::invalid(format!(
                 "stat {stat} does not apply to {metric}, a {}",
                 kind.as_str()
             )));
         }
-        let (_, _, mut grouped) = load(state, &series, period, now).await?;
-        let mut combined: Vec<Option<BucketStats>> = vec![None; n];
-        let mut increases: Vec<Option<f64>> = vec![None; n];
-        for s in &series {
-            let sp = series_points(s.kind, grouped.remove(&s.id).unwrap_or_default(), from, period);
-            for (slot, p) in combined.iter_mut().zip(&sp.points) {
-                if let Some(p) = p {
-                    combine_parallel(slot, p);
-                }
-            }
-            for (slot, inc) in increases.iter_mut().zip(&sp.increases) {
-                if let Some(inc) = inc {
-                    *slot = Some(slot.unwrap_or(0.0) + inc);
-                }
-            }
-        }
-        let values = match (kind, stat) {
-            (Some(Kind::Counter), "increase") => opt(increases.iter().copied()),
-            (Some(Kind::Counter), _) => opt(increases.iter().map(|i| i.map(|v| v * 1000.0 / step as f64))),
-            _ => opt(combined.iter().map(|p| p.as_ref().and_then(|p| stat_value(stat, p)))),
-        };
-        entries.push(json!({ "id": id, "kind": kind.map(Kind::as_str), "values": values }));
+        let values = opt(stat_series(kind, stat, &points, &increases, step).into_iter());
+        entries.push(json!({ "id": id, "kind": kind.as_str(), "values": values }));
     }
     Ok(json!({
         "metric": metric,

@@ -34,6 +34,7 @@ pub fn router(state: AppState) -> Router {
         .merge(usage::router())
         .merge(events::router())
         .merge(live::router())
+        .merge(crate::charts::router())
         .merge(admin::router())
         .merge(ops::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), track))

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::problem::{ApiError, ApiResult};
 use crate::state::AppState;
-use crate::usage::Outcome;
+use crate::usage::{Admission, Outcome};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -100,25 +100,39 @@ async fn beacon_inner(
             "send JSON as application/json or text/plain",
         ));
     }
+    // The rate limit applies to every beacon, valid or not, before any database read.
+    // Every X-Forwarded-For line counts: a proxy may add its own line below the client's.
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let admission = state.usage.admit(peer.ip(), forwarded.as_deref(), user_agent);
+    if admission == Admission::RateLimited {
+        return Err(
+            ApiError::new(Code::RateLimited, "too many usage events from this network; slow down").retry_after(60),
+        );
+    }
     let (server_id, kind, client) =
         mcp_metrics_core::usage::decode(&body).map_err(|e| ApiError::invalid(e.to_string()))?;
     if !super::servers::exists(state, &server_id).await? {
         return Err(ApiError::not_found("server"));
     }
-    let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let Admission::Human(address) = admission else {
+        // Bots get the same 202 as everyone and count nowhere.
+        return Ok(());
+    };
     match state
         .usage
-        .record(&server_id, kind, client, peer.ip(), forwarded, user_agent)
+        .record(&server_id, kind, client, address, user_agent)
         .await?
     {
-        Outcome::Queued | Outcome::Bot => Ok(()),
-        Outcome::RateLimited => {
-            Err(ApiError::new(Code::RateLimited, "too many usage events from this network; slow down").retry_after(60))
-        }
+        Outcome::Queued => Ok(()),
         Outcome::Overloaded => Err(ApiError::new(
             Code::Overloaded,
             "usage events are arriving faster than they are stored",

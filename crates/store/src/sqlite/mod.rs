@@ -377,11 +377,12 @@ fn write_batch_blocking(conn: &mut Connection, batch: &WriteBatch) -> rusqlite::
         dirty.sort_unstable();
         dirty.dedup();
         let mut mark = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, 0)
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = rollup_dirty.generation + 1",
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
         )?;
+        let generation = rollups::next_generation(&tx)?;
         for (minute, series_id) in dirty {
-            mark.execute(params![minute, series_id])?;
+            mark.execute(params![minute, series_id, generation])?;
         }
     }
     tx.commit()?;

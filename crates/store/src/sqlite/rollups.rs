@@ -11,6 +11,19 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use super::value_codec;
 use crate::{DirtyMark, RollupInput, RollupRow, RollupWork};
 
+/// A value larger than every mark generation handed out before, by any process: a
+/// counter in `meta`, advanced inside the caller's write transaction. A mark set
+/// (or set again after deletion) always gets a generation no pass has read.
+pub fn next_generation(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<i64> {
+    tx.query_row(
+        "INSERT INTO meta (key, value) VALUES ('rollup_generation', '1')
+         ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1
+         RETURNING CAST(value AS INTEGER)",
+        [],
+        |r| r.get(0),
+    )
+}
+
 pub fn table(level: Level) -> &'static str {
     match level {
         Level::Minute => "rollups_1m",
@@ -152,6 +165,7 @@ pub fn apply(
     results: &[(DirtyMark, Option<BucketStats>)],
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let generation = next_generation(&tx)?;
     {
         let name = table(level);
         let mut upsert = tx.prepare_cached(&format!(
@@ -166,8 +180,8 @@ pub fn apply(
             "DELETE FROM rollup_dirty WHERE level = ?1 AND bucket = ?2 AND series_id = ?3 AND generation = ?4",
         )?;
         let mut mark_parent = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (?1, ?2, ?3, 0)
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = rollup_dirty.generation + 1",
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
         )?;
         for (mark, stats) in results {
             if clear.execute(params![level.as_i64(), mark.bucket, mark.series_id, mark.generation])? == 0 {
@@ -198,7 +212,8 @@ pub fn apply(
                 mark_parent.execute(params![
                     parent.as_i64(),
                     align(mark.bucket, parent.bucket_ms()),
-                    mark.series_id
+                    mark.series_id,
+                    generation
                 ])?;
             }
         }
@@ -244,13 +259,14 @@ pub fn minutes_with_samples(conn: &Connection, from: i64, to: i64) -> rusqlite::
 
 pub fn mark_minutes(conn: &mut Connection, minutes: &[(i64, i64)]) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let generation = next_generation(&tx)?;
     {
         let mut mark = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, 0)
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = rollup_dirty.generation + 1",
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
         )?;
         for (minute, series_id) in minutes {
-            mark.execute(params![minute, series_id])?;
+            mark.execute(params![minute, series_id, generation])?;
         }
     }
     tx.commit()?;
