@@ -93,6 +93,15 @@ impl MasterKey {
         hex::encode(&mac.finalize().into_bytes()[..16])
     }
 
+    /// A key for another purpose (e.g. signing session cookies), derived so that it
+    /// reveals nothing about the master key and rotates with it.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).expect("any key length");
+        mac.update(b"mcp-metrics derived key v1\0");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new(&self.0.into())
     }

@@ -160,14 +160,18 @@ async fn prepare(state: &AppState) -> anyhow::Result<Vec<DemoServer>> {
     Ok(servers)
 }
 
-/// One second of traffic for one server, as a signed-ready JSON batch.
-fn tick(server: &mut DemoServer, rng: &mut Rng, now: i64) -> Value {
+/// `seconds` of traffic for one server ending at `now`, as a JSON batch. Counters
+/// advance by the whole span; latency is sampled (at most 60 observations per batch),
+/// so a backfill of a day stays small.
+fn tick(server: &mut DemoServer, rng: &mut Rng, now: i64, seconds: f64) -> Value {
     let p = server.profile;
     let hour = (now / 3_600_000 % 24) as f64;
     let daily = 1.0 + 0.5 * ((hour - 15.0) / 24.0 * std::f64::consts::TAU).cos();
     let burst = rng.uniform() < 0.01;
     let rate = (p.requests_per_sec * daily * (0.8 + 0.4 * rng.uniform())).max(0.0);
-    let count = rate.round() as usize;
+    let total = (rate * seconds).round();
+    let count = (total as usize).min(60);
+    let span_ms = (seconds * 1000.0) as i64;
     let mut metrics = Vec::with_capacity(count + p.tools.len() + 3);
     let mut errors = 0.0;
     for i in 0..count {
@@ -176,14 +180,15 @@ fn tick(server: &mut DemoServer, rng: &mut Rng, now: i64) -> Value {
         if burst {
             latency *= 3.0;
         }
-        let ts = now - 1000 + (i as i64 * 1000 / count.max(1) as i64);
+        let ts = now - span_ms + (i as i64 * span_ms / count.max(1) as i64);
         metrics.push(json!({"name":"response_time","type":"histogram","value":(latency * 10.0).round() / 10.0,"timestamp":ts,"tags":{"tool":tool}}));
-        *server.tool_calls.get_mut(tool).expect("known tool") += 1.0;
+        *server.tool_calls.get_mut(tool).expect("known tool") += total / count as f64;
         if rng.uniform() < if burst { p.error_rate * 10.0 } else { p.error_rate } {
-            errors += 1.0;
+            errors += total / count as f64;
         }
     }
-    server.requests_total += count as f64;
+    errors = errors.round();
+    server.requests_total += total;
     server.errors_total += errors;
     server.sessions = (server.sessions + rng.normal()).clamp(0.0, 40.0 * daily);
     metrics.push(json!({"name":"requests","type":"counter","value":server.requests_total,"timestamp":now}));
@@ -202,31 +207,47 @@ pub async fn run(state: AppState, base_url: String) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     let url = format!("{base_url}/api/v1/metrics");
     let mut rng = Rng::new(now_ms() as u64);
+    // A day of history first (one batch per 5 minutes), so every chart has data at once;
+    // only for demo servers without data, so restarting the demo does not double it.
+    let mut fresh = Vec::new();
+    for server in &servers {
+        fresh.push(state.store.series_of_server(server.profile.id, None).await?.is_empty());
+    }
+    let now = now_ms();
+    for step in (1..=288).rev() {
+        let at = now - step * 300_000;
+        for (server, _) in servers.iter_mut().zip(&fresh).filter(|(_, fresh)| **fresh) {
+            let body = tick(server, &mut rng, at, 300.0).to_string();
+            send(&client, &url, &server.credential, body).await;
+        }
+    }
+    tracing::info!("demo backfilled the last 24 hours");
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
         ticker.tick().await;
         let now = now_ms();
         for server in &mut servers {
-            let body = tick(server, &mut rng, now).to_string();
-            let signature = sign(server.credential.signing_secret.as_bytes(), now / 1000, body.as_bytes());
-            let sent = client
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("x-api-key", &server.credential.api_key)
-                .header("x-signature", signature)
-                .body(body)
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status().is_success() => {}
-                Ok(r) => {
-                    tracing::warn!(server = server.profile.id, status = %r.status(), "demo batch refused")
-                }
-                Err(e) => {
-                    tracing::warn!(server = server.profile.id, error = %e, "demo batch not sent")
-                }
-            }
+            let body = tick(server, &mut rng, now, 1.0).to_string();
+            send(&client, &url, &server.credential, body).await;
         }
+    }
+}
+
+/// Signs and posts one batch; failures are logged, the demo goes on.
+async fn send(client: &reqwest::Client, url: &str, credential: &IssuedCredential, body: String) {
+    let signature = sign(credential.signing_secret.as_bytes(), now_ms() / 1000, body.as_bytes());
+    let sent = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-api-key", &credential.api_key)
+        .header("x-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::warn!(server = %credential.server_id, status = %r.status(), "demo batch refused"),
+        Err(e) => tracing::warn!(server = %credential.server_id, error = %e, "demo batch not sent"),
     }
 }
 

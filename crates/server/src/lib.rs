@@ -17,6 +17,7 @@ pub mod rollup;
 pub mod state;
 pub mod telemetry;
 pub mod usage;
+pub mod web;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;

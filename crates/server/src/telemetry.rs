@@ -93,6 +93,8 @@ pub struct Telemetry {
     /// (route, method, status) → count, and route → latency.
     http_requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     http_latency: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
+    /// Per-sample rejections by server and code since start, for the author dashboard.
+    rejected_by_server: Mutex<std::collections::HashMap<String, BTreeMap<&'static str, u64>>>,
 }
 
 impl Default for Telemetry {
@@ -117,6 +119,7 @@ impl Default for Telemetry {
             cache_misses: AtomicU64::new(0),
             http_requests: Mutex::new(BTreeMap::new()),
             http_latency: Mutex::new(BTreeMap::new()),
+            rejected_by_server: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -124,6 +127,22 @@ impl Default for Telemetry {
 impl Telemetry {
     pub fn sample_rejected(&self, code: Code) {
         self.samples_rejected[code as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn server_sample_rejected(&self, server_id: &str, code: Code) {
+        let mut map = self.rejected_by_server.lock().expect("telemetry lock");
+        *map.entry(server_id.to_owned())
+            .or_default()
+            .entry(code.as_str())
+            .or_default() += 1;
+    }
+
+    /// Rejected samples of one server by code, since the service started.
+    pub fn rejected_of(&self, server_id: &str) -> Vec<(&'static str, u64)> {
+        let map = self.rejected_by_server.lock().expect("telemetry lock");
+        map.get(server_id)
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
     }
 
     pub fn request_rejected(&self, code: Code) {

@@ -268,9 +268,13 @@ pub fn render_chart(chart: &Chart) -> String {
                 );
                 for (i, v) in s.values.iter().enumerate() {
                     let Some(v) = v else { continue };
+                    // A point with no neighbour draws no line, so it shows as a dot.
+                    let isolated =
+                        (i == 0 || s.values[i - 1].is_none()) && s.values.get(i + 1).is_none_or(|next| next.is_none());
+                    let opacity = if isolated { 1 } else { 0 };
                     let _ = write!(
                         svg,
-                        r##"<circle class="pt" cx="{:.1}" cy="{:.1}" r="3" fill="{}" fill-opacity="0" stroke="none"><title>{} · {}: {}</title></circle>"##,
+                        r##"<circle class="pt" cx="{:.1}" cy="{:.1}" r="3" fill="{}" fill-opacity="{opacity}" stroke="none"><title>{} · {}: {}</title></circle>"##,
                         x_of(chart.t[i]) + slot / 2.0,
                         y_of(*v),
                         s.color,
@@ -285,6 +289,44 @@ pub fn render_chart(chart: &Chart) -> String {
     }
     svg.push_str("</svg>");
     svg
+}
+
+/// A small line without axes for directory cards; gaps stay gaps.
+pub fn render_sparkline(values: &[Option<f64>], color: &str) -> String {
+    let (w, h) = (240.0, 40.0);
+    let present: Vec<f64> = values.iter().flatten().copied().collect();
+    if present.is_empty() {
+        return format!(
+            r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" role="img" aria-label="no data"><text x="4" y="24" fill="#9ca3af" font-size="11" font-family="system-ui,sans-serif">no latency data yet</text></svg>"##
+        );
+    }
+    let hi = present.iter().copied().fold(f64::MIN, f64::max).max(f64::MIN_POSITIVE);
+    let n = values.len().max(2) as f64 - 1.0;
+    let mut d = String::new();
+    let mut pen_down = false;
+    for (i, v) in values.iter().enumerate() {
+        match v {
+            Some(v) => {
+                let (x, y) = (i as f64 / n * (w - 4.0) + 2.0, h - 3.0 - v / hi * (h - 6.0));
+                let _ = write!(d, "{}{x:.1},{y:.1}", if pen_down { " L" } else { " M" });
+                pen_down = true;
+            }
+            None => pen_down = false,
+        }
+    }
+    // Points without a neighbour have no line to show them: mark them.
+    let mut dots = String::new();
+    for (i, v) in values.iter().enumerate() {
+        let lonely = (i == 0 || values[i - 1].is_none()) && values.get(i + 1).is_none_or(|n| n.is_none());
+        if let (Some(v), true) = (v, lonely) {
+            let (x, y) = (i as f64 / n * (w - 4.0) + 2.0, h - 3.0 - v / hi * (h - 6.0));
+            let _ = write!(dots, r#"<circle cx="{x:.1}" cy="{y:.1}" r="2" fill="{color}"/>"#);
+        }
+    }
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" preserveAspectRatio="none" role="img" aria-label="trend"><path d="{}" fill="none" stroke="{color}" stroke-width="1.5"/>{dots}</svg>"##,
+        d.trim()
+    )
 }
 
 /// Width of `text` in Verdana-like sans at `size` px, from per-character advances

@@ -101,6 +101,9 @@ async fn collect_inner(
     let prepared = prepare(&batch, &credential.server_id, &state.series, now_ms(), &limits);
     for rejection in &prepared.rejected {
         state.telemetry.sample_rejected(rejection.code);
+        state
+            .telemetry
+            .server_sample_rejected(&credential.server_id, rejection.code);
     }
     let mut request = prepared.request;
     request.key_id = credential.key_id.clone();

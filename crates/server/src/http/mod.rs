@@ -35,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .merge(events::router())
         .merge(live::router())
         .merge(crate::charts::router())
+        .merge(crate::web::router())
         .merge(admin::router())
         .merge(ops::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
