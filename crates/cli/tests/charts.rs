@@ -47,7 +47,11 @@ async fn charts_and_badges_show_the_data() {
 
     let (status, cache, text) = svg(&svc, "/charts/acme/response_time.svg?period=1h").await;
     assert_eq!((status, cache.as_str()), (StatusCode::OK, "public, max-age=5"));
-    assert_eq!(points(&text), 3, "one minute with data, three percentile lines");
+    assert_eq!(
+        points(&text),
+        1,
+        "one minute with data: one hover target for its three percentiles"
+    );
     assert!(text.contains(">p95<") && text.contains(" ms"), "legend and units");
     let (_, _, bars) = svg(&svc, "/charts/acme/requests.svg?period=1h").await;
     assert_eq!(points(&bars), 2, "one bar per minute with counter samples");

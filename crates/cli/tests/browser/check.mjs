@@ -83,6 +83,18 @@ try {
   const after = await page.locator('#metrics [data-metric="response_time"] svg').innerHTML();
   check(after !== before, "the latency chart was redrawn with the new sample");
   await page.screenshot({ path: `${SCREENSHOTS}/live.png`, fullPage: true });
+  // Ingest → page update latency over several samples (reported, the target is < 2 s).
+  const delays = [];
+  for (let i = 0; i < 10; i++) {
+    const done = page.evaluate(() => new Promise((resolve) => document.addEventListener("charts-updated", () => resolve(Date.now()), { once: true })));
+    const t0 = Date.now();
+    await push(100 + i);
+    delays.push((await Promise.race([done, new Promise((_, reject) => setTimeout(() => reject(new Error("no live update within 5 s")), 5000))])) - t0);
+    await new Promise((r) => setTimeout(r, 300));
+  }
+  delays.sort((a, b) => a - b);
+  console.log(`live update delays ms: ${delays.join(" ")}`);
+  check(delays[delays.length - 1] < 2000, `every live update arrived within 2 s (max ${delays[delays.length - 1]} ms)`);
   check(errors.length === 0, `no script errors (${errors.join("; ")})`);
 } finally {
   await browser.close();

@@ -135,12 +135,16 @@ pub fn time_ticks(period: Period, from: i64, to: i64) -> Vec<(i64, String)> {
     ticks
 }
 
+/// A point's time in its tooltip, as short as the period allows: `21:05` within a
+/// day, `Dec 4 21:00` within a month, `Dec 4` beyond.
 fn point_label(t: i64, period: Period) -> String {
     let text = format_rfc3339_ms(t);
-    if period.resolution_ms() >= 86_400_000 {
-        text[..10].to_owned()
-    } else {
-        format!("{} {}", &text[..10], &text[11..16])
+    let month: usize = text[5..7].parse().unwrap_or(1);
+    let day = text[8..10].trim_start_matches('0');
+    match period {
+        Period::H1 | Period::H6 | Period::H24 => text[11..16].to_owned(),
+        Period::D7 | Period::D30 => format!("{} {day} {}", MONTHS[(month + 11) % 12], &text[11..16]),
+        Period::D90 | Period::Y1 => format!("{} {day}", MONTHS[(month + 11) % 12]),
     }
 }
 
@@ -226,9 +230,15 @@ pub fn render_chart(chart: &Chart) -> String {
     }
     let slot = plot_w / n as f64;
     for (si, s) in chart.series.iter().enumerate() {
-        let _ = write!(svg, r##"<g class="series" data-series="{}">"##, escape(&s.label));
+        let _ = write!(
+            svg,
+            r##"<g class="series" data-series="{}" fill="{}">"##,
+            escape(&s.label),
+            s.color
+        );
         match s.style {
             Style::Bars => {
+                // Each bar carries its own tooltip.
                 let bar_w = (slot * 0.8 / chart.series.len() as f64).max(0.5);
                 for (i, v) in s.values.iter().enumerate() {
                     let Some(v) = v else { continue };
@@ -236,10 +246,9 @@ pub fn render_chart(chart: &Chart) -> String {
                     let (y0, y1) = (y_of(0.0), y_of(*v));
                     let _ = write!(
                         svg,
-                        r##"<rect class="pt" x="{x:.1}" y="{:.1}" width="{bar_w:.1}" height="{:.1}" fill="{}"><title>{} · {}: {}</title></rect>"##,
+                        r##"<rect class="pt" x="{x:.1}" y="{:.0}" width="{bar_w:.1}" height="{:.0}"><title>{} {}: {}</title></rect>"##,
                         y1.min(y0),
-                        (y0 - y1).abs(),
-                        s.color,
+                        (y0 - y1).abs().max(0.5),
                         point_label(chart.t[i], chart.period),
                         escape(&s.label),
                         escape(&format_value(*v, unit))
@@ -247,8 +256,10 @@ pub fn render_chart(chart: &Chart) -> String {
                 }
             }
             Style::Line => {
-                // One path; a gap (null) starts a new segment.
+                // One path; a gap (null) starts a new segment. A point with no
+                // neighbour draws no line, so it is shown as a dot.
                 let mut d = String::new();
+                let mut dots = String::new();
                 let mut pen_down = false;
                 for (i, v) in s.values.iter().enumerate() {
                     match v {
@@ -256,34 +267,59 @@ pub fn render_chart(chart: &Chart) -> String {
                             let (x, y) = (x_of(chart.t[i]) + slot / 2.0, y_of(*v));
                             let _ = write!(d, "{}{x:.1},{y:.1}", if pen_down { " L" } else { " M" });
                             pen_down = true;
+                            if s.values.get(i + 1).is_none_or(|next| next.is_none())
+                                && (i == 0 || s.values[i - 1].is_none())
+                            {
+                                let _ = write!(
+                                    dots,
+                                    r##"<circle cx="{x:.1}" cy="{y:.1}" r="2.5" fill="{}"/>"##,
+                                    s.color
+                                );
+                            }
                         }
                         None => pen_down = false,
                     }
                 }
                 let _ = write!(
                     svg,
-                    r##"<path d="{}" fill="none" stroke="{}" stroke-width="1.8" stroke-linejoin="round"/>"##,
+                    r##"<path d="{}" fill="none" stroke="{}" stroke-width="1.8" stroke-linejoin="round"/>{dots}"##,
                     d.trim(),
                     s.color
                 );
-                for (i, v) in s.values.iter().enumerate() {
-                    let Some(v) = v else { continue };
-                    // A point with no neighbour draws no line, so it shows as a dot.
-                    let isolated =
-                        (i == 0 || s.values[i - 1].is_none()) && s.values.get(i + 1).is_none_or(|next| next.is_none());
-                    let opacity = if isolated { 1 } else { 0 };
-                    let _ = write!(
-                        svg,
-                        r##"<circle class="pt" cx="{:.1}" cy="{:.1}" r="3" fill="{}" fill-opacity="{opacity}" stroke="none"><title>{} · {}: {}</title></circle>"##,
-                        x_of(chart.t[i]) + slot / 2.0,
-                        y_of(*v),
-                        s.color,
-                        point_label(chart.t[i], chart.period),
-                        escape(&s.label),
-                        escape(&format_value(*v, unit))
-                    );
-                }
             }
+        }
+        svg.push_str("</g>");
+    }
+    // Line charts: one hover target per point in time, whose tooltip lists every line,
+    // so the markup grows with points, not points × lines.
+    let lines: Vec<&ChartSeries> = chart.series.iter().filter(|s| s.style == Style::Line).collect();
+    if !lines.is_empty() {
+        // y and height come from CSS (SVG 2 geometry properties): written once, not per point.
+        let _ = write!(
+            svg,
+            r##"<style>.hover rect{{y:{TOP}px;height:{plot_h:.0}px}}</style><g class="hover" fill="transparent">"##
+        );
+        for i in 0..n.min(chart.t.len()) {
+            let parts: Vec<String> = lines
+                .iter()
+                .filter_map(|s| {
+                    s.values
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .map(|v| format!("{} {}", escape(&s.label), escape(&format_value(v, unit))))
+                })
+                .collect();
+            if parts.is_empty() {
+                continue;
+            }
+            let _ = write!(
+                svg,
+                r##"<rect class="pt" x="{:.1}" width="{slot:.1}"><title>{}: {}</title></rect>"##,
+                x_of(chart.t[i]),
+                point_label(chart.t[i], chart.period),
+                parts.join(", ")
+            );
         }
         svg.push_str("</g>");
     }
