@@ -67,6 +67,17 @@ try {
   }
   check(views > viewsBefore, `the page view was counted (${viewsBefore} -> ${views})`);
 
+  // The Install button sends its usage event.
+  const installsBefore = (await usage()).installs;
+  await page.click('button[data-usage="install"]');
+  let installs = installsBefore;
+  for (let i = 0; i < 50 && installs <= installsBefore; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+    installs = (await usage()).installs;
+  }
+  check(installs > installsBefore, "the Install button was counted");
+  await page.click('a[aria-controls="metrics"]');
+
   // Switch the period without a reload, then watch a new sample arrive live.
   await page.evaluate(() => { window.__noReload = true; });
   await page.click('.periods a[data-period="1h"]');
