@@ -39,8 +39,18 @@ async fn pages_work_in_headless_chromium() {
         .unwrap()
         .port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+    // Rollups every 0.2 s, as the live tests use, so the 2-second budget measures the
+    // page and the stream rather than the job's tick.
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[rollup]\ninterval_secs = 0.2\n").unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--config",
+            config.to_str().unwrap(),
+        ])
         .args([
             "--database",
             &format!("sqlite://{}", dir.path().join("web.db").display()),
@@ -50,18 +60,30 @@ async fn pages_work_in_headless_chromium() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed however the test ends, so a failure leaves no service running.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = KillOnDrop(child);
     let client = reqwest::Client::new();
-    for _ in 0..200 {
+    let mut ready = false;
+    for _ in 0..400 {
         if client
             .get(format!("{base}/readyz"))
             .send()
             .await
             .is_ok_and(|r| r.status().is_success())
         {
+            ready = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    assert!(ready, "the service did not become ready");
     let admin = |path: &str| client.post(format!("{base}{path}")).bearer_auth(ADMIN_TOKEN);
     admin("/api/v1/admin/servers")
         .json(&json!({"id":"acme","name":"Acme Search","description":"Search for agents"}))
@@ -108,8 +130,6 @@ async fn pages_work_in_headless_chromium() {
         .env("SCREENSHOTS", here.join("screenshots"))
         .output()
         .unwrap();
-    child.kill().unwrap();
-    let _ = child.wait();
     let stdout = String::from_utf8_lossy(&output.stdout);
     println!("{stdout}");
     assert!(

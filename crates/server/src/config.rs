@@ -318,6 +318,9 @@ impl Config {
         if !(self.rollup.interval_secs >= 0.05 && self.rollup.interval_secs <= 3600.0) {
             bail!("rollup.interval_secs must be between 0.05 and 3600");
         }
+        if !(1..=1_000_000).contains(&self.live.max_streams) {
+            bail!("live.max_streams must be between 1 and 1000000");
+        }
         for cidr in &self.trusted_proxies {
             if mcp_metrics_core::usage::Cidr::parse(cidr).is_none() {
                 bail!("trusted proxy {cidr:?} is not an address or CIDR such as 10.0.0.0/8");

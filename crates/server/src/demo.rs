@@ -223,6 +223,7 @@ pub async fn run(state: AppState, base_url: String) -> anyhow::Result<()> {
     }
     tracing::info!("demo backfilled the last 24 hours");
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let now = now_ms();

@@ -22,7 +22,8 @@ pub struct LiveMessage {
 }
 
 pub struct LiveHub {
-    channels: Mutex<HashMap<String, broadcast::Sender<Arc<LiveMessage>>>>,
+    /// `None` once closed: no new channel can appear after shutdown began.
+    channels: Mutex<Option<HashMap<String, broadcast::Sender<Arc<LiveMessage>>>>>,
     streams: Arc<Semaphore>,
 }
 
@@ -35,15 +36,16 @@ pub struct Subscription {
 impl LiveHub {
     pub fn new(max_streams: usize) -> Self {
         LiveHub {
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Some(HashMap::new())),
             streams: Arc::new(Semaphore::new(max_streams)),
         }
     }
 
-    /// `None` when the stream limit is reached.
+    /// `None` when the stream limit is reached or the hub is closed.
     pub fn subscribe(&self, server_id: &str) -> Option<Subscription> {
         let permit = self.streams.clone().try_acquire_owned().ok()?;
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let channels = guard.as_mut()?;
         let sender = channels
             .entry(server_id.to_owned())
             .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0);
@@ -55,7 +57,8 @@ impl LiveHub {
 
     /// Sends to everyone watching `server_id`; a server nobody watches costs a lookup.
     pub fn publish(&self, server_id: &str, message: LiveMessage) {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(channels) = guard.as_mut() else { return };
         if let Some(sender) = channels.get(server_id) {
             if sender.receiver_count() == 0 {
                 channels.remove(server_id);
@@ -66,14 +69,11 @@ impl LiveHub {
     }
 
     /// Ends every open stream (at shutdown, so open SSE connections do not hold the
-    /// graceful stop until its deadline) and refuses new ones.
+    /// graceful stop until its deadline) and refuses new ones. The map is replaced under
+    /// its lock, so no subscription racing with this can create a channel afterwards.
     pub fn close(&self) {
         self.streams.close();
-        self.channels.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    }
-
-    pub fn open_streams(&self, max: usize) -> usize {
-        max - self.streams.available_permits()
+        *self.channels.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

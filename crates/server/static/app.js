@@ -36,10 +36,10 @@ async function refreshCharts(period) {
   const id = server.dataset.server;
   const boxes = [...document.querySelectorAll("#metrics [data-metric]")];
   await Promise.all(boxes.map(async (box) => {
-    const r = await fetch(`/charts/${encodeURIComponent(id)}/${encodeURIComponent(box.dataset.metric)}.svg?period=${period}&w=640&h=240`, { cache: "no-store" });
+    const r = await fetch(`/charts/${encodeURIComponent(id)}/${encodeURIComponent(box.dataset.metric)}.svg?period=${period}&w=640&h=240`, { cache: "no-cache" });
     if (r.ok) box.innerHTML = await r.text();
   }));
-  const m = await fetch(`/api/v1/servers/${encodeURIComponent(id)}/metrics?period=${period}`, { cache: "no-store" });
+  const m = await fetch(`/api/v1/servers/${encodeURIComponent(id)}/metrics?period=${period}`, { cache: "no-cache" });
   if (m.ok) {
     const s = (await m.json()).summary;
     const fmt = (v, d = 0) => (v == null ? "–" : Number(v).toFixed(d));
@@ -70,7 +70,12 @@ function setupLive() {
   const badge = document.querySelector(".live");
   let pending = null;
   source.addEventListener("ready", () => { if (badge) badge.hidden = false; });
-  source.addEventListener("metric", () => {
+  source.addEventListener("metric", (e) => {
+    // Only redraw when a metric this page shows changed.
+    let names = null;
+    try { names = JSON.parse(e.data).names; } catch {}
+    const shown = [...document.querySelectorAll("#metrics [data-metric]")].map((b) => b.dataset.metric);
+    if (Array.isArray(names) && !names.some((n) => shown.includes(n))) return;
     clearTimeout(pending);
     pending = setTimeout(() => refreshCharts(server.dataset.period), 150);
   });

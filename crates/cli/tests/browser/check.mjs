@@ -80,7 +80,10 @@ try {
 
   // Switch the period without a reload, then watch a new sample arrive live.
   await page.evaluate(() => { window.__noReload = true; });
+  // Wait for the period switch's own redraw to finish before listening for live ones.
+  const switched = page.evaluate(() => new Promise((resolve) => document.addEventListener("charts-updated", resolve, { once: true })));
   await page.click('.periods a[data-period="1h"]');
+  await switched;
   await page.waitForFunction(() => document.querySelector('.periods a[aria-current="true"]')?.dataset.period === "1h");
   await page.waitForFunction(() => document.querySelector('#metrics [data-metric="response_time"] svg')?.textContent.includes("· 1h"));
   check(true, "the period switcher redraws the charts for 1h");

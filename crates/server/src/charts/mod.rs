@@ -108,6 +108,7 @@ pub async fn build_chart(
         title: format!("{metric} · {}", period.as_str()),
         unit,
         period,
+        resolution_ms: period.resolution_ms(),
         t,
         series,
         width: size.0,
@@ -132,8 +133,40 @@ async fn chart(
         return Err(ApiError::not_found("server"));
     }
     let size = (q.w.unwrap_or(640).clamp(240, 1600), q.h.unwrap_or(240).clamp(120, 800));
-    let chart = build_chart(&state, &id, metric, period, q.stat.as_deref(), size).await?;
-    Ok(svg_response(svg::render_chart(&chart), period.max_age_secs()))
+    // Cached like metric answers: every open page refetches its charts when the server's
+    // rollups change, so viewers of one server share one drawing per change.
+    let what = format!(
+        "chart\0{metric}\0{}\0{}\0{}x{}",
+        period.as_str(),
+        q.stat.as_deref().unwrap_or(""),
+        size.0,
+        size.1
+    );
+    let key = state.cache.key([id.as_str()], &what);
+    let body = match state.cache.get(&key) {
+        Some(hit) => {
+            state
+                .telemetry
+                .cache_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            hit.body.clone()
+        }
+        None => {
+            state
+                .telemetry
+                .cache_misses
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let chart = build_chart(&state, &id, metric, period, q.stat.as_deref(), size).await?;
+            let body = svg::render_chart(&chart);
+            let lifetime = crate::http::metrics::cache_lifetime(period);
+            state.cache.insert(
+                key,
+                std::sync::Arc::new(crate::cache::Cached::new(body.clone(), lifetime)),
+            );
+            body
+        }
+    };
+    Ok(svg_response(body, period.max_age_secs()))
 }
 
 /// Badge colours by p95 latency, like build badges: green is good.

@@ -28,7 +28,10 @@ pub struct ChartSeries {
 pub struct Chart {
     pub title: String,
     pub unit: Option<String>,
+    /// The span shown; it sets the time-axis ticks.
     pub period: Period,
+    /// Width of one point in ms (usually the period's resolution).
+    pub resolution_ms: i64,
     /// Start of each point, unix ms.
     pub t: Vec<i64>,
     pub series: Vec<ChartSeries>,
@@ -88,16 +91,17 @@ pub fn nice_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
         .find(|s| range / s <= (target + 1) as f64)
         .unwrap_or(10.0 * magnitude);
     let start = (lo / step).floor() * step;
-    let mut ticks = Vec::new();
-    let mut v = start;
-    while v <= hi + step * 1e-9 {
-        ticks.push(if v.abs() < step * 1e-9 { 0.0 } else { v });
-        v += step;
+    // Ticks by index, a bounded number of them: adding a step too small to change a
+    // huge value must not loop, and extreme inputs still get an axis.
+    let count = ((hi - start) / step).ceil();
+    if !step.is_finite() || step <= 0.0 || !count.is_finite() || !(0.0..=64.0).contains(&count) || start + step == start
+    {
+        return vec![lo, hi];
     }
-    if ticks.last().is_some_and(|l| *l < hi) {
-        ticks.push(v);
-    }
-    ticks
+    (0..=count as usize)
+        .map(|k| start + k as f64 * step)
+        .map(|v| if v.abs() < step * 1e-9 { 0.0 } else { v })
+        .collect()
 }
 
 const MONTHS: [&str; 12] = [
@@ -150,10 +154,28 @@ fn point_label(t: i64, period: Period) -> String {
 
 /// Draws a chart. Nulls are gaps; a chart without values says so.
 pub fn render_chart(chart: &Chart) -> String {
+    // A non-finite value (an overflowed sum, say) cannot be drawn: it is a gap.
+    let cleaned;
+    let chart = if chart
+        .series
+        .iter()
+        .any(|s| s.values.iter().flatten().any(|v| !v.is_finite()))
+    {
+        let mut c = chart.clone();
+        for s in &mut c.series {
+            for v in &mut s.values {
+                *v = v.filter(|x| x.is_finite());
+            }
+        }
+        cleaned = c;
+        &cleaned
+    } else {
+        chart
+    };
     let (w, h) = (f64::from(chart.width), f64::from(chart.height));
     let (plot_w, plot_h) = (w - LEFT - RIGHT, h - TOP - BOTTOM);
     let n = chart.t.len().max(1);
-    let step = chart.period.resolution_ms();
+    let step = chart.resolution_ms;
     let from = chart.t.first().copied().unwrap_or(0);
     let to = from + n as i64 * step;
     let x_of = |t: i64| LEFT + (t - from) as f64 / (to - from).max(1) as f64 * plot_w;
@@ -409,6 +431,7 @@ mod tests {
             title: "Latency <p95> & co".into(),
             unit: Some("ms".into()),
             period,
+            resolution_ms: period.resolution_ms(),
             t,
             series: vec![ChartSeries {
                 label: "p95".into(),
@@ -487,6 +510,17 @@ mod tests {
         assert_eq!(format_value(15300.0, None), "15.3k");
         assert_eq!(nice_ticks(0.0, 97.0, 4), vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]);
         assert_eq!(nice_ticks(0.0, 0.0, 4).first(), Some(&0.0));
+        // Huge values a few units of precision apart, and huge constants: an axis, no hang.
+        assert_eq!(nice_ticks(-1e20, -1e20 + 16384.0, 4).len(), 2);
+        assert!(!nice_ticks(-1e17, -1e17, 4).is_empty());
+        assert!(!nice_ticks(f64::MIN, f64::MAX, 4).is_empty());
+        let mut c = chart(
+            Period::H1,
+            vec![Some(f64::INFINITY), Some(-1e17), Some(-1e17)],
+            Style::Line,
+        );
+        c.series[0].values.resize(60, None);
+        roxmltree::Document::parse(&render_chart(&c)).unwrap();
     }
 
     #[test]

@@ -63,7 +63,10 @@ async fn sse(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult
 
 async fn ws(State(state): State<AppState>, Path(id): Path<String>, upgrade: WebSocketUpgrade) -> ApiResult<Response> {
     let subscription = subscribe(&state, &id).await?;
-    Ok(upgrade.on_upgrade(move |socket| forward(socket, subscription)))
+    Ok(upgrade
+        .max_message_size(4096)
+        .max_frame_size(4096)
+        .on_upgrade(move |socket| forward(socket, subscription)))
 }
 
 async fn forward(mut socket: WebSocket, mut subscription: Subscription) {

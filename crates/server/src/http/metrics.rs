@@ -49,7 +49,7 @@ fn parse_period(text: Option<&str>) -> ApiResult<Period> {
 }
 
 /// How long a cached answer may live at most, whatever happens to the data.
-fn cache_lifetime(period: Period) -> Duration {
+pub fn cache_lifetime(period: Period) -> Duration {
     Duration::from_secs(match period {
         Period::H1 => 10,
         Period::H6 => 30,

@@ -262,6 +262,7 @@ async fn server_page(
         title: "Views and installs · 30d".into(),
         unit: None,
         period: Period::D30,
+        resolution_ms: DAY_MS,
         t: (0..30).map(|i| (today - 29 + i) * DAY_MS).collect(),
         series: vec![
             ChartSeries {
@@ -293,11 +294,13 @@ async fn server_page(
             source: e.event.source.as_str(),
         })
         .collect();
-    let install_snippet = match (&server.remote_url, &server.registry_name) {
-        (Some(url), _) => format!(r#"{{"mcpServers":{{"{}":{{"url":"{}"}}}}}}"#, server.id, url),
-        (None, Some(reg)) => format!(r#"{{"mcpServers":{{"{}":{{"registry":"{}"}}}}}}"#, server.id, reg),
-        _ => format!(r#"{{"mcpServers":{{"{}":{{}}}}}}"#, server.id),
+    // Built as JSON, so quotes in operator- or registry-supplied fields stay data.
+    let entry = match (&server.remote_url, &server.registry_name) {
+        (Some(url), _) => serde_json::json!({ "url": url }),
+        (None, Some(registry)) => serde_json::json!({ "registry": registry }),
+        _ => serde_json::json!({}),
     };
+    let install_snippet = serde_json::json!({ "mcpServers": { server.id.clone(): entry } }).to_string();
     render(&ServerPage {
         name: server.name.clone().unwrap_or_else(|| server.id.clone()),
         description: server.description.clone().unwrap_or_default(),
@@ -388,6 +391,7 @@ async fn compare_page(
                 crate::charts::unit_of(&metric)
             },
             period,
+            resolution_ms: period.resolution_ms(),
             t: (0..period.points())
                 .map(|i| from + i * period.resolution_ms())
                 .collect(),
@@ -474,7 +478,9 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> ApiResu
         .store
         .read_samples(&mcp_metrics_store::SampleQuery {
             series_ids: series.iter().map(|s| s.id).collect(),
-            from: now - 3_600_000,
+            // The last minute: raw reads page oldest first, so a wider window on a busy
+            // server would show old samples.
+            from: now - 60_000,
             to: now + 300_001,
             after: None,
             limit: 10_000,
