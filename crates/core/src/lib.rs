@@ -6,6 +6,7 @@
 //! time handling, and the domain types the store and the HTTP layer exchange.
 
 pub mod codes;
+pub mod influx;
 pub mod ingest;
 pub mod model;
 pub mod names;

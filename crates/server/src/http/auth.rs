@@ -32,10 +32,24 @@ fn api_key(headers: &HeaderMap, allow_authorization: bool) -> Option<&str> {
     })
 }
 
-/// Finds the active credential the request's API key belongs to.
+/// Finds the active credential the request's API key (in `X-API-Key`) belongs to.
 pub async fn author(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCredential> {
-    let key = api_key(headers, false)
-        .ok_or_else(|| ApiError::new(Code::MissingKey, "send the server's API key in the X-API-Key header"))?;
+    credential_for(state, api_key(headers, false)).await
+}
+
+/// Like [`author`], also accepting `Authorization: Bearer|Token <key>`, for standard
+/// exporters that cannot send custom headers or sign (DESIGN.md §4.1 ecosystem).
+pub async fn exporter(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCredential> {
+    credential_for(state, api_key(headers, true)).await
+}
+
+async fn credential_for(state: &AppState, key: Option<&str>) -> ApiResult<StoredCredential> {
+    let key = key.ok_or_else(|| {
+        ApiError::new(
+            Code::MissingKey,
+            "send the server's API key in X-API-Key (or Authorization: Bearer)",
+        )
+    })?;
     let credential = state
         .store
         .credential_by_hash(&hash_api_key(key))

@@ -65,7 +65,7 @@ fn require_json(headers: &HeaderMap) -> ApiResult<()> {
     }
 }
 
-fn submit_error(e: SubmitError) -> ApiError {
+pub fn submit_error(e: SubmitError) -> ApiError {
     match e {
         SubmitError::Overloaded => {
             ApiError::new(Code::Overloaded, "the write queue is full; retry after a moment").retry_after(1)

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod events;
+pub mod influx;
 pub mod ingest;
 pub mod live;
 pub mod metrics;
@@ -28,6 +29,7 @@ use problem::ApiError;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ingest::router(&state))
+        .merge(influx::router())
         .merge(servers::router())
         .merge(samples::router())
         .merge(metrics::router())

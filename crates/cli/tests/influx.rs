@@ -1,0 +1,111 @@
+//! InfluxDB line protocol over HTTP, as `curl` or Telegraf send it: every precision,
+//! the three ways to pass the key, refused lines named, auth failures and size limits.
+
+mod common;
+
+use common::TestService;
+use mcp_metrics_core::time::now_ms;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+async fn write(svc: &TestService, auth: Option<(&str, &str)>, query: &str, body: String) -> (StatusCode, Value) {
+    let mut r = svc.client.post(svc.url(&format!("/api/v1/write{query}"))).body(body);
+    if let Some((header, value)) = auth {
+        r = r.header(header, value);
+    }
+    let response = r.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn line_protocol_lands_with_every_precision_and_key_style() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("acme").await;
+    let base = now_ms() - 60_000;
+    let bearer = format!("Bearer {}", cred.api_key);
+    let token = format!("Token {}", cred.api_key);
+    let cases: [(&str, i64, (&str, &str)); 4] = [
+        ("ns", (base + 1) * 1_000_000, ("x-api-key", cred.api_key.as_str())),
+        ("us", (base + 2) * 1_000, ("authorization", bearer.as_str())),
+        ("ms", base + 3, ("authorization", token.as_str())),
+        ("s", base / 1000 + 10, ("x-api-key", cred.api_key.as_str())),
+    ];
+    for (i, (precision, ts, auth)) in cases.iter().enumerate() {
+        let body = format!("mcp,tool=search\\ v2 latency={}.5,ok=t,calls={i}i {ts}\n", 100 + i);
+        let (status, answer) = write(&svc, Some(*auth), &format!("?precision={precision}"), body).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{precision}: {answer}");
+    }
+    let samples = svc.samples(&cred, "name=mcp_latency").await;
+    let got: Vec<(i64, f64)> = samples
+        .iter()
+        .map(|s| (s["timestamp"].as_i64().unwrap(), s["value"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (base + 1, 100.5),
+            (base + 2, 101.5),
+            (base + 3, 102.5),
+            ((base / 1000 + 10) * 1000, 103.5)
+        ]
+    );
+    assert_eq!(samples[0]["tags"], serde_json::json!({"tool": "search v2"}));
+    assert_eq!(svc.samples(&cred, "name=mcp_ok").await.len(), 4);
+    assert_eq!(svc.samples(&cred, "name=mcp_calls").await[3]["value"], 3.0);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn refused_lines_are_named_and_the_rest_is_stored() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("acme").await;
+    let t = now_ms() - 1000;
+    let body =
+        format!("good value=1 {t}\nlog msg=\"hello\" {t}\nbad-name value=2 {t}\nalso_good value=3 {t}\nbroken\n");
+    let (status, answer) = write(&svc, Some(("x-api-key", &cred.api_key)), "?precision=ms", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["accepted"], 2);
+    let lines: Vec<(u64, &str)> = answer["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["line"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![(2, "invalid_payload"), (3, "invalid_name"), (5, "invalid_payload")]
+    );
+    assert!(answer["detail"].as_str().unwrap().contains("line 2"));
+    assert_eq!(svc.samples(&cred, "").await.len(), 2);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn auth_failures_and_limits() {
+    let svc = TestService::start_with(|c| c.ingest.max_samples_per_request = 3).await;
+    let cred = svc.server_with_key("acme").await;
+    let body = || "m value=1\n".to_string();
+    let (status, answer) = write(&svc, None, "", body()).await;
+    assert_eq!((status.as_u16(), answer["code"].as_str()), (401, Some("missing_key")));
+    let (status, answer) = write(&svc, Some(("authorization", "Bearer nope")), "", body()).await;
+    assert_eq!((status.as_u16(), answer["code"].as_str()), (401, Some("unknown_key")));
+    let (status, answer) = write(&svc, Some(("authorization", "Basic abc")), "", body()).await;
+    assert_eq!((status.as_u16(), answer["code"].as_str()), (401, Some("missing_key")));
+    let (status, _) = write(&svc, Some(("x-api-key", &cred.api_key)), "?precision=h", body()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let many = "m value=1\n".repeat(4);
+    let (status, answer) = write(&svc, Some(("x-api-key", &cred.api_key)), "", many).await;
+    assert_eq!(
+        (status.as_u16(), answer["code"].as_str()),
+        (413, Some("too_many_samples"))
+    );
+    let huge = format!("m,pad={} value=1\n", "p".repeat(21 << 20));
+    let (status, answer) = write(&svc, Some(("x-api-key", &cred.api_key)), "", huge).await;
+    assert_eq!(
+        (status.as_u16(), answer["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    assert!(svc.samples(&cred, "").await.is_empty());
+    svc.stop().await;
+}

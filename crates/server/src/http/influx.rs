@@ -1,0 +1,169 @@
+//! `POST /api/v1/write?precision=ns|us|ms|s`: InfluxDB line protocol (DESIGN.md §4.1, §5).
+//!
+//! The API key comes in `X-API-Key` or `Authorization: Bearer|Token` (exporters cannot
+//! sign); samples go to the key's server through the same validation, group-commit
+//! writer, rollups and live hub as signed JSON. A success is `204 No Content`, as
+//! InfluxDB answers. Bad lines are refused and named while the other lines are stored;
+//! the answer is then a 400 (so senders do not retry data that cannot succeed) listing
+//! each refused line.
+
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use mcp_metrics_core::codes::Code;
+use mcp_metrics_core::influx::{self, Precision};
+use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTime, WireValue};
+use mcp_metrics_core::secrets::body_digest;
+use mcp_metrics_core::time::now_ms;
+use mcp_metrics_store::RequestOutcome;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::auth;
+use super::problem::{ApiError, ApiResult};
+use crate::ingest::prepare;
+use crate::state::AppState;
+
+/// Line protocol bodies may be larger than JSON ones: 20 MiB, as for protobuf.
+pub const MAX_BODY_BYTES: usize = 20 << 20;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/write", post(write))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+#[derive(Deserialize)]
+struct WriteQuery {
+    precision: Option<String>,
+}
+
+async fn write(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<WriteQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match write_inner(&state, &headers, query, body).await {
+        Ok(response) => response,
+        Err(e) => {
+            state.telemetry.request_rejected(e.code);
+            e.into_response()
+        }
+    }
+}
+
+async fn write_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Result<Query<WriteQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let credential = auth::exporter(state, headers).await?;
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                Code::PayloadTooLarge,
+                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::invalid("the request body could not be read")
+        }
+    })?;
+    let Query(q) = query?;
+    let precision = match q.precision.as_deref() {
+        None => Precision::Ns,
+        Some(p) => Precision::parse(p).ok_or_else(|| ApiError::invalid("precision must be ns, us, ms or s"))?,
+    };
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::invalid("line protocol must be UTF-8"))?;
+    let (points, line_errors) = influx::parse(text, precision);
+    let limits = state.sample_limits();
+    if points.len() > limits.max_samples {
+        return Err(ApiError::new(
+            Code::TooManySamples,
+            format!(
+                "a request may carry at most {} samples; this one has {}",
+                limits.max_samples,
+                points.len()
+            ),
+        ));
+    }
+    let batch = WireBatch {
+        server_id: Cow::Borrowed(&credential.server_id),
+        metrics: points
+            .iter()
+            .map(|p| WireSample {
+                name: Cow::Borrowed(&p.name),
+                value: WireValue::Number(p.value),
+                kind: None,
+                timestamp: p.timestamp_ms.map(|ms| WireTime::Millis(ms as f64)),
+                tags: Some(
+                    p.tags
+                        .iter()
+                        .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
+                        .collect(),
+                ),
+            })
+            .collect(),
+    };
+    let prepared = prepare(&batch, &credential.server_id, &state.series, now_ms(), &limits);
+    let mut refused: Vec<serde_json::Value> = line_errors
+        .iter()
+        .map(|e| json!({ "line": e.line, "code": "invalid_payload", "detail": e.message }))
+        .collect();
+    for r in &prepared.rejected {
+        state.telemetry.sample_rejected(r.code);
+        state.telemetry.server_sample_rejected(&credential.server_id, r.code);
+        refused.push(json!({ "line": points[r.index].line, "code": r.code.as_str(), "detail": r.detail }));
+    }
+    let mut request = prepared.request;
+    request.key_id = credential.key_id.clone();
+    request.body_digest = Some(body_digest(&body));
+    let accepted = request.samples.len();
+    match state.queue.submit(request).await.map_err(super::ingest::submit_error)? {
+        RequestOutcome::Stored { series, .. } => {
+            if !series.is_empty() {
+                state.series.insert_all(&series);
+            }
+            state
+                .telemetry
+                .samples_accepted
+                .fetch_add(accepted as u64, Ordering::Relaxed);
+        }
+        RequestOutcome::Duplicate => {
+            state.telemetry.duplicate_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        RequestOutcome::Replayed => unreachable!("line protocol writes carry no signature"),
+    }
+    if refused.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    refused.sort_by_key(|r| r["line"].as_u64());
+    let summary: Vec<String> = refused
+        .iter()
+        .take(5)
+        .map(|r| format!("line {}: {}", r["line"], r["detail"].as_str().unwrap_or("")))
+        .collect();
+    let body = json!({
+        "type": "https://mcp-metrics.dev/problems/invalid_payload",
+        "title": Code::InvalidPayload.title(),
+        "status": 400,
+        "detail": format!("{} samples stored; refused: {}", accepted, summary.join("; ")),
+        "code": "invalid_payload",
+        "accepted": accepted,
+        "rejected": refused,
+    });
+    let mut response = (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/problem+json"),
+    );
+    Ok(response)
+}
