@@ -174,6 +174,23 @@ struct EventRow {
     source: &'static str,
 }
 
+/// The newest events of a server, for its page and its dashboard.
+async fn recent_events(state: &AppState, id: &str) -> ApiResult<Vec<EventRow>> {
+    Ok(state
+        .store
+        .list_events(id, None, 20)
+        .await?
+        .into_iter()
+        .map(|e| EventRow {
+            at: format_rfc3339_ms(e.event.at),
+            kind: e.event.kind,
+            title: e.event.title,
+            detail: e.event.detail,
+            source: e.event.source.as_str(),
+        })
+        .collect())
+}
+
 #[derive(Template)]
 #[template(path = "server.html")]
 struct ServerPage {
@@ -281,19 +298,7 @@ async fn server_page(
         width: 640,
         height: 220,
     });
-    let events = state
-        .store
-        .list_events(&id, None, 20)
-        .await?
-        .into_iter()
-        .map(|e| EventRow {
-            at: format_rfc3339_ms(e.event.at),
-            kind: e.event.kind,
-            title: e.event.title,
-            detail: e.event.detail,
-            source: e.event.source.as_str(),
-        })
-        .collect();
+    let events = recent_events(&state, &id).await?;
     // Built as JSON, so quotes in operator- or registry-supplied fields stay data.
     let entry = match (&server.remote_url, &server.registry_name) {
         (Some(url), _) => serde_json::json!({ "url": url }),
@@ -518,19 +523,7 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> ApiResu
             revoked: c.revoked_at.map(format_rfc3339_ms).unwrap_or_else(|| "–".into()),
         })
         .collect();
-    let events = state
-        .store
-        .list_events(&id, None, 20)
-        .await?
-        .into_iter()
-        .map(|e| EventRow {
-            at: format_rfc3339_ms(e.event.at),
-            kind: e.event.kind,
-            title: e.event.title,
-            detail: e.event.detail,
-            source: e.event.source.as_str(),
-        })
-        .collect();
+    let events = recent_events(&state, &id).await?;
     let mut response = render(&DashboardPage {
         csrf: s.csrf(&session_key(&state)),
         rejected: state.telemetry.rejected_of(&id),
