@@ -12,6 +12,7 @@ pub mod model;
 pub mod names;
 pub mod period;
 pub mod points;
+pub mod promwrite;
 pub mod rollup;
 pub mod secrets;
 pub mod signature;

@@ -8,7 +8,6 @@
 //! each refused line.
 
 use std::borrow::Cow;
-use std::sync::atomic::Ordering;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -20,15 +19,11 @@ use axum::{Json, Router};
 use mcp_metrics_core::codes::Code;
 use mcp_metrics_core::influx::{self, Precision};
 use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTime, WireValue};
-use mcp_metrics_core::secrets::body_digest;
-use mcp_metrics_core::time::now_ms;
-use mcp_metrics_store::RequestOutcome;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::auth;
 use super::problem::{ApiError, ApiResult};
-use crate::ingest::prepare;
 use crate::state::AppState;
 
 /// Line protocol bodies may be larger than JSON ones: 20 MiB, as for protobuf.
@@ -84,17 +79,6 @@ async fn write_inner(
     };
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::invalid("line protocol must be UTF-8"))?;
     let (points, line_errors) = influx::parse(text, precision);
-    let limits = state.sample_limits();
-    if points.len() > limits.max_samples {
-        return Err(ApiError::new(
-            Code::TooManySamples,
-            format!(
-                "a request may carry at most {} samples; this one has {}",
-                limits.max_samples,
-                points.len()
-            ),
-        ));
-    }
     let batch = WireBatch {
         server_id: Cow::Borrowed(&credential.server_id),
         metrics: points
@@ -113,34 +97,14 @@ async fn write_inner(
             })
             .collect(),
     };
-    let prepared = prepare(&batch, &credential.server_id, &state.series, now_ms(), &limits);
+    let stored = super::exporter::store(state, &credential, &batch, &body).await?;
+    let accepted = stored.accepted;
     let mut refused: Vec<serde_json::Value> = line_errors
         .iter()
         .map(|e| json!({ "line": e.line, "code": "invalid_payload", "detail": e.message }))
         .collect();
-    for r in &prepared.rejected {
-        state.telemetry.sample_rejected(r.code);
-        state.telemetry.server_sample_rejected(&credential.server_id, r.code);
+    for r in &stored.rejected {
         refused.push(json!({ "line": points[r.index].line, "code": r.code.as_str(), "detail": r.detail }));
-    }
-    let mut request = prepared.request;
-    request.key_id = credential.key_id.clone();
-    request.body_digest = Some(body_digest(&body));
-    let accepted = request.samples.len();
-    match state.queue.submit(request).await.map_err(super::ingest::submit_error)? {
-        RequestOutcome::Stored { series, .. } => {
-            if !series.is_empty() {
-                state.series.insert_all(&series);
-            }
-            state
-                .telemetry
-                .samples_accepted
-                .fetch_add(accepted as u64, Ordering::Relaxed);
-        }
-        RequestOutcome::Duplicate => {
-            state.telemetry.duplicate_requests.fetch_add(1, Ordering::Relaxed);
-        }
-        RequestOutcome::Replayed => unreachable!("line protocol writes carry no signature"),
     }
     if refused.is_empty() {
         return Ok(StatusCode::NO_CONTENT.into_response());

@@ -4,12 +4,14 @@
 pub mod admin;
 pub mod auth;
 pub mod events;
+pub mod exporter;
 pub mod influx;
 pub mod ingest;
 pub mod live;
 pub mod metrics;
 pub mod ops;
 pub mod problem;
+pub mod promwrite;
 pub mod samples;
 pub mod servers;
 pub mod usage;
@@ -30,6 +32,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ingest::router(&state))
         .merge(influx::router())
+        .merge(promwrite::router())
         .merge(servers::router())
         .merge(samples::router())
         .merge(metrics::router())

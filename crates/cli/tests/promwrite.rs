@@ -1,0 +1,157 @@
+//! Prometheus remote-write over HTTP: snappy-compressed protobuf, labels to tags,
+//! counters by name, stale markers dropped, and the status codes senders act on.
+
+mod common;
+
+use common::TestService;
+use mcp_metrics_core::promwrite::{Label, STALE_NAN_BITS, Sample, TimeSeries, WriteRequest, encode};
+use mcp_metrics_core::time::now_ms;
+use reqwest::{Method, StatusCode};
+
+fn series(name: &str, labels: &[(&str, &str)], samples: &[(f64, i64)]) -> TimeSeries {
+    let mut all = vec![Label {
+        name: "__name__".into(),
+        value: name.into(),
+    }];
+    all.extend(labels.iter().map(|(k, v)| Label {
+        name: (*k).into(),
+        value: (*v).into(),
+    }));
+    TimeSeries {
+        labels: all,
+        samples: samples
+            .iter()
+            .map(|(v, t)| Sample {
+                value: *v,
+                timestamp: *t,
+            })
+            .collect(),
+    }
+}
+
+async fn send(svc: &TestService, auth: Option<&str>, content_type: &str, body: Vec<u8>) -> (StatusCode, String) {
+    let mut r = svc
+        .client
+        .post(svc.url("/api/v1/prom/write"))
+        .header("content-type", content_type)
+        .header("content-encoding", "snappy")
+        .header("x-prometheus-remote-write-version", "0.1.0")
+        .body(body);
+    if let Some(a) = auth {
+        r = r.header("authorization", a);
+    }
+    let response = r.send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn remote_write_lands_with_labels_kinds_and_without_stale_markers() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("acme").await;
+    let bearer = format!("Bearer {}", cred.api_key);
+    let t = now_ms() - 30_000;
+    let request = WriteRequest {
+        timeseries: vec![
+            series(
+                "http_requests_total",
+                &[("job", "mcp"), ("code", "200")],
+                &[(10.0, t), (12.0, t + 1000), (f64::from_bits(STALE_NAN_BITS), t + 2000)],
+            ),
+            series("mcp_active_sessions", &[("job", "mcp")], &[(3.0, t)]),
+        ],
+    };
+    let (status, text) = send(&svc, Some(&bearer), "application/x-protobuf", encode(&request)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
+    let samples = svc.samples(&cred, "name=http_requests_total").await;
+    let got: Vec<(i64, f64)> = samples
+        .iter()
+        .map(|s| (s["timestamp"].as_i64().unwrap(), s["value"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(got, vec![(t, 10.0), (t + 1000, 12.0)], "the stale marker is not stored");
+    assert_eq!(samples[0]["tags"], serde_json::json!({"code": "200", "job": "mcp"}));
+    svc.admin(Method::POST, "/api/v1/admin/aggregate", None).await;
+    let answer: serde_json::Value = svc
+        .client
+        .get(svc.url("/api/v1/servers/acme/metrics?period=1h"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<(String, String)> = answer["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("http_requests_total".into(), "counter".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("mcp_active_sessions".into(), "gauge".into())),
+        "{kinds:?}"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_data_is_400_so_prometheus_does_not_retry_it() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("acme").await;
+    let bearer = format!("Bearer {}", cred.api_key);
+    let t = now_ms() - 1000;
+    // One bad sample (NaN that is not a stale marker) among good ones: the rest is stored.
+    let request = WriteRequest {
+        timeseries: vec![series("g", &[], &[(f64::NAN, t), (1.0, t + 1)])],
+    };
+    let (status, text) = send(&svc, Some(&bearer), "application/x-protobuf", encode(&request)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("1 samples stored, 1 refused"), "{text}");
+    assert_eq!(svc.samples(&cred, "").await.len(), 1);
+    // Not snappy, and snappy around garbage.
+    assert_eq!(
+        send(&svc, Some(&bearer), "application/x-protobuf", b"plain".to_vec())
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    let garbage = snap::raw::Encoder::new().compress_vec(&[0x0a, 0xff, 0xff]).unwrap();
+    assert_eq!(
+        send(&svc, Some(&bearer), "application/x-protobuf", garbage).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        send(&svc, Some(&bearer), "application/json", encode(&request)).await.0,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    // Auth.
+    assert_eq!(
+        send(&svc, None, "application/x-protobuf", encode(&request)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&svc, Some("Bearer nope"), "application/x-protobuf", encode(&request))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    // A body that decompresses beyond 20 MiB.
+    let huge = WriteRequest {
+        timeseries: vec![series("x", &[("pad", &"p".repeat(21 << 20))], &[(1.0, t)])],
+    };
+    assert_eq!(
+        send(&svc, Some(&bearer), "application/x-protobuf", encode(&huge))
+            .await
+            .0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(svc.samples(&cred, "").await.len(), 1);
+    svc.stop().await;
+}

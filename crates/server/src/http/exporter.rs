@@ -1,0 +1,72 @@
+//! The shared back half of the unsigned exporter endpoints (line protocol,
+//! remote-write): limits, validation and series resolution, the group-commit writer,
+//! telemetry. One pipeline, several front doors (DESIGN.md §4.1).
+
+use std::sync::atomic::Ordering;
+
+use mcp_metrics_core::codes::Code;
+use mcp_metrics_core::ingest::{Rejection, WireBatch};
+use mcp_metrics_core::model::StoredCredential;
+use mcp_metrics_core::secrets::body_digest;
+use mcp_metrics_core::time::now_ms;
+use mcp_metrics_store::RequestOutcome;
+
+use super::problem::{ApiError, ApiResult};
+use crate::ingest::prepare;
+use crate::state::AppState;
+
+/// What became of a batch: samples stored, and the ones refused (by index).
+pub struct Stored {
+    pub accepted: usize,
+    pub rejected: Vec<Rejection>,
+}
+
+/// Validates and commits a decoded batch for the credential's server. A retried body
+/// (same key, same bytes, inside the retry window) is acknowledged and stored once.
+pub async fn store(
+    state: &AppState,
+    credential: &StoredCredential,
+    batch: &WireBatch<'_>,
+    body: &[u8],
+) -> ApiResult<Stored> {
+    let limits = state.sample_limits();
+    if batch.metrics.len() > limits.max_samples {
+        return Err(ApiError::new(
+            Code::TooManySamples,
+            format!(
+                "a request may carry at most {} samples; this one has {}",
+                limits.max_samples,
+                batch.metrics.len()
+            ),
+        ));
+    }
+    let prepared = prepare(batch, &credential.server_id, &state.series, now_ms(), &limits);
+    for r in &prepared.rejected {
+        state.telemetry.sample_rejected(r.code);
+        state.telemetry.server_sample_rejected(&credential.server_id, r.code);
+    }
+    let mut request = prepared.request;
+    request.key_id = credential.key_id.clone();
+    request.body_digest = Some(body_digest(body));
+    let accepted = request.samples.len();
+    match state.queue.submit(request).await.map_err(super::ingest::submit_error)? {
+        RequestOutcome::Stored { series, .. } => {
+            if !series.is_empty() {
+                state.series.insert_all(&series);
+            }
+            state
+                .telemetry
+                .samples_accepted
+                .fetch_add(accepted as u64, Ordering::Relaxed);
+        }
+        RequestOutcome::Duplicate => {
+            state.telemetry.duplicate_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        // Only signed requests carry a signature to replay.
+        RequestOutcome::Replayed => {}
+    }
+    Ok(Stored {
+        accepted,
+        rejected: prepared.rejected,
+    })
+}

@@ -1,0 +1,114 @@
+//! `POST /api/v1/prom/write`: Prometheus remote-write 1.0 (DESIGN.md §4.1, §5).
+//!
+//! The key comes in `X-API-Key` or `Authorization: Bearer` (Prometheus' `authorization`
+//! or `bearer_token` settings); samples go to the key's server through the same pipeline
+//! as signed JSON. Status codes follow the remote-write contract: 204 when stored, 400
+//! for data that can never be accepted (Prometheus then drops it instead of retrying),
+//! 413 for oversized bodies, 429/503 only when a retry can succeed.
+
+use std::borrow::Cow;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use mcp_metrics_core::codes::Code;
+use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTime, WireValue};
+use mcp_metrics_core::promwrite::{self, PromError};
+
+use super::auth;
+use super::problem::{ApiError, ApiResult};
+use crate::state::AppState;
+
+/// Compressed bodies up to 20 MiB, and at most 20 MiB once decompressed (DESIGN.md §4.1).
+pub const MAX_BYTES: usize = 20 << 20;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/prom/write", post(write))
+        .layer(DefaultBodyLimit::max(MAX_BYTES))
+}
+
+async fn write(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    match write_inner(&state, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => {
+            state.telemetry.request_rejected(e.code);
+            e.into_response()
+        }
+    }
+}
+
+async fn write_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let credential = auth::exporter(state, headers).await?;
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                Code::PayloadTooLarge,
+                format!("the body is larger than {MAX_BYTES} bytes"),
+            )
+        } else {
+            ApiError::invalid("the request body could not be read")
+        }
+    })?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.starts_with("application/x-protobuf") {
+        return Err(ApiError::new(
+            Code::UnsupportedMediaType,
+            "remote-write sends Content-Type: application/x-protobuf",
+        ));
+    }
+    let (points, _stale) = promwrite::decode(&body, MAX_BYTES).map_err(|e| match e {
+        PromError::TooLarge(_) => ApiError::new(Code::PayloadTooLarge, e.to_string()),
+        other => ApiError::invalid(other.to_string()),
+    })?;
+    let batch = WireBatch {
+        server_id: Cow::Borrowed(&credential.server_id),
+        metrics: points
+            .iter()
+            .map(|p| WireSample {
+                name: Cow::Borrowed(&p.name),
+                // NaN (other than stale markers) and infinities are refused per sample.
+                value: if p.value.is_finite() {
+                    WireValue::Number(p.value)
+                } else {
+                    WireValue::NotANumber
+                },
+                kind: Some(Cow::Borrowed(if p.counter { "counter" } else { "gauge" })),
+                timestamp: Some(WireTime::Millis(p.timestamp_ms as f64)),
+                tags: Some(
+                    p.tags
+                        .iter()
+                        .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
+                        .collect(),
+                ),
+            })
+            .collect(),
+    };
+    let stored = super::exporter::store(state, &credential, &batch, &body).await?;
+    if stored.rejected.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let examples: Vec<String> = stored
+        .rejected
+        .iter()
+        .take(5)
+        .map(|r| format!("{} {:?}: {}", points[r.index].name, points[r.index].tags, r.detail))
+        .collect();
+    Err(ApiError::invalid(format!(
+        "{} samples stored, {} refused (not retried), e.g. {}",
+        stored.accepted,
+        stored.rejected.len(),
+        examples.join("; ")
+    )))
+}
