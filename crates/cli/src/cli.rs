@@ -220,6 +220,12 @@ pub struct BenchArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchMode {
+    /// Signed JSON batches to /api/v1/metrics.
     Metrics,
+    /// InfluxDB line protocol to /api/v1/write.
+    Influx,
+    /// Prometheus remote-write to /api/v1/prom/write.
+    PromWrite,
+    /// Usage beacons to /api/v1/usage.
     Usage,
 }

@@ -20,7 +20,55 @@ use crate::cli::BenchArgs;
 
 struct Prepared {
     body: Vec<u8>,
-    signature: String,
+    /// Only signed JSON carries one.
+    signature: Option<String>,
+    samples: u64,
+}
+
+/// The same samples as [`build_body`], as InfluxDB lines (ms precision).
+fn build_lines(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(batch * 48);
+    for j in 0..batch {
+        let s = (index * batch + j) % series;
+        let ts = base_ms + ((index * batch + j) / series) as i64;
+        let value = ((index * 7919 + j * 104_729) % 50_000) as f64 / 100.0;
+        let _ = writeln!(out, "response_time,tool=tool_{s} value={value} {ts}");
+    }
+    out.into_bytes()
+}
+
+/// The same samples as a snappy-compressed remote-write request.
+fn build_remote_write(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
+    use mcp_metrics_core::promwrite::{Label, Sample, TimeSeries, WriteRequest, encode};
+    let mut by_series: Vec<Vec<Sample>> = vec![Vec::new(); series];
+    for j in 0..batch {
+        let s = (index * batch + j) % series;
+        let ts = base_ms + ((index * batch + j) / series) as i64;
+        by_series[s].push(Sample {
+            value: ((index * 7919 + j * 104_729) % 50_000) as f64 / 100.0,
+            timestamp: ts,
+        });
+    }
+    let timeseries = by_series
+        .into_iter()
+        .enumerate()
+        .filter(|(_, samples)| !samples.is_empty())
+        .map(|(s, samples)| TimeSeries {
+            labels: vec![
+                Label {
+                    name: "__name__".into(),
+                    value: "response_time".into(),
+                },
+                Label {
+                    name: "tool".into(),
+                    value: format!("tool_{s}"),
+                },
+            ],
+            samples,
+        })
+        .collect();
+    encode(&WriteRequest { timeseries })
 }
 
 /// Builds the `index`-th request: `batch` samples over `series` series with distinct
@@ -112,10 +160,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     progress.set_message("signing");
     let mut prepared = Vec::with_capacity(requests);
+    let mode = args.mode;
     for i in 0..requests {
-        let body = build_body(&server_id, i, args.batch, args.series, base_ms);
-        let signature = sign(secret.as_bytes(), t, &body);
-        prepared.push(Prepared { body, signature });
+        let (body, signature) = match mode {
+            crate::cli::BenchMode::Influx => (build_lines(i, args.batch, args.series, base_ms), None),
+            crate::cli::BenchMode::PromWrite => (build_remote_write(i, args.batch, args.series, base_ms), None),
+            _ => {
+                let body = build_body(&server_id, i, args.batch, args.series, base_ms);
+                let signature = sign(secret.as_bytes(), t, &body);
+                (body, Some(signature))
+            }
+        };
+        prepared.push(Prepared {
+            body,
+            signature,
+            samples: args.batch as u64,
+        });
         progress.inc(1);
     }
     let prepared = Arc::new(prepared);
@@ -124,7 +184,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     progress.reset();
     progress.set_message("sending");
     let next = Arc::new(AtomicUsize::new(0));
-    let url = format!("{base}/api/v1/metrics");
+    let (path, content_type) = match mode {
+        crate::cli::BenchMode::Influx => ("/api/v1/write?precision=ms", "text/plain; charset=utf-8"),
+        crate::cli::BenchMode::PromWrite => ("/api/v1/prom/write", "application/x-protobuf"),
+        _ => ("/api/v1/metrics", "application/json"),
+    };
+    let url = format!("{base}{path}");
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.connections {
@@ -144,15 +209,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(p) = prepared.get(i) else { break };
                 let sent = Instant::now();
-                let response = client
+                let mut request = client
                     .post(&url)
-                    .header("content-type", "application/json")
+                    .header("content-type", content_type)
                     .header("x-api-key", &api_key)
-                    .header("x-signature", &p.signature)
-                    .body(p.body.clone())
-                    .send()
-                    .await;
-                match response {
+                    .body(p.body.clone());
+                if let Some(signature) = &p.signature {
+                    request = request.header("x-signature", signature);
+                }
+                if mode == crate::cli::BenchMode::PromWrite {
+                    request = request
+                        .header("content-encoding", "snappy")
+                        .header("x-prometheus-remote-write-version", "0.1.0");
+                }
+                match request.send().await {
+                    Ok(r) if r.status() == reqwest::StatusCode::NO_CONTENT => {
+                        accepted += p.samples;
+                        latencies.push(sent.elapsed());
+                    }
                     Ok(r) if r.status().is_success() => {
                         let answer: Value = r.json().await.unwrap_or(Value::Null);
                         accepted += answer["accepted"].as_u64().unwrap_or(0);
