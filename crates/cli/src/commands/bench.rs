@@ -385,6 +385,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn line_protocol_and_remote_write_bodies_carry_the_batch() {
+        let (points, errors) = mcp_metrics_core::influx::parse(
+            std::str::from_utf8(&build_lines(3, 50, 7, 1_000)).unwrap(),
+            mcp_metrics_core::influx::Precision::Ms,
+        );
+        assert!(errors.is_empty());
+        assert_eq!(points.len(), 50);
+        let (points, stale) =
+            mcp_metrics_core::promwrite::decode(&build_remote_write(3, 50, 7, 1_000), 1 << 20).unwrap();
+        assert_eq!((points.len(), stale), (50, 0));
+        assert!(
+            points
+                .iter()
+                .all(|p| p.name == "response_time" && p.tags[0].0 == "tool")
+        );
+    }
+
+    #[test]
     fn bodies_are_valid_distinct_batches() {
         let a = build_body("s", 0, 10, 4, 1_000);
         let b = build_body("s", 1, 10, 4, 1_000);
