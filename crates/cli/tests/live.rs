@@ -91,6 +91,22 @@ async fn a_new_sample_reaches_an_open_sse_stream_within_seconds() {
     assert_eq!(r.status(), StatusCode::CREATED);
     let text = sse_until(&mut stream, "event: event", Duration::from_secs(2)).await;
     assert!(text.contains("\"title\":\"v2\""), "{text}");
+    // A page view is announced once it is stored.
+    let r = svc
+        .client
+        .post(svc.url("/api/v1/usage"))
+        .header("content-type", "text/plain")
+        .header(
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0",
+        )
+        .body(json!({"server_id":"acme","event":"view"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let text = sse_until(&mut stream, "event: usage", Duration::from_secs(2)).await;
+    assert!(text.contains("\"events\":1"), "{text}");
     svc.stop().await;
 }
 

@@ -87,8 +87,13 @@ pub async fn run(
     let (queue, writer) = ingest::writer::start(store.clone(), telemetry.clone(), &config.ingest);
     let live = Arc::new(live::LiveHub::new(config.live.max_streams));
     let clock: Arc<dyn clock::Clock> = options.clock.clone().unwrap_or_else(|| Arc::new(clock::SystemClock));
-    let (usage, usage_writer) =
-        usage::UsageService::start(store.clone(), clock.clone(), &config.usage, &config.trusted_proxies);
+    let (usage, usage_writer) = usage::UsageService::start(
+        store.clone(),
+        clock.clone(),
+        &config.usage,
+        &config.trusted_proxies,
+        live.clone(),
+    );
     let state = AppState::new(Shared {
         store: store.clone(),
         config,

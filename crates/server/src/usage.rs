@@ -54,6 +54,7 @@ pub struct UsageService {
     salts: Mutex<HashMap<i64, [u8; 32]>>,
     tx: mpsc::Sender<UsageRecord>,
     event_days: i64,
+    live: Arc<crate::live::LiveHub>,
     pub stats: UsageStats,
 }
 
@@ -76,6 +77,7 @@ impl UsageService {
         clock: Arc<dyn Clock>,
         config: &UsageConfig,
         trusted_proxies: &[String],
+        live: Arc<crate::live::LiveHub>,
     ) -> (Arc<UsageService>, UsageWriterHandle) {
         let mut bots = isbot::Bots::default();
         bots.append(&HEADLESS_PATTERNS);
@@ -91,6 +93,7 @@ impl UsageService {
             salts: Mutex::new(HashMap::new()),
             tx,
             event_days: config.event_days,
+            live,
             stats: UsageStats::default(),
         });
         let stop = Arc::new(Notify::new());
@@ -264,9 +267,24 @@ async fn write_loop(
             }
         }
         let n = batch.len();
-        if let Err(e) = store.record_usage(batch).await {
-            service.stats.write_failures.fetch_add(n as u64, Ordering::Relaxed);
-            tracing::warn!(error = %e, events = n, "could not store usage events");
+        // What each server's open pages hear once the batch is stored.
+        let mut per_server: HashMap<String, u64> = HashMap::new();
+        for record in &batch {
+            *per_server.entry(record.server_id.clone()).or_default() += 1;
+        }
+        match store.record_usage(batch).await {
+            Ok(()) => {
+                for (server, events) in per_server {
+                    let data = serde_json::json!({ "events": events });
+                    service
+                        .live
+                        .publish(&server, crate::live::LiveMessage { kind: "usage", data });
+                }
+            }
+            Err(e) => {
+                service.stats.write_failures.fetch_add(n as u64, Ordering::Relaxed);
+                tracing::warn!(error = %e, events = n, "could not store usage events");
+            }
         }
     }
 }
