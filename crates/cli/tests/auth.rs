@@ -427,6 +427,8 @@ async fn malformed_operator_requests_get_problem_documents_after_the_token_check
     let r = svc.client.put(svc.url("/api/v1/metrics")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(r.headers().get("content-type").unwrap(), "application/problem+json");
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["code"], "method_not_allowed");
     svc.stop().await;
 }
 

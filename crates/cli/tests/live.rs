@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::{TestService, batch};
 use futures_util::StreamExt;
-use mcp_metrics_core::signature::sign;
 use mcp_metrics_core::time::now_ms;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -75,19 +74,7 @@ async fn a_new_sample_reaches_an_open_sse_stream_within_seconds() {
     );
     // Author events are announced too.
     let event = json!({"server_id":"acme","kind":"release","title":"v2"}).to_string();
-    let r = svc
-        .client
-        .post(svc.url("/api/v1/events"))
-        .header("content-type", "application/json")
-        .header("x-api-key", &cred.api_key)
-        .header(
-            "x-signature",
-            sign(cred.secret.as_bytes(), now_ms() / 1000, event.as_bytes()),
-        )
-        .body(event)
-        .send()
-        .await
-        .unwrap();
+    let r = svc.post_event(&cred, &event).await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let text = sse_until(&mut stream, "event: event", Duration::from_secs(2)).await;
     assert!(text.contains("\"title\":\"v2\""), "{text}");

@@ -5,8 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{TestService, batch};
-use mcp_metrics_core::signature::sign;
+use common::TestService;
 use mcp_metrics_core::time::now_ms;
 use mcp_metrics_core::usage::DAY_MS;
 use mcp_metrics_server::RunOptions;
@@ -359,19 +358,7 @@ async fn events_are_listed_newest_first_with_paging() {
     for i in 0..5 {
         let body =
             json!({"server_id":"acme","kind":"deploy","title":format!("v1.{i}"),"at":base + i * 60_000}).to_string();
-        let r = svc
-            .client
-            .post(svc.url("/api/v1/events"))
-            .header("content-type", "application/json")
-            .header("x-api-key", &cred.api_key)
-            .header(
-                "x-signature",
-                sign(cred.secret.as_bytes(), now_ms() / 1000, body.as_bytes()),
-            )
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r = svc.post_event(&cred, &body).await;
         assert_eq!(r.status(), StatusCode::CREATED);
     }
     let _ = svc.issue_key("acme").await; // a system event, newest of all
@@ -403,7 +390,6 @@ async fn events_are_listed_newest_first_with_paging() {
             "author:v1.0"
         ]
     );
-    let _ = batch("acme", json!([]));
     let r = svc
         .client
         .get(svc.url("/api/v1/servers/nope/events"))

@@ -26,6 +26,7 @@ pub enum Code {
     Unauthorized,
     AdminDisabled,
     NotFound,
+    MethodNotAllowed,
     Conflict,
     Internal,
     Unavailable,
@@ -43,7 +44,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, for exhaustive metrics exposition and documentation tests.
-    pub const ALL: [Code; 28] = [
+    pub const ALL: [Code; 29] = [
         Code::MissingKey,
         Code::UnknownKey,
         Code::RevokedKey,
@@ -60,6 +61,7 @@ impl Code {
         Code::Unauthorized,
         Code::AdminDisabled,
         Code::NotFound,
+        Code::MethodNotAllowed,
         Code::Conflict,
         Code::Internal,
         Code::Unavailable,
@@ -92,6 +94,7 @@ impl Code {
             Code::Unauthorized => "unauthorized",
             Code::AdminDisabled => "admin_disabled",
             Code::NotFound => "not_found",
+            Code::MethodNotAllowed => "method_not_allowed",
             Code::Conflict => "conflict",
             Code::Internal => "internal",
             Code::Unavailable => "unavailable",
@@ -118,6 +121,7 @@ impl Code {
             | Code::Unauthorized => 401,
             Code::ForbiddenServer => 403,
             Code::NotFound | Code::AdminDisabled => 404,
+            Code::MethodNotAllowed => 405,
             Code::ReplayedRequest | Code::Conflict => 409,
             Code::PayloadTooLarge | Code::TooManySamples => 413,
             Code::UnsupportedMediaType => 415,
@@ -147,6 +151,7 @@ impl Code {
             Code::Unauthorized => "Unauthorized",
             Code::AdminDisabled => "Admin API disabled",
             Code::NotFound => "Not found",
+            Code::MethodNotAllowed => "Method not allowed",
             Code::Conflict => "Conflict",
             Code::Internal => "Internal error",
             Code::Unavailable => "Service unavailable",
@@ -181,6 +186,10 @@ mod tests {
             assert!(seen.insert(s), "duplicate code {s}");
             assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{s}");
             assert!((400..600).contains(&code.status()));
+        }
+        // Telemetry indexes per-code counters by discriminant: ALL must follow it.
+        for (i, code) in Code::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i, "{code}");
         }
     }
 }

@@ -156,6 +156,22 @@ impl TestService {
             .await
     }
 
+    /// POSTs a server event signed now with the credential.
+    pub async fn post_event(&self, cred: &Credential, body: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/v1/events"))
+            .header("content-type", "application/json")
+            .header("x-api-key", &cred.api_key)
+            .header(
+                "x-signature",
+                sign(cred.secret.as_bytes(), now_ms() / 1000, body.as_bytes()),
+            )
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("request")
+    }
+
     pub async fn push_raw(
         &self,
         api_key: Option<&str>,

@@ -143,29 +143,13 @@ async fn chart(
         size.1
     );
     let key = state.cache.key([id.as_str()], &what);
-    let body = match state.cache.get(&key) {
-        Some(hit) => {
-            state
-                .telemetry
-                .cache_hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            hit.body.clone()
-        }
-        None => {
-            state
-                .telemetry
-                .cache_misses
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let chart = build_chart(&state, &id, metric, period, q.stat.as_deref(), size).await?;
-            let body = svg::render_chart(&chart);
-            let lifetime = crate::http::metrics::cache_lifetime(period);
-            state.cache.insert(
-                key,
-                std::sync::Arc::new(crate::cache::Cached::new(body.clone(), lifetime)),
-            );
-            body
-        }
-    };
+    let lifetime = crate::http::metrics::cache_lifetime(period);
+    let entry = crate::http::metrics::cached(&state, key, lifetime, || async {
+        let chart = build_chart(&state, &id, metric, period, q.stat.as_deref(), size).await?;
+        Ok(svg::render_chart(&chart))
+    })
+    .await?;
+    let body = entry.body.clone();
     Ok(svg_response(body, period.max_age_secs()))
 }
 

@@ -46,13 +46,7 @@ async fn write(
     query: Result<Query<WriteQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match write_inner(&state, &headers, query, body).await {
-        Ok(response) => response,
-        Err(e) => {
-            state.telemetry.request_rejected(e.code);
-            e.into_response()
-        }
-    }
+    super::problem::counted(&state, write_inner(&state, &headers, query, body).await)
 }
 
 async fn write_inner(
@@ -62,16 +56,7 @@ async fn write_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let credential = auth::exporter(state, headers).await?;
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                Code::PayloadTooLarge,
-                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
-            )
-        } else {
-            ApiError::invalid("the request body could not be read")
-        }
-    })?;
+    let body = super::problem::body_or_413(body, MAX_BODY_BYTES)?;
     let Query(q) = query?;
     let precision = match q.precision.as_deref() {
         None => Precision::Ns,

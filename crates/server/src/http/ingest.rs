@@ -36,19 +36,6 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .layer(limit)
 }
 
-fn body_or_413(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResult<Bytes> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                Code::PayloadTooLarge,
-                format!("the body is larger than the limit of {limit} bytes"),
-            )
-        } else {
-            ApiError::invalid("the request body could not be read")
-        }
-    })
-}
-
 fn require_json(headers: &HeaderMap) -> ApiResult<()> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -76,13 +63,7 @@ pub fn submit_error(e: SubmitError) -> ApiError {
 }
 
 async fn collect(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    match collect_inner(&state, &headers, body).await {
-        Ok(response) => response,
-        Err(e) => {
-            state.telemetry.request_rejected(e.code);
-            e.into_response()
-        }
-    }
+    super::problem::counted(&state, collect_inner(&state, &headers, body).await)
 }
 
 async fn collect_inner(
@@ -91,7 +72,7 @@ async fn collect_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let credential = auth::author(state, headers).await?;
-    let body = body_or_413(body, state.config.ingest.max_body_bytes)?;
+    let body = super::problem::body_or_413(body, state.config.ingest.max_body_bytes)?;
     require_json(headers)?;
     let signature = auth::verify_signature(state, &credential, headers, &body)?;
     let limits = state.sample_limits();
@@ -154,7 +135,7 @@ async fn post_event(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let credential = auth::author(&state, &headers).await?;
-    let body = body_or_413(body, state.config.ingest.max_body_bytes)?;
+    let body = super::problem::body_or_413(body, state.config.ingest.max_body_bytes)?;
     require_json(&headers)?;
     let signature = auth::verify_signature(&state, &credential, &headers, &body)?;
     let event = decode_event(&body, now_ms()).map_err(|e| ApiError::new(e.code(), e.to_string()))?;

@@ -60,6 +60,29 @@ pub fn cache_lifetime(period: Period) -> Duration {
     })
 }
 
+/// The cached text under `key`, or `compute`d and cached for `lifetime`; counts hits and
+/// misses for `/metrics`. Every read cache user goes through here.
+pub async fn cached<F, Fut>(state: &AppState, key: String, lifetime: Duration, compute: F) -> ApiResult<Arc<Cached>>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ApiResult<String>>,
+{
+    if let Some(hit) = state.cache.get(&key) {
+        state
+            .telemetry
+            .cache_hits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(hit);
+    }
+    state
+        .telemetry
+        .cache_misses
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let fresh = Arc::new(Cached::new(compute().await?, lifetime));
+    state.cache.insert(key, fresh.clone());
+    Ok(fresh)
+}
+
 /// Answers from the cache or computes, with conditional-request handling.
 async fn cached_answer<F, Fut>(
     state: &AppState,
@@ -72,24 +95,10 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ApiResult<Value>>,
 {
-    let entry = match state.cache.get(&key) {
-        Some(hit) => {
-            state
-                .telemetry
-                .cache_hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            hit
-        }
-        None => {
-            state
-                .telemetry
-                .cache_misses
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let fresh = Arc::new(Cached::new(compute().await?.to_string(), cache_lifetime(period)));
-            state.cache.insert(key, fresh.clone());
-            fresh
-        }
-    };
+    let entry = cached(state, key, cache_lifetime(period), || async {
+        Ok(compute().await?.to_string())
+    })
+    .await?;
     let etag = HeaderValue::from_str(&entry.etag).expect("hex etag is a valid header");
     let cache_control = HeaderValue::from_str(&format!("public, max-age={}", period.max_age_secs())).expect("valid");
     let not_modified = headers
@@ -310,28 +319,27 @@ pub async fn compute_metrics(
 /// p95 of `response_time` over the last 24 hours, from hour rollups (server summaries).
 pub async fn p95_24h(state: &AppState, server_id: &str) -> ApiResult<Option<f64>> {
     let key = state.cache.key([server_id], "p95_24h");
-    if let Some(hit) = state.cache.get(&key) {
-        return Ok(hit.body.parse().ok());
-    }
-    let series = state.store.series_of_server(server_id, Some("response_time")).await?;
-    let ids: Vec<i64> = series
-        .iter()
-        .filter(|s| s.kind == Kind::Histogram)
-        .map(|s| s.id)
-        .collect();
-    let to = align(now_ms(), Level::Hour.bucket_ms()) + Level::Hour.bucket_ms();
-    let rows = state
-        .store
-        .read_rollups(Level::Hour, &ids, to - 24 * Level::Hour.bucket_ms(), to)
-        .await?;
-    let mut merged = None;
-    rows.iter().for_each(|r| combine_parallel(&mut merged, &r.stats));
-    let p95 = merged.and_then(|m| m.quantile(0.95));
-    let text = p95.map(|v| v.to_string()).unwrap_or_default();
-    state
-        .cache
-        .insert(key, Arc::new(Cached::new(text, Duration::from_secs(60))));
-    Ok(p95)
+    let entry = cached(state, key, Duration::from_secs(60), || async {
+        let series = state.store.series_of_server(server_id, Some("response_time")).await?;
+        let ids: Vec<i64> = series
+            .iter()
+            .filter(|s| s.kind == Kind::Histogram)
+            .map(|s| s.id)
+            .collect();
+        let to = align(now_ms(), Level::Hour.bucket_ms()) + Level::Hour.bucket_ms();
+        let rows = state
+            .store
+            .read_rollups(Level::Hour, &ids, to - 24 * Level::Hour.bucket_ms(), to)
+            .await?;
+        let mut merged = None;
+        rows.iter().for_each(|r| combine_parallel(&mut merged, &r.stats));
+        Ok(merged
+            .and_then(|m| m.quantile(0.95))
+            .map(|v| v.to_string())
+            .unwrap_or_default())
+    })
+    .await?;
+    Ok(entry.body.parse().ok())
 }
 
 #[derive(Deserialize)]

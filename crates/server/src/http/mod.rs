@@ -50,9 +50,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn method_not_allowed() -> Response {
-    let mut e = ApiError::new(Code::NotFound, "this endpoint does not accept that method");
-    e.status_override = Some(405);
-    e.into_response()
+    ApiError::new(Code::MethodNotAllowed, "this endpoint does not accept that method").into_response()
 }
 
 async fn not_found() -> Response {

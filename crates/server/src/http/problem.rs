@@ -3,7 +3,8 @@
 //! Every handler returns `Result<_, ApiError>`. A store failure is logged with its
 //! internal text and answered with a generic detail, so internals never reach a client.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mcp_metrics_core::codes::Code;
@@ -15,8 +16,6 @@ pub struct ApiError {
     pub code: Code,
     pub detail: String,
     pub retry_after_secs: Option<u64>,
-    /// A status other than the code's own, for the few answers with no code of their own.
-    pub status_override: Option<u16>,
 }
 
 impl ApiError {
@@ -25,7 +24,6 @@ impl ApiError {
             code,
             detail: detail.into(),
             retry_after_secs: None,
-            status_override: None,
         }
     }
 
@@ -81,8 +79,7 @@ impl From<QueryRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status_override.unwrap_or(self.code.status()))
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = json!({
             "type": format!("https://mcp-metrics.dev/problems/{}", self.code),
             "title": self.code.title(),
@@ -113,3 +110,25 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// A request body, or the right problem: 413 past the route's limit, 400 otherwise.
+pub fn body_or_413(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResult<Bytes> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                Code::PayloadTooLarge,
+                format!("the body is larger than the limit of {limit} bytes"),
+            )
+        } else {
+            ApiError::invalid("the request body could not be read")
+        }
+    })
+}
+
+/// Answers a write endpoint, counting a refused request by its code in `/metrics`.
+pub fn counted(state: &crate::state::AppState, result: ApiResult<Response>) -> Response {
+    result.unwrap_or_else(|e| {
+        state.telemetry.request_rejected(e.code);
+        e.into_response()
+    })
+}

@@ -33,13 +33,7 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn write(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    match write_inner(&state, &headers, body).await {
-        Ok(response) => response,
-        Err(e) => {
-            state.telemetry.request_rejected(e.code);
-            e.into_response()
-        }
-    }
+    super::problem::counted(&state, write_inner(&state, &headers, body).await)
 }
 
 async fn write_inner(
@@ -48,16 +42,7 @@ async fn write_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let credential = auth::exporter(state, headers).await?;
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                Code::PayloadTooLarge,
-                format!("the body is larger than {MAX_BYTES} bytes"),
-            )
-        } else {
-            ApiError::invalid("the request body could not be read")
-        }
-    })?;
+    let body = super::problem::body_or_413(body, MAX_BYTES)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -99,6 +99,23 @@ fn by_option(a: Option<f64>, b: Option<f64>) -> Ordering {
     }
 }
 
+/// The order of servers for `sort` (`popular`, `uptime`, `latency`, `name`), shared by
+/// the API and the directory page. Installs rank popularity first (they are de-duplicated
+/// per visitor and day), then views; uptime needs probes, so until then it is by name.
+pub fn order(sort: &str, (a, sa): (&Server, &Summary), (b, sb): (&Server, &Summary)) -> Ordering {
+    let primary = match sort {
+        "popular" => sb
+            .installs_30d
+            .cmp(&sa.installs_30d)
+            .then(sb.views_30d.cmp(&sa.views_30d)),
+        "latency" => by_option(sa.p95_24h, sb.p95_24h),
+        _ => Ordering::Equal,
+    };
+    primary
+        .then_with(|| name_key(a).cmp(&name_key(b)))
+        .then_with(|| a.id.cmp(&b.id))
+}
+
 async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -123,21 +140,7 @@ async fn list(
         let s = summary(&state, &server.id).await?;
         rows.push((server, s));
     }
-    rows.sort_by(|(a, sa), (b, sb)| {
-        let primary = match sort {
-            // Installs rank first (they are de-duplicated per visitor and day), then views.
-            "popular" => sb
-                .installs_30d
-                .cmp(&sa.installs_30d)
-                .then(sb.views_30d.cmp(&sa.views_30d)),
-            "latency" => by_option(sa.p95_24h, sb.p95_24h),
-            // Uptime needs probes; until then this order is by name.
-            _ => Ordering::Equal,
-        };
-        primary
-            .then_with(|| name_key(a).cmp(&name_key(b)))
-            .then_with(|| a.id.cmp(&b.id))
-    });
+    rows.sort_by(|(a, sa), (b, sb)| order(sort, (a, sa), (b, sb)));
     let total = rows.len();
     let page: Vec<Value> = rows
         .iter()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,11 +24,14 @@ use super::problem::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::usage::{Admission, Outcome};
 
+/// A beacon is a few dozen bytes; anything far larger is not one.
+const BEACON_MAX_BYTES: usize = 4096;
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/usage", post(beacon).options(preflight))
         .route("/functions/v1/usage-track", post(beacon).options(preflight))
-        .layer(DefaultBodyLimit::max(4096))
+        .layer(DefaultBodyLimit::max(BEACON_MAX_BYTES))
         .route("/api/v1/servers/{id}/usage", get(read))
 }
 
@@ -68,12 +71,10 @@ async fn preflight(State(state): State<AppState>, headers: HeaderMap) -> Respons
 async fn beacon(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let result = beacon_inner(&state, peer, &headers, body).await;
-    let _ = method;
     let mut response = match result {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
         Err(e) => e.into_response(),
@@ -88,7 +89,7 @@ async fn beacon_inner(
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<()> {
-    let body = body.map_err(|_| ApiError::new(Code::PayloadTooLarge, "a usage event is at most 4096 bytes"))?;
+    let body = super::problem::body_or_413(body, BEACON_MAX_BYTES)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -107,7 +107,7 @@ async fn directory(
     query: Result<Query<DirectoryQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = query?;
-    let sort = q.sort.unwrap_or_else(|| "popular".into());
+    let mut sort = q.sort.unwrap_or_else(|| "popular".into());
     let needle = q.q.clone().unwrap_or_default().trim().to_lowercase();
     let now = now_ms();
     let mut rows = Vec::new();
@@ -126,6 +126,7 @@ async fn directory(
             _ => Vec::new(),
         };
         rows.push((
+            server.clone(),
             s,
             DirRow {
                 id: server.id.clone(),
@@ -140,16 +141,12 @@ async fn directory(
             },
         ));
     }
-    rows.sort_by(|(a, ra), (b, rb)| {
-        let primary = match sort.as_str() {
-            "latency" => a.p95_24h.unwrap_or(f64::MAX).total_cmp(&b.p95_24h.unwrap_or(f64::MAX)),
-            "name" => std::cmp::Ordering::Equal,
-            _ => b.installs_30d.cmp(&a.installs_30d).then(b.views_30d.cmp(&a.views_30d)),
-        };
-        primary.then_with(|| ra.name.to_lowercase().cmp(&rb.name.to_lowercase()))
-    });
+    if !matches!(sort.as_str(), "popular" | "uptime" | "latency" | "name") {
+        sort = "popular".into();
+    }
+    rows.sort_by(|(a, sa, _), (b, sb, _)| crate::http::servers::order(&sort, (a, sa), (b, sb)));
     render(&DirectoryPage {
-        rows: rows.into_iter().map(|(_, r)| r).collect(),
+        rows: rows.into_iter().map(|(_, _, r)| r).collect(),
         q: q.q.unwrap_or_default(),
         sort,
         sorts: vec![
