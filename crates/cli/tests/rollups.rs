@@ -238,9 +238,27 @@ async fn retention_deletes_exactly_what_is_older_than_each_limit() {
         c.retention.minute_days = 2;
         c.retention.hour_days = 3;
         c.retention.day_days = Some(4);
+        // The job applies retention on its first tick, then not for an hour: the rows
+        // below are deleted by the aggregate call alone.
+        c.rollup.retention_interval_secs = 3600;
+        c.rollup.interval_secs = 0.1;
     })
     .await;
     let cred = svc.server_with_key("acme").await;
+    // Wait for the second tick: the first one's retention has then finished and cannot
+    // race with the inserts below.
+    let passes = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("mcp_metrics_rollup_pass_duration_seconds_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for _ in 0..300 {
+        if passes(&svc.metrics_text().await) >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(
         svc.push(&cred, &batch("acme", json!([{"name":"g","value":1}]))).await.0,
         StatusCode::OK

@@ -82,7 +82,7 @@ async fn write_inner(
             })
             .collect(),
     };
-    let stored = super::exporter::store(state, &credential, &batch, &body).await?;
+    let stored = super::write::commit(state, &credential, &batch, &body, None).await?;
     let accepted = stored.accepted;
     let mut refused: Vec<serde_json::Value> = line_errors
         .iter()

@@ -19,11 +19,9 @@ use mcp_metrics_core::secrets::body_digest;
 use mcp_metrics_core::time::now_ms;
 use mcp_metrics_store::{RequestOutcome, WriteRequest};
 use serde_json::json;
-use std::sync::atomic::Ordering;
 
 use super::auth;
 use super::problem::{ApiError, ApiResult};
-use crate::ingest::prepare;
 use crate::ingest::writer::SubmitError;
 use crate::state::AppState;
 
@@ -79,48 +77,9 @@ async fn collect_inner(
     let batch = decode_json(&body, &limits).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
     auth::require_server(&credential, &batch.server_id)?;
 
-    let prepared = prepare(&batch, &credential.server_id, &state.series, now_ms(), &limits);
-    for rejection in &prepared.rejected {
-        state.telemetry.sample_rejected(rejection.code);
-        state
-            .telemetry
-            .server_sample_rejected(&credential.server_id, rejection.code);
-    }
-    let mut request = prepared.request;
-    request.key_id = credential.key_id.clone();
-    request.signature = Some(signature);
-    request.body_digest = Some(body_digest(&body));
-    let accepted = request.samples.len();
-
-    let outcome = state.queue.submit(request).await.map_err(submit_error)?;
-    let duplicate = match outcome {
-        RequestOutcome::Stored { series, .. } => {
-            if !series.is_empty() {
-                state.series.insert_all(&series);
-                state
-                    .telemetry
-                    .series_cached
-                    .store(state.series.len() as u64, Ordering::Relaxed);
-            }
-            state
-                .telemetry
-                .samples_accepted
-                .fetch_add(accepted as u64, Ordering::Relaxed);
-            false
-        }
-        RequestOutcome::Duplicate => {
-            state.telemetry.duplicate_requests.fetch_add(1, Ordering::Relaxed);
-            true
-        }
-        RequestOutcome::Replayed => {
-            return Err(ApiError::new(
-                Code::ReplayedRequest,
-                "this signature was already used; sign each request afresh",
-            ));
-        }
-    };
-    let mut response = Json(json!({ "accepted": accepted, "rejected": prepared.rejected })).into_response();
-    if duplicate {
+    let stored = super::write::commit(state, &credential, &batch, &body, Some(signature)).await?;
+    let mut response = Json(json!({ "accepted": stored.accepted, "rejected": stored.rejected })).into_response();
+    if stored.duplicate {
         // The body was already stored from this key: acknowledged again, stored once.
         response
             .headers_mut()

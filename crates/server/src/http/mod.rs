@@ -4,7 +4,6 @@
 pub mod admin;
 pub mod auth;
 pub mod events;
-pub mod exporter;
 pub mod influx;
 pub mod ingest;
 pub mod live;
@@ -15,6 +14,7 @@ pub mod promwrite;
 pub mod samples;
 pub mod servers;
 pub mod usage;
+pub mod write;
 
 use std::time::Instant;
 

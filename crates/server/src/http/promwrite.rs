@@ -80,7 +80,7 @@ async fn write_inner(
             })
             .collect(),
     };
-    let stored = super::exporter::store(state, &credential, &batch, &body).await?;
+    let stored = super::write::commit(state, &credential, &batch, &body, None).await?;
     if stored.rejected.is_empty() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }

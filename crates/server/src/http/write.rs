@@ -1,6 +1,7 @@
-//! The shared back half of the unsigned exporter endpoints (line protocol,
-//! remote-write): limits, validation and series resolution, the group-commit writer,
-//! telemetry. One pipeline, several front doors (DESIGN.md §4.1).
+//! The shared back half of every sample write (signed JSON, line protocol,
+//! remote-write): limits, validation and series resolution, the group-commit writer and
+//! its replay and retry guards, telemetry. One pipeline, several front doors
+//! (DESIGN.md §4.1).
 
 use std::sync::atomic::Ordering;
 
@@ -15,19 +16,23 @@ use super::problem::{ApiError, ApiResult};
 use crate::ingest::prepare;
 use crate::state::AppState;
 
-/// What became of a batch: samples stored, and the ones refused (by index).
+/// What became of a batch: samples stored, the ones refused (by index), and whether
+/// the body was a retry acknowledged without storing again.
 pub struct Stored {
     pub accepted: usize,
     pub rejected: Vec<Rejection>,
+    pub duplicate: bool,
 }
 
 /// Validates and commits a decoded batch for the credential's server. A retried body
-/// (same key, same bytes, inside the retry window) is acknowledged and stored once.
-pub async fn store(
+/// (same key, same bytes, inside the retry window) is acknowledged and stored once; a
+/// signed request whose signature was already used is refused (409).
+pub async fn commit(
     state: &AppState,
     credential: &StoredCredential,
     batch: &WireBatch<'_>,
     body: &[u8],
+    signature: Option<[u8; 32]>,
 ) -> ApiResult<Stored> {
     let limits = state.sample_limits();
     if batch.metrics.len() > limits.max_samples {
@@ -47,26 +52,38 @@ pub async fn store(
     }
     let mut request = prepared.request;
     request.key_id = credential.key_id.clone();
+    request.signature = signature;
     request.body_digest = Some(body_digest(body));
     let accepted = request.samples.len();
-    match state.queue.submit(request).await.map_err(super::ingest::submit_error)? {
+    let duplicate = match state.queue.submit(request).await.map_err(super::ingest::submit_error)? {
         RequestOutcome::Stored { series, .. } => {
             if !series.is_empty() {
                 state.series.insert_all(&series);
+                state
+                    .telemetry
+                    .series_cached
+                    .store(state.series.len() as u64, Ordering::Relaxed);
             }
             state
                 .telemetry
                 .samples_accepted
                 .fetch_add(accepted as u64, Ordering::Relaxed);
+            false
         }
         RequestOutcome::Duplicate => {
             state.telemetry.duplicate_requests.fetch_add(1, Ordering::Relaxed);
+            true
         }
-        // Only signed requests carry a signature to replay.
-        RequestOutcome::Replayed => {}
-    }
+        RequestOutcome::Replayed => {
+            return Err(ApiError::new(
+                Code::ReplayedRequest,
+                "this signature was already used; sign each request afresh",
+            ));
+        }
+    };
     Ok(Stored {
         accepted,
         rejected: prepared.rejected,
+        duplicate,
     })
 }
