@@ -109,3 +109,38 @@ async fn auth_failures_and_limits() {
     assert!(svc.samples(&cred, "").await.is_empty());
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn gzip_bodies_as_telegraf_sends_them() {
+    use std::io::Write;
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("acme").await;
+    let t = now_ms() - 1000;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    writeln!(gz, "disk used=42i {t}").unwrap();
+    let response = svc
+        .client
+        .post(svc.url("/api/v1/write?precision=ms"))
+        .header("x-api-key", &cred.api_key)
+        .header("content-encoding", "gzip")
+        .body(gz.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(svc.samples(&cred, "name=disk_used").await[0]["value"], 42.0);
+    // A gzip bomb: 21 MiB of spaces in a few kilobytes is refused after decompression.
+    let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    bomb.write_all(&vec![b' '; 21 << 20]).unwrap();
+    let response = svc
+        .client
+        .post(svc.url("/api/v1/write"))
+        .header("x-api-key", &cred.api_key)
+        .header("content-encoding", "gzip")
+        .body(bomb.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    svc.stop().await;
+}

@@ -10,6 +10,7 @@ pub mod influx;
 pub mod ingest;
 pub mod model;
 pub mod names;
+pub mod otlp;
 pub mod period;
 pub mod points;
 pub mod promwrite;

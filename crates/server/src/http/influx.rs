@@ -5,7 +5,8 @@
 //! writer, rollups and live hub as signed JSON. A success is `204 No Content`, as
 //! InfluxDB answers. Bad lines are refused and named while the other lines are stored;
 //! the answer is then a 400 (so senders do not retry data that cannot succeed) listing
-//! each refused line.
+//! each refused line. Bodies may be gzip-compressed (`Content-Encoding: gzip`), as
+//! Telegraf sends them.
 
 use std::borrow::Cow;
 
@@ -57,6 +58,7 @@ async fn write_inner(
 ) -> ApiResult<Response> {
     let credential = auth::exporter(state, headers).await?;
     let body = super::problem::body_or_413(body, MAX_BODY_BYTES)?;
+    let body = super::problem::decoded_body(headers, body, MAX_BODY_BYTES)?;
     let Query(q) = query?;
     let precision = match q.precision.as_deref() {
         None => Precision::Ns,

@@ -9,6 +9,7 @@ pub mod ingest;
 pub mod live;
 pub mod metrics;
 pub mod ops;
+pub mod otlp;
 pub mod problem;
 pub mod promwrite;
 pub mod samples;
@@ -33,6 +34,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ingest::router(&state))
         .merge(influx::router())
         .merge(promwrite::router())
+        .merge(otlp::router())
         .merge(servers::router())
         .merge(samples::router())
         .merge(metrics::router())

@@ -132,3 +132,36 @@ pub fn counted(state: &crate::state::AppState, result: ApiResult<Response>) -> R
         e.into_response()
     })
 }
+
+/// The body with its `Content-Encoding` undone: identity, or gzip (OTLP exporters and
+/// Telegraf compress). The decompressed size is limited too, so a small "zip bomb" is a
+/// 413 rather than a large allocation; an unknown encoding is a 415.
+pub fn decoded_body(headers: &axum::http::HeaderMap, body: Bytes, limit: usize) -> ApiResult<Bytes> {
+    use std::io::Read;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    match encoding.as_str() {
+        "" | "identity" => Ok(body),
+        "gzip" | "x-gzip" => {
+            let mut decoded = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+            flate2::read::GzDecoder::new(&body[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut decoded)
+                .map_err(|e| ApiError::invalid(format!("the gzip body could not be decompressed: {e}")))?;
+            if decoded.len() > limit {
+                return Err(ApiError::new(
+                    Code::PayloadTooLarge,
+                    format!("the decompressed body is larger than the limit of {limit} bytes"),
+                ));
+            }
+            Ok(Bytes::from(decoded))
+        }
+        other => Err(ApiError::new(
+            Code::UnsupportedMediaType,
+            format!("Content-Encoding {other} is not supported; send gzip or no encoding"),
+        )),
+    }
+}

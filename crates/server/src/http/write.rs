@@ -34,6 +34,18 @@ pub async fn commit(
     body: &[u8],
     signature: Option<[u8; 32]>,
 ) -> ApiResult<Stored> {
+    commit_with_digest(state, credential, batch, body_digest(body), signature).await
+}
+
+/// [`commit`] with the retry digest given: a body written in several commits gives each
+/// its own digest, so a retry recognises each part.
+pub async fn commit_with_digest(
+    state: &AppState,
+    credential: &StoredCredential,
+    batch: &WireBatch<'_>,
+    digest: [u8; 32],
+    signature: Option<[u8; 32]>,
+) -> ApiResult<Stored> {
     let limits = state.sample_limits();
     if batch.metrics.len() > limits.max_samples {
         return Err(ApiError::new(
@@ -53,7 +65,7 @@ pub async fn commit(
     let mut request = prepared.request;
     request.key_id = credential.key_id.clone();
     request.signature = signature;
-    request.body_digest = Some(body_digest(body));
+    request.body_digest = Some(digest);
     let accepted = request.samples.len();
     let duplicate = match state.queue.submit(request).await.map_err(super::ingest::submit_error)? {
         RequestOutcome::Stored { series, .. } => {

@@ -1,0 +1,280 @@
+//! `POST /otlp/v1/metrics`: OTLP/HTTP metrics export (DESIGN.md §4.1, §5), so an
+//! OpenTelemetry SDK or Collector points its OTLP exporter here and is done.
+//!
+//! Bodies are protobuf (`application/x-protobuf`) or OTLP/JSON (`application/json`),
+//! optionally gzip-compressed, at most 20 MiB once decompressed. Answers are in the
+//! request's encoding, as the OTLP/HTTP specification asks: an
+//! `ExportMetricsServiceResponse` (with `partial_success` naming how many data points
+//! were refused and why) or, on failure, a `google.rpc.Status`. Only 429/503 invite a
+//! retry; a body that can never be accepted is a 400.
+//!
+//! Delta sums and cumulative histograms need each stream's previous state (a running
+//! total, the previous cumulative counts). It is kept in the store's meta table, so every
+//! node sharing the database continues the same stream, and it is written only after the
+//! samples it produced are committed.
+
+use std::borrow::Cow;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use mcp_metrics_core::codes::Code;
+use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTime, WireValue};
+use mcp_metrics_core::otlp::{self, ExportMetricsPartialSuccess, ExportMetricsServiceResponse, StreamState};
+use mcp_metrics_core::secrets::body_digest;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use super::auth;
+use super::problem::{ApiError, ApiResult};
+use crate::state::AppState;
+
+/// 20 MiB, compressed or not (DESIGN.md §4.1).
+pub const MAX_BYTES: usize = 20 << 20;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/otlp/v1/metrics", post(export))
+        .layer(DefaultBodyLimit::max(MAX_BYTES))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+/// `google.rpc.Status`, the body of an OTLP/HTTP failure.
+#[derive(Clone, PartialEq, prost::Message, serde::Serialize)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+fn encoding_of(headers: &HeaderMap) -> Option<Encoding> {
+    let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let essence = content_type.split(';').next()?.trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "application/x-protobuf" | "application/protobuf" => Some(Encoding::Protobuf),
+        "application/json" => Some(Encoding::Json),
+        _ => None,
+    }
+}
+
+fn encoded(encoding: Encoding, status: StatusCode, protobuf: Vec<u8>, json: String) -> Response {
+    let (content_type, body) = match encoding {
+        Encoding::Protobuf => ("application/x-protobuf", protobuf),
+        Encoding::Json => ("application/json", json.into_bytes()),
+    };
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// The gRPC code matching an HTTP status, for the `google.rpc.Status` body.
+fn rpc_code(status: StatusCode) -> i32 {
+    match status.as_u16() {
+        400 | 413 | 415 => 3, // INVALID_ARGUMENT
+        401 => 16,            // UNAUTHENTICATED
+        403 => 7,             // PERMISSION_DENIED
+        409 => 6,             // ALREADY_EXISTS
+        429 => 8,             // RESOURCE_EXHAUSTED
+        503 => 14,            // UNAVAILABLE
+        _ => 13,              // INTERNAL
+    }
+}
+
+fn failure(encoding: Encoding, error: ApiError) -> Response {
+    let status = StatusCode::from_u16(error.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = RpcStatus {
+        code: rpc_code(status),
+        message: format!("{}: {}", error.code.as_str(), error.detail),
+    };
+    let json = serde_json::to_string(&body).unwrap_or_default();
+    let mut response = encoded(encoding, status, body.encode_to_vec(), json);
+    if let Some(secs) = error.retry_after_secs {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+async fn export(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    // A body of an unknown type is answered in JSON, the only encoding we can assume.
+    let encoding = encoding_of(&headers);
+    match export_inner(&state, &headers, encoding, body).await {
+        Ok(response) => response,
+        Err(error) => {
+            state.telemetry.request_rejected(error.code);
+            failure(encoding.unwrap_or(Encoding::Json), error)
+        }
+    }
+}
+
+/// Where a stream's state lives in the meta table: one key per (server, name, tags).
+fn state_key(server_id: &str, name: &str, tags: &[(String, String)]) -> String {
+    let mut hasher = Sha256::new();
+    for part in [server_id, name]
+        .into_iter()
+        .chain(tags.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]))
+    {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    format!("otlp.stream.{}", hex::encode(hasher.finalize()))
+}
+
+async fn export_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    encoding: Option<Encoding>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let credential = auth::exporter(state, headers).await?;
+    let body = super::problem::body_or_413(body, MAX_BYTES)?;
+    let encoding = encoding.ok_or_else(|| {
+        ApiError::new(
+            Code::UnsupportedMediaType,
+            "OTLP/HTTP sends Content-Type: application/x-protobuf or application/json",
+        )
+    })?;
+    let body = super::problem::decoded_body(headers, body, MAX_BYTES)?;
+    let request = match encoding {
+        Encoding::Protobuf => otlp::decode_protobuf(&body),
+        Encoding::Json => otlp::decode_json(&body),
+    }
+    .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let mapped = otlp::map_request(&request);
+    let mut points = mapped.points;
+    let mut refused = mapped.refused;
+
+    // Streams continue from their stored state.
+    let mut new_states = Vec::with_capacity(mapped.streams.len());
+    for stream in &mapped.streams {
+        let key = state_key(&credential.server_id, &stream.name, &stream.tags);
+        let previous = state
+            .store
+            .meta_get(&key)
+            .await?
+            .and_then(|text| serde_json::from_str::<StreamState>(&text).ok());
+        let (values, next) = otlp::resolve_stream(stream, previous.as_ref());
+        if stream.kind == mcp_metrics_core::model::Kind::Histogram {
+            otlp::push_observations(
+                &mut points,
+                &stream.name,
+                &stream.tags,
+                stream.response_time.as_ref(),
+                stream.timestamp_ms,
+                &values,
+                stream.data_point,
+            );
+        } else {
+            points.extend(values.into_iter().map(|value| otlp::Point {
+                name: stream.name.clone(),
+                tags: stream.tags.clone(),
+                kind: stream.kind,
+                timestamp_ms: stream.timestamp_ms,
+                value,
+                data_point: stream.data_point,
+            }));
+        }
+        new_states.push((key, next));
+    }
+
+    // Written in parts of at most the per-request sample limit, each with its own retry
+    // digest: a retried export skips the parts that were already committed.
+    let digest = body_digest(&body);
+    let chunk = state.sample_limits().max_samples.max(1);
+    let mut accepted = 0;
+    let mut newly_stored = points.is_empty();
+    for (part, slice) in points.chunks(chunk).enumerate() {
+        let batch = WireBatch {
+            server_id: Cow::Borrowed(&credential.server_id),
+            metrics: slice
+                .iter()
+                .map(|p| WireSample {
+                    name: Cow::Borrowed(&p.name),
+                    value: if p.value.is_finite() {
+                        WireValue::Number(p.value)
+                    } else {
+                        WireValue::NotANumber
+                    },
+                    kind: Some(Cow::Borrowed(p.kind.as_str())),
+                    timestamp: Some(WireTime::Millis(p.timestamp_ms as f64)),
+                    tags: Some(
+                        p.tags
+                            .iter()
+                            .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
+                            .collect(),
+                    ),
+                })
+                .collect(),
+        };
+        let part_digest = if part == 0 {
+            digest
+        } else {
+            let mut hasher = Sha256::new();
+            hasher.update(digest);
+            hasher.update((part as u64).to_le_bytes());
+            hasher.finalize().into()
+        };
+        let stored = super::write::commit_with_digest(state, &credential, &batch, part_digest, None).await?;
+        if !stored.duplicate {
+            newly_stored = true;
+            accepted += stored.accepted;
+        }
+        for r in stored.rejected {
+            let point = &slice[r.index];
+            refused.push((point.data_point, format!("{}: {}", point.name, r.detail)));
+        }
+    }
+    // A retry of an export that was stored whole changes nothing, state included.
+    if newly_stored {
+        for (key, next) in new_states {
+            let text = serde_json::to_string(&next).map_err(|e| ApiError::invalid(e.to_string()))?;
+            state.store.meta_set(&key, &text).await?;
+        }
+    }
+
+    refused.sort_by_key(|r| r.0);
+    let mut refused_points: Vec<usize> = refused.iter().map(|r| r.0).collect();
+    refused_points.dedup();
+    let message = refused
+        .iter()
+        .take(5)
+        .map(|r| r.1.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if !refused_points.is_empty() && refused_points.len() == mapped.data_points && accepted == 0 {
+        return Err(ApiError::invalid(format!(
+            "all {} data points were refused, e.g. {message}",
+            mapped.data_points
+        )));
+    }
+    let partial = (!refused_points.is_empty()).then(|| ExportMetricsPartialSuccess {
+        rejected_data_points: refused_points.len() as i64,
+        error_message: format!("{} data points refused, e.g. {message}", refused_points.len()),
+    });
+    // OTLP/JSON writes 64-bit integers as strings, which the generated serializer does not.
+    let json = match &partial {
+        Some(p) => serde_json::json!({"partialSuccess": {
+            "rejectedDataPoints": p.rejected_data_points.to_string(),
+            "errorMessage": p.error_message,
+        }})
+        .to_string(),
+        None => "{}".to_string(),
+    };
+    let response = ExportMetricsServiceResponse {
+        partial_success: partial,
+    };
+    Ok(encoded(encoding, StatusCode::OK, response.encode_to_vec(), json))
+}
