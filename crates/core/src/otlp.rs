@@ -6,7 +6,8 @@
 //! is the mapping, which is pure so it can be tested against the specification's examples:
 //!
 //! - tags are the resource attributes (`service.name` becomes `service`; the exporter
-//!   library's own `telemetry.*` attributes are left out) plus the point's attributes;
+//!   library's own `telemetry.*` attributes and the per-process `service.instance.id`
+//!   are left out) plus the point's attributes;
 //! - Gauge → gauge; cumulative Sum → counter (monotonic) or gauge (up-down);
 //!   delta Sum → a running total, which needs the stream's previous total ([`StreamInput::DeltaSum`]);
 //! - Histogram and ExponentialHistogram → histogram observations whose count and sum are
@@ -147,7 +148,9 @@ fn push_attributes(tags: &mut Vec<(String, String)>, attributes: &[KeyValue]) {
 fn resource_tags(attributes: &[KeyValue]) -> Vec<(String, String)> {
     let mut tags = Vec::new();
     for kv in attributes {
-        if kv.key.starts_with("telemetry.") {
+        // The exporter library's own description, and the per-process instance id the
+        // SDKs add by default, would make every restart a new series.
+        if kv.key.starts_with("telemetry.") || kv.key == "service.instance.id" {
             continue;
         }
         if let Some(text) = kv.value.as_ref().and_then(any_value_text) {
