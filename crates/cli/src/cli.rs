@@ -192,7 +192,17 @@ pub struct BenchArgs {
     pub url: String,
     /// Admin token, used to create a fresh benchmark server and credential.
     #[arg(long, env = "MCP_METRICS_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: String,
+    pub admin_token: Option<String>,
+    /// Send the influx or prom-write bodies to another system's write endpoint instead,
+    /// for a side-by-side comparison on the same payloads: a full URL such as
+    /// VictoriaMetrics' http://127.0.0.1:8428/api/v1/write (remote-write) or
+    /// http://127.0.0.1:8428/write?precision=ms (line protocol). No server or key is
+    /// created; a 204 counts as stored.
+    #[arg(long, value_name = "URL")]
+    pub foreign_url: Option<String>,
+    /// Authorization header value sent with --foreign-url, e.g. "Basic dXNlcjpwYXNz".
+    #[arg(long, value_name = "VALUE")]
+    pub foreign_authorization: Option<String>,
     /// Samples per request.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
@@ -226,6 +236,8 @@ pub enum BenchMode {
     Influx,
     /// Prometheus remote-write to /api/v1/prom/write.
     PromWrite,
+    /// OTLP/HTTP protobuf (gauge points) to /otlp/v1/metrics.
+    Otlp,
     /// Usage beacons to /api/v1/usage.
     Usage,
 }

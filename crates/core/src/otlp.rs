@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Kind;
 
+/// The generated OTLP message types, for senders (the load generator, tests).
+pub use opentelemetry_proto::tonic as proto;
 pub use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };

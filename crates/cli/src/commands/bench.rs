@@ -71,6 +71,54 @@ fn build_remote_write(index: usize, batch: usize, series: usize, base_ms: i64) -
     encode(&WriteRequest { timeseries })
 }
 
+/// The same samples as an OTLP/HTTP protobuf request: one gauge metric per series.
+fn build_otlp(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
+    use mcp_metrics_core::otlp::ExportMetricsServiceRequest;
+    use mcp_metrics_core::otlp::proto::common::v1::{AnyValue, KeyValue, any_value};
+    use mcp_metrics_core::otlp::proto::metrics::v1::{
+        Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric, number_data_point,
+    };
+    use prost::Message;
+    let mut by_series: Vec<Vec<NumberDataPoint>> = vec![Vec::new(); series];
+    for j in 0..batch {
+        let s = (index * batch + j) % series;
+        let ts = base_ms + ((index * batch + j) / series) as i64;
+        by_series[s].push(NumberDataPoint {
+            time_unix_nano: ts as u64 * 1_000_000,
+            value: Some(number_data_point::Value::AsDouble(
+                ((index * 7919 + j * 104_729) % 50_000) as f64 / 100.0,
+            )),
+            attributes: vec![KeyValue {
+                key: "tool".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(format!("tool_{s}"))),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    let metrics = by_series
+        .into_iter()
+        .filter(|points| !points.is_empty())
+        .map(|data_points| Metric {
+            name: "response_time".into(),
+            data: Some(metric::Data::Gauge(Gauge { data_points })),
+            ..Default::default()
+        })
+        .collect();
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            scope_metrics: vec![ScopeMetrics {
+                metrics,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
 /// Builds the `index`-th request: `batch` samples over `series` series with distinct
 /// timestamps, kinds mixed as a real MCP server reports them.
 fn build_body(server_id: &str, index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
@@ -117,36 +165,50 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
         .build()?;
-    let admin = format!("Bearer {}", args.admin_token);
-
-    let server_id = format!("bench-{}", now_ms());
-    let created = client
-        .post(format!("{base}/api/v1/admin/servers"))
-        .header("authorization", &admin)
-        .json(&json!({"id": server_id, "name": "Load generator"}))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {base}"))?;
-    if !created.status().is_success() {
-        bail!(
-            "creating the benchmark server failed: {} {}",
-            created.status(),
-            created.text().await.unwrap_or_default()
-        );
-    }
-    let key: Value = client
-        .post(format!("{base}/api/v1/admin/servers/{server_id}/keys"))
-        .header("authorization", &admin)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let api_key = key["api_key"].as_str().context("no api_key in the answer")?.to_owned();
-    let secret = key["signing_secret"]
-        .as_str()
-        .context("no signing_secret in the answer")?
-        .to_owned();
+    let mode = args.mode;
+    // (server id, API key, signing secret, Authorization header) of the target.
+    let (server_id, api_key, secret, authorization) = if let Some(foreign) = &args.foreign_url {
+        if !matches!(mode, crate::cli::BenchMode::Influx | crate::cli::BenchMode::PromWrite) {
+            bail!("--foreign-url works with --mode influx or --mode prom-write");
+        }
+        tracing::debug!(url = %foreign, "sending to a foreign endpoint");
+        ("foreign".to_owned(), None, String::new(), args.foreign_authorization.clone())
+    } else {
+        let admin_token = args
+            .admin_token
+            .as_deref()
+            .context("--admin-token (or MCP_METRICS_ADMIN_TOKEN) is needed to create the benchmark server")?;
+        let admin = format!("Bearer {admin_token}");
+        let server_id = format!("bench-{}", now_ms());
+        let created = client
+            .post(format!("{base}/api/v1/admin/servers"))
+            .header("authorization", &admin)
+            .json(&json!({"id": server_id, "name": "Load generator"}))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {base}"))?;
+        if !created.status().is_success() {
+            bail!(
+                "creating the benchmark server failed: {} {}",
+                created.status(),
+                created.text().await.unwrap_or_default()
+            );
+        }
+        let key: Value = client
+            .post(format!("{base}/api/v1/admin/servers/{server_id}/keys"))
+            .header("authorization", &admin)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let api_key = key["api_key"].as_str().context("no api_key in the answer")?.to_owned();
+        let secret = key["signing_secret"]
+            .as_str()
+            .context("no signing_secret in the answer")?
+            .to_owned();
+        (server_id, Some(api_key), secret, None)
+    };
 
     if args.mode == crate::cli::BenchMode::Usage {
         return run_usage(&client, &base, &server_id, &args).await;
@@ -160,11 +222,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     progress.set_message("signing");
     let mut prepared = Vec::with_capacity(requests);
-    let mode = args.mode;
     for i in 0..requests {
         let (body, signature) = match mode {
             crate::cli::BenchMode::Influx => (build_lines(i, args.batch, args.series, base_ms), None),
             crate::cli::BenchMode::PromWrite => (build_remote_write(i, args.batch, args.series, base_ms), None),
+            crate::cli::BenchMode::Otlp => (build_otlp(i, args.batch, args.series, base_ms), None),
             _ => {
                 let body = build_body(&server_id, i, args.batch, args.series, base_ms);
                 let signature = sign(secret.as_bytes(), t, &body);
@@ -187,16 +249,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (path, content_type) = match mode {
         crate::cli::BenchMode::Influx => ("/api/v1/write?precision=ms", "text/plain; charset=utf-8"),
         crate::cli::BenchMode::PromWrite => ("/api/v1/prom/write", "application/x-protobuf"),
+        crate::cli::BenchMode::Otlp => ("/otlp/v1/metrics", "application/x-protobuf"),
         _ => ("/api/v1/metrics", "application/json"),
     };
-    let url = format!("{base}{path}");
+    let url = args.foreign_url.clone().unwrap_or_else(|| format!("{base}{path}"));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.connections {
-        let (client, url, api_key, prepared, next, progress) = (
+        let (client, url, api_key, authorization, prepared, next, progress) = (
             client.clone(),
             url.clone(),
             api_key.clone(),
+            authorization.clone(),
             prepared.clone(),
             next.clone(),
             progress.clone(),
@@ -212,8 +276,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let mut request = client
                     .post(&url)
                     .header("content-type", content_type)
-                    .header("x-api-key", &api_key)
                     .body(p.body.clone());
+                if let Some(key) = &api_key {
+                    request = request.header("x-api-key", key);
+                }
+                if let Some(value) = &authorization {
+                    request = request.header("authorization", value);
+                }
                 if let Some(signature) = &p.signature {
                     request = request.header("x-signature", signature);
                 }
@@ -225,6 +294,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 match request.send().await {
                     Ok(r) if r.status() == reqwest::StatusCode::NO_CONTENT => {
                         accepted += p.samples;
+                        latencies.push(sent.elapsed());
+                    }
+                    Ok(r) if r.status().is_success() && mode == crate::cli::BenchMode::Otlp => {
+                        use prost::Message;
+                        let answer = r.bytes().await.unwrap_or_default();
+                        let refused = mcp_metrics_core::otlp::ExportMetricsServiceResponse::decode(answer)
+                            .ok()
+                            .and_then(|a| a.partial_success)
+                            .map_or(0, |p| p.rejected_data_points as u64);
+                        accepted += p.samples.saturating_sub(refused);
                         latencies.push(sent.elapsed());
                     }
                     Ok(r) if r.status().is_success() => {
@@ -385,7 +464,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn line_protocol_and_remote_write_bodies_carry_the_batch() {
+    fn line_protocol_remote_write_and_otlp_bodies_carry_the_batch() {
         let (points, errors) = mcp_metrics_core::influx::parse(
             std::str::from_utf8(&build_lines(3, 50, 7, 1_000)).unwrap(),
             mcp_metrics_core::influx::Precision::Ms,
@@ -397,6 +476,16 @@ mod tests {
         assert_eq!((points.len(), stale), (50, 0));
         assert!(
             points
+                .iter()
+                .all(|p| p.name == "response_time" && p.tags[0].0 == "tool")
+        );
+        let request = mcp_metrics_core::otlp::decode_protobuf(&build_otlp(3, 50, 7, 1_000)).unwrap();
+        let mapped = mcp_metrics_core::otlp::map_request(&request);
+        assert!(mapped.refused.is_empty());
+        assert_eq!(mapped.points.len(), 50);
+        assert!(
+            mapped
+                .points
                 .iter()
                 .all(|p| p.name == "response_time" && p.tags[0].0 == "tool")
         );
