@@ -314,8 +314,8 @@ pub fn expand(buckets: &[(f64, f64, u64)], sum: Option<f64>) -> Vec<f64> {
         Some(_) => 0.0,
         None => 0.5,
     };
-    let total: u64 = buckets.iter().map(|b| b.2).sum();
-    let mut values = Vec::with_capacity(total as usize);
+    let total = buckets.iter().fold(0u64, |total, b| total.saturating_add(b.2));
+    let mut values = Vec::with_capacity(total.min(MAX_OBSERVATIONS_PER_POINT) as usize);
     for &(l, u, c) in buckets {
         let v = l + t * (u - l);
         values.extend(std::iter::repeat_n(v, c as usize));
@@ -408,7 +408,11 @@ fn histogram_counts(
     max: Option<f64>,
 ) -> Result<HistogramCounts, String> {
     let buckets = buckets?;
-    let in_buckets: u64 = buckets.iter().map(|b| b.2).sum();
+    // Checked: a crafted point can make the bucket counts overflow (found by fuzzing).
+    let in_buckets = buckets
+        .iter()
+        .try_fold(0u64, |total, b| total.checked_add(b.2))
+        .ok_or("bucket counts overflow a 64-bit integer")?;
     if in_buckets != count {
         return Err(format!("bucket counts add up to {in_buckets}, not to count {count}"));
     }
@@ -835,6 +839,20 @@ mod tests {
         assert!(mapped.refused[2].1.contains("time_unix_nano"));
         assert_eq!(mapped.points.len(), 1);
         assert_eq!(mapped.points[0].value, -4.0);
+    }
+
+    #[test]
+    fn bucket_counts_that_overflow_are_refused() {
+        // Regression: the fuzzer's otlp_protobuf target found this add overflow.
+        let body = format!(
+            r#"{{"resourceMetrics":[{{"scopeMetrics":[{{"metrics":[{{"name":"h","histogram":{{"aggregationTemporality":1,
+               "dataPoints":[{{"timeUnixNano":"1700000000000000000","count":"3",
+               "bucketCounts":["{max}","{max}"],"explicitBounds":[1]}}]}}}}]}}]}}]}}"#,
+            max = u64::MAX
+        );
+        let mapped = map_request(&decode_json(body.as_bytes()).unwrap());
+        assert_eq!(mapped.refused.len(), 1);
+        assert!(mapped.refused[0].1.contains("overflow"), "{:?}", mapped.refused);
     }
 
     #[test]

@@ -172,7 +172,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             bail!("--foreign-url works with --mode influx or --mode prom-write");
         }
         tracing::debug!(url = %foreign, "sending to a foreign endpoint");
-        ("foreign".to_owned(), None, String::new(), args.foreign_authorization.clone())
+        (
+            "foreign".to_owned(),
+            None,
+            String::new(),
+            args.foreign_authorization.clone(),
+        )
     } else {
         let admin_token = args
             .admin_token
