@@ -804,4 +804,17 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn notify(&self, _payload: &str) -> StoreResult<()> {
+        // One process owns a SQLite database: nobody else to tell.
+        Ok(())
+    }
+
+    async fn listen(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<String>>> {
+        Ok(None)
+    }
+
+    async fn hold_job_lock(&self, _job: &str) -> StoreResult<bool> {
+        Ok(true)
+    }
 }
