@@ -814,3 +814,247 @@ async fn open_selects_postgres_from_the_url() {
         .unwrap();
     again.ping().await.unwrap();
 }
+
+/// Fills a store through the trait with a bit of everything.
+async fn fill(store: &dyn Store) {
+    let base = (now_ms() / DAY - 3) * DAY;
+    for id in ["a", "b"] {
+        store
+            .create_server(
+                id,
+                &ServerFields {
+                    name: Some(format!("Server {id}")),
+                    ..Default::default()
+                },
+                1,
+            )
+            .await
+            .unwrap();
+        store
+            .insert_credential(&StoredCredential {
+                key_id: format!("key-{id}"),
+                server_id: id.into(),
+                api_key_hash: [id.as_bytes()[0]; 32],
+                sealed_secret: vec![1, 2, 3],
+                created_at: 5,
+                revoked_at: None,
+                last_used_at: None,
+            })
+            .await
+            .unwrap();
+    }
+    // A series created and deleted: its id must never come back.
+    store.create_server("c", &ServerFields::default(), 1).await.unwrap();
+    store
+        .write_batch(batch(vec![request(
+            vec![NewSeries {
+                key: key("c", "x"),
+                kind: Kind::Gauge,
+            }],
+            vec![],
+        )]))
+        .await
+        .unwrap();
+    store.delete_server("c").await.unwrap();
+    let mut samples = Vec::new();
+    for i in 0..3000 {
+        samples.push(sample(
+            SeriesRef::New(0),
+            Kind::Gauge,
+            base + i * 61_000,
+            (i % 17) as f64 * 0.25,
+        ));
+        samples.push(sample(SeriesRef::New(1), Kind::Counter, base + i * 61_000, i as f64));
+        samples.push(sample(
+            SeriesRef::New(2),
+            Kind::Histogram,
+            base + i * 61_000,
+            0.1 * i as f64,
+        ));
+        samples.push(sample(SeriesRef::New(2), Kind::Histogram, base + i * 61_000, 7.0));
+    }
+    let mut r = request(
+        vec![
+            NewSeries {
+                key: key("a", "g"),
+                kind: Kind::Gauge,
+            },
+            NewSeries {
+                key: key("a", "c"),
+                kind: Kind::Counter,
+            },
+            NewSeries {
+                key: key("b", "h"),
+                kind: Kind::Histogram,
+            },
+        ],
+        samples,
+    );
+    r.key_id = "key-a".into();
+    r.event = Some(NewEvent {
+        server_id: "a".into(),
+        kind: "deploy".into(),
+        title: "v2".into(),
+        detail: Some("notes".into()),
+        at: base,
+        source: EventSource::Author,
+    });
+    store.write_batch(batch(vec![r])).await.unwrap();
+    for level in [Level::Minute, Level::Hour] {
+        let work = store.rollup_work(level, 2000).await.unwrap();
+        let results = work
+            .items
+            .iter()
+            .map(|(m, input)| {
+                let kind = work.series[&m.series_id].0;
+                let stats = match input {
+                    RollupInput::Raw(s) => BucketStats::fold(kind, s.iter().copied()),
+                    RollupInput::Children(c) => BucketStats::merge_all(c),
+                };
+                (*m, stats)
+            })
+            .collect();
+        store.apply_rollups(level, results).await.unwrap();
+    }
+    store
+        .record_usage(
+            (0..20)
+                .map(|i| UsageRecord {
+                    server_id: if i % 2 == 0 { "a" } else { "b" }.into(),
+                    kind: if i % 3 == 0 {
+                        UsageKind::Install
+                    } else {
+                        UsageKind::View
+                    },
+                    client: None,
+                    at: base + i * 3_600_000,
+                    visitor: [(i % 4) as u8; 16],
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    store.usage_salt(base / DAY, [3; 32]).await.unwrap();
+    store.meta_set("master_key_fingerprint", "fp").await.unwrap();
+}
+
+/// What the fetch API can see of a store.
+async fn snapshot(store: &dyn Store) -> String {
+    let mut out = format!("{:?}\n", store.list_servers().await.unwrap());
+    out += &format!("{:?}\n", store.all_sealed_credentials().await.unwrap());
+    out += &format!("{:?}\n", store.list_credentials(None).await.unwrap());
+    let series = store.all_series().await.unwrap();
+    out += &format!("{series:?}\n");
+    let ids: Vec<i64> = series.iter().map(|s| s.id).collect();
+    let mut after = None;
+    loop {
+        let page = store
+            .read_samples(&SampleQuery {
+                series_ids: ids.clone(),
+                from: 0,
+                to: i64::MAX,
+                after,
+                limit: 5000,
+            })
+            .await
+            .unwrap();
+        out += &format!("{page:?}\n");
+        match page.last() {
+            Some(s) if page.len() == 5000 => after = Some((s.timestamp, s.series_id, s.seq)),
+            _ => break,
+        }
+    }
+    for level in [Level::Minute, Level::Hour, Level::Day] {
+        out += &format!("{:?}\n", store.read_rollups(level, &ids, 0, i64::MAX).await.unwrap());
+    }
+    out += &format!("{:?}\n", store.dirty_backlog().await.unwrap());
+    for id in ["a", "b"] {
+        out += &format!("{:?}\n", store.usage_days(id, 0, i64::MAX / DAY).await.unwrap());
+        out += &format!("{:?}\n", store.list_events(id, None, 100).await.unwrap());
+    }
+    out += &format!("{:?}\n", store.meta_get("master_key_fingerprint").await.unwrap());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_sqlite_to_postgres() {
+    let Some(db) = Db::new("copies_sqlite_to_postgres").await else {
+        return;
+    };
+    let (dir, lite) = sqlite().await;
+    fill(&lite).await;
+    let expected = snapshot(&lite).await;
+    let path = dir.path().join("t.db");
+
+    let mut seen = Vec::new();
+    let report = mcp_metrics_store::copy::sqlite_to_postgres(&path, &db.url, |p| seen.push(p))
+        .await
+        .unwrap();
+    let samples = report.tables.iter().find(|t| t.0 == "server_metrics").unwrap().1;
+    assert_eq!(samples, 12_000);
+    assert_eq!(report.samples_resumed, 0);
+    let last = seen.iter().rev().find(|p| p.table == "server_metrics").unwrap();
+    assert_eq!((last.done, last.total), (12_000, 12_000));
+    assert!(
+        seen.iter()
+            .any(|p| p.table == "rollups_1m" && p.done == p.total && p.total > 0)
+    );
+
+    let pg = db.open().await;
+    assert_eq!(snapshot(&pg).await, expected);
+
+    // A second run copies nothing new and changes nothing.
+    let report = mcp_metrics_store::copy::sqlite_to_postgres(&path, &db.url, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.tables.iter().find(|t| t.0 == "server_metrics").unwrap().1, 0);
+    assert_eq!(report.samples_resumed, 12_000);
+    assert_eq!(snapshot(&pg).await, expected);
+
+    // New series and events continue after the copied ids.
+    let max_lite = lite.all_series().await.unwrap().iter().map(|s| s.id).max().unwrap();
+    let out = pg
+        .write_batch(batch(vec![request(
+            vec![NewSeries {
+                key: key("a", "new"),
+                kind: Kind::Gauge,
+            }],
+            vec![],
+        )]))
+        .await
+        .unwrap();
+    assert!(stored_series(&out[0])[0] > max_lite);
+    let event = pg
+        .insert_event(&NewEvent {
+            server_id: "a".into(),
+            kind: "k".into(),
+            title: "t".into(),
+            detail: None,
+            at: 0,
+            source: EventSource::System,
+        })
+        .await
+        .unwrap();
+    assert!(event > 1);
+
+    // Another source is refused, and so is a destination with data of its own.
+    let (_other_dir, other) = sqlite().await;
+    other.create_server("z", &ServerFields::default(), 0).await.unwrap();
+    let other_path = _other_dir.path().join("t.db");
+    let err = mcp_metrics_store::copy::sqlite_to_postgres(&other_path, &db.url, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    let Some(db2) = Db::new("copies_sqlite_to_postgres").await else {
+        return;
+    };
+    db2.open()
+        .await
+        .create_server("own", &ServerFields::default(), 0)
+        .await
+        .unwrap();
+    let err = mcp_metrics_store::copy::sqlite_to_postgres(&path, &db2.url, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+}

@@ -39,7 +39,7 @@ pub use migrations::latest_version;
 pub use partitions::name as partition_name;
 
 type PgResult<T> = Result<T, tokio_postgres::Error>;
-type PoolClient = deadpool_postgres::Client;
+pub(crate) type PoolClient = deadpool_postgres::Client;
 
 /// Turns a driver error into the store's: lost connections and server shutdowns are
 /// `Unavailable` (worth retrying), constraint violations `Conflict`, the rest `Database`.
@@ -155,7 +155,7 @@ impl PostgresStore {
         Ok(store)
     }
 
-    async fn client(&self) -> StoreResult<PoolClient> {
+    pub(crate) async fn client(&self) -> StoreResult<PoolClient> {
         self.inner.pool.get().await.map_err(pool_err)
     }
 
@@ -171,7 +171,7 @@ impl PostgresStore {
     }
 
     /// Creates the partitions of `days` not known to exist yet.
-    async fn ensure_days(&self, days: Vec<i64>) -> StoreResult<()> {
+    pub(crate) async fn ensure_days(&self, days: Vec<i64>) -> StoreResult<()> {
         let missing: Vec<i64> = {
             let known = self.known_days();
             days.into_iter().filter(|d| !known.contains(d)).collect()

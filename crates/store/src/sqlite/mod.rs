@@ -8,7 +8,7 @@
 mod migrations;
 mod rollups;
 mod usage;
-mod value_codec;
+pub(crate) mod value_codec;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
