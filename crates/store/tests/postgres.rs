@@ -1058,3 +1058,142 @@ async fn copies_sqlite_to_postgres() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
 }
+
+/// Compares the two correct ways to upsert a batch of samples: binary COPY into the
+/// staging table then INSERT ... SELECT ... ON CONFLICT (the store's path), and one
+/// INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT. Run by hand:
+/// `cargo test -p mcp-metrics-store --test postgres write_path_timing -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn write_path_timing() {
+    let Some(db) = Db::new("write_path_timing").await else {
+        return;
+    };
+    let store = db.open().await;
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let start = (now_ms() / DAY) * DAY;
+    let (series, rounds, per_batch) = (200i64, 20, 10_000usize);
+    let ids: Vec<i64> = {
+        let out = store
+            .write_batch(batch(vec![request(
+                (0..series)
+                    .map(|i| NewSeries {
+                        key: key("s", &format!("m{i}")),
+                        kind: Kind::Gauge,
+                    })
+                    .collect(),
+                vec![],
+            )]))
+            .await
+            .unwrap();
+        stored_series(&out[0])
+    };
+    let rows = |round: usize, offset: i64| -> Vec<(i64, i64, f64)> {
+        (0..per_batch)
+            .map(|i| {
+                let ts = start + offset + (round * per_batch + i) as i64 / series * 1000;
+                (ts, ids[i % series as usize], i as f64 * 0.5)
+            })
+            .collect()
+    };
+    let client = db.admin_client().await;
+
+    // 1. The store's own write_batch (guards, marks and all).
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        let samples = rows(round, 0)
+            .into_iter()
+            .map(|(ts, id, v)| sample(SeriesRef::Known(id), Kind::Gauge, ts, v))
+            .collect();
+        store.write_batch(batch(vec![request(vec![], samples)])).await.unwrap();
+    }
+    let store_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+
+    // 2. unnest arrays, one statement per batch.
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        let r = rows(round, 3_600_000);
+        let ts: Vec<i64> = r.iter().map(|r| r.0).collect();
+        let id: Vec<i64> = r.iter().map(|r| r.1).collect();
+        let v: Vec<f64> = r.iter().map(|r| r.2).collect();
+        client
+            .execute(
+                "INSERT INTO server_metrics (ts, series_id, seq, value)
+                 SELECT t, i, 0, v FROM unnest($1::bigint[], $2::bigint[], $3::float8[]) AS x(t, i, v)
+                 ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = EXCLUDED.value",
+                &[&ts, &id, &v],
+            )
+            .await
+            .unwrap();
+    }
+    let unnest_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+
+    // 3. Plain binary COPY straight into the table (no upsert: only correct when no row
+    // can exist yet, shown as the ceiling).
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        let sink = client
+            .copy_in("COPY server_metrics (ts, series_id, seq, value) FROM STDIN BINARY")
+            .await
+            .unwrap();
+        let mut writer = std::pin::pin!(tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+            sink,
+            &[
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::INT4,
+                tokio_postgres::types::Type::FLOAT8
+            ]
+        ));
+        for (ts, id, v) in rows(round, 7_200_000) {
+            writer.as_mut().write(&[&ts, &id, &0i32, &v]).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+    }
+    let copy_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+
+    // 4. The store's sample statements alone: COPY into staging, upsert from it.
+    let mut client = client;
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE metrics_staging (ts BIGINT NOT NULL, series_id BIGINT NOT NULL, seq INTEGER NOT NULL,
+             value DOUBLE PRECISION NOT NULL) ON COMMIT DELETE ROWS",
+        )
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        let tx = client.transaction().await.unwrap();
+        let sink = tx
+            .copy_in("COPY metrics_staging (ts, series_id, seq, value) FROM STDIN BINARY")
+            .await
+            .unwrap();
+        let mut writer = std::pin::pin!(tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+            sink,
+            &[
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::INT4,
+                tokio_postgres::types::Type::FLOAT8
+            ]
+        ));
+        for (ts, id, v) in rows(round, 10_800_000) {
+            writer.as_mut().write(&[&ts, &id, &-1i32, &v]).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+        tx.execute(
+            "INSERT INTO server_metrics (ts, series_id, seq, value)
+             SELECT ts, series_id, 0, value FROM metrics_staging WHERE seq < 0
+             ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = EXCLUDED.value",
+            &[],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let staging_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "samples/s with {per_batch} per batch: store write_batch {store_rate:.0}; sample statements only: \
+         COPY + staging upsert {staging_rate:.0}, unnest upsert {unnest_rate:.0}, bare COPY (no upsert) {copy_rate:.0}"
+    );
+}
