@@ -3,9 +3,12 @@
 //! The [`Store`] trait speaks only domain types from `mcp-metrics-core`; SQL, drivers
 //! and migrations stay inside each implementation, so the HTTP layer and the ingest
 //! pipeline never change when a backend is added. [`open`] picks the implementation
-//! from the database URL.
+//! from the database URL: SQLite for a file, PostgreSQL for a `postgres://` URL (several
+//! nodes sharing one database).
 
+pub mod copy;
 mod error;
+pub mod postgres;
 pub mod sqlite;
 mod types;
 
@@ -112,18 +115,34 @@ pub trait Store: Send + Sync + 'static {
         before: Option<(i64, i64)>,
         limit: usize,
     ) -> StoreResult<Vec<StoredEvent>>;
+
+    /// Sends `payload` to every node sharing the database (PostgreSQL NOTIFY on one
+    /// channel, delivered after commit). Single-node backends do nothing.
+    async fn notify(&self, payload: &str) -> StoreResult<()>;
+    /// A stream of every node's `notify` payloads (this node's own included), or `None`
+    /// when the backend serves a single node. The PostgreSQL listener reconnects by itself
+    /// when its connection drops; the receiver stays valid across reconnects.
+    async fn listen(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<String>>>;
+    /// Takes or keeps the named cluster-wide job lock; `true` while this node holds it.
+    /// Called every job tick: a node that dies (even by kill -9) releases the lock with its
+    /// connection, and another node's next call takes it over.
+    async fn hold_job_lock(&self, job: &str) -> StoreResult<bool>;
 }
 
 /// Opens the store named by a database URL, running migrations.
 ///
-/// `sqlite://relative/path.db`, `sqlite:///absolute/path.db` and plain paths open SQLite.
+/// `sqlite://relative/path.db`, `sqlite:///absolute/path.db` and plain paths open SQLite;
+/// `postgres://` and `postgresql://` URLs open PostgreSQL.
 pub async fn open(url: &str, options: &StoreOptions) -> StoreResult<Arc<dyn Store>> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(StoreError::Invalid(
-            "this build stores data in SQLite only; PostgreSQL support is not implemented yet".into(),
-        ));
+    if is_postgres_url(url) {
+        return Ok(Arc::new(postgres::PostgresStore::open(url, options).await?));
     }
     let path = sqlite::path_from_url(url)?;
     let store = sqlite::SqliteStore::open(&path, options).await?;
     Ok(Arc::new(store))
+}
+
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }

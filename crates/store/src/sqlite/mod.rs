@@ -8,7 +8,7 @@
 mod migrations;
 mod rollups;
 mod usage;
-mod value_codec;
+pub(crate) mod value_codec;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -803,5 +803,18 @@ impl Store for SqliteStore {
                 .collect()
         })
         .await
+    }
+
+    async fn notify(&self, _payload: &str) -> StoreResult<()> {
+        // One process owns a SQLite database: nobody else to tell.
+        Ok(())
+    }
+
+    async fn listen(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<String>>> {
+        Ok(None)
+    }
+
+    async fn hold_job_lock(&self, _job: &str) -> StoreResult<bool> {
+        Ok(true)
     }
 }

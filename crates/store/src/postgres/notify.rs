@@ -1,0 +1,219 @@
+//! Cluster plumbing on dedicated connections: the LISTEN side of live-update fan-out and
+//! the session advisory locks that let one node run each periodic job.
+//!
+//! Neither can use the pool. A LISTEN belongs to a session and notifications arrive on it
+//! between queries; a session advisory lock lives exactly as long as its connection, which
+//! is what releases it when a node dies, even by `kill -9`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+
+use super::pg_err;
+use crate::{StoreError, StoreResult};
+
+/// The one channel every node listens on.
+pub const CHANNEL: &str = "mcp_metrics";
+/// PostgreSQL refuses payloads of 8000 bytes or more.
+pub const MAX_PAYLOAD: usize = 8000;
+/// Notifications a slow subscriber may have waiting before new ones skip it.
+const SUBSCRIBER_BUFFER: usize = 1024;
+/// Any fixed value: the first key of every job lock (the second is the job name's hash).
+const JOB_LOCK_SPACE: i32 = 0x6d63_706d; // "mcpm"
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Fans the channel's notifications out to every receiver handed out by `subscribe`.
+pub struct Listener {
+    config: Config,
+    subscribers: Arc<std::sync::Mutex<Vec<mpsc::Sender<String>>>>,
+    /// Serialises starting the background task; `true` once it runs.
+    started: Mutex<bool>,
+    /// Dropped with the store, which stops the background task.
+    shutdown: watch::Sender<()>,
+}
+
+impl Listener {
+    pub fn new(config: Config) -> Self {
+        Listener {
+            config,
+            subscribers: Arc::default(),
+            started: Mutex::new(false),
+            shutdown: watch::channel(()).0,
+        }
+    }
+
+    /// A receiver of every notification from now on. The first call connects and runs
+    /// LISTEN before returning, so a notification sent after it returns is delivered.
+    pub async fn subscribe(&self) -> StoreResult<mpsc::Receiver<String>> {
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let mut started = self.started.lock().await;
+        if !*started {
+            let session = listen(&self.config).await.map_err(|e| match pg_err(e) {
+                StoreError::Database(text) => StoreError::Unavailable(text),
+                other => other,
+            })?;
+            tokio::spawn(run(
+                self.config.clone(),
+                session,
+                self.subscribers.clone(),
+                self.shutdown.subscribe(),
+            ));
+            *started = true;
+        }
+        lock(&self.subscribers).push(tx);
+        Ok(rx)
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A listening session: its client (kept alive) and the payloads its connection receives.
+/// The receiver ends when the connection does.
+struct Session {
+    _client: Client,
+    payloads: mpsc::UnboundedReceiver<String>,
+}
+
+async fn listen(config: &Config) -> Result<Session, tokio_postgres::Error> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, payloads) = mpsc::unbounded_channel();
+    // The connection must be polled for the LISTEN below to complete too, so it is driven
+    // here from the start; notifications are the only messages kept.
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "PostgreSQL listener connection lost");
+                    break;
+                }
+                None => break,
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    Ok(Session {
+        _client: client,
+        payloads,
+    })
+}
+
+async fn run(
+    config: Config,
+    mut session: Session,
+    subscribers: Arc<std::sync::Mutex<Vec<mpsc::Sender<String>>>>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            payload = session.payloads.recv() => match payload {
+                Some(payload) => {
+                    // A full receiver misses this one rather than stalling every other.
+                    lock(&subscribers).retain(|s| !matches!(s.try_send(payload.clone()), Err(mpsc::error::TrySendError::Closed(_))));
+                }
+                None => {
+                    // Notifications sent while reconnecting are lost: live updates are a
+                    // best-effort signal, readers refetch state anyway.
+                    let mut backoff = Duration::from_millis(100);
+                    session = loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                        match listen(&config).await {
+                            Ok(s) => {
+                                tracing::info!("PostgreSQL listener reconnected");
+                                break s;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "PostgreSQL listener cannot reconnect yet");
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    };
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Session advisory locks, one dedicated connection per job name.
+pub struct JobLocks {
+    config: Config,
+    jobs: Mutex<HashMap<String, LockSession>>,
+}
+
+struct LockSession {
+    client: Client,
+    held: bool,
+}
+
+impl JobLocks {
+    pub fn new(config: Config) -> Self {
+        JobLocks {
+            config,
+            jobs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `true` while this node holds the lock of `job`. A held lock is confirmed by a
+    /// query on its connection (the lock lives as long as that session); a lost
+    /// connection means the lock is gone, and a new connection tries to take it again.
+    pub async fn hold(&self, job: &str) -> StoreResult<bool> {
+        let mut jobs = self.jobs.lock().await;
+        if let Some(session) = jobs.get_mut(job) {
+            let alive = !session.client.is_closed()
+                && matches!(
+                    tokio::time::timeout(QUERY_TIMEOUT, session.client.simple_query("SELECT 1")).await,
+                    Ok(Ok(_))
+                );
+            if alive && session.held {
+                return Ok(true);
+            }
+            if alive {
+                let held = try_lock(&session.client, job).await.map_err(pg_err)?;
+                session.held = held;
+                return Ok(held);
+            }
+            if session.held {
+                tracing::warn!(job, "lost the connection holding a job lock; the job may run elsewhere");
+            }
+            jobs.remove(job);
+        }
+        let (client, connection) = match tokio::time::timeout(QUERY_TIMEOUT, self.config.connect(NoTls)).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(StoreError::Unavailable(e.to_string())),
+            Err(_) => return Err(StoreError::Unavailable("timed out connecting for a job lock".into())),
+        };
+        // Ends when `client` is dropped, which closes the session and frees its locks.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "job lock connection ended");
+            }
+        });
+        let held = try_lock(&client, job).await.map_err(pg_err)?;
+        jobs.insert(job.to_owned(), LockSession { client, held });
+        Ok(held)
+    }
+}
+
+async fn try_lock(client: &Client, job: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))",
+            &[&JOB_LOCK_SPACE, &job],
+        )
+        .await?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,415 @@
+//! SQL of the rollup tables on PostgreSQL: dirty buckets with their inputs read from one
+//! REPEATABLE READ snapshot, recomputed buckets written with the generation check, and
+//! retention (raw data by dropping whole day partitions).
+//!
+//! Statements take arrays (`unnest`) instead of one round trip per mark: a pass handles
+//! thousands of marks and the database is across a socket, not in-process.
+
+use std::collections::{HashMap, HashSet};
+
+use mcp_metrics_core::model::Kind;
+use mcp_metrics_core::rollup::{BucketStats, Level, align};
+use mcp_metrics_core::sketch::Sketch;
+use tokio_postgres::{IsolationLevel, Row};
+
+use super::{PgResult, PoolClient, partitions, pipeline};
+use crate::{DirtyMark, RollupInput, RollupRow, RollupWork};
+
+pub fn table(level: Level) -> &'static str {
+    match level {
+        Level::Minute => "rollups_1m",
+        Level::Hour => "rollups_1h",
+        Level::Day => "server_metrics_daily",
+    }
+}
+
+pub const STATS_COLUMNS: &str = "count, sum, min, max, first, first_ts, last, last_ts, increase, sketch";
+
+fn level_code(level: Level) -> i16 {
+    level.as_i64() as i16
+}
+
+/// Reads the ten stats columns starting at `at`. A sketch that does not decode is
+/// dropped rather than failing the whole read (the other figures stay exact).
+fn stats_from_row(r: &Row, at: usize) -> BucketStats {
+    let count: i64 = r.get(at);
+    let sketch: Option<&[u8]> = r.get(at + 9);
+    BucketStats {
+        count: count as u64,
+        sum: r.get(at + 1),
+        min: r.get(at + 2),
+        max: r.get(at + 3),
+        first: r.get(at + 4),
+        first_ts: r.get(at + 5),
+        last: r.get(at + 6),
+        last_ts: r.get(at + 7),
+        increase: r.get(at + 8),
+        sketch: sketch.and_then(|b| Sketch::decode(b).ok()),
+    }
+}
+
+pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> PgResult<RollupWork> {
+    // One snapshot for the marks and the data they are rebuilt from, so a sample committed
+    // later also renewed its mark.
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let marks: Vec<DirtyMark> = tx
+        .query(
+            "SELECT bucket, series_id, generation FROM rollup_dirty WHERE level = $1
+             ORDER BY bucket, series_id LIMIT $2",
+            &[&level_code(level), &(max_marks as i64)],
+        )
+        .await?
+        .iter()
+        .map(|r| DirtyMark {
+            level,
+            bucket: r.get(0),
+            series_id: r.get(1),
+            generation: r.get(2),
+        })
+        .collect();
+    let mut items = Vec::with_capacity(marks.len());
+    match level.child() {
+        None => {
+            // Minutes: one range scan of the raw table per marked minute, pipelined.
+            let scan = tx
+                .prepare(
+                    "SELECT series_id, ts, value FROM server_metrics
+                     WHERE ts >= $1 AND ts < $2 AND series_id = ANY($3) ORDER BY ts, series_id, seq",
+                )
+                .await?;
+            let mut groups: Vec<&[DirtyMark]> = Vec::new();
+            let mut rest = &marks[..];
+            while let Some(first) = rest.first() {
+                let n = rest.iter().position(|m| m.bucket != first.bucket).unwrap_or(rest.len());
+                groups.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            let results = pipeline(groups.iter().map(|g| {
+                let ids: Vec<i64> = g.iter().map(|m| m.series_id).collect();
+                let bucket = g[0].bucket;
+                let (tx, scan) = (&tx, &scan);
+                async move { tx.query(scan, &[&bucket, &(bucket + level.bucket_ms()), &ids]).await }
+            }))
+            .await?;
+            for (group, rows) in groups.iter().zip(results) {
+                let mut by_series: HashMap<i64, Vec<(i64, f64)>> = HashMap::new();
+                for r in &rows {
+                    by_series.entry(r.get(0)).or_default().push((r.get(1), r.get(2)));
+                }
+                for mark in group.iter() {
+                    items.push((
+                        *mark,
+                        RollupInput::Raw(by_series.remove(&mark.series_id).unwrap_or_default()),
+                    ));
+                }
+            }
+        }
+        Some(child) => {
+            let ids: Vec<i64> = marks.iter().map(|m| m.series_id).collect();
+            let buckets: Vec<i64> = marks.iter().map(|m| m.bucket).collect();
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT m.i, c.{} FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS m(series_id, bucket, i)
+                         JOIN {} c ON c.series_id = m.series_id AND c.bucket >= m.bucket AND c.bucket < m.bucket + $3
+                         ORDER BY m.i, c.bucket",
+                        STATS_COLUMNS.replace(", ", ", c."),
+                        table(child)
+                    ),
+                    &[&ids, &buckets, &level.bucket_ms()],
+                )
+                .await?;
+            let mut children: Vec<Vec<BucketStats>> = vec![Vec::new(); marks.len()];
+            for r in &rows {
+                let i: i64 = r.get(0);
+                children[(i - 1) as usize].push(stats_from_row(r, 1));
+            }
+            items.extend(marks.iter().zip(children).map(|(m, c)| (*m, RollupInput::Children(c))));
+        }
+    }
+    let ids: Vec<i64> = items
+        .iter()
+        .map(|(m, _)| m.series_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut series = HashMap::with_capacity(ids.len());
+    for r in tx
+        .query(
+            "SELECT id, kind, server_id, name FROM series WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+    {
+        let kind: i16 = r.get(1);
+        let kind = Kind::from_i64(kind.into()).unwrap_or(Kind::Gauge);
+        series.insert(r.get::<_, i64>(0), (kind, r.get::<_, String>(2), r.get::<_, String>(3)));
+    }
+    tx.commit().await?;
+    Ok(RollupWork { items, series })
+}
+
+/// Stores recomputed buckets. A bucket is written only if its mark is cleared here, i.e.
+/// nothing renewed it and no other pass handled it since this pass read it: a result
+/// computed from an older snapshot never overwrites a newer one.
+pub async fn apply(
+    client: &mut PoolClient,
+    level: Level,
+    results: &[(DirtyMark, Option<BucketStats>)],
+) -> PgResult<()> {
+    let tx = client.transaction().await?;
+    let buckets: Vec<i64> = results.iter().map(|(m, _)| m.bucket).collect();
+    let ids: Vec<i64> = results.iter().map(|(m, _)| m.series_id).collect();
+    let generations: Vec<i64> = results.iter().map(|(m, _)| m.generation).collect();
+    let cleared: HashSet<(i64, i64)> = tx
+        .query(
+            "DELETE FROM rollup_dirty d USING unnest($2::bigint[], $3::bigint[], $4::bigint[]) AS m(bucket, series_id, generation)
+             WHERE d.level = $1 AND d.bucket = m.bucket AND d.series_id = m.series_id AND d.generation = m.generation
+             RETURNING d.bucket, d.series_id",
+            &[&level_code(level), &buckets, &ids, &generations],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    // The last result per bucket wins, and ON CONFLICT may touch each row only once.
+    let mut latest: HashMap<(i64, i64), &Option<BucketStats>> = HashMap::new();
+    for (m, stats) in results {
+        if cleared.contains(&(m.bucket, m.series_id)) {
+            latest.insert((m.bucket, m.series_id), stats);
+        }
+    }
+    let mut keys: Vec<(i64, i64)> = latest.keys().copied().collect();
+    keys.sort_unstable();
+
+    let mut up = Upserts::default();
+    let (mut gone_buckets, mut gone_ids) = (Vec::new(), Vec::new());
+    for key in &keys {
+        match latest[key] {
+            Some(s) => up.push(key.1, key.0, s),
+            None => {
+                gone_buckets.push(key.0);
+                gone_ids.push(key.1);
+            }
+        }
+    }
+    let name = table(level);
+    if !up.series_id.is_empty() {
+        tx.execute(
+            &format!(
+                "INSERT INTO {name} (series_id, bucket, {STATS_COLUMNS})
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::float8[], $5::float8[], $6::float8[],
+                                      $7::float8[], $8::bigint[], $9::float8[], $10::bigint[], $11::float8[], $12::bytea[])
+                 ON CONFLICT (series_id, bucket) DO UPDATE SET
+                   count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max,
+                   first = EXCLUDED.first, first_ts = EXCLUDED.first_ts, last = EXCLUDED.last,
+                   last_ts = EXCLUDED.last_ts, increase = EXCLUDED.increase, sketch = EXCLUDED.sketch"
+            ),
+            &[
+                &up.series_id,
+                &up.bucket,
+                &up.count,
+                &up.sum,
+                &up.min,
+                &up.max,
+                &up.first,
+                &up.first_ts,
+                &up.last,
+                &up.last_ts,
+                &up.increase,
+                &up.sketch,
+            ],
+        )
+        .await?;
+    }
+    if !gone_ids.is_empty() {
+        tx.execute(
+            &format!(
+                "DELETE FROM {name} t USING unnest($1::bigint[], $2::bigint[]) AS g(series_id, bucket)
+                 WHERE t.series_id = g.series_id AND t.bucket = g.bucket"
+            ),
+            &[&gone_ids, &gone_buckets],
+        )
+        .await?;
+    }
+    if let Some(parent) = level.parent() {
+        let mut parents: Vec<(i64, i64)> = keys
+            .iter()
+            .map(|(bucket, id)| (align(*bucket, parent.bucket_ms()), *id))
+            .collect();
+        parents.sort_unstable();
+        parents.dedup();
+        if !parents.is_empty() {
+            let (pb, pi): (Vec<i64>, Vec<i64>) = parents.into_iter().unzip();
+            mark(&tx, parent, &pb, &pi).await?;
+        }
+    }
+    tx.commit().await
+}
+
+/// Sets marks of `level` with one new generation for the whole statement.
+async fn mark(client: &tokio_postgres::Transaction<'_>, level: Level, buckets: &[i64], ids: &[i64]) -> PgResult<u64> {
+    client
+        .execute(
+            "WITH g AS MATERIALIZED (SELECT nextval('rollup_generation') AS generation)
+             INSERT INTO rollup_dirty (level, bucket, series_id, generation)
+             SELECT $1::smallint, t.bucket, t.series_id, g.generation FROM unnest($2::bigint[], $3::bigint[]) AS t(bucket, series_id), g
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation",
+            &[&level_code(level), &buckets, &ids],
+        )
+        .await
+}
+
+#[derive(Default)]
+struct Upserts {
+    series_id: Vec<i64>,
+    bucket: Vec<i64>,
+    count: Vec<i64>,
+    sum: Vec<f64>,
+    min: Vec<f64>,
+    max: Vec<f64>,
+    first: Vec<f64>,
+    first_ts: Vec<i64>,
+    last: Vec<f64>,
+    last_ts: Vec<i64>,
+    increase: Vec<f64>,
+    sketch: Vec<Option<Vec<u8>>>,
+}
+
+impl Upserts {
+    fn push(&mut self, series_id: i64, bucket: i64, s: &BucketStats) {
+        self.series_id.push(series_id);
+        self.bucket.push(bucket);
+        self.count.push(s.count as i64);
+        self.sum.push(s.sum);
+        self.min.push(s.min);
+        self.max.push(s.max);
+        self.first.push(s.first);
+        self.first_ts.push(s.first_ts);
+        self.last.push(s.last);
+        self.last_ts.push(s.last_ts);
+        self.increase.push(s.increase);
+        self.sketch.push(s.sketch.as_ref().map(Sketch::encode));
+    }
+}
+
+/// Drops marks without recomputing (their inputs are past retention).
+pub async fn drop_marks(client: &PoolClient, marks: &[DirtyMark]) -> PgResult<()> {
+    let levels: Vec<i16> = marks.iter().map(|m| level_code(m.level)).collect();
+    let buckets: Vec<i64> = marks.iter().map(|m| m.bucket).collect();
+    let ids: Vec<i64> = marks.iter().map(|m| m.series_id).collect();
+    let generations: Vec<i64> = marks.iter().map(|m| m.generation).collect();
+    client
+        .execute(
+            "DELETE FROM rollup_dirty d
+             USING unnest($1::smallint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS m(level, bucket, series_id, generation)
+             WHERE d.level = m.level AND d.bucket = m.bucket AND d.series_id = m.series_id AND d.generation = m.generation",
+            &[&levels, &buckets, &ids, &generations],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Marks every (minute, series) with raw samples in [from, to) dirty, in one statement
+/// (the marks get one new generation).
+pub async fn mark_range(client: &PoolClient, from: i64, to: i64) -> PgResult<u64> {
+    client
+        .execute(
+            "WITH g AS MATERIALIZED (SELECT nextval('rollup_generation') AS generation)
+             INSERT INTO rollup_dirty (level, bucket, series_id, generation)
+             SELECT 0, m.bucket, m.series_id, g.generation
+             FROM (SELECT DISTINCT ts - ((ts % 60000) + 60000) % 60000 AS bucket, series_id
+                   FROM server_metrics WHERE ts >= $1 AND ts < $2) AS m, g
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation",
+            &[&from, &to],
+        )
+        .await
+}
+
+pub async fn backlog(client: &PoolClient) -> PgResult<[u64; 3]> {
+    let mut out = [0u64; 3];
+    for r in client
+        .query("SELECT level, count(*) FROM rollup_dirty GROUP BY level", &[])
+        .await?
+    {
+        let level: i16 = r.get(0);
+        let n: i64 = r.get(1);
+        if let Some(slot) = out.get_mut(level as usize) {
+            *slot = n as u64;
+        }
+    }
+    Ok(out)
+}
+
+pub async fn read(
+    client: &PoolClient,
+    level: Level,
+    series_ids: &[i64],
+    from: i64,
+    to: i64,
+) -> PgResult<Vec<RollupRow>> {
+    // Ordered by the caller's series order, then time, like SQLite's loop over the ids.
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT t.series_id, t.bucket, t.{} FROM unnest($1::bigint[]) WITH ORDINALITY AS s(id, i)
+             JOIN {} t ON t.series_id = s.id AND t.bucket >= $2 AND t.bucket < $3
+             ORDER BY s.i, t.bucket",
+            STATS_COLUMNS.replace(", ", ", t."),
+            table(level)
+        ))
+        .await?;
+    let rows = client.query(&stmt, &[&series_ids, &from, &to]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| RollupRow {
+            series_id: r.get(0),
+            bucket: r.get(1),
+            stats: stats_from_row(r, 2),
+        })
+        .collect())
+}
+
+/// Deletes raw samples older than `cutoff`: partitions whose whole day ends at or before
+/// it are counted and dropped, and the rows before it in the partition that straddles it
+/// are deleted. Returns the rows removed and the days dropped.
+pub async fn retention_raw(client: &mut PoolClient, cutoff: i64) -> PgResult<(u64, Vec<i64>)> {
+    let mut days = partitions::existing(client).await?;
+    days.sort_unstable();
+    let mut deleted = 0u64;
+    let mut dropped = Vec::new();
+    for day in days.into_iter().filter(|d| (d + 1) * partitions::DAY_MS <= cutoff) {
+        // Counting and dropping in one transaction: nothing lands in between.
+        let tx = client.transaction().await?;
+        let name = partitions::name(day);
+        let count: i64 = tx.query_one(&format!("SELECT count(*) FROM {name}"), &[]).await?.get(0);
+        tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}")).await?;
+        tx.commit().await?;
+        deleted += count as u64;
+        dropped.push(day);
+    }
+    deleted += client
+        .execute("DELETE FROM server_metrics WHERE ts < $1", &[&cutoff])
+        .await?;
+    Ok((deleted, dropped))
+}
+
+/// Deletes rollups of `level` older than `cutoff` and the dirty marks of that level
+/// older than it.
+pub async fn retention_level(client: &PoolClient, level: Level, cutoff: i64) -> PgResult<u64> {
+    let deleted = client
+        .execute(&format!("DELETE FROM {} WHERE bucket < $1", table(level)), &[&cutoff])
+        .await?;
+    client
+        .execute(
+            "DELETE FROM rollup_dirty WHERE level = $1 AND bucket < $2",
+            &[&level_code(level), &cutoff],
+        )
+        .await?;
+    Ok(deleted)
+}

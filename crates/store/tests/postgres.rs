@@ -1,0 +1,1199 @@
+//! The PostgreSQL store against a real server: the same answers as SQLite for the same
+//! calls, and what only a shared database has (several nodes writing at once, daily
+//! partitions, LISTEN/NOTIFY, job locks, recovery from killed connections).
+//!
+//! Runs when `MCP_METRICS_TEST_POSTGRES` holds an admin URL; each test works in a fresh
+//! database of its own, dropped afterwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mcp_metrics_core::model::{EventSource, Kind, NewEvent, SeriesKey, ServerFields, StoredCredential};
+use mcp_metrics_core::rollup::{BucketStats, Level};
+use mcp_metrics_core::time::now_ms;
+use mcp_metrics_core::usage::UsageKind;
+use mcp_metrics_store::postgres::{PostgresStore, partition_name, testing};
+use mcp_metrics_store::sqlite::SqliteStore;
+use mcp_metrics_store::{
+    NewSeries, PendingSample, RequestOutcome, RetentionCutoffs, RollupInput, SampleQuery, SeriesRef, Store, StoreError,
+    StoreOptions, UsageRecord, WriteBatch, WriteRequest,
+};
+
+const DAY: i64 = 86_400_000;
+
+/// A fresh database, dropped (best effort) when the test ends, also by panic.
+struct Db {
+    admin: String,
+    url: String,
+}
+
+impl Db {
+    async fn new(test: &str) -> Option<Db> {
+        let admin = testing::admin_url_or_skip(test)?;
+        let url = testing::fresh_database(&admin).await.expect("create a test database");
+        Some(Db { admin, url })
+    }
+
+    async fn open(&self) -> PostgresStore {
+        PostgresStore::open(&self.url, &StoreOptions::default())
+            .await
+            .expect("open the PostgreSQL store")
+    }
+
+    async fn admin_client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let (admin, url) = (self.admin.clone(), self.url.clone());
+        // A runtime of its own: Drop cannot await, and the test's runtime may be ending.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _ = rt.block_on(testing::drop_database(&admin, &url));
+        })
+        .join();
+    }
+}
+
+async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("t.db"), &StoreOptions::default())
+        .await
+        .unwrap();
+    (dir, store)
+}
+
+fn key(server: &str, name: &str) -> SeriesKey {
+    SeriesKey {
+        server_id: server.into(),
+        name: name.into(),
+        tags: vec![("region".into(), "eu".into())],
+    }
+}
+
+fn request(series: Vec<NewSeries>, samples: Vec<PendingSample>) -> WriteRequest {
+    WriteRequest {
+        key_id: "k1".into(),
+        new_series: series,
+        samples,
+        ..Default::default()
+    }
+}
+
+fn batch(requests: Vec<WriteRequest>) -> WriteBatch {
+    WriteBatch {
+        requests,
+        now: now_ms(),
+        replay_window_ms: 600_000,
+        retry_window_ms: 600_000,
+    }
+}
+
+fn sample(series: SeriesRef, kind: Kind, ts: i64, value: f64) -> PendingSample {
+    PendingSample {
+        series,
+        kind,
+        timestamp: ts,
+        value,
+    }
+}
+
+fn stored_series(outcome: &RequestOutcome) -> Vec<i64> {
+    match outcome {
+        RequestOutcome::Stored { series, .. } => series.iter().map(|s| s.id).collect(),
+        other => panic!("expected Stored, got {other:?}"),
+    }
+}
+
+/// Everything the trait answers after one fixed sequence of calls, with series ids
+/// replaced by names (the backends number series independently).
+async fn scenario(store: &dyn Store) -> String {
+    let base = (now_ms() / DAY - 2) * DAY + 3_600_000;
+    store.create_server("s", &ServerFields::default(), 1).await.unwrap();
+    assert!(matches!(
+        store.create_server("s", &ServerFields::default(), 1).await,
+        Err(StoreError::Conflict)
+    ));
+    store
+        .insert_credential(&StoredCredential {
+            key_id: "k1".into(),
+            server_id: "s".into(),
+            api_key_hash: [7; 32],
+            sealed_secret: vec![1, 2, 3],
+            created_at: 5,
+            revoked_at: None,
+            last_used_at: None,
+        })
+        .await
+        .unwrap();
+    let gauge = NewSeries {
+        key: key("s", "latency"),
+        kind: Kind::Gauge,
+    };
+    let hist = NewSeries {
+        key: key("s", "rt"),
+        kind: Kind::Histogram,
+    };
+    let mut samples = Vec::new();
+    for i in 0..10 {
+        samples.push(sample(SeriesRef::New(0), Kind::Gauge, base + i * 1000, i as f64 + 0.5));
+    }
+    // Same (series, ts) twice in one batch: the later value wins.
+    samples.push(sample(SeriesRef::New(0), Kind::Gauge, base, 99.0));
+    // Three observations in one millisecond: seq 0, 1, 2.
+    for v in [1.0, 2.0, 3.0] {
+        samples.push(sample(SeriesRef::New(1), Kind::Histogram, base + 500, v));
+    }
+    let mut first = request(vec![gauge.clone(), hist.clone()], samples);
+    first.signature = Some([1; 32]);
+    first.body_digest = Some([2; 32]);
+    first.event = Some(NewEvent {
+        server_id: "s".into(),
+        kind: "deploy".into(),
+        title: "v1".into(),
+        detail: None,
+        at: base,
+        source: EventSource::Author,
+    });
+    // Same signature again in the same batch: a replay.
+    let mut replay = request(vec![], vec![]);
+    replay.signature = Some([1; 32]);
+    let outcomes = store.write_batch(batch(vec![first, replay])).await.unwrap();
+    let ids = stored_series(&outcomes[0]);
+    assert_eq!(outcomes[1], RequestOutcome::Replayed);
+    let (g, h) = (ids[0], ids[1]);
+
+    // A later batch: another value at a stored (series, ts) replaces it, another
+    // observation at a stored histogram ms gets the next seq, a retry is a duplicate.
+    let mut again = request(
+        vec![],
+        vec![
+            sample(SeriesRef::Known(g), Kind::Gauge, base + 1000, -1.25),
+            sample(SeriesRef::Known(h), Kind::Histogram, base + 500, 4.0),
+        ],
+    );
+    again.signature = Some([3; 32]);
+    let mut retry = request(vec![], vec![sample(SeriesRef::Known(g), Kind::Gauge, base, 0.0)]);
+    retry.signature = Some([4; 32]);
+    retry.body_digest = Some([2; 32]);
+    let outcomes = store.write_batch(batch(vec![again, retry])).await.unwrap();
+    assert!(matches!(outcomes[0], RequestOutcome::Stored { .. }));
+    assert_eq!(outcomes[1], RequestOutcome::Duplicate);
+    // A new series that exists already is found, not duplicated.
+    let outcomes = store
+        .write_batch(batch(vec![request(vec![gauge.clone()], vec![])]))
+        .await
+        .unwrap();
+    assert_eq!(stored_series(&outcomes[0]), vec![g]);
+
+    let name = |id: i64| if id == g { "latency" } else { "rt" };
+    let mut out = String::new();
+    // Paging through everything three rows at a time.
+    let mut after = None;
+    loop {
+        let page = store
+            .read_samples(&SampleQuery {
+                series_ids: vec![g, h],
+                from: base,
+                to: base + DAY,
+                after,
+                limit: 3,
+            })
+            .await
+            .unwrap();
+        for s in &page {
+            out += &format!(
+                "sample {} {} {} {}\n",
+                s.timestamp - base,
+                name(s.series_id),
+                s.seq,
+                s.value
+            );
+        }
+        match page.last() {
+            Some(s) if page.len() == 3 => after = Some((s.timestamp, s.series_id, s.seq)),
+            _ => break,
+        }
+    }
+
+    // Rollups: minute, hour, day.
+    for level in [Level::Minute, Level::Hour, Level::Day] {
+        let work = store.rollup_work(level, 1000).await.unwrap();
+        let results: Vec<_> = work
+            .items
+            .iter()
+            .map(|(m, input)| {
+                let kind = work.series[&m.series_id].0;
+                let stats = match input {
+                    RollupInput::Raw(samples) => BucketStats::fold(kind, samples.iter().copied()),
+                    RollupInput::Children(c) => BucketStats::merge_all(c),
+                };
+                (*m, stats)
+            })
+            .collect();
+        out += &format!(
+            "work {level:?} {} backlog {:?}\n",
+            results.len(),
+            store.dirty_backlog().await.unwrap()
+        );
+        store.apply_rollups(level, results).await.unwrap();
+    }
+    out += &format!("backlog {:?}\n", store.dirty_backlog().await.unwrap());
+    for level in [Level::Minute, Level::Hour, Level::Day] {
+        for r in store.read_rollups(level, &[h, g], 0, i64::MAX).await.unwrap() {
+            let s = &r.stats;
+            out += &format!(
+                "rollup {level:?} {} {} n={} sum={} min={} max={} first={}@{} last={}@{} inc={} p50={:?}\n",
+                name(r.series_id),
+                r.bucket - base,
+                s.count,
+                s.sum,
+                s.min,
+                s.max,
+                s.first,
+                s.first_ts - base,
+                s.last,
+                s.last_ts - base,
+                s.increase,
+                s.quantile(0.5)
+            );
+        }
+    }
+    out += &format!("marked {}\n", store.mark_range_dirty(base, base + DAY).await.unwrap());
+    out += &format!("backlog {:?}\n", store.dirty_backlog().await.unwrap());
+
+    // Usage.
+    let day = base / DAY;
+    let events: Vec<UsageRecord> = [
+        (UsageKind::View, 1u8),
+        (UsageKind::View, 1),
+        (UsageKind::Install, 1),
+        (UsageKind::Install, 1),
+        (UsageKind::Install, 2),
+    ]
+    .into_iter()
+    .map(|(kind, v)| UsageRecord {
+        server_id: "s".into(),
+        kind,
+        client: Some("cli".into()),
+        at: base,
+        visitor: [v; 16],
+    })
+    .chain(std::iter::once(UsageRecord {
+        server_id: "gone".into(),
+        kind: UsageKind::View,
+        client: None,
+        at: base,
+        visitor: [9; 16],
+    }))
+    .collect();
+    store.record_usage(events.clone()).await.unwrap();
+    store.record_usage(events[..1].to_vec()).await.unwrap();
+    out += &format!("usage {:?}\n", store.usage_days("s", day - 1, day + 1).await.unwrap());
+    let salt = store.usage_salt(day, [5; 32]).await.unwrap();
+    assert_eq!(store.usage_salt(day, [6; 32]).await.unwrap(), salt);
+    out += &format!("forgot {}\n", store.forget_usage_before(day + 1).await.unwrap());
+    out += &format!("purged usage {}\n", store.purge_usage_events(base + 1).await.unwrap());
+
+    // Events and credentials.
+    for i in 0..4 {
+        store
+            .insert_event(&NewEvent {
+                server_id: "s".into(),
+                kind: "note".into(),
+                title: format!("e{i}"),
+                detail: Some("d".into()),
+                at: base + i / 2,
+                source: EventSource::System,
+            })
+            .await
+            .unwrap();
+    }
+    let page1 = store.list_events("s", None, 3).await.unwrap();
+    let last = page1.last().unwrap();
+    let page2 = store.list_events("s", Some((last.event.at, last.id)), 3).await.unwrap();
+    for e in page1.iter().chain(&page2) {
+        out += &format!("event {} {} {:?}\n", e.event.title, e.event.at - base, e.event.source);
+    }
+    let creds = store.list_credentials(Some("s")).await.unwrap();
+    out += &format!("credentials {} used {}\n", creds.len(), creds[0].last_used_at.is_some());
+    assert!(store.revoke_credential("s", "k1", 9).await.unwrap());
+    assert!(!store.revoke_credential("s", "k1", 9).await.unwrap());
+    assert!(matches!(
+        store.revoke_credential("s", "nope", 9).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store.credential_by_hash(&[7; 32]).await.unwrap().unwrap().revoked_at,
+        Some(9)
+    );
+    assert!(matches!(
+        store
+            .insert_credential(&StoredCredential {
+                key_id: "k2".into(),
+                server_id: "missing".into(),
+                api_key_hash: [8; 32],
+                sealed_secret: vec![],
+                created_at: 0,
+                revoked_at: None,
+                last_used_at: None,
+            })
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    store.meta_set("a", "1").await.unwrap();
+    store.meta_set("a", "2").await.unwrap();
+    out += &format!("meta {:?}\n", store.meta_get("a").await.unwrap());
+    out += &format!(
+        "retention {:?}\n",
+        store
+            .apply_retention(&RetentionCutoffs {
+                raw: Some(base + 5000),
+                minute: Some(base + 60_000),
+                hour: None,
+                day: None,
+            })
+            .await
+            .unwrap()
+    );
+    out += &format!(
+        "left {}\n",
+        store
+            .read_samples(&SampleQuery {
+                series_ids: vec![g, h],
+                from: 0,
+                to: i64::MAX,
+                after: None,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .len()
+    );
+    let updated = store
+        .update_server(
+            "s",
+            &ServerFields {
+                name: Some("S".into()),
+                ..Default::default()
+            },
+            2,
+        )
+        .await
+        .unwrap();
+    out += &format!("server {:?} {}\n", updated.name, updated.updated_at);
+    store.delete_server("s").await.unwrap();
+    assert!(matches!(store.delete_server("s").await, Err(StoreError::NotFound)));
+    out += &format!(
+        "after delete {} servers {} series\n",
+        store.list_servers().await.unwrap().len(),
+        store.all_series().await.unwrap().len()
+    );
+    out
+}
+
+#[tokio::test]
+async fn answers_like_sqlite() {
+    let Some(db) = Db::new("answers_like_sqlite").await else {
+        return;
+    };
+    let pg = db.open().await;
+    let (_dir, lite) = sqlite().await;
+    let expected = scenario(&lite).await;
+    let got = scenario(&pg).await;
+    println!("{got}");
+    assert_eq!(got, expected);
+    assert!(expected.contains("sample 0 latency 0 99"), "{expected}");
+    assert!(expected.contains("sample 500 rt 3 4"), "{expected}");
+}
+
+fn one_histogram_sample(value: f64, ts: i64) -> WriteBatch {
+    batch(vec![request(
+        vec![NewSeries {
+            key: key("s", "rt"),
+            kind: Kind::Histogram,
+        }],
+        vec![sample(SeriesRef::New(0), Kind::Histogram, ts, value)],
+    )])
+}
+
+fn fold(input: &RollupInput) -> Option<BucketStats> {
+    match input {
+        RollupInput::Raw(samples) => BucketStats::fold(Kind::Histogram, samples.iter().copied()),
+        RollupInput::Children(c) => BucketStats::merge_all(c),
+    }
+}
+
+/// rollup_marks.rs' stale-pass case, on any backend.
+async fn stale_pass_keeps_the_newer_result(store: &dyn Store) {
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let ts = (now_ms() / 60_000 - 2) * 60_000;
+    store.write_batch(one_histogram_sample(10.0, ts)).await.unwrap();
+    let stale = store.rollup_work(Level::Minute, 100).await.unwrap();
+    assert_eq!(stale.items.len(), 1);
+    store.write_batch(one_histogram_sample(20.0, ts + 1)).await.unwrap();
+    // The renewed mark survives a pass that read it before.
+    let results: Vec<_> = stale.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results.clone()).await.unwrap();
+    assert_eq!(store.dirty_backlog().await.unwrap(), [1, 0, 0]);
+    let fresh = store.rollup_work(Level::Minute, 100).await.unwrap();
+    let fresh_results: Vec<_> = fresh.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, fresh_results).await.unwrap();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    let series = store.series_of_server("s", None).await.unwrap();
+    let rows = store
+        .read_rollups(Level::Minute, &[series[0].id], 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].stats.count, 2, "the newer result stands");
+    assert_eq!(store.dirty_backlog().await.unwrap(), [0, 1, 0]);
+}
+
+#[tokio::test]
+async fn rollup_generations_on_both_backends() {
+    let (_dir, lite) = sqlite().await;
+    stale_pass_keeps_the_newer_result(&lite).await;
+    let Some(db) = Db::new("rollup_generations_on_both_backends").await else {
+        return;
+    };
+    stale_pass_keeps_the_newer_result(&db.open().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_guards_and_series() {
+    let Some(db) = Db::new("two_nodes_share_guards_and_series").await else {
+        return;
+    };
+    let (a, b) = (db.open().await, db.open().await);
+    a.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let ts = now_ms();
+    for round in 0..10u8 {
+        // The same signed request reaches both nodes at once: exactly one stores it.
+        let signed = |value: f64| {
+            let mut r = request(
+                vec![NewSeries {
+                    key: key("s", &format!("m{round}")),
+                    kind: Kind::Gauge,
+                }],
+                vec![sample(SeriesRef::New(0), Kind::Gauge, ts + i64::from(round), value)],
+            );
+            r.signature = Some([round; 32]);
+            batch(vec![r])
+        };
+        let (x, y) = tokio::join!(a.write_batch(signed(1.0)), b.write_batch(signed(2.0)));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        let replays = [&x[0], &y[0]]
+            .iter()
+            .filter(|o| ***o == RequestOutcome::Replayed)
+            .count();
+        assert_eq!(replays, 1, "round {round}: {x:?} {y:?}");
+        // Different requests creating the same series at once find one series.
+        let unsigned = |value: f64| {
+            batch(vec![request(
+                vec![NewSeries {
+                    key: key("s", &format!("n{round}")),
+                    kind: Kind::Counter,
+                }],
+                vec![sample(SeriesRef::New(0), Kind::Counter, ts, value)],
+            )])
+        };
+        let (x, y) = tokio::join!(a.write_batch(unsigned(1.0)), b.write_batch(unsigned(2.0)));
+        assert_eq!(stored_series(&x.unwrap()[0]), stored_series(&y.unwrap()[0]));
+    }
+    let series = a.all_series().await.unwrap();
+    assert_eq!(series.len(), 20);
+    let ids: Vec<i64> = series.iter().map(|s| s.id).collect();
+    let rows = b
+        .read_samples(&SampleQuery {
+            series_ids: ids,
+            from: 0,
+            to: i64::MAX,
+            after: None,
+            limit: 1000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 20, "one sample per signed round and per series");
+}
+
+async fn partitions(client: &tokio_postgres::Client) -> Vec<String> {
+    let mut names: Vec<String> = client
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'server_metrics'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn partitions_ahead_on_demand_and_dropped_by_retention() {
+    let Some(db) = Db::new("partitions_ahead_on_demand_and_dropped_by_retention").await else {
+        return;
+    };
+    let store = db.open().await;
+    let client = db.admin_client().await;
+    let today = now_ms() / DAY;
+    let made = partitions(&client).await;
+    for day in today - 1..=today + 3 {
+        assert!(made.contains(&partition_name(day)), "{made:?}");
+    }
+    store.ensure_partitions(now_ms(), 7).await.unwrap();
+    assert!(partitions(&client).await.contains(&partition_name(today + 7)));
+
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let old = today - 400;
+    let straddle = today - 30;
+    let mut samples = vec![];
+    for i in 0..5 {
+        samples.push(sample(SeriesRef::New(0), Kind::Gauge, old * DAY + i * 1000, 1.0));
+        samples.push(sample(
+            SeriesRef::New(0),
+            Kind::Gauge,
+            straddle * DAY + i * 3_600_000,
+            2.0,
+        ));
+    }
+    samples.push(sample(SeriesRef::New(0), Kind::Gauge, now_ms(), 3.0));
+    let out = store
+        .write_batch(batch(vec![request(
+            vec![NewSeries {
+                key: key("s", "g"),
+                kind: Kind::Gauge,
+            }],
+            samples,
+        )]))
+        .await
+        .unwrap();
+    let id = stored_series(&out[0])[0];
+    assert!(
+        partitions(&client).await.contains(&partition_name(old)),
+        "made on demand"
+    );
+
+    // The cutoff falls inside the straddling day, after its first three samples.
+    let cutoff = straddle * DAY + 2 * 3_600_000 + 1;
+    let report = store
+        .apply_retention(&RetentionCutoffs {
+            raw: Some(cutoff),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.raw, 5 + 3);
+    let left = partitions(&client).await;
+    assert!(!left.contains(&partition_name(old)), "{left:?}");
+    assert!(left.contains(&partition_name(straddle)));
+    let rows = store
+        .read_samples(&SampleQuery {
+            series_ids: vec![id],
+            from: 0,
+            to: i64::MAX,
+            after: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r.timestamp >= cutoff));
+
+    // Writing to the dropped day again recreates it, from this node's forgotten list and
+    // from another node's stale one.
+    let other = db.open().await;
+    let again = batch(vec![request(
+        vec![],
+        vec![sample(SeriesRef::Known(id), Kind::Gauge, old * DAY, 4.0)],
+    )]);
+    other
+        .apply_retention(&RetentionCutoffs {
+            raw: Some(cutoff),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    store.write_batch(again.clone()).await.unwrap();
+    store
+        .apply_retention(&RetentionCutoffs {
+            raw: Some(cutoff),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!partitions(&client).await.contains(&partition_name(old)));
+    other.write_batch(again).await.unwrap();
+    assert!(partitions(&client).await.contains(&partition_name(old)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_salt_is_shared() {
+    let Some(db) = Db::new("usage_salt_is_shared").await else {
+        return;
+    };
+    let (a, b) = (db.open().await, db.open().await);
+    let (x, y) = tokio::join!(a.usage_salt(100, [1; 32]), b.usage_salt(100, [2; 32]));
+    assert_eq!(x.unwrap(), y.unwrap());
+    assert_eq!(
+        b.usage_salt(100, [3; 32]).await.unwrap(),
+        a.usage_salt(100, [4; 32]).await.unwrap()
+    );
+}
+
+async fn receive(rx: &mut tokio::sync::mpsc::Receiver<String>) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_reach_every_node() {
+    let Some(db) = Db::new("notifications_reach_every_node").await else {
+        return;
+    };
+    let (a, b) = (db.open().await, db.open().await);
+    let mut ra = a.listen().await.unwrap().unwrap();
+    let mut rb = b.listen().await.unwrap().unwrap();
+    a.notify("hello").await.unwrap();
+    assert_eq!(receive(&mut rb).await.as_deref(), Some("hello"));
+    assert_eq!(
+        receive(&mut ra).await.as_deref(),
+        Some("hello"),
+        "own notifications too"
+    );
+    assert!(matches!(a.notify(&"x".repeat(8000)).await, Err(StoreError::Invalid(_))));
+    let (_dir, lite) = sqlite().await;
+    assert!(lite.listen().await.unwrap().is_none());
+    lite.notify("nobody").await.unwrap();
+    assert!(lite.hold_job_lock("x").await.unwrap());
+}
+
+/// Runs a `SELECT count(pg_terminate_backend(..))` on `db`, returning how many backends
+/// it terminated.
+async fn terminate(db: &Db, sql: &str) -> i64 {
+    let client = db.admin_client().await;
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_lock_moves_to_another_node() {
+    let Some(db) = Db::new("job_lock_moves_to_another_node").await else {
+        return;
+    };
+    let (a, b) = (db.open().await, db.open().await);
+    assert!(a.hold_job_lock("rollups").await.unwrap());
+    assert!(a.hold_job_lock("rollups").await.unwrap(), "kept");
+    assert!(!b.hold_job_lock("rollups").await.unwrap());
+    assert!(b.hold_job_lock("retention").await.unwrap(), "locks are per job");
+
+    // A's lock connection dies (as with a network cut or an administrator's kill).
+    let killed = terminate(
+        &db,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+         WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND objid = hashtext('rollups')::oid
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .await;
+    assert_eq!(killed, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !b.hold_job_lock("rollups").await.unwrap() {
+        assert!(tokio::time::Instant::now() < deadline, "B never took the lock");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!a.hold_job_lock("rollups").await.unwrap(), "A lost it");
+    assert!(b.hold_job_lock("rollups").await.unwrap());
+
+    // B goes away entirely: A takes over.
+    drop(b);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !a.hold_job_lock("rollups").await.unwrap() {
+        assert!(tokio::time::Instant::now() < deadline, "A never took the lock back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_after_connections_are_killed() {
+    let Some(db) = Db::new("recovers_after_connections_are_killed").await else {
+        return;
+    };
+    let (a, b) = (db.open().await, db.open().await);
+    a.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let mut rx = a.listen().await.unwrap().unwrap();
+    // Fill the pool with several connections.
+    let reads: Vec<_> = (0..4).map(|_| a.list_servers()).collect();
+    for r in futures_join(reads).await {
+        r.unwrap();
+    }
+    assert!(a.hold_job_lock("j").await.unwrap());
+    let killed = terminate(
+        &db,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .await;
+    assert!(killed >= 3, "{killed}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Every call either works or says Unavailable; none panics, and soon all work.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let results = [
+            a.list_servers().await.map(|_| ()),
+            a.get_server("s").await.map(|_| ()),
+            a.write_batch(batch(vec![request(vec![], vec![])])).await.map(|_| ()),
+            a.dirty_backlog().await.map(|_| ()),
+            a.hold_job_lock("j").await.map(|_| ()),
+        ];
+        for r in &results {
+            assert!(matches!(r, Ok(()) | Err(StoreError::Unavailable(_))), "{r:?}");
+        }
+        if results.iter().all(Result::is_ok) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still failing: {results:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The lock was lost with its connection and is taken again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !a.hold_job_lock("j").await.unwrap() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The listener reconnected: a notification sent now arrives.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        b.notify("after").await.unwrap();
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            assert_eq!(p, "after");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "listener never came back");
+    }
+}
+
+async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut out = Vec::new();
+    // Started together so the pool has to open several connections.
+    let all = futures_util::future::join_all(handles).await;
+    out.extend(all);
+    out
+}
+
+#[tokio::test]
+async fn open_selects_postgres_from_the_url() {
+    let Some(db) = Db::new("open_selects_postgres_from_the_url").await else {
+        return;
+    };
+    let store: Arc<dyn Store> = mcp_metrics_store::open(&db.url, &StoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(store.backend(), "postgres");
+    store.ping().await.unwrap();
+    assert_eq!(
+        store.schema_version().await.unwrap(),
+        mcp_metrics_store::postgres::latest_version()
+    );
+    // A second open (another node starting) finds the schema applied.
+    let again = mcp_metrics_store::open(&db.url, &StoreOptions::default())
+        .await
+        .unwrap();
+    again.ping().await.unwrap();
+}
+
+/// Fills a store through the trait with a bit of everything.
+async fn fill(store: &dyn Store) {
+    let base = (now_ms() / DAY - 3) * DAY;
+    for id in ["a", "b"] {
+        store
+            .create_server(
+                id,
+                &ServerFields {
+                    name: Some(format!("Server {id}")),
+                    ..Default::default()
+                },
+                1,
+            )
+            .await
+            .unwrap();
+        store
+            .insert_credential(&StoredCredential {
+                key_id: format!("key-{id}"),
+                server_id: id.into(),
+                api_key_hash: [id.as_bytes()[0]; 32],
+                sealed_secret: vec![1, 2, 3],
+                created_at: 5,
+                revoked_at: None,
+                last_used_at: None,
+            })
+            .await
+            .unwrap();
+    }
+    // A series created and deleted: its id must never come back.
+    store.create_server("c", &ServerFields::default(), 1).await.unwrap();
+    store
+        .write_batch(batch(vec![request(
+            vec![NewSeries {
+                key: key("c", "x"),
+                kind: Kind::Gauge,
+            }],
+            vec![],
+        )]))
+        .await
+        .unwrap();
+    store.delete_server("c").await.unwrap();
+    let mut samples = Vec::new();
+    for i in 0..3000 {
+        samples.push(sample(
+            SeriesRef::New(0),
+            Kind::Gauge,
+            base + i * 61_000,
+            (i % 17) as f64 * 0.25,
+        ));
+        samples.push(sample(SeriesRef::New(1), Kind::Counter, base + i * 61_000, i as f64));
+        samples.push(sample(
+            SeriesRef::New(2),
+            Kind::Histogram,
+            base + i * 61_000,
+            0.1 * i as f64,
+        ));
+        samples.push(sample(SeriesRef::New(2), Kind::Histogram, base + i * 61_000, 7.0));
+    }
+    let mut r = request(
+        vec![
+            NewSeries {
+                key: key("a", "g"),
+                kind: Kind::Gauge,
+            },
+            NewSeries {
+                key: key("a", "c"),
+                kind: Kind::Counter,
+            },
+            NewSeries {
+                key: key("b", "h"),
+                kind: Kind::Histogram,
+            },
+        ],
+        samples,
+    );
+    r.key_id = "key-a".into();
+    r.event = Some(NewEvent {
+        server_id: "a".into(),
+        kind: "deploy".into(),
+        title: "v2".into(),
+        detail: Some("notes".into()),
+        at: base,
+        source: EventSource::Author,
+    });
+    store.write_batch(batch(vec![r])).await.unwrap();
+    for level in [Level::Minute, Level::Hour] {
+        let work = store.rollup_work(level, 2000).await.unwrap();
+        let results = work
+            .items
+            .iter()
+            .map(|(m, input)| {
+                let kind = work.series[&m.series_id].0;
+                let stats = match input {
+                    RollupInput::Raw(s) => BucketStats::fold(kind, s.iter().copied()),
+                    RollupInput::Children(c) => BucketStats::merge_all(c),
+                };
+                (*m, stats)
+            })
+            .collect();
+        store.apply_rollups(level, results).await.unwrap();
+    }
+    store
+        .record_usage(
+            (0..20)
+                .map(|i| UsageRecord {
+                    server_id: if i % 2 == 0 { "a" } else { "b" }.into(),
+                    kind: if i % 3 == 0 {
+                        UsageKind::Install
+                    } else {
+                        UsageKind::View
+                    },
+                    client: None,
+                    at: base + i * 3_600_000,
+                    visitor: [(i % 4) as u8; 16],
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    store.usage_salt(base / DAY, [3; 32]).await.unwrap();
+    store.meta_set("master_key_fingerprint", "fp").await.unwrap();
+}
+
+/// What the fetch API can see of a store.
+async fn snapshot(store: &dyn Store) -> String {
+    let mut out = format!("{:?}\n", store.list_servers().await.unwrap());
+    out += &format!("{:?}\n", store.all_sealed_credentials().await.unwrap());
+    out += &format!("{:?}\n", store.list_credentials(None).await.unwrap());
+    let series = store.all_series().await.unwrap();
+    out += &format!("{series:?}\n");
+    let ids: Vec<i64> = series.iter().map(|s| s.id).collect();
+    let mut after = None;
+    loop {
+        let page = store
+            .read_samples(&SampleQuery {
+                series_ids: ids.clone(),
+                from: 0,
+                to: i64::MAX,
+                after,
+                limit: 5000,
+            })
+            .await
+            .unwrap();
+        out += &format!("{page:?}\n");
+        match page.last() {
+            Some(s) if page.len() == 5000 => after = Some((s.timestamp, s.series_id, s.seq)),
+            _ => break,
+        }
+    }
+    for level in [Level::Minute, Level::Hour, Level::Day] {
+        out += &format!("{:?}\n", store.read_rollups(level, &ids, 0, i64::MAX).await.unwrap());
+    }
+    out += &format!("{:?}\n", store.dirty_backlog().await.unwrap());
+    for id in ["a", "b"] {
+        out += &format!("{:?}\n", store.usage_days(id, 0, i64::MAX / DAY).await.unwrap());
+        out += &format!("{:?}\n", store.list_events(id, None, 100).await.unwrap());
+    }
+    out += &format!("{:?}\n", store.meta_get("master_key_fingerprint").await.unwrap());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_sqlite_to_postgres() {
+    let Some(db) = Db::new("copies_sqlite_to_postgres").await else {
+        return;
+    };
+    let (dir, lite) = sqlite().await;
+    fill(&lite).await;
+    let expected = snapshot(&lite).await;
+    let path = dir.path().join("t.db");
+
+    let mut seen = Vec::new();
+    let report = mcp_metrics_store::copy::sqlite_to_postgres(&path, &db.url, |p| seen.push(p))
+        .await
+        .unwrap();
+    let samples = report.tables.iter().find(|t| t.0 == "server_metrics").unwrap().1;
+    assert_eq!(samples, 12_000);
+    assert_eq!(report.samples_resumed, 0);
+    let last = seen.iter().rev().find(|p| p.table == "server_metrics").unwrap();
+    assert_eq!((last.done, last.total), (12_000, 12_000));
+    assert!(
+        seen.iter()
+            .any(|p| p.table == "rollups_1m" && p.done == p.total && p.total > 0)
+    );
+
+    let pg = db.open().await;
+    assert_eq!(snapshot(&pg).await, expected);
+
+    // A second run copies nothing new and changes nothing.
+    let report = mcp_metrics_store::copy::sqlite_to_postgres(&path, &db.url, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.tables.iter().find(|t| t.0 == "server_metrics").unwrap().1, 0);
+    assert_eq!(report.samples_resumed, 12_000);
+    assert_eq!(snapshot(&pg).await, expected);
+
+    // New series and events continue after the copied ids.
+    let max_lite = lite.all_series().await.unwrap().iter().map(|s| s.id).max().unwrap();
+    let out = pg
+        .write_batch(batch(vec![request(
+            vec![NewSeries {
+                key: key("a", "new"),
+                kind: Kind::Gauge,
+            }],
+            vec![],
+        )]))
+        .await
+        .unwrap();
+    assert!(stored_series(&out[0])[0] > max_lite);
+    let event = pg
+        .insert_event(&NewEvent {
+            server_id: "a".into(),
+            kind: "k".into(),
+            title: "t".into(),
+            detail: None,
+            at: 0,
+            source: EventSource::System,
+        })
+        .await
+        .unwrap();
+    assert!(event > 1);
+
+    // Another source is refused, and so is a destination with data of its own.
+    let (_other_dir, other) = sqlite().await;
+    other.create_server("z", &ServerFields::default(), 0).await.unwrap();
+    let other_path = _other_dir.path().join("t.db");
+    let err = mcp_metrics_store::copy::sqlite_to_postgres(&other_path, &db.url, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    let Some(db2) = Db::new("copies_sqlite_to_postgres").await else {
+        return;
+    };
+    db2.open()
+        .await
+        .create_server("own", &ServerFields::default(), 0)
+        .await
+        .unwrap();
+    let err = mcp_metrics_store::copy::sqlite_to_postgres(&path, &db2.url, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+}
+
+/// Compares the two correct ways to upsert a batch of samples: binary COPY into the
+/// staging table then INSERT ... SELECT ... ON CONFLICT (the store's path), and one
+/// INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT. Run by hand:
+/// `cargo test -p mcp-metrics-store --test postgres write_path_timing -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn write_path_timing() {
+    let Some(db) = Db::new("write_path_timing").await else {
+        return;
+    };
+    let store = db.open().await;
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let start = (now_ms() / DAY) * DAY;
+    let (series, rounds, per_batch) = (200i64, 20, 10_000usize);
+    let ids: Vec<i64> = {
+        let out = store
+            .write_batch(batch(vec![request(
+                (0..series)
+                    .map(|i| NewSeries {
+                        key: key("s", &format!("m{i}")),
+                        kind: Kind::Gauge,
+                    })
+                    .collect(),
+                vec![],
+            )]))
+            .await
+            .unwrap();
+        stored_series(&out[0])
+    };
+    let rows = |round: usize, offset: i64| -> Vec<(i64, i64, f64)> {
+        (0..per_batch)
+            .map(|i| {
+                let ts = start + offset + (round * per_batch + i) as i64 / series * 1000;
+                (ts, ids[i % series as usize], i as f64 * 0.5)
+            })
+            .collect()
+    };
+    let client = db.admin_client().await;
+
+    // 1. The store's own write_batch (guards, marks and all).
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        let samples = rows(round, 0)
+            .into_iter()
+            .map(|(ts, id, v)| sample(SeriesRef::Known(id), Kind::Gauge, ts, v))
+            .collect();
+        store.write_batch(batch(vec![request(vec![], samples)])).await.unwrap();
+    }
+    let store_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+
+    // 2. unnest arrays, one statement per batch.
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        let r = rows(round, 3_600_000);
+        let ts: Vec<i64> = r.iter().map(|r| r.0).collect();
+        let id: Vec<i64> = r.iter().map(|r| r.1).collect();
+        let v: Vec<f64> = r.iter().map(|r| r.2).collect();
+        client
+            .execute(
+                "INSERT INTO server_metrics (ts, series_id, seq, value)
+                 SELECT t, i, 0, v FROM unnest($1::bigint[], $2::bigint[], $3::float8[]) AS x(t, i, v)
+                 ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = EXCLUDED.value",
+                &[&ts, &id, &v],
+            )
+            .await
+            .unwrap();
+    }
+    let unnest_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+
+    // 3. Plain binary COPY straight into the table (no upsert: only correct when no row
+    // can exist yet, shown as the ceiling).
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        let sink = client
+            .copy_in("COPY server_metrics (ts, series_id, seq, value) FROM STDIN BINARY")
+            .await
+            .unwrap();
+        let mut writer = std::pin::pin!(tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+            sink,
+            &[
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::INT4,
+                tokio_postgres::types::Type::FLOAT8
+            ]
+        ));
+        for (ts, id, v) in rows(round, 7_200_000) {
+            writer.as_mut().write(&[&ts, &id, &0i32, &v]).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+    }
+    let copy_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+
+    // 4. The store's sample statements alone: COPY into staging, upsert from it.
+    let mut client = client;
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE metrics_staging (ts BIGINT NOT NULL, series_id BIGINT NOT NULL, seq INTEGER NOT NULL,
+             value DOUBLE PRECISION NOT NULL) ON COMMIT DELETE ROWS",
+        )
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        let tx = client.transaction().await.unwrap();
+        let sink = tx
+            .copy_in("COPY metrics_staging (ts, series_id, seq, value) FROM STDIN BINARY")
+            .await
+            .unwrap();
+        let mut writer = std::pin::pin!(tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+            sink,
+            &[
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::INT4,
+                tokio_postgres::types::Type::FLOAT8
+            ]
+        ));
+        for (ts, id, v) in rows(round, 10_800_000) {
+            writer.as_mut().write(&[&ts, &id, &-1i32, &v]).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+        tx.execute(
+            "INSERT INTO server_metrics (ts, series_id, seq, value)
+             SELECT ts, series_id, 0, value FROM metrics_staging WHERE seq < 0
+             ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = EXCLUDED.value",
+            &[],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let staging_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "samples/s with {per_batch} per batch: store write_batch {store_rate:.0}; sample statements only: \
+         COPY + staging upsert {staging_rate:.0}, unnest upsert {unnest_rate:.0}, bare COPY (no upsert) {copy_rate:.0}"
+    );
+}
