@@ -312,12 +312,9 @@ async fn alias_route_and_events_accept_signed_writes() {
         .unwrap();
     assert_eq!(retry.status(), StatusCode::OK);
     assert_eq!(retry.headers().get("idempotent-replayed").unwrap(), "true");
-    let rows: i64 = rusqlite::Connection::open(svc.db_path())
-        .unwrap()
-        .query_row("SELECT count(*) FROM server_events WHERE kind = 'deploy'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let rows = svc
+        .sql_i64("SELECT count(*) FROM server_events WHERE kind = 'deploy'")
+        .await;
     assert_eq!(rows, 1);
     svc.stop().await;
 }
@@ -330,9 +327,8 @@ async fn full_queue_answers_503_with_retry_after() {
     })
     .await;
     let cred = svc.server_with_key("s1").await;
-    // Hold SQLite's write lock so the writer's commit waits and the queue stays full.
-    let blocker = rusqlite::Connection::open(svc.db_path()).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Hold the database's write lock so the writer's commit waits and the queue stays full.
+    let blocker = svc.block_writes().await;
     let first_body = batch(
         "s1",
         Value::Array(
@@ -365,7 +361,7 @@ async fn full_queue_answers_503_with_retry_after() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["code"], "overloaded");
     assert_eq!(headers.get("retry-after").unwrap(), "1");
-    blocker.execute_batch("COMMIT").unwrap();
+    blocker.release().await;
     assert_eq!(first.await.unwrap(), StatusCode::OK);
     // The refused request stored nothing, and may be retried with the same signature.
     let names: Vec<String> = svc

@@ -196,38 +196,34 @@ async fn late_sample_corrects_minute_hour_and_day_and_reaggregation_is_idempoten
         );
     }
     // Recomputing a range again changes nothing.
-    let tables = || {
-        let conn = rusqlite::Connection::open(svc.db_path()).unwrap();
-        ["rollups_1m", "rollups_1h", "server_metrics_daily"]
-            .iter()
-            .map(|t| {
-                conn.query_row(
-                    &format!("SELECT count(*), total(sum), total(count), group_concat(hex(sketch)) FROM {t}"),
-                    [],
-                    |r| {
-                        Ok(format!(
-                            "{}|{}|{}|{:?}",
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, f64>(1)?,
-                            r.get::<_, f64>(2)?,
-                            r.get::<_, Option<String>>(3)?
-                        ))
-                    },
+    let tables = || async {
+        let mut out = Vec::new();
+        for t in ["rollups_1m", "rollups_1h", "server_metrics_daily"] {
+            let sql = if svc.is_postgres() {
+                format!(
+                    "SELECT count(*) || '|' || coalesce(sum(sum), 0) || '|' || coalesce(sum(count), 0) || '|' || \
+                     coalesce(string_agg(encode(sketch, 'hex'), ',' ORDER BY series_id, bucket), '') FROM {t}"
                 )
-                .unwrap()
-            })
-            .collect::<Vec<_>>()
+            } else {
+                format!(
+                    "SELECT count(*) || '|' || total(sum) || '|' || total(count) || '|' || \
+                     coalesce(group_concat(hex(sketch)), '') FROM (SELECT * FROM {t} ORDER BY series_id, bucket)"
+                )
+            };
+            out.extend(svc.sql_strings(&sql).await);
+        }
+        out
     };
-    let before = tables();
+    let before = tables().await;
     let first = aggregate(&svc, Some(json!({"from": m - 60 * MIN, "to": now_ms()}))).await;
     assert!(first["marked_minutes"].as_u64().unwrap() >= 1, "{first}");
-    assert_eq!(tables(), before);
+    assert_eq!(tables().await, before);
     aggregate(
         &svc,
         Some(json!({"from": mcp_metrics_core::time::format_rfc3339_ms(m), "to": now_ms()})),
     )
     .await;
-    assert_eq!(tables(), before);
+    assert_eq!(tables().await, before);
     svc.stop().await;
 }
 
@@ -265,25 +261,37 @@ async fn retention_deletes_exactly_what_is_older_than_each_limit() {
     );
     let day = 86_400_000i64;
     let now = now_ms();
-    {
-        // Rows just outside and just inside each limit, written directly.
-        let conn = rusqlite::Connection::open(svc.db_path()).unwrap();
-        let id: i64 = conn.query_row("SELECT id FROM series", [], |r| r.get(0)).unwrap();
-        for (age, tag) in [(2 * day + 60_000, 1), (2 * day - 60_000, 2)] {
-            conn.execute(
-                "INSERT INTO server_metrics (ts, series_id, seq, value) VALUES (?1, ?2, 0, ?3)",
-                rusqlite::params![now - age, id, tag * 2],
-            )
-            .unwrap();
+    // Rows just outside and just inside each limit, written directly.
+    let id = svc.sql_i64("SELECT id FROM series").await;
+    if svc.is_postgres() {
+        // Raw samples live in daily partitions, made ahead of time only for recent days.
+        for age in [2 * day + 60_000, 2 * day - 60_000] {
+            let d = (now - age).div_euclid(day);
+            svc.sql_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS server_metrics_t{d} PARTITION OF server_metrics \
+                 FOR VALUES FROM ({}) TO ({})",
+                d * day,
+                (d + 1) * day
+            ))
+            .await;
         }
-        for (table, limit) in [("rollups_1m", 2), ("rollups_1h", 3), ("server_metrics_daily", 4)] {
-            for age in [limit * day + 60_000, limit * day - 60_000] {
-                conn.execute(
-                    &format!("INSERT INTO {table} (series_id, bucket, count, sum, min, max, first, first_ts, last, last_ts, increase) VALUES (?1, ?2, 1, 1, 1, 1, 1, 0, 1, 0, 0)"),
-                    rusqlite::params![id, now - age],
-                )
-                .unwrap();
-            }
+    }
+    for (age, tag) in [(2 * day + 60_000, 1), (2 * day - 60_000, 2)] {
+        svc.sql_execute(&format!(
+            "INSERT INTO server_metrics (ts, series_id, seq, value) VALUES ({}, {id}, 0, {})",
+            now - age,
+            tag * 2
+        ))
+        .await;
+    }
+    for (table, limit) in [("rollups_1m", 2), ("rollups_1h", 3), ("server_metrics_daily", 4)] {
+        for age in [limit * day + 60_000, limit * day - 60_000] {
+            svc.sql_execute(&format!(
+                "INSERT INTO {table} (series_id, bucket, count, sum, min, max, first, first_ts, last, last_ts, increase) \
+                 VALUES ({id}, {}, 1, 1, 1, 1, 1, 0, 1, 0, 0)",
+                now - age
+            ))
+            .await;
         }
     }
     let report = aggregate(&svc, None).await;
@@ -292,12 +300,10 @@ async fn retention_deletes_exactly_what_is_older_than_each_limit() {
         json!({"raw": 1, "minute": 1, "hour": 1, "day": 1}),
         "{report}"
     );
-    let conn = rusqlite::Connection::open(svc.db_path()).unwrap();
-    let oldest = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
-    assert!(now - oldest("SELECT min(ts) FROM server_metrics") < 2 * day);
-    assert!(now - oldest("SELECT min(bucket) FROM rollups_1m") < 2 * day);
-    assert!(now - oldest("SELECT min(bucket) FROM rollups_1h") < 3 * day);
-    assert!(now - oldest("SELECT min(bucket) FROM server_metrics_daily") < 4 * day);
+    assert!(now - svc.sql_i64("SELECT min(ts) FROM server_metrics").await < 2 * day);
+    assert!(now - svc.sql_i64("SELECT min(bucket) FROM rollups_1m").await < 2 * day);
+    assert!(now - svc.sql_i64("SELECT min(bucket) FROM rollups_1h").await < 3 * day);
+    assert!(now - svc.sql_i64("SELECT min(bucket) FROM server_metrics_daily").await < 4 * day);
     svc.stop().await;
 }
 

@@ -149,14 +149,12 @@ async fn unique_visitors_per_day_and_salt_rotation_with_48_hour_deletion() {
     )
     .await;
     svc.create_server("acme").await;
-    let salts = || -> Vec<i64> {
-        let conn = rusqlite::Connection::open(svc.db_path()).unwrap();
-        conn.prepare("SELECT day FROM usage_salts ORDER BY day")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
+    let salts = || async {
+        svc.sql_strings("SELECT CAST(day AS TEXT) FROM usage_salts ORDER BY day")
+            .await
+            .iter()
+            .map(|d| d.parse::<i64>().unwrap())
+            .collect::<Vec<i64>>()
     };
     let day0 = now_ms() / DAY_MS;
     beacon(&svc, "acme", "view", "203.0.113.10", FIREFOX).await;
@@ -167,7 +165,7 @@ async fn unique_visitors_per_day_and_salt_rotation_with_48_hour_deletion() {
         (u["totals"]["visitors"].as_u64(), u["totals"]["installs"].as_u64()),
         (Some(1), Some(1))
     );
-    assert_eq!(salts(), vec![day0]);
+    assert_eq!(salts().await, vec![day0]);
 
     clock.advance(DAY_MS);
     beacon(&svc, "acme", "view", "203.0.113.10", FIREFOX).await;
@@ -182,22 +180,23 @@ async fn unique_visitors_per_day_and_salt_rotation_with_48_hour_deletion() {
         (u["daily"]["visitors"][28].as_u64(), u["daily"]["visitors"][29].as_u64()),
         (Some(1), Some(1))
     );
-    assert_eq!(salts(), vec![day0, day0 + 1], "the previous day's salt stays usable");
+    assert_eq!(
+        salts().await,
+        vec![day0, day0 + 1],
+        "the previous day's salt stays usable"
+    );
 
     clock.advance(DAY_MS);
     beacon(&svc, "acme", "view", "203.0.113.10", FIREFOX).await;
     settle(&svc, "acme", 6).await;
     assert_eq!(
-        salts(),
+        salts().await,
         vec![day0 + 1, day0 + 2],
         "salts older than 48 hours are deleted"
     );
-    let conn = rusqlite::Connection::open(svc.db_path()).unwrap();
-    let old: i64 = conn
-        .query_row("SELECT count(*) FROM usage_visitors WHERE day = ?1", [day0], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let old = svc
+        .sql_i64(&format!("SELECT count(*) FROM usage_visitors WHERE day = {day0}"))
+        .await;
     assert_eq!(old, 0, "visitor records go with their salt");
     svc.stop().await;
 }

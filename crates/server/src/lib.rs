@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod charts;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod http;
@@ -112,7 +113,9 @@ pub async fn run(
     });
 
     let address = listener.local_addr()?;
-    let mut background = Vec::new();
+    let mut background = cluster::start(state.clone())
+        .await
+        .context("cannot listen for other nodes' messages on the database")?;
     background.push(tokio::spawn(housekeeping(store.clone())));
     let job_state = state.clone();
     background.push(tokio::spawn(rollup::run_job(

@@ -4,12 +4,17 @@
 //! Each server has a bounded broadcast channel. A client that falls more than the
 //! channel's capacity behind is dropped (its stream ends and the browser reconnects)
 //! instead of being buffered without limit, and the number of open streams is capped.
+//!
+//! When several nodes share a PostgreSQL database, [`LiveHub::publish`] also hands each
+//! message to an outbox that `cluster.rs` relays to the other nodes, whose listener
+//! delivers it with [`LiveHub::publish_local`]: a sample ingested on node A reaches a
+//! stream opened on node B.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 
 /// Messages buffered per server before a slow client is dropped.
 const CHANNEL_CAPACITY: usize = 64;
@@ -21,10 +26,16 @@ pub struct LiveMessage {
     pub data: serde_json::Value,
 }
 
+/// The kinds of message a hub sends; a kind relayed from another node is mapped back
+/// onto one of these (anything else is ignored).
+pub const KINDS: [&str; 4] = ["metric", "usage", "event", "ready"];
+
 pub struct LiveHub {
     /// `None` once closed: no new channel can appear after shutdown began.
     channels: Mutex<Option<HashMap<String, broadcast::Sender<Arc<LiveMessage>>>>>,
     streams: Arc<Semaphore>,
+    /// Where messages for other nodes go, when the service runs as a cluster.
+    outbox: Mutex<Option<mpsc::UnboundedSender<(String, LiveMessage)>>>,
 }
 
 /// A subscription; holding it counts against the stream limit.
@@ -38,7 +49,13 @@ impl LiveHub {
         LiveHub {
             channels: Mutex::new(Some(HashMap::new())),
             streams: Arc::new(Semaphore::new(max_streams)),
+            outbox: Mutex::new(None),
         }
+    }
+
+    /// Relays every later [`LiveHub::publish`] to other nodes through `outbox`.
+    pub fn set_outbox(&self, outbox: mpsc::UnboundedSender<(String, LiveMessage)>) {
+        *self.outbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(outbox);
     }
 
     /// `None` when the stream limit is reached or the hub is closed.
@@ -55,8 +72,18 @@ impl LiveHub {
         })
     }
 
-    /// Sends to everyone watching `server_id`; a server nobody watches costs a lookup.
+    /// Sends to everyone watching `server_id`, on this node and (in a cluster) on the
+    /// others.
     pub fn publish(&self, server_id: &str, message: LiveMessage) {
+        if let Some(outbox) = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = outbox.send((server_id.to_owned(), message.clone()));
+        }
+        self.publish_local(server_id, message);
+    }
+
+    /// Sends to everyone watching `server_id` on this node; a server nobody watches
+    /// costs a lookup.
+    pub fn publish_local(&self, server_id: &str, message: LiveMessage) {
         let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let Some(channels) = guard.as_mut() else { return };
         if let Some(sender) = channels.get(server_id) {

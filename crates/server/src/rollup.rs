@@ -20,6 +20,9 @@ use serde::Serialize;
 
 use crate::config::RetentionConfig;
 
+/// Name of the cluster-wide lock held by the node that runs the job.
+pub const JOB_LOCK: &str = "rollups";
+
 /// Marks handled per store round trip.
 const MARKS_PER_BATCH: usize = 4096;
 const DAY_MS: i64 = 86_400_000;
@@ -174,8 +177,9 @@ pub async fn apply_retention(store: &Arc<dyn Store>, retention: &RetentionConfig
     store.apply_retention(&cutoffs(retention, now_ms())).await
 }
 
-/// The background loop: a pass every `interval`, retention every `retention_interval`.
-/// `on_change` hears which servers' rollups changed.
+/// The background loop: a pass every `interval`, retention every `retention_interval`,
+/// on the one node of a cluster that holds the job lock. `on_change` hears which
+/// servers' rollups changed.
 pub async fn run_job(
     store: Arc<dyn Store>,
     retention: RetentionConfig,
@@ -187,8 +191,40 @@ pub async fn run_job(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_retention: Option<Instant> = None;
+    let mut leading = false;
     loop {
         ticker.tick().await;
+        // One node of a cluster runs the job; the others wait to take over. A node that
+        // dies releases the lock with its connection, so a follower takes over at its next
+        // tick.
+        match store.hold_job_lock(JOB_LOCK).await {
+            Ok(true) => {
+                if !leading {
+                    tracing::info!("this node now runs the rollup and retention job");
+                    // A new leader applies retention at once rather than inheriting a timer.
+                    last_retention = None;
+                }
+                leading = true;
+            }
+            Ok(false) => {
+                if leading {
+                    tracing::warn!("another node took over the rollup and retention job");
+                }
+                leading = false;
+            }
+            Err(e) => {
+                if leading {
+                    tracing::warn!(error = %e, "lost the rollup job lock (database unavailable); retrying");
+                }
+                leading = false;
+            }
+        }
+        telemetry
+            .rollup_leader
+            .store(u64::from(leading), std::sync::atomic::Ordering::Relaxed);
+        if !leading {
+            continue;
+        }
         let started = Instant::now();
         match run_pass(&store, &retention).await {
             Ok(report) => {

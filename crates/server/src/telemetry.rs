@@ -88,6 +88,11 @@ pub struct Telemetry {
     pub rollup_samples_folded: AtomicU64,
     pub rollup_buckets_written: AtomicU64,
     pub rollup_backlog: AtomicU64,
+    /// 1 while this node holds the cluster-wide lock of the rollup and retention job.
+    pub rollup_leader: AtomicU64,
+    /// Live messages relayed from and to other nodes sharing the database.
+    pub cluster_messages_received: AtomicU64,
+    pub cluster_messages_sent: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     /// (route, method, status) → count, and route → latency.
@@ -115,6 +120,9 @@ impl Default for Telemetry {
             rollup_samples_folded: AtomicU64::new(0),
             rollup_buckets_written: AtomicU64::new(0),
             rollup_backlog: AtomicU64::new(0),
+            rollup_leader: AtomicU64::new(0),
+            cluster_messages_received: AtomicU64::new(0),
+            cluster_messages_sent: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             http_requests: Mutex::new(BTreeMap::new()),
@@ -265,6 +273,27 @@ impl Telemetry {
         );
         let _ = writeln!(out, "# TYPE mcp_metrics_rollup_backlog gauge");
         let _ = writeln!(out, "mcp_metrics_rollup_backlog {}", load(&self.rollup_backlog));
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_rollup_leader 1 while this node runs the rollup and retention job (one node of a cluster at a time)."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_rollup_leader gauge");
+        let _ = writeln!(out, "mcp_metrics_rollup_leader {}", load(&self.rollup_leader));
+        let _ = writeln!(
+            out,
+            "# HELP mcp_metrics_cluster_messages_total Live messages relayed through the database between nodes."
+        );
+        let _ = writeln!(out, "# TYPE mcp_metrics_cluster_messages_total counter");
+        let _ = writeln!(
+            out,
+            "mcp_metrics_cluster_messages_total{{direction=\"sent\"}} {}",
+            load(&self.cluster_messages_sent)
+        );
+        let _ = writeln!(
+            out,
+            "mcp_metrics_cluster_messages_total{{direction=\"received\"}} {}",
+            load(&self.cluster_messages_received)
+        );
         let _ = writeln!(
             out,
             "# HELP mcp_metrics_rollup_pass_duration_seconds Time of one rollup pass."

@@ -1,5 +1,11 @@
-//! Test harness: starts the real service on port 0 with a fresh SQLite database in a
-//! temporary directory and talks to it over real HTTP.
+//! Test harness: starts the real service on port 0 with a fresh database and talks to
+//! it over real HTTP.
+//!
+//! The database is SQLite in a temporary directory, or, when
+//! `MCP_METRICS_TEST_BACKEND=postgres`, a fresh PostgreSQL database of its own on the
+//! server named by `MCP_METRICS_TEST_POSTGRES` (`scripts/test` runs the suite both ways).
+//! Tests that look inside the database use [`TestService::sql_i64`] and
+//! [`TestService::sql_execute`], which speak to either backend.
 
 #![allow(dead_code)]
 
@@ -16,8 +22,37 @@ use tokio::sync::oneshot;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
+pub enum WriteBlocker {
+    Sqlite(rusqlite::Connection),
+    Postgres(tokio_postgres::Client),
+}
+
+impl WriteBlocker {
+    pub async fn release(self) {
+        match self {
+            WriteBlocker::Sqlite(conn) => conn.execute_batch("COMMIT").unwrap(),
+            WriteBlocker::Postgres(client) => client.batch_execute("COMMIT").await.unwrap(),
+        }
+    }
+}
+
+/// Which database the integration tests run on.
+pub fn postgres_backend() -> Option<String> {
+    let wanted = std::env::var("MCP_METRICS_TEST_BACKEND").unwrap_or_default();
+    if wanted != "postgres" {
+        return None;
+    }
+    let url = std::env::var("MCP_METRICS_TEST_POSTGRES")
+        .expect("MCP_METRICS_TEST_BACKEND=postgres needs MCP_METRICS_TEST_POSTGRES (a PostgreSQL URL)");
+    Some(url)
+}
+
 pub struct TestService {
     pub addr: SocketAddr,
+    /// The database URL the service runs on.
+    pub database: String,
+    /// The PostgreSQL server's admin URL, when the test runs on PostgreSQL.
+    pub postgres_admin: Option<String>,
     pub base: String,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
@@ -44,11 +79,22 @@ impl TestService {
     pub async fn start_full(adjust: impl FnOnce(&mut Config), options: RunOptions) -> TestService {
         mcp_metrics_server::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
+        let postgres_admin = postgres_backend();
+        let database = match &postgres_admin {
+            Some(admin) => mcp_metrics_store::postgres::testing::fresh_database(admin)
+                .await
+                .expect("create a PostgreSQL test database"),
+            None => format!("sqlite://{}", dir.path().join("test.db").display()),
+        };
         let mut config = Config {
-            database: format!("sqlite://{}", dir.path().join("test.db").display()),
+            database: database.clone(),
             admin_token: Some(ADMIN_TOKEN.into()),
             ..Config::default()
         };
+        if postgres_admin.is_some() {
+            // PostgreSQL has no key file beside the database: nodes share a configured key.
+            config.master_key = Some(mcp_metrics_core::secrets::MasterKey::generate().to_hex());
+        }
         // Tests survive a process crash, not a power cut: skip the fsync cost.
         config.sqlite.synchronous = mcp_metrics_server::config::Synchronous::Normal;
         adjust(&mut config);
@@ -65,6 +111,8 @@ impl TestService {
         ));
         let service = TestService {
             addr,
+            database,
+            postgres_admin,
             base: format!("http://{addr}"),
             client: reqwest::Client::new(),
             dir,
@@ -103,6 +151,92 @@ impl TestService {
         if let Some(task) = self.task.take() {
             task.await.expect("service task").expect("service result");
         }
+        if let Some(admin) = &self.postgres_admin {
+            let _ = mcp_metrics_store::postgres::testing::drop_database(admin, &self.database).await;
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.postgres_admin.is_some()
+    }
+
+    /// Runs a query returning one integer (e.g. `SELECT count(*) ...`) on whichever
+    /// database the service uses. Write literals inline: the SQL must suit both.
+    pub async fn sql_i64(&self, sql: &str) -> i64 {
+        if self.is_postgres() {
+            let client = self.pg_client().await;
+            let row = client
+                .query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            row.try_get::<_, Option<i64>>(0)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .unwrap_or(0)
+        } else {
+            let conn = rusqlite::Connection::open(self.db_path()).unwrap();
+            conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .unwrap_or(0)
+        }
+    }
+
+    /// Runs a query returning one text column, row by row.
+    pub async fn sql_strings(&self, sql: &str) -> Vec<String> {
+        if self.is_postgres() {
+            let client = self.pg_client().await;
+            let rows = client.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            rows.iter().map(|r| r.get::<_, String>(0)).collect()
+        } else {
+            let conn = rusqlite::Connection::open(self.db_path()).unwrap();
+            let mut statement = conn.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            statement
+                .query_map([], |r| r.get::<_, String>(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
+    }
+
+    /// Holds the database's write path (SQLite's write lock; on PostgreSQL an exclusive
+    /// lock on the table every write starts with) until the blocker is released.
+    pub async fn block_writes(&self) -> WriteBlocker {
+        if self.is_postgres() {
+            let client = self.pg_client().await;
+            client
+                .batch_execute("BEGIN; LOCK TABLE request_digests IN ACCESS EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            WriteBlocker::Postgres(client)
+        } else {
+            let conn = rusqlite::Connection::open(self.db_path()).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            WriteBlocker::Sqlite(conn)
+        }
+    }
+
+    /// Runs statements on whichever database the service uses.
+    pub async fn sql_execute(&self, sql: &str) {
+        if self.is_postgres() {
+            self.pg_client()
+                .await
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        } else {
+            rusqlite::Connection::open(self.db_path())
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    }
+
+    /// A direct connection to the test's PostgreSQL database.
+    pub async fn pg_client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.database, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        client
     }
 
     pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {

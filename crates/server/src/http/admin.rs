@@ -245,7 +245,15 @@ async fn aggregate(
     };
     let retention = &state.config.retention;
     let report = crate::rollup::run_until_idle(&state.store, retention, 3, |_, _| {}).await?;
-    report.servers.keys().for_each(|s| state.cache.invalidate_server(s));
+    // As after the background job's passes: caches here and on other nodes refresh, and
+    // open pages hear of the change.
+    for (server, names) in &report.servers {
+        state.cache.invalidate_server(server);
+        let data = json!({ "names": names });
+        state
+            .live
+            .publish(server, crate::live::LiveMessage { kind: "metric", data });
+    }
     let deleted = crate::rollup::apply_retention(&state.store, retention).await?;
     tracing::info!(marked, buckets = report.buckets(), "aggregation run by the operator");
     Ok(Json(json!({
