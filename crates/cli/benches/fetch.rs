@@ -8,6 +8,11 @@
 //! `GET /api/v1/servers/target/metrics` over HTTP on one keep-alive connection.
 //! Uncached requests vary the order of `names` (same series, new cache key).
 //!
+//! With `FETCH_BENCH_POSTGRES=<url of a PostgreSQL server>`, the same database is then
+//! copied (`mcp_metrics_store::copy`, as `mcp-metrics copy` does) into a fresh
+//! PostgreSQL database and the same requests are timed against the service on it, in
+//! the same run.
+//!
 //! `FETCH_BENCH_SCALE=10 cargo bench -p mcp-metrics --bench fetch`
 
 use std::time::{Duration, Instant};
@@ -155,6 +160,30 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
 
+    println!("SQLite:");
+    time_fetches(config.clone()).await;
+    if let Ok(admin) = std::env::var("FETCH_BENCH_POSTGRES") {
+        let url = mcp_metrics_store::postgres::testing::fresh_database(&admin)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        mcp_metrics_store::copy::sqlite_to_postgres(&path, &url, |_| {})
+            .await
+            .unwrap();
+        println!("PostgreSQL (copied in {:.1} s):", started.elapsed().as_secs_f64());
+        let key_file = mcp_metrics_server::keyring::key_file_for(&config.database).unwrap();
+        let pg = Config {
+            database: url.clone(),
+            master_key: Some(std::fs::read_to_string(key_file).unwrap().trim().to_owned()),
+            ..Config::default()
+        };
+        time_fetches(pg).await;
+        let _ = mcp_metrics_store::postgres::testing::drop_database(&admin, &url).await;
+    }
+}
+
+/// Starts the service on `config` and times uncached and cached fetches per period.
+async fn time_fetches(config: Config) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

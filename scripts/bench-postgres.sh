@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Ingest on PostgreSQL beside SQLite, and two nodes beside one, with the same load
+# generator in one run: signed JSON, BATCH samples per request over CONNECTIONS
+# connections per node, release binary, fresh databases.
+#
+#   scripts/bench-postgres.sh [SAMPLES=2000000] [BATCH=1000] [CONNECTIONS=4] [PG_ADMIN_URL]
+#
+# PG_ADMIN_URL defaults to $MCP_METRICS_TEST_POSTGRES or postgres://postgres@127.0.0.1:5432/test;
+# a database is created per run and dropped afterwards. For two nodes, two load
+# generators (each SAMPLES/2) start together, one per node; the rate is all samples
+# acknowledged by both divided by the longer of the two runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+samples=${1:-2000000}
+batch=${2:-1000}
+connections=${3:-4}
+admin=${4:-${MCP_METRICS_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}}
+bin=target/release/mcp-metrics
+[ -x "$bin" ] || cargo build --release
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+dir=$(mktemp -d)
+pids=()
+dbs=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for d in "${dbs[@]}"; do psql -q "$admin" -c "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null 2>&1 || true; done
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+export MCP_METRICS_ADMIN_TOKEN=bench-admin-token-$RANDOM$RANDOM
+export MCP_METRICS_MASTER_KEY=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+fresh_pg() {
+  local name="mcpm_bench_$RANDOM$RANDOM"
+  psql -q "$admin" -c "CREATE DATABASE $name" >/dev/null
+  dbs+=("$name")
+  python3 -c 'import sys,urllib.parse as u; p=u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/"+sys.argv[2])))' "$admin" "$name"
+}
+start_node() { # $1 database URL; sets $node_url and $node_pid
+  local port; port=$(free_port)
+  "$bin" serve --database "$1" --listen "127.0.0.1:$port" 2>>"$dir/serve.log" &
+  node_pid=$!; pids+=("$node_pid")
+  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.05; done
+  node_url="http://127.0.0.1:$port"
+}
+bench() { # $1 url, $2 samples
+  "$bin" bench --url "$1" --batch "$batch" --samples "$2" --connections "$connections" --json 2>/dev/null | tail -1
+}
+summary() { python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(f"{r[\"samples_per_second\"]/1000:.0f} k samples/s, ack p50 {r[\"ack_p50_ms\"]:.1f} ms, p99 {r[\"ack_p99_ms\"]:.1f} ms, {r[\"errors\"]} errors")' "$1"; }
+
+start_node "sqlite://$dir/bench.db"
+echo "SQLite, one node:        $(summary "$(bench "$node_url" "$samples")")"
+kill -TERM "$node_pid"; wait "$node_pid" 2>/dev/null || true
+
+start_node "$(fresh_pg)"
+echo "PostgreSQL, one node:    $(summary "$(bench "$node_url" "$samples")")"
+kill -TERM "$node_pid"; wait "$node_pid" 2>/dev/null || true
+
+db=$(fresh_pg)
+start_node "$db"; a=$node_url; a_pid=$node_pid
+start_node "$db"; b=$node_url; b_pid=$node_pid
+half=$((samples / 2))
+bench "$a" "$half" >"$dir/a.json" &
+ba=$!
+bench "$b" "$half" >"$dir/b.json" &
+bb=$!
+wait "$ba" "$bb"
+python3 - "$dir/a.json" "$dir/b.json" <<'PY'
+import json, sys
+runs = [json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:]]
+total = sum(r["accepted_samples"] for r in runs)
+seconds = max(r["seconds"] for r in runs)
+p99 = max(r["ack_p99_ms"] for r in runs)
+errors = sum(r["errors"] for r in runs)
+print(f"PostgreSQL, two nodes:   {total / seconds / 1000:.0f} k samples/s, ack p99 {p99:.1f} ms (worse node), {errors} errors")
+PY
+kill -TERM "$a_pid" "$b_pid"; wait "$a_pid" "$b_pid" 2>/dev/null || true
