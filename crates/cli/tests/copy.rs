@@ -224,13 +224,20 @@ async fn a_copied_database_answers_the_same_on_postgres() {
 
     let creds = [&alpha, &beta];
     let expected = answers(&svc, &creds).await;
-    assert_eq!(expected[0].1["servers"].as_array().unwrap().len(), 2);
-    assert!(
-        expected
-            .iter()
-            .any(|(name, v)| name == "alpha samples" && v.as_array().unwrap().len() == 5 * 15),
-        "alpha's samples are not all there"
-    );
+    // Equal answers prove nothing if they are empty.
+    let named = |name: &str| &expected.iter().find(|(n, _)| n == name).unwrap().1;
+    assert_eq!(named("servers")["servers"].as_array().unwrap().len(), 2);
+    assert_eq!(named("alpha samples").as_array().unwrap().len(), 5 * 15);
+    for name in ["alpha metrics 1h", "beta metrics 90d"] {
+        let series = named(name)["series"].as_array().unwrap();
+        assert_eq!(series.len(), 5, "{name}");
+        assert!(
+            series.iter().all(|s| !s["points"].as_object().unwrap().is_empty()),
+            "{name}"
+        );
+    }
+    assert_eq!(named("alpha events")["events"].as_array().unwrap().len(), 2);
+    assert_eq!(named("alpha usage")["totals"]["installs"], 1);
     svc.stop().await;
     let key_file = dir.path().join("lite.db.master-key");
     let master_key = std::fs::read_to_string(&key_file).expect("the SQLite service made a master key file");
@@ -296,8 +303,9 @@ async fn a_copied_database_answers_the_same_on_postgres() {
         assert_eq!(got, want, "{name} differs on PostgreSQL");
     }
 
-    // Credentials and sealed secrets moved: the copied key signs a push (new series and
-    // events get fresh ids), and the revoked one stays revoked.
+    // Credentials and sealed secrets moved: the copied key signs a push, and the revoked
+    // one stays revoked. The new series and event fail unless the id sequences moved past
+    // the copied ids.
     let now = now_ms();
     let body = batch(
         "alpha",
