@@ -50,6 +50,27 @@ pub enum Command {
     Push(PushArgs),
     /// Load-test a running service with pre-built signed batches.
     Bench(BenchArgs),
+    /// Copy a SQLite database into PostgreSQL, to move the service to several nodes.
+    #[command(
+        long_about = "Copy a SQLite database into PostgreSQL, to move the service to several nodes.\n\n\
+        Everything is copied with its ids: servers, credentials (API key hashes and sealed signing \
+        secrets), series, raw samples, minute/hour/day rollups and pending rollup marks, events, \
+        usage figures and salts, and replay-protection records. The SQLite file is only read.\n\n\
+        The copy is resumable: raw samples go in time-ordered chunks, each committed with a checkpoint \
+        in the destination, and the other tables are inserted idempotently. If it stops (network, \
+        Ctrl-C), run the same command again: it continues after the last committed chunk. A run \
+        after a complete copy adds nothing.\n\n\
+        The destination must be an empty database (the schema is created) or a previous copy of \
+        the same SQLite file; anything else is refused, since merging two services' data would \
+        mix up their ids.\n\n\
+        Stop the service before copying: rows written after the copy began may be left out, even by a \
+        rerun.",
+        after_help = "Signing secrets stay sealed with the SQLite service's master key, which lives in \
+        <database file>.master-key (unless MCP_METRICS_MASTER_KEY was set). Every PostgreSQL node needs \
+        that key as MCP_METRICS_MASTER_KEY; the command prints where it is when done.\n\n\
+        Example:\n  mcp-metrics copy --from sqlite://mcp-metrics.db --to postgres://mcp@db.internal/metrics"
+    )]
+    Copy(CopyArgs),
 }
 
 #[derive(Args)]
@@ -158,6 +179,17 @@ pub struct AggregateArgs {
     pub to: Option<String>,
     #[command(flatten)]
     pub db: DatabaseArgs,
+}
+
+#[derive(Args)]
+pub struct CopyArgs {
+    /// The SQLite database to copy: sqlite://PATH or a plain path.
+    #[arg(long, value_name = "SQLITE")]
+    pub from: String,
+    /// The PostgreSQL database to copy into: postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
+    /// It must exist; it must be empty or hold an earlier copy of the same file.
+    #[arg(long, value_name = "POSTGRES_URL")]
+    pub to: String,
 }
 
 #[derive(Args)]

@@ -38,6 +38,10 @@ pub struct CopyReport {
     pub tables: Vec<(&'static str, u64)>,
     /// Raw samples that an earlier, interrupted run had copied already.
     pub samples_resumed: u64,
+    /// Rows each table gained in the destination, in the order of `tables`. The small
+    /// tables are re-read on every run, so this, not `tables`, tells whether a rerun
+    /// found anything the destination lacked.
+    pub new_rows: Vec<(&'static str, u64)>,
 }
 
 /// Meta keys of the destination that belong to the copy itself.
@@ -344,11 +348,13 @@ pub async fn sqlite_to_postgres(
 
     let mut report = CopyReport::default();
     for table in TABLES {
-        let rows = copy_table(&source, &mut client, table, &mut progress).await?;
+        let (rows, new) = copy_table(&source, &mut client, table, &mut progress).await?;
         report.tables.push((table.name, rows));
+        report.new_rows.push((table.name, new));
     }
     let (copied, resumed) = copy_samples(&source, &store, &mut client, &mut progress).await?;
     report.tables.push(("server_metrics", copied));
+    report.new_rows.push(("server_metrics", copied));
     report.samples_resumed = resumed;
     advance_sequences(&source, &client).await?;
     Ok(report)
@@ -402,7 +408,7 @@ async fn copy_table(
     client: &mut crate::postgres::PoolClient,
     table: &'static Table,
     progress: &mut impl FnMut(CopyProgress),
-) -> StoreResult<u64> {
+) -> StoreResult<(u64, u64)> {
     let total = source.count(table.name).await?;
     let columns: Vec<&str> = table.columns.iter().map(|c| c.0).collect();
     let list = columns.join(", ");
@@ -429,7 +435,7 @@ async fn copy_table(
             && matches!(&row[0], Value::Text(k) if k == "rollup_generation" || k == SOURCE_KEY || k == CHECKPOINT_KEY)
     };
 
-    let mut done = 0u64;
+    let (mut done, mut inserted) = (0u64, 0u64);
     let mut after: Option<Vec<Value>> = None;
     progress(CopyProgress {
         table: table.name,
@@ -482,15 +488,16 @@ async fn copy_table(
             writer.as_mut().write(&refs).await.map_err(pg_err)?;
         }
         writer.finish().await.map_err(pg_err)?;
-        tx.execute(
-            &format!(
-                "INSERT INTO {name} ({list}) SELECT {list} FROM copy_stage ON CONFLICT DO NOTHING",
-                name = table.name
-            ),
-            &[],
-        )
-        .await
-        .map_err(pg_err)?;
+        inserted += tx
+            .execute(
+                &format!(
+                    "INSERT INTO {name} ({list}) SELECT {list} FROM copy_stage ON CONFLICT DO NOTHING",
+                    name = table.name
+                ),
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
         done += n as u64;
         progress(CopyProgress {
@@ -502,7 +509,7 @@ async fn copy_table(
             break;
         }
     }
-    Ok(done)
+    Ok((done, inserted))
 }
 
 fn parse_checkpoint(text: &str) -> Option<(i64, i64, i64)> {

@@ -993,6 +993,11 @@ async fn copies_sqlite_to_postgres() {
     let samples = report.tables.iter().find(|t| t.0 == "server_metrics").unwrap().1;
     assert_eq!(samples, 12_000);
     assert_eq!(report.samples_resumed, 0);
+    assert_eq!(report.new_rows.len(), report.tables.len());
+    assert!(
+        report.new_rows.iter().any(|t| t.0 == "servers" && t.1 > 0),
+        "{report:?}"
+    );
     let last = seen.iter().rev().find(|p| p.table == "server_metrics").unwrap();
     assert_eq!((last.done, last.total), (12_000, 12_000));
     assert!(
@@ -1009,6 +1014,7 @@ async fn copies_sqlite_to_postgres() {
         .unwrap();
     assert_eq!(report.tables.iter().find(|t| t.0 == "server_metrics").unwrap().1, 0);
     assert_eq!(report.samples_resumed, 12_000);
+    assert!(report.new_rows.iter().all(|t| t.1 == 0), "{:?}", report.new_rows);
     assert_eq!(snapshot(&pg).await, expected);
 
     // New series and events continue after the copied ids.

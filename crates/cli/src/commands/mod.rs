@@ -4,6 +4,7 @@
 mod admin;
 mod aggregate;
 mod bench;
+mod copy;
 mod push;
 mod serve;
 
@@ -20,6 +21,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Aggregate(args) => aggregate::run(args).await,
         Command::Push(args) => push::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Copy(args) => copy::run(args).await,
     }
 }
 
