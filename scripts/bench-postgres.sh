@@ -46,7 +46,9 @@ start_node() { # $1 database URL; sets $node_url and $node_pid
 bench() { # $1 url, $2 samples
   "$bin" bench --url "$1" --batch "$batch" --samples "$2" --connections "$connections" --json 2>/dev/null | tail -1
 }
-summary() { python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(f"{r[\"samples_per_second\"]/1000:.0f} k samples/s, ack p50 {r[\"ack_p50_ms\"]:.1f} ms, p99 {r[\"ack_p99_ms\"]:.1f} ms, {r[\"errors\"]} errors")' "$1"; }
+summary() {
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("%.0f k samples/s, ack p50 %.1f ms, p99 %.1f ms, %d errors" % (r["samples_per_second"]/1000, r["ack_p50_ms"], r["ack_p99_ms"], r["errors"]))' "$1"
+}
 
 start_node "sqlite://$dir/bench.db"
 echo "SQLite, one node:        $(summary "$(bench "$node_url" "$samples")")"

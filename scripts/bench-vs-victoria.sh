@@ -44,7 +44,9 @@ start_vm() { # $1: name
   for _ in $(seq 100); do curl -sf -H "Authorization: $vm_auth" "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
   victoria="http://127.0.0.1:$port"
 }
-rate() { python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(f"{r[\"samples_per_second\"]/1000:.0f} k/s, p99 {r[\"ack_p99_ms\"]:.1f} ms, {r[\"errors\"]} errors")'; }
+rate() {
+  python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print("%.0f k/s, p99 %.1f ms, %d errors" % (r["samples_per_second"]/1000, r["ack_p99_ms"], r["errors"]))'
+}
 
 printf '%-6s %-12s %-42s %-42s\n' round format mcp-metrics VictoriaMetrics
 for round in $(seq "$rounds"); do

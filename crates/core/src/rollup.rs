@@ -120,6 +120,14 @@ impl BucketStats {
         Some(stats)
     }
 
+    /// Folds samples that come after every sample already in the bucket, in (timestamp,
+    /// seq) order: the same bucket as folding all of them at once.
+    pub fn extend(&mut self, samples: impl IntoIterator<Item = (i64, f64)>) {
+        for (ts, value) in samples {
+            self.add(ts, value);
+        }
+    }
+
     fn add(&mut self, ts: i64, value: f64) {
         self.count += 1;
         self.sum += value;
@@ -257,6 +265,19 @@ mod tests {
             prop_assert_eq!(left.count, all.len() as u64);
             prop_assert_eq!(left.sum, all.iter().sum::<f64>());
             prop_assert_eq!(&left, &whole);
+        }
+
+        #[test]
+        fn extending_a_bucket_equals_folding_everything(
+            a in grid_values(), b in grid_values(),
+            kind in prop_oneof![Just(Kind::Gauge), Just(Kind::Counter), Just(Kind::Histogram)],
+        ) {
+            // What an incremental minute pass does: the stored bucket plus the later samples.
+            let mut extended = buckets(&a, kind, 0);
+            extended.extend(b.iter().enumerate().map(|(i, v)| (1_000 + i as i64, *v)));
+            let whole = BucketStats::fold(kind, a.iter().enumerate().map(|(i, v)| (i as i64, *v))
+                .chain(b.iter().enumerate().map(|(i, v)| (1_000 + i as i64, *v)))).unwrap();
+            prop_assert_eq!(extended, whole);
         }
     }
 }

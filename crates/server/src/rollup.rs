@@ -136,6 +136,11 @@ fn compute(level: Level, work: mcp_metrics_store::RollupWork, cutoff: Option<i64
                 BucketStats::fold(kind, samples)
             }
             (Some(_), RollupInput::Children(children)) => BucketStats::merge_all(&children),
+            (Some(_), RollupInput::Extend { mut base, samples }) => {
+                report.samples_folded += samples.len() as u64;
+                base.extend(samples);
+                Some(base)
+            }
         };
         if let Some((server, name)) = server {
             report.servers.entry(server.clone()).or_default().insert(name.clone());
@@ -188,12 +193,16 @@ pub async fn run_job(
     telemetry: Arc<crate::telemetry::Telemetry>,
     on_change: impl Fn(&BTreeMap<String, BTreeSet<String>>) + Send + 'static,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The wait before the next tick: the interval, but at least as long as the last pass
+    // took, so under a load that makes passes slow (a busy open minute folded again at
+    // every pass) the job uses at most about half of its database connection and core,
+    // and ingest keeps the rest; rollups then lag by a few passes instead.
+    let mut pause = Duration::ZERO;
     let mut last_retention: Option<Instant> = None;
     let mut leading = false;
     loop {
-        ticker.tick().await;
+        tokio::time::sleep(pause).await;
+        pause = interval;
         // One node of a cluster runs the job; the others wait to take over. A node that
         // dies releases the lock with its connection, so a follower takes over at its next
         // tick.
@@ -228,6 +237,7 @@ pub async fn run_job(
         let started = Instant::now();
         match run_pass(&store, &retention).await {
             Ok(report) => {
+                pause = interval.max(started.elapsed());
                 telemetry.rollup_pass(started.elapsed(), &report);
                 if !report.servers.is_empty() {
                     on_change(&report.servers);

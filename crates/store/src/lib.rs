@@ -24,11 +24,17 @@ use mcp_metrics_core::model::{
 use mcp_metrics_core::rollup::{BucketStats, Level};
 
 /// Everything the service persists. Implementations must be safe to share between
-/// tasks; [`Store::write_batch`] is called by exactly one writer task at a time.
+/// tasks; [`Store::write_batch`] is called by at most [`Store::write_concurrency`]
+/// writer tasks at a time.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`, for logs and `/readyz`.
     fn backend(&self) -> &'static str;
+    /// How many [`Store::write_batch`] calls the writer may run at once. SQLite has one
+    /// write lock, so one; a server database overlaps one batch's commit with the next.
+    fn write_concurrency(&self) -> usize {
+        1
+    }
     /// Succeeds when the database answers and its schema is current.
     async fn ping(&self) -> StoreResult<()>;
     /// The newest applied migration.

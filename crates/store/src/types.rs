@@ -122,6 +122,14 @@ pub enum RollupInput {
     Raw(Vec<(i64, f64)>),
     /// The finer buckets of an hour or a day, oldest first.
     Children(Vec<BucketStats>),
+    /// The stored minute bucket and the raw samples written after its last sample, in
+    /// (timestamp, seq) order: a store may offer this when it knows every sample written
+    /// since the bucket was computed is later than the bucket's `last_ts`, so a busy open
+    /// minute is not read again from its start at every pass.
+    Extend {
+        base: BucketStats,
+        samples: Vec<(i64, f64)>,
+    },
 }
 
 /// One pass's worth of dirty buckets with their inputs, read from one snapshot.

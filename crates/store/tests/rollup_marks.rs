@@ -39,6 +39,11 @@ fn fold(input: &RollupInput) -> Option<BucketStats> {
     match input {
         RollupInput::Raw(samples) => BucketStats::fold(Kind::Histogram, samples.iter().copied()),
         RollupInput::Children(c) => BucketStats::merge_all(c),
+        RollupInput::Extend { base, samples } => {
+            let mut stats = base.clone();
+            stats.extend(samples.iter().copied());
+            Some(stats)
+        }
     }
 }
 

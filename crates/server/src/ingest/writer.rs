@@ -4,7 +4,9 @@
 //! queued (up to a batch limit), commits it in one transaction, then answers each
 //! request. Under load many requests share one commit and one fsync; when idle a lone
 //! request commits at once. The queue is bounded in samples by a semaphore: when it is
-//! full a request is refused at once (503) instead of growing memory.
+//! full a request is refused at once (503) instead of growing memory. A store that
+//! allows it ([`Store::write_concurrency`], PostgreSQL) gets several groups in flight:
+//! the next group is gathered and sent while the previous one waits for its commit.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -96,7 +98,7 @@ pub fn start(store: Arc<dyn Store>, telemetry: Arc<Telemetry>, config: &IngestCo
         replay_window_ms: config.replay_window_secs * 1000,
         retry_window_ms: config.retry_window_secs * 1000,
     };
-    let task = tokio::spawn(writer.run(rx, stop.clone()));
+    let task = tokio::spawn(Arc::new(writer).run(rx, stop.clone()));
     (
         WriteQueue {
             tx,
@@ -117,21 +119,23 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>, stop: Arc<Notify>) {
+    async fn run(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Job>, stop: Arc<Notify>) {
+        let slots = self.store.write_concurrency().max(1);
+        let in_flight = Arc::new(Semaphore::new(slots));
         let mut stopping = false;
         loop {
             let first = if stopping {
                 // No handler is running any more: commit what is left, in groups, and end.
                 match rx.try_recv() {
                     Ok(job) => job,
-                    Err(_) => return,
+                    Err(_) => break,
                 }
             } else {
                 tokio::select! {
                     biased;
                     job = rx.recv() => match job {
                         Some(job) => job,
-                        None => return,
+                        None => break,
                     },
                     _ = stop.notified() => {
                         stopping = true;
@@ -139,6 +143,9 @@ impl Writer {
                     }
                 }
             };
+            // Wait for a free slot before gathering the group: what arrives meanwhile
+            // joins it.
+            let slot = in_flight.clone().acquire_owned().await.expect("never closed");
             let mut jobs = vec![first];
             let mut samples = jobs[0].samples;
             while samples < self.max_batch_samples {
@@ -150,8 +157,19 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(jobs).await;
+            if slots == 1 {
+                self.commit(jobs).await;
+                drop(slot);
+            } else {
+                let writer = self.clone();
+                tokio::spawn(async move {
+                    writer.commit(jobs).await;
+                    drop(slot);
+                });
+            }
         }
+        // Every group in flight is committed before the writer reports it stopped.
+        let _ = in_flight.acquire_many(slots as u32).await;
     }
 
     async fn commit(&self, jobs: Vec<Job>) {

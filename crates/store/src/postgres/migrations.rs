@@ -177,6 +177,32 @@ CREATE TABLE usage_daily (
 );
 "#,
     ),
+    (
+        4,
+        "an append-only log of the minutes each write touched",
+        r#"
+-- Writes append the (minute, series) pairs they touched here instead of upserting
+-- rollup_dirty: concurrent group commits (and nodes) all touch the current minute of
+-- the same series, and the upsert's row locks made them wait for each other's commits.
+-- The rollup job moves the log into rollup_dirty (one consumer, under its lock). No key
+-- and no index: inserts append to the heap, and the move deletes what it saw.
+-- min_ts: the earliest sample of that write in the minute. A minute mark keeps the
+-- earliest of its writes (NULL: unknown, recompute from the minute's start); when it is
+-- later than the stored bucket's last sample, the pass reads only the new samples.
+CREATE TABLE rollup_log (
+    bucket    BIGINT NOT NULL,
+    series_id BIGINT NOT NULL,
+    min_ts    BIGINT NOT NULL
+);
+ALTER TABLE rollup_dirty ADD COLUMN min_ts BIGINT;
+-- The mark generation a stored bucket was computed from: a pass whose mark was renewed
+-- while it computed still stores its (newer) result, so a minute written without pause
+-- keeps being updated, yet a result from an older generation never replaces a newer one.
+ALTER TABLE rollups_1m ADD COLUMN generation BIGINT;
+ALTER TABLE rollups_1h ADD COLUMN generation BIGINT;
+ALTER TABLE server_metrics_daily ADD COLUMN generation BIGINT;
+"#,
+    ),
 ];
 
 /// The version a fully migrated database has.

@@ -280,10 +280,20 @@ fn is_retryable(e: &tokio_postgres::Error) -> bool {
     matches!(sqlstate(e), Some("40001" | "40P01" | "23505" | "23514"))
 }
 
+/// Group commits in flight at once (each holds one pooled connection).
+const WRITE_CONCURRENCY: usize = 4;
+
 #[async_trait]
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    /// While one batch waits for its commit (WAL flush) another can be sent: measured
+    /// with `scripts/bench-postgres.sh`, one batch at a time left the server's backend
+    /// waiting on round trips and fsync rather than busy.
+    fn write_concurrency(&self) -> usize {
+        WRITE_CONCURRENCY
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -48,7 +48,32 @@ fn stats_from_row(r: &Row, at: usize) -> BucketStats {
     }
 }
 
+/// Moves the minutes that writes logged into minute marks, each with a new generation
+/// (so a mark a pass has read counts as renewed). The DELETE removes exactly the log
+/// rows its snapshot sees: rows of writes still in flight stay for the next move, and
+/// are visible, samples included, to any snapshot taken after they commit.
+async fn absorb_log(client: &tokio_postgres::Transaction<'_>) -> PgResult<u64> {
+    client
+        .execute(
+            "WITH moved AS (DELETE FROM rollup_log RETURNING bucket, series_id, min_ts),
+                  g AS MATERIALIZED (SELECT nextval('rollup_generation') AS generation)
+             INSERT INTO rollup_dirty (level, bucket, series_id, generation, min_ts)
+             SELECT 0::smallint, m.bucket, m.series_id, min(g.generation), min(m.min_ts) FROM moved m, g
+             GROUP BY m.bucket, m.series_id
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation,
+                 min_ts = CASE WHEN rollup_dirty.min_ts IS NULL THEN NULL
+                               ELSE LEAST(rollup_dirty.min_ts, EXCLUDED.min_ts) END",
+            &[],
+        )
+        .await
+}
+
 pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> PgResult<RollupWork> {
+    if level == Level::Minute {
+        let tx = client.transaction().await?;
+        absorb_log(&tx).await?;
+        tx.commit().await?;
+    }
     // One snapshot for the marks and the data they are rebuilt from, so a sample committed
     // later also renewed its mark.
     let tx = client
@@ -57,13 +82,14 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
         .read_only(true)
         .start()
         .await?;
-    let marks: Vec<DirtyMark> = tx
+    let rows = tx
         .query(
-            "SELECT bucket, series_id, generation FROM rollup_dirty WHERE level = $1
+            "SELECT bucket, series_id, generation, min_ts FROM rollup_dirty WHERE level = $1
              ORDER BY bucket, series_id LIMIT $2",
             &[&level_code(level), &(max_marks as i64)],
         )
-        .await?
+        .await?;
+    let marks: Vec<DirtyMark> = rows
         .iter()
         .map(|r| DirtyMark {
             level,
@@ -75,7 +101,35 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
     let mut items = Vec::with_capacity(marks.len());
     match level.child() {
         None => {
-            // Minutes: one range scan of the raw table per marked minute, pipelined.
+            // A minute whose new samples all come after its stored bucket's last sample is
+            // extended with them; any other is folded again from its start.
+            let earliest: HashMap<(i64, i64), i64> = rows
+                .iter()
+                .filter_map(|r| r.get::<_, Option<i64>>(3).map(|t| ((r.get(0), r.get(1)), t)))
+                .collect();
+            let mut stored: HashMap<(i64, i64), BucketStats> = HashMap::new();
+            if !earliest.is_empty() {
+                let (buckets, ids): (Vec<i64>, Vec<i64>) = earliest.keys().copied().unzip();
+                for r in tx
+                    .query(
+                        &format!(
+                            "SELECT c.bucket, c.series_id, c.{} FROM unnest($1::bigint[], $2::bigint[]) AS m(bucket, series_id)
+                             JOIN rollups_1m c ON c.series_id = m.series_id AND c.bucket = m.bucket",
+                            STATS_COLUMNS.replace(", ", ", c.")
+                        ),
+                        &[&buckets, &ids],
+                    )
+                    .await?
+                {
+                    let key: (i64, i64) = (r.get(0), r.get(1));
+                    let base = stats_from_row(&r, 2);
+                    if earliest.get(&key).is_some_and(|first| *first > base.last_ts) {
+                        stored.insert(key, base);
+                    }
+                }
+            }
+            // One range scan per marked minute (from the earliest point any of its series
+            // needs), pipelined.
             let scan = tx
                 .prepare(
                     "SELECT series_id, ts, value FROM server_metrics
@@ -92,8 +146,13 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
             let results = pipeline(groups.iter().map(|g| {
                 let ids: Vec<i64> = g.iter().map(|m| m.series_id).collect();
                 let bucket = g[0].bucket;
+                let from = g
+                    .iter()
+                    .map(|m| stored.get(&(m.bucket, m.series_id)).map_or(bucket, |b| b.last_ts + 1))
+                    .min()
+                    .unwrap_or(bucket);
                 let (tx, scan) = (&tx, &scan);
-                async move { tx.query(scan, &[&bucket, &(bucket + level.bucket_ms()), &ids]).await }
+                async move { tx.query(scan, &[&from, &(bucket + level.bucket_ms()), &ids]).await }
             }))
             .await?;
             for (group, rows) in groups.iter().zip(results) {
@@ -102,10 +161,18 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
                     by_series.entry(r.get(0)).or_default().push((r.get(1), r.get(2)));
                 }
                 for mark in group.iter() {
-                    items.push((
-                        *mark,
-                        RollupInput::Raw(by_series.remove(&mark.series_id).unwrap_or_default()),
-                    ));
+                    let samples = by_series.remove(&mark.series_id).unwrap_or_default();
+                    let input = match stored.remove(&(mark.bucket, mark.series_id)) {
+                        Some(base) => {
+                            let after = base.last_ts;
+                            RollupInput::Extend {
+                                base,
+                                samples: samples.into_iter().filter(|s| s.0 > after).collect(),
+                            }
+                        }
+                        None => RollupInput::Raw(samples),
+                    };
+                    items.push((*mark, input));
                 }
             }
         }
@@ -154,48 +221,57 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
     Ok(RollupWork { items, series })
 }
 
-/// Stores recomputed buckets. A bucket is written only if its mark is cleared here, i.e.
-/// nothing renewed it and no other pass handled it since this pass read it: a result
-/// computed from an older snapshot never overwrites a newer one.
+/// Stores recomputed buckets and clears the marks nothing renewed since the pass read
+/// them. A bucket is written unless the stored one was computed from a newer mark
+/// generation, so a result from an older snapshot never replaces a newer one, while a
+/// minute that keeps receiving samples (its mark renewed at every pass) is still stored
+/// at every pass, and its next pass can extend it (`work`).
 pub async fn apply(
     client: &mut PoolClient,
     level: Level,
     results: &[(DirtyMark, Option<BucketStats>)],
 ) -> PgResult<()> {
     let tx = client.transaction().await?;
+    // Minutes written since the pass read its marks renew them now: their marks stay for
+    // the next pass, which folds what this one missed.
+    if level == Level::Minute {
+        absorb_log(&tx).await?;
+    }
     let buckets: Vec<i64> = results.iter().map(|(m, _)| m.bucket).collect();
     let ids: Vec<i64> = results.iter().map(|(m, _)| m.series_id).collect();
     let generations: Vec<i64> = results.iter().map(|(m, _)| m.generation).collect();
-    let cleared: HashSet<(i64, i64)> = tx
-        .query(
+    tx.execute(
             "DELETE FROM rollup_dirty d USING unnest($2::bigint[], $3::bigint[], $4::bigint[]) AS m(bucket, series_id, generation)
-             WHERE d.level = $1 AND d.bucket = m.bucket AND d.series_id = m.series_id AND d.generation = m.generation
-             RETURNING d.bucket, d.series_id",
-            &[&level_code(level), &buckets, &ids, &generations],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+             WHERE d.level = $1 AND d.bucket = m.bucket AND d.series_id = m.series_id AND d.generation = m.generation",
+        &[&level_code(level), &buckets, &ids, &generations],
+    )
+    .await?;
 
-    // The last result per bucket wins, and ON CONFLICT may touch each row only once.
-    let mut latest: HashMap<(i64, i64), &Option<BucketStats>> = HashMap::new();
+    // The newest result per bucket wins, and ON CONFLICT may touch each row only once.
+    let mut latest: HashMap<(i64, i64), (i64, &Option<BucketStats>)> = HashMap::new();
     for (m, stats) in results {
-        if cleared.contains(&(m.bucket, m.series_id)) {
-            latest.insert((m.bucket, m.series_id), stats);
+        let entry = latest.entry((m.bucket, m.series_id)).or_insert((m.generation, stats));
+        if m.generation >= entry.0 {
+            *entry = (m.generation, stats);
         }
     }
     let mut keys: Vec<(i64, i64)> = latest.keys().copied().collect();
     keys.sort_unstable();
 
     let mut up = Upserts::default();
-    let (mut gone_buckets, mut gone_ids) = (Vec::new(), Vec::new());
+    let mut up_generations = Vec::new();
+    let (mut gone_buckets, mut gone_ids, mut gone_generations) = (Vec::new(), Vec::new(), Vec::new());
     for key in &keys {
-        match latest[key] {
-            Some(s) => up.push(key.1, key.0, s),
+        let (generation, stats) = latest[key];
+        match stats {
+            Some(s) => {
+                up.push(key.1, key.0, s);
+                up_generations.push(generation);
+            }
             None => {
                 gone_buckets.push(key.0);
                 gone_ids.push(key.1);
+                gone_generations.push(generation);
             }
         }
     }
@@ -203,13 +279,16 @@ pub async fn apply(
     if !up.series_id.is_empty() {
         tx.execute(
             &format!(
-                "INSERT INTO {name} (series_id, bucket, {STATS_COLUMNS})
+                "INSERT INTO {name} (series_id, bucket, {STATS_COLUMNS}, generation)
                  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::float8[], $5::float8[], $6::float8[],
-                                      $7::float8[], $8::bigint[], $9::float8[], $10::bigint[], $11::float8[], $12::bytea[])
+                                      $7::float8[], $8::bigint[], $9::float8[], $10::bigint[], $11::float8[], $12::bytea[],
+                                      $13::bigint[])
                  ON CONFLICT (series_id, bucket) DO UPDATE SET
                    count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max,
                    first = EXCLUDED.first, first_ts = EXCLUDED.first_ts, last = EXCLUDED.last,
-                   last_ts = EXCLUDED.last_ts, increase = EXCLUDED.increase, sketch = EXCLUDED.sketch"
+                   last_ts = EXCLUDED.last_ts, increase = EXCLUDED.increase, sketch = EXCLUDED.sketch,
+                   generation = EXCLUDED.generation
+                 WHERE {name}.generation IS NULL OR {name}.generation <= EXCLUDED.generation"
             ),
             &[
                 &up.series_id,
@@ -224,6 +303,7 @@ pub async fn apply(
                 &up.last_ts,
                 &up.increase,
                 &up.sketch,
+                &up_generations,
             ],
         )
         .await?;
@@ -231,10 +311,11 @@ pub async fn apply(
     if !gone_ids.is_empty() {
         tx.execute(
             &format!(
-                "DELETE FROM {name} t USING unnest($1::bigint[], $2::bigint[]) AS g(series_id, bucket)
-                 WHERE t.series_id = g.series_id AND t.bucket = g.bucket"
+                "DELETE FROM {name} t USING unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS g(series_id, bucket, generation)
+                 WHERE t.series_id = g.series_id AND t.bucket = g.bucket
+                   AND (t.generation IS NULL OR t.generation <= g.generation)"
             ),
-            &[&gone_ids, &gone_buckets],
+            &[&gone_ids, &gone_buckets, &gone_generations],
         )
         .await?;
     }
@@ -326,7 +407,7 @@ pub async fn mark_range(client: &PoolClient, from: i64, to: i64) -> PgResult<u64
              SELECT 0, m.bucket, m.series_id, g.generation
              FROM (SELECT DISTINCT ts - ((ts % 60000) + 60000) % 60000 AS bucket, series_id
                    FROM server_metrics WHERE ts >= $1 AND ts < $2) AS m, g
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation",
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation, min_ts = NULL",
             &[&from, &to],
         )
         .await
@@ -335,13 +416,17 @@ pub async fn mark_range(client: &PoolClient, from: i64, to: i64) -> PgResult<u64
 pub async fn backlog(client: &PoolClient) -> PgResult<[u64; 3]> {
     let mut out = [0u64; 3];
     for r in client
-        .query("SELECT level, count(*) FROM rollup_dirty GROUP BY level", &[])
+        .query(
+            "SELECT level, count(*) FROM rollup_dirty GROUP BY level
+             UNION ALL SELECT 0::smallint, count(*) FROM rollup_log",
+            &[],
+        )
         .await?
     {
         let level: i16 = r.get(0);
         let n: i64 = r.get(1);
         if let Some(slot) = out.get_mut(level as usize) {
-            *slot = n as u64;
+            *slot += n as u64;
         }
     }
     Ok(out)

@@ -9,6 +9,7 @@
 //! Samples go in by binary COPY straight into the partitioned table (it routes each row
 //! to its day), falling back to upserts when a row exists already: see `write_samples`.
 
+use std::collections::HashMap;
 use std::pin::pin;
 
 use mcp_metrics_core::model::{Kind, RawSample, SeriesInfo};
@@ -79,7 +80,7 @@ pub async fn write_batch(client: &mut PoolClient, batch: &WriteBatch, rows: &[Ro
              RETURNING id",
         ),
         tx.prepare_cached(
-            "UPDATE credentials SET last_used_at = $2 WHERE key_id = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
+            "UPDATE credentials SET last_used_at = $2::BIGINT WHERE key_id = $1 AND (last_used_at IS NULL OR last_used_at <= $2::BIGINT - 60000)",
         ),
     )?;
 
@@ -229,17 +230,22 @@ pub async fn write_batch(client: &mut PoolClient, batch: &WriteBatch, rows: &[Ro
         write_samples(&mut tx, &deduped, histograms).await?;
 
         // Every minute that received a sample is recomputed by the rollup job.
-        let mut dirty: Vec<(i64, i64)> = deduped.iter().map(|s| (align(s.0, MINUTE), s.1)).collect();
+        // With the earliest sample of this batch in each (minute, series).
+        let mut dirty: HashMap<(i64, i64), i64> = HashMap::new();
+        for s in &deduped {
+            let first = dirty.entry((align(s.0, MINUTE), s.1)).or_insert(s.0);
+            *first = (*first).min(s.0);
+        }
+        let mut dirty: Vec<((i64, i64), i64)> = dirty.into_iter().collect();
         dirty.sort_unstable();
-        dirty.dedup();
-        let (buckets, ids): (Vec<i64>, Vec<i64>) = dirty.into_iter().unzip();
-        // The CTE runs nextval once for the whole statement: one generation per batch.
+        let buckets: Vec<i64> = dirty.iter().map(|d| d.0.0).collect();
+        let ids: Vec<i64> = dirty.iter().map(|d| d.0.1).collect();
+        let firsts: Vec<i64> = dirty.iter().map(|d| d.1).collect();
+        // Appended, not upserted: no row lock shared with concurrent commits. The rollup
+        // job turns the log into marks (rollups.rs, `absorb_log`).
         tx.execute(
-            "WITH g AS MATERIALIZED (SELECT nextval('rollup_generation') AS generation)
-             INSERT INTO rollup_dirty (level, bucket, series_id, generation)
-             SELECT 0, t.bucket, t.series_id, g.generation FROM unnest($1::bigint[], $2::bigint[]) AS t(bucket, series_id), g
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation",
-            &[&buckets, &ids],
+            "INSERT INTO rollup_log (bucket, series_id, min_ts) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])",
+            &[&buckets, &ids, &firsts],
         )
         .await?;
     }

@@ -309,7 +309,7 @@ fn write_batch_blocking(conn: &mut Connection, batch: &WriteBatch) -> rusqlite::
             "INSERT INTO server_events (server_id, kind, title, detail, at, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         let mut touch_credential = tx.prepare_cached(
-            "UPDATE credentials SET last_used_at = ?2 WHERE key_id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
+            "UPDATE credentials SET last_used_at = ?2 WHERE key_id = ?1 AND (last_used_at IS NULL OR last_used_at <= ?2 - 60000)",
         )?;
 
         for request in &batch.requests {
