@@ -66,7 +66,9 @@ bench "$a" "$half" >"$dir/a.json" &
 ba=$!
 bench "$b" "$half" >"$dir/b.json" &
 bb=$!
-wait "$ba" "$bb"
+# A run with failed requests exits non-zero after printing its figures; report them.
+wait "$ba" || true
+wait "$bb" || true
 python3 - "$dir/a.json" "$dir/b.json" <<'PY'
 import json, sys
 runs = [json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:]]

@@ -184,7 +184,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .as_deref()
             .context("--admin-token (or MCP_METRICS_ADMIN_TOKEN) is needed to create the benchmark server")?;
         let admin = format!("Bearer {admin_token}");
-        let server_id = format!("bench-{}", now_ms());
+        // Random too: load generators started together against one cluster must not collide.
+        let server_id = format!("bench-{}-{:04x}", now_ms(), std::process::id() & 0xffff);
         let created = client
             .post(format!("{base}/api/v1/admin/servers"))
             .header("authorization", &admin)
