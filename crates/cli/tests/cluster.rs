@@ -304,6 +304,27 @@ async fn two_nodes_are_one_service() {
         latency_count(client, &b, "acme").await == 1.0
     })
     .await;
+
+    // The server deleted on A and registered again: B must not write under the series
+    // ids it cached for the old one (they would be invisible to every read).
+    let deleted = client
+        .delete(a.url("/api/v1/admin/servers/acme"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let key = register(client, &a, "acme").await;
+    let again = signed(
+        &key,
+        "acme",
+        json!([{"name":"response_time","type":"histogram","value":43,"timestamp":now_ms() - 500}]),
+    );
+    assert_eq!(send(client, &b, &key, &again).await.status(), StatusCode::OK);
+    let on_a = samples(client, &a, &key, "acme").await;
+    assert_eq!(on_a.len(), 1, "{on_a:?}");
+    assert_eq!(on_a[0]["value"], 43.0);
     drop(a);
     drop(b);
     cluster.drop_database().await;

@@ -28,7 +28,10 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
 use crate::model::Kind;
+use crate::names;
 
 /// The generated OTLP message types, for senders (the load generator, tests).
 pub use opentelemetry_proto::tonic as proto;
@@ -36,9 +39,17 @@ pub use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 
-/// Most observations one histogram point may expand to; a point beyond is refused
-/// (reported as a partial success) rather than writing millions of rows.
+/// Most observations one histogram point (a delta point, or a cumulative point's
+/// increase) may expand to; a point beyond is refused (reported as a partial success)
+/// rather than writing millions of rows.
 pub const MAX_OBSERVATIONS_PER_POINT: u64 = 100_000;
+
+/// Most samples one request may map to, histogram observations included; the data
+/// points beyond are refused. Bounds the memory a request can make the service use.
+pub const MAX_SAMPLES_PER_REQUEST: usize = 200_000;
+
+/// Reasons kept per request: the answer names a few, and counts the rest.
+const MAX_EXAMPLES: usize = 5;
 
 /// Metrics of the MCP and GenAI semantic conventions that also feed `response_time`.
 pub const DURATION_METRICS: [&str; 2] = ["mcp.server.operation.duration", "gen_ai.execute_tool.duration"];
@@ -101,6 +112,9 @@ pub enum StreamInput {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistogramCounts {
     pub start_ns: u64,
+    /// The point's time (unix ms), to ignore a point older than the stored one.
+    #[serde(default)]
+    pub time_ms: i64,
     pub count: u64,
     pub sum: Option<f64>,
     pub min: Option<f64>,
@@ -116,15 +130,51 @@ pub enum StreamState {
     Cumulative(HistogramCounts),
 }
 
+/// Refused data points: every index, and the first few reasons.
+#[derive(Debug, Default, Clone)]
+pub struct Refusals {
+    points: Vec<usize>,
+    examples: Vec<String>,
+}
+
+impl Refusals {
+    /// Records a refusal; the reason is only built while examples are still wanted.
+    pub fn add(&mut self, data_point: usize, reason: impl FnOnce() -> String) {
+        self.points.push(data_point);
+        if self.examples.len() < MAX_EXAMPLES {
+            self.examples.push(reason());
+        }
+    }
+
+    /// Distinct refused data points, sorted.
+    pub fn points(&self) -> Vec<usize> {
+        let mut points = self.points.clone();
+        points.sort_unstable();
+        points.dedup();
+        points
+    }
+
+    pub fn examples(&self) -> &[String] {
+        &self.examples
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+}
+
 /// What a request maps to.
 #[derive(Debug, Default)]
 pub struct Mapped {
     pub points: Vec<Point>,
     pub streams: Vec<Stream>,
-    /// Data points refused while mapping, with the reason.
-    pub refused: Vec<(usize, String)>,
+    /// Data points refused while mapping.
+    pub refused: Refusals,
     /// Data points in the request.
     pub data_points: usize,
+    /// Samples the request may still map to ([`MAX_SAMPLES_PER_REQUEST`] minus those
+    /// mapped); the streams' samples, known once their state is loaded, spend it.
+    pub budget_left: usize,
 }
 
 fn any_value_text(value: &AnyValue) -> Option<String> {
@@ -135,15 +185,6 @@ fn any_value_text(value: &AnyValue) -> Option<String> {
         any_value::Value::DoubleValue(d) => Some(d.to_string()),
         // Arrays, maps and bytes have no natural tag form; they are left out.
         _ => None,
-    }
-}
-
-fn push_attributes(tags: &mut Vec<(String, String)>, attributes: &[KeyValue]) {
-    for kv in attributes {
-        if let Some(text) = kv.value.as_ref().and_then(any_value_text) {
-            tags.retain(|(k, _)| k != &kv.key);
-            tags.push((kv.key.clone(), text));
-        }
     }
 }
 
@@ -162,16 +203,32 @@ fn resource_tags(attributes: &[KeyValue]) -> Vec<(String, String)> {
                 kv.key.clone()
             };
             tags.push((key, text));
+            if tags.len() > names::MAX_TAGS {
+                // Every point of this resource is refused for it; no need to read on.
+                break;
+            }
         }
     }
     tags
 }
 
-fn point_tags(resource: &[(String, String)], attributes: &[KeyValue]) -> Vec<(String, String)> {
-    let mut tags = resource.to_vec();
-    push_attributes(&mut tags, attributes);
-    tags.sort();
-    tags
+/// The resource's tags with the point's attributes over them, sorted; more than the
+/// data model's tag limit is refused here, before anything is copied per sample.
+fn point_tags(resource: &[(String, String)], attributes: &[KeyValue]) -> Result<Vec<(String, String)>, String> {
+    let too_many = || format!("more than {} tags (resource and point attributes)", names::MAX_TAGS);
+    if resource.len() > names::MAX_TAGS || attributes.len() > 4 * names::MAX_TAGS {
+        return Err(too_many());
+    }
+    let mut tags: BTreeMap<&str, String> = resource.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    for kv in attributes {
+        if let Some(text) = kv.value.as_ref().and_then(any_value_text) {
+            tags.insert(kv.key.as_str(), text);
+        }
+    }
+    if tags.len() > names::MAX_TAGS {
+        return Err(too_many());
+    }
+    Ok(tags.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
 /// The `tool` and `method` tags of a duration point, and its unit's factor to ms;
@@ -251,7 +308,7 @@ pub fn explicit_buckets(point: &HistogramDataPoint) -> Result<Vec<(f64, f64, u64
         };
         buckets.push((lower, upper, count));
     }
-    Ok(buckets)
+    Ok(clamp_buckets(buckets, point.min, point.max))
 }
 
 /// Buckets of an exponential histogram point: index `i` of scale `s` covers
@@ -363,6 +420,7 @@ pub fn cumulative_increase(previous: Option<&HistogramCounts>, current: &Histogr
     };
     HistogramCounts {
         start_ns: current.start_ns,
+        time_ms: current.time_ms,
         count: current.count - previous.count,
         sum,
         // Min and max are of the whole cumulative range; only the buckets bound this one.
@@ -372,8 +430,9 @@ pub fn cumulative_increase(previous: Option<&HistogramCounts>, current: &Histogr
     }
 }
 
-/// Samples of a stream given its stored state, and its new state.
-pub fn resolve_stream(stream: &Stream, state: Option<&StreamState>) -> (Vec<f64>, StreamState) {
+/// Samples of a stream given its stored state (or why the point is refused), and the
+/// stream's new state.
+pub fn resolve_stream(stream: &Stream, state: Option<&StreamState>) -> (Result<Vec<f64>, String>, StreamState) {
     match &stream.input {
         StreamInput::DeltaSum(delta) => {
             let before = match state {
@@ -381,20 +440,36 @@ pub fn resolve_stream(stream: &Stream, state: Option<&StreamState>) -> (Vec<f64>
                 _ => 0.0,
             };
             let total = before + delta;
-            (vec![total], StreamState::Total(total))
+            (Ok(vec![total]), StreamState::Total(total))
         }
         StreamInput::CumulativeHistogram(current) => {
             let previous = match state {
                 Some(StreamState::Cumulative(p)) => Some(p),
                 _ => None,
             };
+            // A point older than the stored one of the same run arrived late: its counts
+            // are already part of the stored point's.
+            if let Some(p) = previous
+                && p.start_ns == current.start_ns
+                && p.time_ms > current.time_ms
+            {
+                return (Ok(Vec::new()), StreamState::Cumulative(p.clone()));
+            }
             let increase = cumulative_increase(previous, current);
+            let next = StreamState::Cumulative(current.clone());
+            if increase.count > MAX_OBSERVATIONS_PER_POINT {
+                let reason = format!(
+                    "{} new observations since the previous point; at most {MAX_OBSERVATIONS_PER_POINT} are accepted per point",
+                    increase.count
+                );
+                return (Err(reason), next);
+            }
             let observations = if increase.count == 0 {
                 Vec::new()
             } else {
                 expand(&increase.buckets, increase.sum)
             };
-            (observations, StreamState::Cumulative(current.clone()))
+            (Ok(observations), next)
         }
     }
 }
@@ -416,16 +491,12 @@ fn histogram_counts(
     if in_buckets != count {
         return Err(format!("bucket counts add up to {in_buckets}, not to count {count}"));
     }
-    if count > MAX_OBSERVATIONS_PER_POINT {
-        return Err(format!(
-            "{count} observations in one point; at most {MAX_OBSERVATIONS_PER_POINT} are accepted per point"
-        ));
-    }
     if sum.is_some_and(|s| !s.is_finite()) {
         return Err("sum is not a finite number".into());
     }
     Ok(HistogramCounts {
         start_ns,
+        time_ms: 0,
         count,
         sum,
         min,
@@ -438,15 +509,39 @@ struct Mapper {
     mapped: Mapped,
 }
 
+type Tags = Result<Vec<(String, String)>, String>;
+
 impl Mapper {
     fn refuse(&mut self, index: usize, name: &str, reason: impl std::fmt::Display) {
-        self.mapped.refused.push((index, format!("{name}: {reason}")));
+        self.mapped.refused.add(index, || format!("{name}: {reason}"));
     }
 
-    fn number(&mut self, name: &str, kind: Kind, tags: Vec<(String, String)>, point: &NumberDataPoint) {
+    /// Takes `n` samples from the request's budget; false (and nothing taken) past it.
+    fn spend(&mut self, n: usize) -> bool {
+        if n > self.mapped.budget_left {
+            return false;
+        }
+        self.mapped.budget_left -= n;
+        true
+    }
+
+    fn over_budget(&mut self, index: usize, name: &str) {
+        self.refuse(
+            index,
+            name,
+            format!("the request maps to more than {MAX_SAMPLES_PER_REQUEST} samples; send fewer points per export"),
+        );
+    }
+
+    fn number(&mut self, name: &str, kind: Kind, tags: Tags, point: &NumberDataPoint) {
         let index = self.next_index();
-        match timestamp_ms(point.time_unix_nano).and_then(|ts| Ok((ts, number_value(point)?))) {
-            Ok((timestamp_ms, value)) => self.mapped.points.push(Point {
+        let parsed = tags.and_then(|tags| {
+            let ts = timestamp_ms(point.time_unix_nano)?;
+            Ok((tags, ts, number_value(point)?))
+        });
+        match parsed {
+            Ok(_) if !self.spend(1) => self.over_budget(index, name),
+            Ok((tags, timestamp_ms, value)) => self.mapped.points.push(Point {
                 name: name.to_string(),
                 tags,
                 kind,
@@ -458,11 +553,16 @@ impl Mapper {
         }
     }
 
-    fn delta_sum(&mut self, name: &str, kind: Kind, tags: Vec<(String, String)>, point: &NumberDataPoint) {
+    fn delta_sum(&mut self, name: &str, kind: Kind, tags: Tags, point: &NumberDataPoint) {
         let index = self.next_index();
-        match timestamp_ms(point.time_unix_nano).and_then(|ts| Ok((ts, number_value(point)?))) {
-            Ok((_, value)) if !value.is_finite() => self.refuse(index, name, "the value is not a finite number"),
-            Ok((timestamp_ms, value)) => self.mapped.streams.push(Stream {
+        let parsed = tags.and_then(|tags| {
+            let ts = timestamp_ms(point.time_unix_nano)?;
+            Ok((tags, ts, number_value(point)?))
+        });
+        match parsed {
+            Ok((_, _, value)) if !value.is_finite() => self.refuse(index, name, "the value is not a finite number"),
+            Ok(_) if !self.spend(1) => self.over_budget(index, name),
+            Ok((tags, timestamp_ms, value)) => self.mapped.streams.push(Stream {
                 name: name.to_string(),
                 tags,
                 kind,
@@ -478,18 +578,25 @@ impl Mapper {
     fn histogram(
         &mut self,
         name: &str,
-        tags: Vec<(String, String)>,
+        tags: Tags,
         response_time: Option<(Vec<(String, String)>, f64)>,
         time_unix_nano: u64,
         cumulative: bool,
         counts: Result<HistogramCounts, String>,
     ) {
         let index = self.next_index();
-        let (timestamp_ms, counts) = match timestamp_ms(time_unix_nano).and_then(|ts| Ok((ts, counts?))) {
+        let parsed = tags.and_then(|tags| {
+            let ts = timestamp_ms(time_unix_nano)?;
+            let mut counts = counts?;
+            counts.time_ms = ts;
+            Ok((tags, ts, counts))
+        });
+        let (tags, timestamp_ms, counts) = match parsed {
             Ok(ok) => ok,
             Err(reason) => return self.refuse(index, name, reason),
         };
         if cumulative {
+            // Its samples are the increase since the stored point, spent when resolved.
             self.mapped.streams.push(Stream {
                 name: name.to_string(),
                 tags,
@@ -500,6 +607,20 @@ impl Mapper {
                 data_point: index,
             });
             return;
+        }
+        if counts.count > MAX_OBSERVATIONS_PER_POINT {
+            return self.refuse(
+                index,
+                name,
+                format!(
+                    "{} observations in one point; at most {MAX_OBSERVATIONS_PER_POINT} are accepted per point",
+                    counts.count
+                ),
+            );
+        }
+        let copies = if response_time.is_some() { 2 } else { 1 };
+        if !self.spend(counts.count as usize * copies) {
+            return self.over_budget(index, name);
         }
         let observations = expand(&counts.buckets, counts.sum);
         push_observations(
@@ -556,7 +677,10 @@ pub fn push_observations(
 /// Maps every data point of a request (DESIGN.md §5).
 pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
     let mut m = Mapper {
-        mapped: Mapped::default(),
+        mapped: Mapped {
+            budget_left: MAX_SAMPLES_PER_REQUEST,
+            ..Mapped::default()
+        },
     };
     for resource_metrics in &request.resource_metrics {
         let resource = resource_metrics
@@ -741,6 +865,7 @@ mod tests {
     fn counts(start_ns: u64, buckets: Vec<(f64, f64, u64)>, sum: f64) -> HistogramCounts {
         HistogramCounts {
             start_ns,
+            time_ms: 0,
             count: buckets.iter().map(|b| b.2).sum(),
             sum: Some(sum),
             min: None,
@@ -790,9 +915,9 @@ mod tests {
             data_point: 0,
         };
         let (values, state) = resolve_stream(&stream, None);
-        assert_eq!((values, &state), (vec![3.0], &StreamState::Total(3.0)));
+        assert_eq!((values, &state), (Ok(vec![3.0]), &StreamState::Total(3.0)));
         let (values, _) = resolve_stream(&stream, Some(&state));
-        assert_eq!(values, vec![6.0]);
+        assert_eq!(values, Ok(vec![6.0]));
     }
 
     #[test]
@@ -833,12 +958,72 @@ mod tests {
             {"name":"g","gauge":{"dataPoints":[{"timeUnixNano":"1700000000000000000","asInt":"-4"}]}}]}]}]}"#;
         let mapped = map_request(&decode_json(body.as_bytes()).unwrap());
         assert_eq!(mapped.data_points, 5);
-        let refused: Vec<usize> = mapped.refused.iter().map(|r| r.0).collect();
-        assert_eq!(refused, vec![0, 1, 2, 3]);
-        assert!(mapped.refused[0].1.contains("add up to 2"));
-        assert!(mapped.refused[2].1.contains("time_unix_nano"));
+        assert_eq!(mapped.refused.points(), vec![0, 1, 2, 3]);
+        assert!(mapped.refused.examples()[0].contains("add up to 2"));
+        assert!(mapped.refused.examples()[2].contains("time_unix_nano"));
         assert_eq!(mapped.points.len(), 1);
         assert_eq!(mapped.points[0].value, -4.0);
+    }
+
+    #[test]
+    fn the_per_point_limit_applies_to_the_increase_of_a_cumulative_histogram() {
+        // A long-running process: far more than the limit since it started, a few new.
+        let big = MAX_OBSERVATIONS_PER_POINT * 10;
+        let mut before = counts(1, vec![(0.0, 10.0, big)], big as f64);
+        before.time_ms = 1_000;
+        let mut after = counts(1, vec![(0.0, 10.0, big + 3)], big as f64 + 15.0);
+        after.time_ms = 2_000;
+        let stream = |c: HistogramCounts| Stream {
+            name: "h".into(),
+            tags: vec![],
+            kind: Kind::Histogram,
+            timestamp_ms: c.time_ms,
+            input: StreamInput::CumulativeHistogram(c),
+            response_time: None,
+            data_point: 0,
+        };
+        let (values, state) = resolve_stream(&stream(after.clone()), Some(&StreamState::Cumulative(before.clone())));
+        assert_eq!(values, Ok(vec![5.0, 5.0, 5.0]));
+        // A first sighting of that process is refused, and becomes the baseline.
+        let (first, baseline) = resolve_stream(&stream(before.clone()), None);
+        assert!(first.is_err(), "{first:?}");
+        assert_eq!(baseline, StreamState::Cumulative(before.clone()));
+        // A point older than the stored one is ignored, and the state kept.
+        let (late, kept) = resolve_stream(&stream(before), Some(&state));
+        assert_eq!((late, kept), (Ok(vec![]), state));
+    }
+
+    #[test]
+    fn many_tags_and_oversized_requests_are_refused_before_copying() {
+        let attrs: String = (0..17)
+            .map(|i| format!(r#"{{"key":"k{i}","value":{{"stringValue":"v"}}}}"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let body = format!(
+            r#"{{"resourceMetrics":[{{"scopeMetrics":[{{"metrics":[{{"name":"g","gauge":{{"dataPoints":[
+               {{"timeUnixNano":"1700000000000000000","asDouble":1,"attributes":[{attrs}]}}]}}}}]}}]}}]}}"#
+        );
+        let mapped = map_request(&decode_json(body.as_bytes()).unwrap());
+        assert_eq!(mapped.refused.points(), vec![0]);
+        assert!(mapped.refused.examples()[0].contains("more than 16 tags"));
+        // Delta histogram points whose observations exceed the request budget.
+        let per_point = MAX_OBSERVATIONS_PER_POINT;
+        let points = MAX_SAMPLES_PER_REQUEST as u64 / per_point + 1;
+        let point = format!(
+            r#"{{"timeUnixNano":"1700000000000000000","count":"{per_point}","sum":1,"bucketCounts":["{per_point}"]}}"#
+        );
+        let body = format!(
+            r#"{{"resourceMetrics":[{{"scopeMetrics":[{{"metrics":[{{"name":"h","histogram":{{"aggregationTemporality":1,"dataPoints":[{}]}}}}]}}]}}]}}"#,
+            vec![point; points as usize].join(",")
+        );
+        let mapped = map_request(&decode_json(body.as_bytes()).unwrap());
+        assert_eq!(mapped.points.len(), MAX_SAMPLES_PER_REQUEST);
+        assert_eq!(mapped.refused.points(), vec![points as usize - 1]);
+        assert!(
+            mapped.refused.examples()[0].contains("more than"),
+            "{:?}",
+            mapped.refused
+        );
     }
 
     #[test]
@@ -851,8 +1036,12 @@ mod tests {
             max = u64::MAX
         );
         let mapped = map_request(&decode_json(body.as_bytes()).unwrap());
-        assert_eq!(mapped.refused.len(), 1);
-        assert!(mapped.refused[0].1.contains("overflow"), "{:?}", mapped.refused);
+        assert_eq!(mapped.refused.points(), vec![0]);
+        assert!(
+            mapped.refused.examples()[0].contains("overflow"),
+            "{:?}",
+            mapped.refused
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //!   to its own streams, so a sample ingested on node A reaches a stream open on node B;
 //! - read caches: a `metric` message from another node (its rollup job changed a
 //!   server's buckets) invalidates that server's cached answers here, as the local job's
-//!   changes do;
+//!   changes do; a `server_deleted` message drops the deleted server's series ids and
+//!   its "known server" entry, so a server registered again under the same id does not
+//!   get samples written under the old ids;
 //! - periodic jobs run under cluster-wide locks ([`mcp_metrics_store::Store::hold_job_lock`]),
 //!   taken in `rollup.rs`.
 //!
@@ -23,8 +25,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::live::{KINDS, LiveMessage};
+use crate::live::{KINDS, LiveMessage, SERVER_DELETED};
 use crate::state::AppState;
+
+/// Messages waiting to be relayed; more are dropped while the database is slow.
+const OUTBOX_CAPACITY: usize = 10_000;
 
 /// NOTIFY payloads must stay under 8000 bytes.
 const MAX_PAYLOAD: usize = 7_900;
@@ -44,7 +49,7 @@ pub async fn start(state: AppState) -> anyhow::Result<Vec<JoinHandle<()>>> {
         return Ok(Vec::new());
     };
     let node = hex::encode(rand_bytes());
-    let (outbox, outgoing) = mpsc::unbounded_channel();
+    let (outbox, outgoing) = mpsc::channel(OUTBOX_CAPACITY);
     state.live.set_outbox(outbox);
     tracing::info!(node = %node, "cluster mode: live messages and cache invalidations relay through the database");
     Ok(vec![
@@ -59,7 +64,7 @@ fn rand_bytes() -> [u8; 8] {
     bytes
 }
 
-async fn send_loop(state: AppState, node: String, mut outgoing: mpsc::UnboundedReceiver<(String, LiveMessage)>) {
+async fn send_loop(state: AppState, node: String, mut outgoing: mpsc::Receiver<(String, LiveMessage)>) {
     let mut last_warning: Option<Instant> = None;
     while let Some((server, message)) = outgoing.recv().await {
         let mut envelope = Envelope {
@@ -106,6 +111,14 @@ async fn receive_loop(state: AppState, node: String, mut incoming: mpsc::Receive
             .telemetry
             .cluster_messages_received
             .fetch_add(1, Ordering::Relaxed);
+        if kind == SERVER_DELETED {
+            // Its series ids must not be reused from this node's cache, nor the server be
+            // taken as still known.
+            state.series.remove_server(&envelope.server);
+            state.known_servers.invalidate(&envelope.server);
+            state.cache.invalidate_server(&envelope.server);
+            continue;
+        }
         if kind == "metric" {
             state.cache.invalidate_server(&envelope.server);
         }

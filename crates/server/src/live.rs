@@ -28,14 +28,19 @@ pub struct LiveMessage {
 
 /// The kinds of message a hub sends; a kind relayed from another node is mapped back
 /// onto one of these (anything else is ignored).
-pub const KINDS: [&str; 4] = ["metric", "usage", "event", "ready"];
+pub const KINDS: [&str; 5] = ["metric", "usage", "event", "ready", SERVER_DELETED];
+
+/// Relayed between nodes only: the server was deleted; drop what is cached about it.
+pub const SERVER_DELETED: &str = "server_deleted";
 
 pub struct LiveHub {
     /// `None` once closed: no new channel can appear after shutdown began.
     channels: Mutex<Option<HashMap<String, broadcast::Sender<Arc<LiveMessage>>>>>,
     streams: Arc<Semaphore>,
-    /// Where messages for other nodes go, when the service runs as a cluster.
-    outbox: Mutex<Option<mpsc::UnboundedSender<(String, LiveMessage)>>>,
+    /// Where messages for other nodes go, when the service runs as a cluster. Bounded:
+    /// while the database is slow or away, messages beyond it are dropped (other nodes'
+    /// pages catch up at the next one) instead of growing memory.
+    outbox: Mutex<Option<mpsc::Sender<(String, LiveMessage)>>>,
 }
 
 /// A subscription; holding it counts against the stream limit.
@@ -54,7 +59,7 @@ impl LiveHub {
     }
 
     /// Relays every later [`LiveHub::publish`] to other nodes through `outbox`.
-    pub fn set_outbox(&self, outbox: mpsc::UnboundedSender<(String, LiveMessage)>) {
+    pub fn set_outbox(&self, outbox: mpsc::Sender<(String, LiveMessage)>) {
         *self.outbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(outbox);
     }
 
@@ -75,10 +80,15 @@ impl LiveHub {
     /// Sends to everyone watching `server_id`, on this node and (in a cluster) on the
     /// others.
     pub fn publish(&self, server_id: &str, message: LiveMessage) {
-        if let Some(outbox) = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            let _ = outbox.send((server_id.to_owned(), message.clone()));
-        }
+        self.relay(server_id, &message);
         self.publish_local(server_id, message);
+    }
+
+    /// Sends to the other nodes only (cluster housekeeping such as a deleted server).
+    pub fn relay(&self, server_id: &str, message: &LiveMessage) {
+        if let Some(outbox) = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = outbox.try_send((server_id.to_owned(), message.clone()));
+        }
     }
 
     /// Sends to everyone watching `server_id` on this node; a server nobody watches

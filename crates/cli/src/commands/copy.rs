@@ -194,6 +194,14 @@ fn print_master_key(from: &str, to: &str, recorded: Option<&str>) {
 
 /// `url` with its password, if any, replaced: the summary may end up in logs or tickets.
 fn redact(url: &str) -> String {
+    // A password may also come as a query parameter.
+    let url = &match url.find("password=") {
+        Some(at) => {
+            let end = url[at..].find('&').map_or(url.len(), |i| at + i);
+            format!("{}password=***{}", &url[..at], &url[end..])
+        }
+        None => url.to_owned(),
+    };
     let Some(start) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
@@ -234,6 +242,10 @@ mod tests {
             "postgres://h/db?sslmode=disable"
         );
         assert_eq!(redact("postgresql://u:p@ss@h/db"), "postgresql://u:***@h/db");
+        assert_eq!(
+            redact("postgres://u@h/db?password=secret&sslmode=disable"),
+            "postgres://u@h/db?password=***&sslmode=disable"
+        );
     }
 
     #[test]

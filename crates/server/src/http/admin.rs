@@ -140,6 +140,14 @@ async fn delete_server(
     })?;
     state.series.remove_server(&id);
     state.known_servers.invalidate(&id);
+    state.cache.invalidate_server(&id);
+    state.live.relay(
+        &id,
+        &crate::live::LiveMessage {
+            kind: crate::live::SERVER_DELETED,
+            data: json!({}),
+        },
+    );
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -120,6 +120,15 @@ async fn export(State(state): State<AppState>, headers: HeaderMap, body: Result<
     }
 }
 
+/// A stream's stored state: the state after the last export that changed it, the state
+/// before it, and that export's body digest (hex).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StreamRecord {
+    before: Option<StreamState>,
+    after: StreamState,
+    digest: String,
+}
+
 /// Where a stream's state lives in the meta table: one key per (server, name, tags).
 fn state_key(server_id: &str, name: &str, tags: &[(String, String)]) -> String {
     let mut hasher = Sha256::new();
@@ -148,25 +157,61 @@ async fn export_inner(
         )
     })?;
     let body = super::problem::decoded_body(headers, body, MAX_BYTES)?;
-    let request = match encoding {
-        Encoding::Protobuf => otlp::decode_protobuf(&body),
-        Encoding::Json => otlp::decode_json(&body),
-    }
-    .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let mapped = otlp::map_request(&request);
+    let digest = body_digest(&body);
+    // Decoding and mapping up to 20 MiB is CPU work: off the async workers.
+    let mapped = tokio::task::spawn_blocking(move || {
+        let request = match encoding {
+            Encoding::Protobuf => otlp::decode_protobuf(&body),
+            Encoding::Json => otlp::decode_json(&body),
+        }
+        .map_err(|e| e.to_string())?;
+        Ok::<_, String>(otlp::map_request(&request))
+    })
+    .await
+    .map_err(|e| ApiError::new(Code::Internal, format!("decoding failed: {e}")))?
+    .map_err(ApiError::invalid)?;
     let mut points = mapped.points;
     let mut refused = mapped.refused;
+    let mut budget = mapped.budget_left;
 
-    // Streams continue from their stored state.
+    // Streams continue from their stored state. The record keeps the state before the
+    // export that produced it and that export's digest, so a retry of it (whose parts
+    // are all duplicates) computes the same state again instead of applying it twice,
+    // and a retry after a lost state write still writes it.
     let mut new_states = Vec::with_capacity(mapped.streams.len());
     for stream in &mapped.streams {
         let key = state_key(&credential.server_id, &stream.name, &stream.tags);
-        let previous = state
+        let stored = state
             .store
             .meta_get(&key)
             .await?
-            .and_then(|text| serde_json::from_str::<StreamState>(&text).ok());
-        let (values, next) = otlp::resolve_stream(stream, previous.as_ref());
+            .and_then(|text| serde_json::from_str::<StreamRecord>(&text).ok());
+        let digest_hex = hex::encode(digest);
+        let base = match &stored {
+            Some(r) if r.digest == digest_hex => r.before.clone(),
+            Some(r) => Some(r.after.clone()),
+            None => None,
+        };
+        let (values, next) = otlp::resolve_stream(stream, base.as_ref());
+        let values = match values {
+            Ok(values) => values,
+            Err(reason) => {
+                refused.add(stream.data_point, || format!("{}: {reason}", stream.name));
+                Vec::new()
+            }
+        };
+        let copies = if stream.response_time.is_some() { 2 } else { 1 };
+        if values.len() * copies > budget {
+            refused.add(stream.data_point, || {
+                format!(
+                    "{}: the request maps to more than {} samples; send fewer points per export",
+                    stream.name,
+                    otlp::MAX_SAMPLES_PER_REQUEST
+                )
+            });
+            continue;
+        }
+        budget -= values.len() * copies;
         if stream.kind == mcp_metrics_core::model::Kind::Histogram {
             otlp::push_observations(
                 &mut points,
@@ -187,15 +232,18 @@ async fn export_inner(
                 data_point: stream.data_point,
             }));
         }
-        new_states.push((key, next));
+        let record = StreamRecord {
+            before: base,
+            after: next,
+            digest: digest_hex,
+        };
+        new_states.push((key, stream.data_point, record));
     }
 
     // Written in parts of at most the per-request sample limit, each with its own retry
     // digest: a retried export skips the parts that were already committed.
-    let digest = body_digest(&body);
     let chunk = state.sample_limits().max_samples.max(1);
     let mut accepted = 0;
-    let mut newly_stored = points.is_empty();
     for (part, slice) in points.chunks(chunk).enumerate() {
         let batch = WireBatch {
             server_id: Cow::Borrowed(&credential.server_id),
@@ -229,31 +277,25 @@ async fn export_inner(
         };
         let stored = super::write::commit_with_digest(state, &credential, &batch, part_digest, None).await?;
         if !stored.duplicate {
-            newly_stored = true;
             accepted += stored.accepted;
         }
         for r in stored.rejected {
             let point = &slice[r.index];
-            refused.push((point.data_point, format!("{}: {}", point.name, r.detail)));
+            refused.add(point.data_point, || format!("{}: {}", point.name, r.detail));
         }
     }
-    // A retry of an export that was stored whole changes nothing, state included.
-    if newly_stored {
-        for (key, next) in new_states {
-            let text = serde_json::to_string(&next).map_err(|e| ApiError::invalid(e.to_string()))?;
-            state.store.meta_set(&key, &text).await?;
+    // Every part is committed (or was, by an earlier try of this body). A stream whose
+    // samples were refused keeps no state: nothing of it was stored.
+    let refused_points = refused.points();
+    for (key, data_point, record) in new_states {
+        if refused_points.binary_search(&data_point).is_ok() {
+            continue;
         }
+        let text = serde_json::to_string(&record).map_err(|e| ApiError::invalid(e.to_string()))?;
+        state.store.meta_set(&key, &text).await?;
     }
 
-    refused.sort_by_key(|r| r.0);
-    let mut refused_points: Vec<usize> = refused.iter().map(|r| r.0).collect();
-    refused_points.dedup();
-    let message = refused
-        .iter()
-        .take(5)
-        .map(|r| r.1.as_str())
-        .collect::<Vec<_>>()
-        .join("; ");
+    let message = refused.examples().join("; ");
     if !refused_points.is_empty() && refused_points.len() == mapped.data_points && accepted == 0 {
         return Err(ApiError::invalid(format!(
             "all {} data points were refused, e.g. {message}",

@@ -147,7 +147,7 @@ pub fn decoded_body(headers: &axum::http::HeaderMap, body: Bytes, limit: usize) 
         "" | "identity" => Ok(body),
         "gzip" | "x-gzip" => {
             let mut decoded = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
-            flate2::read::GzDecoder::new(&body[..])
+            flate2::read::MultiGzDecoder::new(&body[..])
                 .take(limit as u64 + 1)
                 .read_to_end(&mut decoded)
                 .map_err(|e| ApiError::invalid(format!("the gzip body could not be decompressed: {e}")))?;

@@ -471,6 +471,10 @@ pub async fn retention_raw(client: &mut PoolClient, cutoff: i64) -> PgResult<(u6
     for day in days.into_iter().filter(|d| (d + 1) * partitions::DAY_MS <= cutoff) {
         // Counting and dropping in one transaction: nothing lands in between.
         let tx = client.transaction().await?;
+        // Dropping a partition locks the parent table: give up after a moment (and try at
+        // the next retention run) rather than make every write queue behind the drop
+        // while it waits for a long reader.
+        tx.batch_execute("SET LOCAL lock_timeout = '2s'").await?;
         let name = partitions::name(day);
         let count: i64 = tx.query_one(&format!("SELECT count(*) FROM {name}"), &[]).await?.get(0);
         tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}")).await?;
