@@ -85,8 +85,9 @@ pub trait Store: Send + Sync + 'static {
     /// Dirty buckets of `level` (at most `max_marks`) with what they are rebuilt from,
     /// read from one consistent snapshot.
     async fn rollup_work(&self, level: Level, max_marks: usize) -> StoreResult<RollupWork>;
-    /// Stores recomputed buckets (`None` deletes an emptied bucket), clears the marks
-    /// that were not renewed meanwhile, and marks the parent buckets dirty.
+    /// Stores recomputed buckets (`None` deletes an emptied bucket) unless a stored bucket
+    /// was computed from a newer mark generation, clears the marks that were not renewed
+    /// meanwhile, and marks the parent buckets dirty.
     async fn apply_rollups(&self, level: Level, results: Vec<(DirtyMark, Option<BucketStats>)>) -> StoreResult<()>;
     /// Clears marks without recomputing their buckets.
     async fn drop_dirty_marks(&self, marks: Vec<DirtyMark>) -> StoreResult<()>;

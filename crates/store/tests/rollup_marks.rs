@@ -78,7 +78,7 @@ async fn stale_pass_does_not_overwrite_and_keeps_the_mark() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].stats.count, 2, "the newer result stands");
     assert_eq!(store.dirty_backlog().await.unwrap()[0], 0);
-    // The hour was marked by B only.
+    // The hour is marked (once: one mark per hour and series).
     assert_eq!(store.dirty_backlog().await.unwrap()[1], 1);
 }
 
@@ -95,14 +95,24 @@ async fn renewed_mark_survives_a_pass_that_read_it_before() {
     store.write_batch(sample(20.0, ts + 1)).await.unwrap();
     let results: Vec<_> = stale.items.iter().map(|(m, i)| (*m, fold(i))).collect();
     store.apply_rollups(Level::Minute, results).await.unwrap();
-    // Nothing written from the stale snapshot, and the minute is still dirty.
+    // The pass's result is stored (a minute written without pause keeps being updated),
+    // and the minute stays dirty for the sample it missed.
     let series = store.series_of_server("s", None).await.unwrap();
-    assert!(
-        store
-            .read_rollups(Level::Minute, &[series[0].id], 0, i64::MAX)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    let rows = store
+        .read_rollups(Level::Minute, &[series[0].id], 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].stats.count, 1);
     assert_eq!(store.dirty_backlog().await.unwrap()[0], 1);
+    // The next pass completes it.
+    let fresh = store.rollup_work(Level::Minute, 100).await.unwrap();
+    let results: Vec<_> = fresh.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    let rows = store
+        .read_rollups(Level::Minute, &[series[0].id], 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].stats.count, 2);
+    assert_eq!(store.dirty_backlog().await.unwrap()[0], 0);
 }

@@ -206,6 +206,18 @@ CREATE TABLE usage_daily (
 ) WITHOUT ROWID;
 "#,
     ),
+    (
+        4,
+        "the mark generation each rollup bucket was computed from",
+        r#"
+-- A pass whose mark was renewed while it computed still stores its (newer) result, so a
+-- minute written without pause keeps being updated; a result computed from an older
+-- generation never replaces a bucket computed from a newer one.
+ALTER TABLE rollups_1m ADD COLUMN generation INTEGER;
+ALTER TABLE rollups_1h ADD COLUMN generation INTEGER;
+ALTER TABLE server_metrics_daily ADD COLUMN generation INTEGER;
+"#,
+    ),
 ];
 
 /// The version a fully migrated database has.

@@ -155,10 +155,11 @@ pub fn work(conn: &Connection, level: Level, max_marks: usize) -> rusqlite::Resu
     Ok(RollupWork { items, series })
 }
 
-/// Stores recomputed buckets. A bucket is written only if its mark is cleared here,
-/// i.e. nothing renewed it (a newer sample) and no other pass already handled it since
-/// this pass read it: a result computed from an older snapshot never overwrites a newer
-/// one.
+/// Stores recomputed buckets and clears the marks nothing renewed since the pass read
+/// them (a renewed mark stays for the next pass). A bucket is written unless the stored
+/// one was computed from a newer generation: a result from an older snapshot never
+/// overwrites a newer one, and a minute written without pause is still updated at every
+/// pass.
 pub fn apply(
     conn: &mut Connection,
     level: Level,
@@ -169,13 +170,18 @@ pub fn apply(
     {
         let name = table(level);
         let mut upsert = tx.prepare_cached(&format!(
-            "INSERT INTO {name} (series_id, bucket, {STATS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+            "INSERT INTO {name} (series_id, bucket, {STATS_COLUMNS}, generation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
              ON CONFLICT (series_id, bucket) DO UPDATE SET
                count = excluded.count, sum = excluded.sum, min = excluded.min, max = excluded.max,
                first = excluded.first, first_ts = excluded.first_ts, last = excluded.last,
-               last_ts = excluded.last_ts, increase = excluded.increase, sketch = excluded.sketch"
+               last_ts = excluded.last_ts, increase = excluded.increase, sketch = excluded.sketch,
+               generation = excluded.generation
+             WHERE {name}.generation IS NULL OR {name}.generation <= excluded.generation"
         ))?;
-        let mut delete = tx.prepare_cached(&format!("DELETE FROM {name} WHERE series_id = ?1 AND bucket = ?2"))?;
+        let mut delete = tx.prepare_cached(&format!(
+            "DELETE FROM {name} WHERE series_id = ?1 AND bucket = ?2 AND (generation IS NULL OR generation <= ?3)"
+        ))?;
         let mut clear = tx.prepare_cached(
             "DELETE FROM rollup_dirty WHERE level = ?1 AND bucket = ?2 AND series_id = ?3 AND generation = ?4",
         )?;
@@ -184,9 +190,9 @@ pub fn apply(
              ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
         )?;
         for (mark, stats) in results {
-            if clear.execute(params![level.as_i64(), mark.bucket, mark.series_id, mark.generation])? == 0 {
-                continue;
-            }
+            // Cleared unless renewed meanwhile (then the next pass recomputes the bucket);
+            // the result is stored either way unless a newer one is.
+            clear.execute(params![level.as_i64(), mark.bucket, mark.series_id, mark.generation])?;
             match stats {
                 Some(s) => {
                     upsert.execute(params![
@@ -202,10 +208,11 @@ pub fn apply(
                         s.last_ts,
                         s.increase,
                         s.sketch.as_ref().map(Sketch::encode),
+                        mark.generation,
                     ])?;
                 }
                 None => {
-                    delete.execute(params![mark.series_id, mark.bucket])?;
+                    delete.execute(params![mark.series_id, mark.bucket, mark.generation])?;
                 }
             }
             if let Some(parent) = level.parent() {
