@@ -30,11 +30,11 @@ cleanup() {
 trap cleanup EXIT
 export MCP_METRICS_ADMIN_TOKEN=bench-admin-token-$RANDOM$RANDOM
 export MCP_METRICS_MASTER_KEY=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
-fresh_pg() {
+fresh_pg() { # sets $pg_url; not called in a subshell, so cleanup sees the database
   local name="mcpm_bench_$RANDOM$RANDOM"
   psql -q "$admin" -c "CREATE DATABASE $name" >/dev/null
   dbs+=("$name")
-  python3 -c 'import sys,urllib.parse as u; p=u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/"+sys.argv[2])))' "$admin" "$name"
+  pg_url=$(python3 -c 'import sys,urllib.parse as u; p=u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/"+sys.argv[2])))' "$admin" "$name")
 }
 start_node() { # $1 database URL; sets $node_url and $node_pid
   local port; port=$(free_port)
@@ -54,13 +54,14 @@ start_node "sqlite://$dir/bench.db"
 echo "SQLite, one node:        $(summary "$(bench "$node_url" "$samples")")"
 kill -TERM "$node_pid"; wait "$node_pid" 2>/dev/null || true
 
-start_node "$(fresh_pg)"
+fresh_pg
+start_node "$pg_url"
 echo "PostgreSQL, one node:    $(summary "$(bench "$node_url" "$samples")")"
 kill -TERM "$node_pid"; wait "$node_pid" 2>/dev/null || true
 
-db=$(fresh_pg)
-start_node "$db"; a=$node_url; a_pid=$node_pid
-start_node "$db"; b=$node_url; b_pid=$node_pid
+fresh_pg
+start_node "$pg_url"; a=$node_url; a_pid=$node_pid
+start_node "$pg_url"; b=$node_url; b_pid=$node_pid
 half=$((samples / 2))
 bench "$a" "$half" >"$dir/a.json" &
 ba=$!
