@@ -33,11 +33,7 @@ async fn pages_work_in_headless_chromium() {
     }
     mcp_metrics_server::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     // Rollups every 0.2 s, as the live tests use, so the 2-second budget measures the
     // page and the stream rather than the job's tick.

@@ -12,7 +12,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::ADMIN_TOKEN;
+use common::{ADMIN_TOKEN, Credential, free_port, register_at, wait_ready_at};
 use futures_util::StreamExt;
 use mcp_metrics_core::secrets::MasterKey;
 use mcp_metrics_core::signature::sign;
@@ -34,14 +34,6 @@ fn postgres_or_skip(test: &str) -> Option<String> {
         eprintln!("{test}: skipped: {} not set", testing::ENV);
     }
     url
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One node: a `serve` process on the shared database.
@@ -100,18 +92,6 @@ impl Drop for Node {
     }
 }
 
-async fn wait_ready(client: &reqwest::Client, node: &Node) {
-    for _ in 0..400 {
-        if let Ok(r) = client.get(node.url("/readyz")).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{} did not become ready", node.base);
-}
-
 /// A fresh database, a shared master key, and a config with a fast rollup job.
 struct Cluster {
     admin: String,
@@ -138,7 +118,7 @@ impl Cluster {
 
     async fn node(&self) -> Node {
         let node = Node::start(&self.database, &self.master_key, &self.dir.path().join("config.toml"));
-        wait_ready(&self.client, &node).await;
+        wait_ready_at(&self.client, &node.base).await;
         node
     }
 
@@ -147,43 +127,19 @@ impl Cluster {
     }
 }
 
-struct Key {
-    api_key: String,
-    secret: String,
-}
-
-async fn register(client: &reqwest::Client, node: &Node, id: &str) -> Key {
-    let r = client
-        .post(node.url("/api/v1/admin/servers"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"id": id}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let key: Value = client
-        .post(node.url(&format!("/api/v1/admin/servers/{id}/keys")))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    Key {
-        api_key: key["api_key"].as_str().unwrap().into(),
-        secret: key["signing_secret"].as_str().unwrap().into(),
-    }
-}
-
 /// A signed request: (body, signature), to send to any node.
-fn signed(key: &Key, server: &str, metrics: Value) -> (String, String) {
+fn signed(key: &Credential, server: &str, metrics: Value) -> (String, String) {
     let body = json!({ "server_id": server, "metrics": metrics }).to_string();
     let signature = sign(key.secret.as_bytes(), now_ms() / 1000, body.as_bytes());
     (body, signature)
 }
 
-async fn send(client: &reqwest::Client, node: &Node, key: &Key, request: &(String, String)) -> reqwest::Response {
+async fn send(
+    client: &reqwest::Client,
+    node: &Node,
+    key: &Credential,
+    request: &(String, String),
+) -> reqwest::Response {
     client
         .post(node.url("/api/v1/metrics"))
         .header("content-type", "application/json")
@@ -195,7 +151,7 @@ async fn send(client: &reqwest::Client, node: &Node, key: &Key, request: &(Strin
         .unwrap()
 }
 
-async fn samples(client: &reqwest::Client, node: &Node, key: &Key, server: &str) -> Vec<Value> {
+async fn samples(client: &reqwest::Client, node: &Node, key: &Credential, server: &str) -> Vec<Value> {
     let page: Value = client
         .get(node.url(&format!("/api/v1/servers/{server}/samples?limit=10000")))
         .header("x-api-key", &key.api_key)
@@ -256,7 +212,7 @@ async fn two_nodes_are_one_service() {
     let a = cluster.node().await;
     let b = cluster.node().await;
     let client = &cluster.client;
-    let key = register(client, &a, "acme").await;
+    let key = register_at(client, &a.base, "acme").await;
 
     // A stream opened on B before the sample is ingested on A.
     let response = client.get(b.url("/api/v1/servers/acme/live")).send().await.unwrap();
@@ -315,7 +271,7 @@ async fn two_nodes_are_one_service() {
         .unwrap();
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let key = register(client, &a, "acme").await;
+    let key = register_at(client, &a.base, "acme").await;
     let again = signed(
         &key,
         "acme",
@@ -344,7 +300,7 @@ async fn when_the_job_node_is_killed_the_other_takes_over() {
     })
     .await;
     let second = cluster.node().await;
-    let key = register(client, &second, "acme").await;
+    let key = register_at(client, &second.base, "acme").await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
         second.metric(client, "mcp_metrics_rollup_leader ").await,
@@ -384,7 +340,7 @@ async fn the_database_going_away_gives_503s_and_the_service_recovers() {
     let cluster = Cluster::new(admin.clone()).await;
     let client = &cluster.client;
     let mut node = cluster.node().await;
-    let key = register(client, &node, "acme").await;
+    let key = register_at(client, &node.base, "acme").await;
     let name = cluster.database.rsplit('/').next().unwrap().to_owned();
     let (pg, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);

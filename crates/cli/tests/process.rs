@@ -8,20 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::ADMIN_TOKEN;
+use common::{ADMIN_TOKEN, Credential, free_port, register_at, wait_ready_at};
 use mcp_metrics_core::signature::sign;
 use mcp_metrics_core::time::now_ms;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcp-metrics");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn_serve(db: &str, port: u16) -> Child {
     Command::new(BIN)
@@ -34,53 +26,12 @@ fn spawn_serve(db: &str, port: u16) -> Child {
         .expect("spawn mcp-metrics serve")
 }
 
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    for _ in 0..400 {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the service at {base} did not become ready");
-}
-
-struct Key {
-    api_key: String,
-    secret: String,
-}
-
-async fn register(client: &reqwest::Client, base: &str, id: &str) -> Key {
-    let r = client
-        .post(format!("{base}/api/v1/admin/servers"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"id": id}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
-    let key: Value = client
-        .post(format!("{base}/api/v1/admin/servers/{id}/keys"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    Key {
-        api_key: key["api_key"].as_str().unwrap().into(),
-        secret: key["signing_secret"].as_str().unwrap().into(),
-    }
-}
-
 /// Sends batches from several tasks until `stop`, returning the values of every sample
 /// the service acknowledged.
 async fn load_until(
     client: reqwest::Client,
     base: String,
-    key: Arc<Key>,
+    key: Arc<Credential>,
     stop: Arc<AtomicBool>,
     worker: u64,
 ) -> Vec<i64> {
@@ -112,7 +63,7 @@ async fn load_until(
     acked
 }
 
-async fn all_values(client: &reqwest::Client, base: &str, key: &Key) -> Vec<i64> {
+async fn all_values(client: &reqwest::Client, base: &str, key: &Credential) -> Vec<i64> {
     let mut values = Vec::new();
     let mut cursor = String::new();
     loop {
@@ -141,7 +92,12 @@ async fn all_values(client: &reqwest::Client, base: &str, key: &Key) -> Vec<i64>
     values
 }
 
-async fn run_load_then(client: &reqwest::Client, base: &str, key: &Arc<Key>, interrupt: impl FnOnce()) -> Vec<i64> {
+async fn run_load_then(
+    client: &reqwest::Client,
+    base: &str,
+    key: &Arc<Credential>,
+    interrupt: impl FnOnce(),
+) -> Vec<i64> {
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..4)
         .map(|w| {
@@ -177,8 +133,8 @@ async fn acknowledged_samples_survive_kill_9() {
         .build()
         .unwrap();
     let mut child = spawn_serve(&db, port);
-    wait_ready(&client, &base).await;
-    let key = Arc::new(register(&client, &base, "durable").await);
+    wait_ready_at(&client, &base).await;
+    let key = Arc::new(register_at(&client, &base, "durable").await);
 
     let acked = run_load_then(&client, &base, &key, || {
         child.kill().expect("SIGKILL");
@@ -192,7 +148,7 @@ async fn acknowledged_samples_survive_kill_9() {
     );
 
     let mut child = spawn_serve(&db, port);
-    wait_ready(&client, &base).await;
+    wait_ready_at(&client, &base).await;
     let stored = all_values(&client, &base, &key).await;
     let stored_set: std::collections::HashSet<i64> = stored.iter().copied().collect();
     let lost: Vec<&i64> = acked.iter().filter(|v| !stored_set.contains(v)).collect();
@@ -218,8 +174,8 @@ async fn sigterm_drains_queued_writes_and_exits_cleanly() {
         .build()
         .unwrap();
     let mut child = spawn_serve(&db, port);
-    wait_ready(&client, &base).await;
-    let key = Arc::new(register(&client, &base, "durable").await);
+    wait_ready_at(&client, &base).await;
+    let key = Arc::new(register_at(&client, &base, "durable").await);
     let pid = child.id().to_string();
     let acked = run_load_then(&client, &base, &key, || {
         let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -231,7 +187,7 @@ async fn sigterm_drains_queued_writes_and_exits_cleanly() {
     assert!(acked.len() >= 1000);
 
     let mut child = spawn_serve(&db, port);
-    wait_ready(&client, &base).await;
+    wait_ready_at(&client, &base).await;
     let stored = all_values(&client, &base, &key).await;
     assert_eq!(stored, acked, "every acknowledged sample, and only those, is stored");
     child.kill().unwrap();
@@ -302,7 +258,7 @@ async fn cli_round_trip_servers_keys_push_read_back() {
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let mut child = spawn_serve(&db, port);
-    wait_ready(&client, &base).await;
+    wait_ready_at(&client, &base).await;
 
     let ts = (now_ms() - 5_000).to_string();
     let output = Command::new(BIN)
@@ -427,8 +383,8 @@ async fn no_raw_client_address_reaches_the_database_or_the_logs() {
         .spawn()
         .unwrap();
     let client = reqwest::Client::new();
-    wait_ready(&client, &base).await;
-    let _key = register(&client, &base, "durable").await;
+    wait_ready_at(&client, &base).await;
+    let _key = register_at(&client, &base, "durable").await;
     let addresses = ["203.0.113.77", "2001:db8:abcd:12::77", "198.51.100.201"];
     let ua = "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0";
     for (i, ip) in addresses.iter().cycle().take(60).enumerate() {

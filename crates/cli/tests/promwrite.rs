@@ -4,30 +4,9 @@
 mod common;
 
 use common::TestService;
-use mcp_metrics_core::promwrite::{Label, STALE_NAN_BITS, Sample, TimeSeries, WriteRequest, encode};
+use mcp_metrics_core::promwrite::{STALE_NAN_BITS, TimeSeries, WriteRequest, encode};
 use mcp_metrics_core::time::now_ms;
 use reqwest::{Method, StatusCode};
-
-fn series(name: &str, labels: &[(&str, &str)], samples: &[(f64, i64)]) -> TimeSeries {
-    let mut all = vec![Label {
-        name: "__name__".into(),
-        value: name.into(),
-    }];
-    all.extend(labels.iter().map(|(k, v)| Label {
-        name: (*k).into(),
-        value: (*v).into(),
-    }));
-    TimeSeries {
-        labels: all,
-        samples: samples
-            .iter()
-            .map(|(v, t)| Sample {
-                value: *v,
-                timestamp: *t,
-            })
-            .collect(),
-    }
-}
 
 async fn send(svc: &TestService, auth: Option<&str>, content_type: &str, body: Vec<u8>) -> (StatusCode, String) {
     let mut r = svc
@@ -52,12 +31,12 @@ async fn remote_write_lands_with_labels_kinds_and_without_stale_markers() {
     let t = now_ms() - 30_000;
     let request = WriteRequest {
         timeseries: vec![
-            series(
+            TimeSeries::named(
                 "http_requests_total",
                 &[("job", "mcp"), ("code", "200")],
                 &[(10.0, t), (12.0, t + 1000), (f64::from_bits(STALE_NAN_BITS), t + 2000)],
             ),
-            series("mcp_active_sessions", &[("job", "mcp")], &[(3.0, t)]),
+            TimeSeries::named("mcp_active_sessions", &[("job", "mcp")], &[(3.0, t)]),
         ],
     };
     let (status, text) = send(&svc, Some(&bearer), "application/x-protobuf", encode(&request)).await;
@@ -109,7 +88,7 @@ async fn invalid_data_is_400_so_prometheus_does_not_retry_it() {
     let t = now_ms() - 1000;
     // One bad sample (NaN that is not a stale marker) among good ones: the rest is stored.
     let request = WriteRequest {
-        timeseries: vec![series("g", &[], &[(f64::NAN, t), (1.0, t + 1)])],
+        timeseries: vec![TimeSeries::named("g", &[], &[(f64::NAN, t), (1.0, t + 1)])],
     };
     let (status, text) = send(&svc, Some(&bearer), "application/x-protobuf", encode(&request)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
@@ -144,7 +123,7 @@ async fn invalid_data_is_400_so_prometheus_does_not_retry_it() {
     );
     // A body that decompresses beyond 20 MiB.
     let huge = WriteRequest {
-        timeseries: vec![series("x", &[("pad", &"p".repeat(21 << 20))], &[(1.0, t)])],
+        timeseries: vec![TimeSeries::named("x", &[("pad", &"p".repeat(21 << 20))], &[(1.0, t)])],
     };
     assert_eq!(
         send(&svc, Some(&bearer), "application/x-protobuf", encode(&huge))

@@ -138,11 +138,7 @@ async fn prometheus_remote_writes_its_own_metrics() {
     let svc = TestService::start().await;
     let cred = svc.server_with_key("prom").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,

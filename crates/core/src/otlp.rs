@@ -575,15 +575,20 @@ impl Mapper {
         }
     }
 
+    /// One explicit or exponential histogram point, its counts already read.
+    #[allow(clippy::too_many_arguments)]
     fn histogram(
         &mut self,
         name: &str,
-        tags: Tags,
-        response_time: Option<(Vec<(String, String)>, f64)>,
+        unit: &str,
+        resource: &[(String, String)],
+        attributes: &[KeyValue],
         time_unix_nano: u64,
         cumulative: bool,
         counts: Result<HistogramCounts, String>,
     ) {
+        let tags = point_tags(resource, attributes);
+        let response_time = response_time_of(name, unit, attributes);
         let index = self.next_index();
         let parsed = tags.and_then(|tags| {
             let ts = timestamp_ms(time_unix_nano)?;
@@ -727,8 +732,9 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                             );
                             m.histogram(
                                 name,
-                                point_tags(&resource, &p.attributes),
-                                response_time_of(name, &metric.unit, &p.attributes),
+                                &metric.unit,
+                                &resource,
+                                &p.attributes,
                                 p.time_unix_nano,
                                 cumulative,
                                 counts,
@@ -748,8 +754,9 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                             );
                             m.histogram(
                                 name,
-                                point_tags(&resource, &p.attributes),
-                                response_time_of(name, &metric.unit, &p.attributes),
+                                &metric.unit,
+                                &resource,
+                                &p.attributes,
                                 p.time_unix_nano,
                                 cumulative,
                                 counts,

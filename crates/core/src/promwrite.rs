@@ -112,18 +112,10 @@ pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromPoint>, u
 }
 
 /// Encodes a request as senders do (used by tests and the load generator).
-pub fn encode(request: &WriteRequest) -> Vec<u8> {
-    snap::raw::Encoder::new()
-        .compress_vec(&request.encode_to_vec())
-        .expect("snappy compression of a buffer cannot fail")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn series(name: &str, labels: &[(&str, &str)], samples: &[(f64, i64)]) -> TimeSeries {
+impl TimeSeries {
+    /// A series named `name` with these other labels and (value, unix ms) samples, as a
+    /// sender builds it.
+    pub fn named(name: &str, labels: &[(&str, &str)], samples: &[(f64, i64)]) -> TimeSeries {
         let mut all = vec![Label {
             name: "__name__".into(),
             value: name.into(),
@@ -143,18 +135,30 @@ mod tests {
                 .collect(),
         }
     }
+}
+
+pub fn encode(request: &WriteRequest) -> Vec<u8> {
+    snap::raw::Encoder::new()
+        .compress_vec(&request.encode_to_vec())
+        .expect("snappy compression of a buffer cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn decodes_names_tags_kinds_and_drops_stale_markers() {
         let request = WriteRequest {
             timeseries: vec![
-                series(
+                TimeSeries::named(
                     "http_requests_total",
                     &[("job", "api"), ("code", "200")],
                     &[(10.0, 1000), (f64::from_bits(STALE_NAN_BITS), 2000)],
                 ),
-                series("up", &[("job", "api")], &[(1.0, 1000)]),
-                series("latency_seconds_bucket", &[("le", "0.5")], &[(3.0, 1000)]),
+                TimeSeries::named("up", &[("job", "api")], &[(1.0, 1000)]),
+                TimeSeries::named("latency_seconds_bucket", &[("le", "0.5")], &[(3.0, 1000)]),
             ],
         };
         let (points, stale) = decode(&encode(&request), 1 << 20).unwrap();
@@ -181,7 +185,7 @@ mod tests {
         // Frame format (what `snappy` tools write by default) is not the block format.
         assert!(decode(&[0xff, 0x06, 0x00, 0x00, b's', b'N', b'a', b'P', b'p', b'Y'], 1 << 20).is_err());
         let big = WriteRequest {
-            timeseries: vec![series("x", &[("pad", &"p".repeat(4096))], &[(1.0, 1)])],
+            timeseries: vec![TimeSeries::named("x", &[("pad", &"p".repeat(4096))], &[(1.0, 1)])],
         };
         assert_eq!(decode(&encode(&big), 1024), Err(PromError::TooLarge(1024)));
         let garbage = snap::raw::Encoder::new()
@@ -198,7 +202,7 @@ mod tests {
 
         #[test]
         fn round_trips(values in proptest::collection::vec((-1e9f64..1e9, 0i64..4_000_000_000_000), 1..50)) {
-            let request = WriteRequest { timeseries: vec![series("g", &[("a", "b")], &values)] };
+            let request = WriteRequest { timeseries: vec![TimeSeries::named("g", &[("a", "b")], &values)] };
             let (points, stale) = decode(&encode(&request), 1 << 20).unwrap();
             prop_assert_eq!(stale, 0);
             let got: Vec<(f64, i64)> = points.iter().map(|p| (p.value, p.timestamp_ms)).collect();

@@ -368,6 +368,56 @@ impl TestService {
     }
 }
 
+/// A free loopback port, for tests that spawn the binary with `--listen`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until the service at `base` answers `/readyz` with a success.
+pub async fn wait_ready_at(client: &reqwest::Client, base: &str) {
+    for _ in 0..400 {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the service at {base} did not become ready");
+}
+
+/// Registers a server through the operator API of the service at `base` and issues it a
+/// credential (for tests that run the binary rather than a [`TestService`]).
+pub async fn register_at(client: &reqwest::Client, base: &str, id: &str) -> Credential {
+    let r = client
+        .post(format!("{base}/api/v1/admin/servers"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let key: Value = client
+        .post(format!("{base}/api/v1/admin/servers/{id}/keys"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    Credential {
+        server_id: id.into(),
+        key_id: key["key_id"].as_str().unwrap().into(),
+        api_key: key["api_key"].as_str().unwrap().into(),
+        secret: key["signing_secret"].as_str().unwrap().into(),
+    }
+}
+
 /// A batch body for `server_id`.
 pub fn batch(server_id: &str, metrics: Value) -> String {
     json!({ "server_id": server_id, "metrics": metrics }).to_string()

@@ -178,6 +178,7 @@ async fn export_inner(
     // export that produced it and that export's digest, so a retry of it (whose parts
     // are all duplicates) computes the same state again instead of applying it twice,
     // and a retry after a lost state write still writes it.
+    let digest_hex = hex::encode(digest);
     let mut new_states = Vec::with_capacity(mapped.streams.len());
     for stream in &mapped.streams {
         let key = state_key(&credential.server_id, &stream.name, &stream.tags);
@@ -186,7 +187,6 @@ async fn export_inner(
             .meta_get(&key)
             .await?
             .and_then(|text| serde_json::from_str::<StreamRecord>(&text).ok());
-        let digest_hex = hex::encode(digest);
         let base = match &stored {
             Some(r) if r.digest == digest_hex => r.before.clone(),
             Some(r) => Some(r.after.clone()),
@@ -235,7 +235,7 @@ async fn export_inner(
         let record = StreamRecord {
             before: base,
             after: next,
-            digest: digest_hex,
+            digest: digest_hex.clone(),
         };
         new_states.push((key, stream.data_point, record));
     }
