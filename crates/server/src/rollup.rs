@@ -136,9 +136,9 @@ fn compute(level: Level, work: mcp_metrics_store::RollupWork, cutoff: Option<i64
                 BucketStats::fold(kind, samples)
             }
             (Some(_), RollupInput::Children(children)) => BucketStats::merge_all(&children),
-            (Some(_), RollupInput::Extend { mut base, samples }) => {
-                report.samples_folded += samples.len() as u64;
-                base.extend(samples);
+            (Some(_), RollupInput::Splice { mut base, before, tail }) => {
+                report.samples_folded += tail.iter().filter(|s| s.2).count() as u64;
+                base.splice(before, &tail);
                 Some(base)
             }
         };

@@ -122,13 +122,15 @@ pub enum RollupInput {
     Raw(Vec<(i64, f64)>),
     /// The finer buckets of an hour or a day, oldest first.
     Children(Vec<BucketStats>),
-    /// The stored minute bucket and the raw samples written after its last sample, in
-    /// (timestamp, seq) order: a store may offer this when it knows every sample written
-    /// since the bucket was computed is later than the bucket's `last_ts`, so a busy open
-    /// minute is not read again from its start at every pass.
-    Extend {
+    /// The stored minute bucket and what was written to it since it was computed, for
+    /// `BucketStats::splice`: every sample from the earliest new one to the end of the
+    /// minute in (timestamp, seq) order, flagged `true` when new, and the stored sample
+    /// just before them. A store offers this when it knows exactly which samples are new,
+    /// so a busy minute is not read again from its start at every pass.
+    Splice {
         base: BucketStats,
-        samples: Vec<(i64, f64)>,
+        before: Option<(i64, f64)>,
+        tail: Vec<(i64, f64, bool)>,
     },
 }
 

@@ -430,9 +430,9 @@ fn fold_kind(kind: Kind, input: &RollupInput) -> Option<BucketStats> {
     match input {
         RollupInput::Raw(samples) => BucketStats::fold(kind, samples.iter().copied()),
         RollupInput::Children(c) => BucketStats::merge_all(c),
-        RollupInput::Extend { base, samples } => {
+        RollupInput::Splice { base, before, tail } => {
             let mut stats = base.clone();
-            stats.extend(samples.iter().copied());
+            stats.splice(*before, tail);
             Some(stats)
         }
     }
@@ -446,9 +446,34 @@ async fn minute_pass(store: &dyn Store) -> Vec<RollupInput> {
     work.items.into_iter().map(|(_, i)| i).collect()
 }
 
+fn one_sample(kind: Kind, value: f64, ts: i64) -> WriteBatch {
+    batch(vec![request(
+        vec![NewSeries {
+            key: key("s", "m"),
+            kind,
+        }],
+        vec![sample(SeriesRef::New(0), kind, ts, value)],
+    )])
+}
+
+/// One minute pass for series of `kind`; returns the inputs it was given.
+async fn minute_pass_of(store: &dyn Store, kind: Kind) -> Vec<RollupInput> {
+    let work = store.rollup_work(Level::Minute, 100).await.unwrap();
+    let results: Vec<_> = work.items.iter().map(|(m, i)| (*m, fold_kind(kind, i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    work.items.into_iter().map(|(_, i)| i).collect()
+}
+
+async fn stored_minute(store: &dyn Store) -> BucketStats {
+    let id = store.series_of_server("s", None).await.unwrap()[0].id;
+    let rows = store.read_rollups(Level::Minute, &[id], 0, i64::MAX).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    rows[0].stats.clone()
+}
+
 #[tokio::test]
-async fn a_busy_minute_is_extended_instead_of_read_again() {
-    let Some(db) = Db::new("a_busy_minute_is_extended_instead_of_read_again").await else {
+async fn a_busy_minute_is_spliced_instead_of_read_again() {
+    let Some(db) = Db::new("a_busy_minute_is_spliced_instead_of_read_again").await else {
         return;
     };
     let store = db.open().await;
@@ -457,31 +482,113 @@ async fn a_busy_minute_is_extended_instead_of_read_again() {
     store.write_batch(one_histogram_sample(10.0, m + 10)).await.unwrap();
     store.write_batch(one_histogram_sample(20.0, m + 20)).await.unwrap();
     assert!(matches!(&minute_pass(&store).await[..], [RollupInput::Raw(s)] if s.len() == 2));
-    // Later samples only: the stored bucket is extended with them alone.
+    // Later samples: the stored bucket is extended with them alone, after its last one.
     store.write_batch(one_histogram_sample(30.0, m + 30)).await.unwrap();
-    let inputs = minute_pass(&store).await;
-    match &inputs[..] {
-        [RollupInput::Extend { base, samples }] => {
-            assert_eq!((base.count, samples.clone()), (2, vec![(m + 30, 30.0)]));
+    match &minute_pass(&store).await[..] {
+        [RollupInput::Splice { base, before, tail }] => {
+            assert_eq!(base.count, 2);
+            assert_eq!(
+                (*before, tail.clone()),
+                (Some((m + 20, 20.0)), vec![(m + 30, 30.0, true)])
+            );
         }
-        other => panic!("expected an extension, got {other:?}"),
+        other => panic!("expected a splice, got {other:?}"),
     }
-    let id = store.series_of_server("s", None).await.unwrap()[0].id;
-    let rows = store.read_rollups(Level::Minute, &[id], 0, i64::MAX).await.unwrap();
     let all = BucketStats::fold(Kind::Histogram, [(m + 10, 10.0), (m + 20, 20.0), (m + 30, 30.0)]);
-    assert_eq!(Some(rows[0].stats.clone()), all);
-    // A late sample (before the bucket's last one) and a same-millisecond observation
-    // mean the minute is folded again from its start.
+    assert_eq!(Some(stored_minute(&store).await), all);
+    // A late sample, from another write committed in between: the tail from it on, the
+    // stored sample before it, and only the late one flagged new.
     store.write_batch(one_histogram_sample(15.0, m + 15)).await.unwrap();
-    assert!(matches!(&minute_pass(&store).await[..], [RollupInput::Raw(s)] if s.len() == 4));
+    match &minute_pass(&store).await[..] {
+        [RollupInput::Splice { base, before, tail }] => {
+            assert_eq!(base.count, 3);
+            assert_eq!(*before, Some((m + 10, 10.0)));
+            assert_eq!(
+                tail.clone(),
+                vec![(m + 15, 15.0, true), (m + 20, 20.0, false), (m + 30, 30.0, false)]
+            );
+        }
+        other => panic!("expected a splice, got {other:?}"),
+    }
+    // Two writes between passes, one earlier than every stored sample: no sample before.
+    store.write_batch(one_histogram_sample(5.0, m + 5)).await.unwrap();
+    store.write_batch(one_histogram_sample(25.0, m + 25)).await.unwrap();
+    match &minute_pass(&store).await[..] {
+        [RollupInput::Splice { before, tail, .. }] if before.is_none() => {
+            let new: Vec<f64> = tail.iter().filter(|s| s.2).map(|s| s.1).collect();
+            assert_eq!((tail.len(), new), (6, vec![5.0, 25.0]));
+        }
+        other => panic!("expected a splice from the minute's start, got {other:?}"),
+    }
+    let all = BucketStats::fold(
+        Kind::Histogram,
+        [5.0, 10.0, 15.0, 20.0, 25.0, 30.0].map(|v| (m + v as i64, v)),
+    );
+    assert_eq!(Some(stored_minute(&store).await), all);
+    // A same-millisecond observation goes in by upsert: the minute is folded again.
     store.write_batch(one_histogram_sample(31.0, m + 30)).await.unwrap();
-    assert!(matches!(&minute_pass(&store).await[..], [RollupInput::Raw(s)] if s.len() == 5));
+    assert!(matches!(&minute_pass(&store).await[..], [RollupInput::Raw(s)] if s.len() == 7));
     // So does an operator's re-aggregation of a range.
     store.write_batch(one_histogram_sample(40.0, m + 40)).await.unwrap();
     store.mark_range_dirty(m, m + 60_000).await.unwrap();
-    assert!(matches!(&minute_pass(&store).await[..], [RollupInput::Raw(s)] if s.len() == 6));
-    let rows = store.read_rollups(Level::Minute, &[id], 0, i64::MAX).await.unwrap();
-    assert_eq!((rows[0].stats.count, rows[0].stats.sum), (6, 146.0));
+    assert!(matches!(&minute_pass(&store).await[..], [RollupInput::Raw(s)] if s.len() == 8));
+    let stats = stored_minute(&store).await;
+    assert_eq!((stats.count, stats.sum), (8, 176.0));
+}
+
+#[tokio::test]
+async fn late_counter_samples_and_rewritten_gauges_keep_exact_buckets() {
+    let Some(db) = Db::new("late_counter_samples_and_rewritten_gauges").await else {
+        return;
+    };
+    let store = db.open().await;
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let m = (now_ms() / 60_000 - 2) * 60_000;
+    // A counter whose samples arrive out of order, with a restart among them: every pass
+    // splices, and the stored increase equals folding all samples in time order.
+    let arrivals = [
+        (30, 30.0),
+        (10, 10.0),
+        (50, 4.0),
+        (20, 25.0),
+        (40, 35.0),
+        (5, 2.0),
+        (45, 1.0),
+    ];
+    let mut seen = Vec::new();
+    for (i, (offset, value)) in arrivals.into_iter().enumerate() {
+        store
+            .write_batch(one_sample(Kind::Counter, value, m + offset))
+            .await
+            .unwrap();
+        seen.push((m + offset, value));
+        let inputs = minute_pass_of(&store, Kind::Counter).await;
+        if i > 0 {
+            assert!(matches!(&inputs[..], [RollupInput::Splice { .. }]), "{inputs:?}");
+        }
+        seen.sort_by_key(|s| s.0);
+        let expected = BucketStats::fold(Kind::Counter, seen.iter().copied()).unwrap();
+        assert_eq!(stored_minute(&store).await, expected, "after {} samples", i + 1);
+    }
+    assert_eq!(stored_minute(&store).await.increase, 8.0 + 15.0 + 5.0 + 5.0 + 1.0 + 3.0);
+}
+
+#[tokio::test]
+async fn a_rewritten_gauge_is_folded_again() {
+    let Some(db) = Db::new("a_rewritten_gauge_is_folded_again").await else {
+        return;
+    };
+    let store = db.open().await;
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let m = (now_ms() / 60_000 - 2) * 60_000;
+    store.write_batch(one_sample(Kind::Gauge, 5.0, m + 10)).await.unwrap();
+    store.write_batch(one_sample(Kind::Gauge, 6.0, m + 20)).await.unwrap();
+    minute_pass_of(&store, Kind::Gauge).await;
+    // The same timestamp again replaces the stored value: splicing would count both.
+    store.write_batch(one_sample(Kind::Gauge, 7.0, m + 10)).await.unwrap();
+    assert!(matches!(&minute_pass_of(&store, Kind::Gauge).await[..], [RollupInput::Raw(s)] if s.len() == 2));
+    let stats = stored_minute(&store).await;
+    assert_eq!((stats.count, stats.sum, stats.first), (2, 13.0, 7.0));
 }
 
 /// rollup_marks.rs' stale-pass case, on any backend.
@@ -1117,10 +1224,12 @@ async fn copies_sqlite_to_postgres() {
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
 }
 
-/// Compares the two correct ways to upsert a batch of samples: binary COPY into the
-/// staging table then INSERT ... SELECT ... ON CONFLICT (the store's path), and one
-/// INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT. Run by hand:
-/// `cargo test -p mcp-metrics-store --test postgres write_path_timing -- --ignored --nocapture`.
+/// Compares ways to write a batch of samples: the store's `write_batch`, upserts (COPY
+/// into staging then INSERT ... ON CONFLICT, or INSERT ... FROM unnest(arrays) ... ON
+/// CONFLICT), and the plain ways when no row exists yet (bare COPY, COPY split into
+/// statements, INSERT from arrays). `PER_BATCH` (default 10,000) sets the rows per batch
+/// and `COPY_CHUNK` (250) the split. Run by hand:
+/// `PER_BATCH=1000 cargo test --release -p mcp-metrics-store --test postgres write_path_timing -- --ignored --nocapture`.
 #[tokio::test]
 #[ignore]
 async fn write_path_timing() {
@@ -1130,7 +1239,11 @@ async fn write_path_timing() {
     let store = db.open().await;
     store.create_server("s", &ServerFields::default(), 0).await.unwrap();
     let start = (now_ms() / DAY) * DAY;
-    let (series, rounds, per_batch) = (200i64, 20, 10_000usize);
+    let per_batch: usize = std::env::var("PER_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let (series, rounds) = (200i64, 200_000 / per_batch);
     let ids: Vec<i64> = {
         let out = store
             .write_batch(batch(vec![request(
@@ -1250,8 +1363,56 @@ async fn write_path_timing() {
         tx.commit().await.unwrap();
     }
     let staging_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+
+    // 5. Bare COPY in statements of at most copy_chunk rows.
+    let copy_chunk: usize = std::env::var("COPY_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(250);
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        for chunk in rows(round, 14_400_000).chunks(copy_chunk) {
+            let sink = client
+                .copy_in("COPY server_metrics (ts, series_id, seq, value) FROM STDIN BINARY")
+                .await
+                .unwrap();
+            let mut writer = std::pin::pin!(tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+                sink,
+                &[
+                    tokio_postgres::types::Type::INT8,
+                    tokio_postgres::types::Type::INT8,
+                    tokio_postgres::types::Type::INT4,
+                    tokio_postgres::types::Type::FLOAT8
+                ]
+            ));
+            for (ts, id, v) in chunk {
+                writer.as_mut().write(&[ts, id, &0i32, v]).await.unwrap();
+            }
+            writer.finish().await.unwrap();
+        }
+    }
+    let chunked_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
+
+    // 6. A plain INSERT from unnest arrays (no upsert).
+    let t = std::time::Instant::now();
+    for round in 0..rounds {
+        let r = rows(round, 18_000_000);
+        let ts: Vec<i64> = r.iter().map(|r| r.0).collect();
+        let id: Vec<i64> = r.iter().map(|r| r.1).collect();
+        let v: Vec<f64> = r.iter().map(|r| r.2).collect();
+        client
+            .execute(
+                "INSERT INTO server_metrics (ts, series_id, seq, value)
+                 SELECT t, i, 0, v FROM unnest($1::bigint[], $2::bigint[], $3::float8[]) AS x(t, i, v)",
+                &[&ts, &id, &v],
+            )
+            .await
+            .unwrap();
+    }
+    let insert_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
     println!(
         "samples/s with {per_batch} per batch: store write_batch {store_rate:.0}; sample statements only: \
-         COPY + staging upsert {staging_rate:.0}, unnest upsert {unnest_rate:.0}, bare COPY (no upsert) {copy_rate:.0}"
+         COPY + staging upsert {staging_rate:.0}, unnest upsert {unnest_rate:.0}, bare COPY (no upsert) {copy_rate:.0}, \
+         bare COPY in statements of {copy_chunk} rows {chunked_rate:.0}, plain INSERT from unnest {insert_rate:.0}"
     );
 }

@@ -39,9 +39,9 @@ fn fold(input: &RollupInput) -> Option<BucketStats> {
     match input {
         RollupInput::Raw(samples) => BucketStats::fold(Kind::Histogram, samples.iter().copied()),
         RollupInput::Children(c) => BucketStats::merge_all(c),
-        RollupInput::Extend { base, samples } => {
+        RollupInput::Splice { base, before, tail } => {
             let mut stats = base.clone();
-            stats.extend(samples.iter().copied());
+            stats.splice(*before, tail);
             Some(stats)
         }
     }

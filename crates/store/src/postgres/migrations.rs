@@ -203,6 +203,21 @@ ALTER TABLE rollups_1h ADD COLUMN generation BIGINT;
 ALTER TABLE server_metrics_daily ADD COLUMN generation BIGINT;
 "#,
     ),
+    (
+        5,
+        "the writing transaction of each logged minute, so a pass folds exactly the new samples",
+        r#"
+-- xid: the low 32 bits of the writing transaction's id, which is also the xmin of the
+-- raw rows it inserted. A minute mark collects the ids of the writes it has not folded
+-- yet (xids), so a pass reads the minute from its earliest new sample and tells the
+-- new rows (xmin among the ids) from those already in the stored bucket, however late
+-- they arrive. NULL (a log row from before this migration): recompute from the start.
+ALTER TABLE rollup_log ADD COLUMN xid BIGINT;
+-- NULL min_ts: a write that may have replaced stored samples (an upsert).
+ALTER TABLE rollup_log ALTER COLUMN min_ts DROP NOT NULL;
+ALTER TABLE rollup_dirty ADD COLUMN xids BIGINT[];
+"#,
+    ),
 ];
 
 /// The version a fully migrated database has.

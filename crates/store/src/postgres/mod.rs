@@ -555,12 +555,18 @@ impl Store for PostgresStore {
         days.dedup();
         let rows = write::prepare_rows(&batch);
         let mut attempt = 0;
+        let mut mode = write::SampleWrite::Copy;
         loop {
             attempt += 1;
             self.ensure_days(days.clone()).await?;
             let mut client = self.client().await?;
-            match write::write_batch(&mut client, &batch, &rows).await {
+            match write::write_batch(&mut client, &batch, &rows, mode).await {
                 Ok(outcomes) => return Ok(outcomes),
+                // COPY met a stored row: the batch needs upserts (not an attempt lost).
+                Err(e) if mode == write::SampleWrite::Copy && sqlstate(&e) == Some("23505") => {
+                    mode = write::SampleWrite::Upsert;
+                    attempt -= 1;
+                }
                 Err(e) if attempt < WRITE_ATTEMPTS && is_retryable(&e) => {
                     tracing::debug!(error = %db_text(&e), attempt, "write batch lost a race; running it again");
                     if sqlstate(&e) == Some("23514") {

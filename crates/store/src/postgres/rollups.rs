@@ -48,43 +48,53 @@ fn stats_from_row(r: &Row, at: usize) -> BucketStats {
     }
 }
 
-/// Moves the minutes that writes logged into minute marks, each with a new generation
-/// (so a mark a pass has read counts as renewed). The DELETE removes exactly the log
-/// rows its snapshot sees: rows of writes still in flight stay for the next move, and
-/// are visible, samples included, to any snapshot taken after they commit.
+/// Moves the minutes that writes logged into minute marks, each with a new generation,
+/// the earliest new sample and the ids of the writes not folded yet. Runs in the pass's
+/// snapshot: the DELETE removes exactly the log rows that snapshot sees, so the marks
+/// name every write whose samples the pass can see and the stored buckets do not hold;
+/// rows of writes still in flight stay for the next pass.
 async fn absorb_log(client: &tokio_postgres::Transaction<'_>) -> PgResult<u64> {
     client
         .execute(
-            "WITH moved AS (DELETE FROM rollup_log RETURNING bucket, series_id, min_ts),
+            "WITH moved AS (DELETE FROM rollup_log RETURNING bucket, series_id, min_ts, xid),
                   g AS MATERIALIZED (SELECT nextval('rollup_generation') AS generation)
-             INSERT INTO rollup_dirty (level, bucket, series_id, generation, min_ts)
-             SELECT 0::smallint, m.bucket, m.series_id, min(g.generation), min(m.min_ts) FROM moved m, g
+             INSERT INTO rollup_dirty (level, bucket, series_id, generation, min_ts, xids)
+             SELECT 0::smallint, m.bucket, m.series_id, min(g.generation),
+                    CASE WHEN bool_or(m.min_ts IS NULL OR m.xid IS NULL) THEN NULL ELSE min(m.min_ts) END,
+                    array_agg(DISTINCT m.xid)
+             FROM moved m, g
              GROUP BY m.bucket, m.series_id
              ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation,
-                 min_ts = CASE WHEN rollup_dirty.min_ts IS NULL THEN NULL
-                               ELSE LEAST(rollup_dirty.min_ts, EXCLUDED.min_ts) END",
+                 min_ts = CASE WHEN rollup_dirty.min_ts IS NULL OR EXCLUDED.min_ts IS NULL THEN NULL
+                               ELSE LEAST(rollup_dirty.min_ts, EXCLUDED.min_ts) END,
+                 xids = rollup_dirty.xids || EXCLUDED.xids",
             &[],
         )
         .await
 }
 
+/// A minute mark with what its pass needs to splice the new samples in.
+struct Pending {
+    /// The earliest new sample.
+    min_ts: i64,
+    /// Low 32 bits of the writes not folded yet (the xmin of their rows).
+    xids: HashSet<i64>,
+}
+
 pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> PgResult<RollupWork> {
-    if level == Level::Minute {
-        let tx = client.transaction().await?;
-        absorb_log(&tx).await?;
-        tx.commit().await?;
-    }
-    // One snapshot for the marks and the data they are rebuilt from, so a sample committed
-    // later also renewed its mark.
+    // One snapshot for moving the log, reading the marks and the data they are rebuilt
+    // from, so the marks' write ids are exactly the visible writes not folded yet.
     let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
         .start()
         .await?;
+    if level == Level::Minute {
+        absorb_log(&tx).await?;
+    }
     let rows = tx
         .query(
-            "SELECT bucket, series_id, generation, min_ts FROM rollup_dirty WHERE level = $1
+            "SELECT bucket, series_id, generation, min_ts, xids FROM rollup_dirty WHERE level = $1
              ORDER BY bucket, series_id LIMIT $2",
             &[&level_code(level), &(max_marks as i64)],
         )
@@ -101,15 +111,23 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
     let mut items = Vec::with_capacity(marks.len());
     match level.child() {
         None => {
-            // A minute whose new samples all come after its stored bucket's last sample is
-            // extended with them; any other is folded again from its start.
-            let earliest: HashMap<(i64, i64), i64> = rows
+            let pending: HashMap<(i64, i64), Pending> = rows
                 .iter()
-                .filter_map(|r| r.get::<_, Option<i64>>(3).map(|t| ((r.get(0), r.get(1)), t)))
+                .filter_map(|r| {
+                    let min_ts: Option<i64> = r.get(3);
+                    let xids: Option<Vec<Option<i64>>> = r.get(4);
+                    let xids: Option<HashSet<i64>> = xids.and_then(|x| x.into_iter().collect());
+                    match (min_ts, xids) {
+                        (Some(min_ts), Some(xids)) => Some(((r.get(0), r.get(1)), Pending { min_ts, xids })),
+                        _ => None,
+                    }
+                })
                 .collect();
+            // Minutes with a stored bucket and known new writes are spliced: read from
+            // their earliest new sample. Any other is folded again from its start.
             let mut stored: HashMap<(i64, i64), BucketStats> = HashMap::new();
-            if !earliest.is_empty() {
-                let (buckets, ids): (Vec<i64>, Vec<i64>) = earliest.keys().copied().unzip();
+            if !pending.is_empty() {
+                let (buckets, ids): (Vec<i64>, Vec<i64>) = pending.keys().copied().unzip();
                 for r in tx
                     .query(
                         &format!(
@@ -121,18 +139,44 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
                     )
                     .await?
                 {
-                    let key: (i64, i64) = (r.get(0), r.get(1));
-                    let base = stats_from_row(&r, 2);
-                    if earliest.get(&key).is_some_and(|first| *first > base.last_ts) {
-                        stored.insert(key, base);
-                    }
+                    stored.insert((r.get(0), r.get(1)), stats_from_row(&r, 2));
+                }
+            }
+            let splice_at: HashMap<(i64, i64), i64> = stored.keys().map(|k| (*k, pending[k].min_ts)).collect();
+            let splice_from = |m: &DirtyMark| splice_at.get(&(m.bucket, m.series_id)).copied();
+            // The stored sample just before the new ones: the bucket's last when they all
+            // come after it, otherwise read.
+            let late: Vec<(i64, i64, i64)> = marks
+                .iter()
+                .filter_map(|m| {
+                    let from = splice_from(m)?;
+                    (from <= stored[&(m.bucket, m.series_id)].last_ts).then_some((m.series_id, m.bucket, from))
+                })
+                .collect();
+            let mut before: HashMap<(i64, i64), (i64, f64)> = HashMap::new();
+            if !late.is_empty() {
+                let ids: Vec<i64> = late.iter().map(|l| l.0).collect();
+                let buckets: Vec<i64> = late.iter().map(|l| l.1).collect();
+                let froms: Vec<i64> = late.iter().map(|l| l.2).collect();
+                for r in tx
+                    .query(
+                        "SELECT m.bucket, m.series_id, p.ts, p.value
+                         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS m(series_id, bucket, from_ts)
+                         CROSS JOIN LATERAL (SELECT ts, value FROM server_metrics s
+                             WHERE s.series_id = m.series_id AND s.ts >= m.bucket AND s.ts < m.from_ts
+                             ORDER BY s.ts DESC, s.seq DESC LIMIT 1) p",
+                        &[&ids, &buckets, &froms],
+                    )
+                    .await?
+                {
+                    before.insert((r.get(0), r.get(1)), (r.get(2), r.get(3)));
                 }
             }
             // One range scan per marked minute (from the earliest point any of its series
-            // needs), pipelined.
+            // needs), pipelined; each row with the low 32 bits of its writer's id.
             let scan = tx
                 .prepare(
-                    "SELECT series_id, ts, value FROM server_metrics
+                    "SELECT series_id, ts, value, xmin::text::bigint FROM server_metrics
                      WHERE ts >= $1 AND ts < $2 AND series_id = ANY($3) ORDER BY ts, series_id, seq",
                 )
                 .await?;
@@ -148,7 +192,7 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
                 let bucket = g[0].bucket;
                 let from = g
                     .iter()
-                    .map(|m| stored.get(&(m.bucket, m.series_id)).map_or(bucket, |b| b.last_ts + 1))
+                    .map(|m| splice_from(m).unwrap_or(bucket))
                     .min()
                     .unwrap_or(bucket);
                 let (tx, scan) = (&tx, &scan);
@@ -156,21 +200,35 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
             }))
             .await?;
             for (group, rows) in groups.iter().zip(results) {
-                let mut by_series: HashMap<i64, Vec<(i64, f64)>> = HashMap::new();
+                let mut by_series: HashMap<i64, Vec<(i64, f64, i64)>> = HashMap::new();
                 for r in &rows {
-                    by_series.entry(r.get(0)).or_default().push((r.get(1), r.get(2)));
+                    by_series
+                        .entry(r.get(0))
+                        .or_default()
+                        .push((r.get(1), r.get(2), r.get(3)));
                 }
                 for mark in group.iter() {
                     let samples = by_series.remove(&mark.series_id).unwrap_or_default();
-                    let input = match stored.remove(&(mark.bucket, mark.series_id)) {
-                        Some(base) => {
-                            let after = base.last_ts;
-                            RollupInput::Extend {
+                    let key = (mark.bucket, mark.series_id);
+                    let input = match (splice_from(mark), stored.remove(&key)) {
+                        (Some(from), Some(base)) => {
+                            let xids = &pending[&key].xids;
+                            let before = if from > base.last_ts {
+                                Some((base.last_ts, base.last))
+                            } else {
+                                before.get(&key).copied()
+                            };
+                            RollupInput::Splice {
                                 base,
-                                samples: samples.into_iter().filter(|s| s.0 > after).collect(),
+                                before,
+                                tail: samples
+                                    .into_iter()
+                                    .filter(|s| s.0 >= from)
+                                    .map(|(ts, value, xid)| (ts, value, xids.contains(&xid)))
+                                    .collect(),
                             }
                         }
-                        None => RollupInput::Raw(samples),
+                        _ => RollupInput::Raw(samples.into_iter().map(|(ts, value, _)| (ts, value)).collect()),
                     };
                     items.push((*mark, input));
                 }
@@ -231,12 +289,9 @@ pub async fn apply(
     level: Level,
     results: &[(DirtyMark, Option<BucketStats>)],
 ) -> PgResult<()> {
+    // Writes logged since the pass read its marks stay in the log for the next pass,
+    // which splices them into the buckets stored here.
     let tx = client.transaction().await?;
-    // Minutes written since the pass read its marks renew them now: their marks stay for
-    // the next pass, which folds what this one missed.
-    if level == Level::Minute {
-        absorb_log(&tx).await?;
-    }
     let buckets: Vec<i64> = results.iter().map(|(m, _)| m.bucket).collect();
     let ids: Vec<i64> = results.iter().map(|(m, _)| m.series_id).collect();
     let generations: Vec<i64> = results.iter().map(|(m, _)| m.generation).collect();
@@ -407,7 +462,8 @@ pub async fn mark_range(client: &PoolClient, from: i64, to: i64) -> PgResult<u64
              SELECT 0, m.bucket, m.series_id, g.generation
              FROM (SELECT DISTINCT ts - ((ts % 60000) + 60000) % 60000 AS bucket, series_id
                    FROM server_metrics WHERE ts >= $1 AND ts < $2) AS m, g
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation, min_ts = NULL",
+             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation, min_ts = NULL,
+                 xids = NULL",
             &[&from, &to],
         )
         .await

@@ -7,7 +7,8 @@
 //! SQLite writer's sequential loop does.
 //!
 //! Samples go in by binary COPY straight into the partitioned table (it routes each row
-//! to its day), falling back to upserts when a row exists already: see `write_samples`.
+//! to its day); when a row exists already the batch runs again with upserts: see
+//! `write_samples`.
 
 use std::collections::HashMap;
 use std::pin::pin;
@@ -22,6 +23,14 @@ use crate::sqlite::tags_to_json;
 use crate::{RequestOutcome, SampleQuery, SeriesRef, WriteBatch};
 
 const MINUTE: i64 = 60_000;
+
+/// Batches of fewer rows go in by one INSERT from arrays instead of COPY. PostgreSQL
+/// before 17 keeps a resource-owner entry per COPY buffer slot (up to 1,000 a statement)
+/// in a hash that degrades to a linear scan when every entry is the same tuple
+/// descriptor, so a COPY of 1,000 rows spends most of its time there. Measured with
+/// `write_path_timing` (tests/postgres.rs): at 1,000 rows a batch INSERT from arrays
+/// took 324 k rows/s and COPY 229 k; at 4,000 rows COPY 379 k and INSERT 298 k.
+const COPY_MIN_ROWS: usize = 2_000;
 
 /// A sample ready for the table: the series of a known id, or of the n-th new series of
 /// request r (resolved inside the transaction).
@@ -53,9 +62,22 @@ pub fn prepare_rows(batch: &WriteBatch) -> Vec<Row> {
     rows
 }
 
-pub async fn write_batch(client: &mut PoolClient, batch: &WriteBatch, rows: &[Row]) -> PgResult<Vec<RequestOutcome>> {
+/// How a batch's samples go in: `Copy` first; `Upsert` when COPY met a row that exists
+/// already (the caller runs the batch again: a failed COPY aborts the transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleWrite {
+    Copy,
+    Upsert,
+}
+
+pub async fn write_batch(
+    client: &mut PoolClient,
+    batch: &WriteBatch,
+    rows: &[Row],
+    mode: SampleWrite,
+) -> PgResult<Vec<RequestOutcome>> {
     let now = batch.now;
-    let mut tx = client.transaction().await?;
+    let tx = client.transaction().await?;
     let (guard_signature, guard_digest, insert_series, find_series, insert_event, touch_credential) = tokio::try_join!(
         // A guard row that exists and has not expired makes the upsert a no-op, so zero
         // changed rows means "seen inside the window" — also when another node's
@@ -227,10 +249,12 @@ pub async fn write_batch(client: &mut PoolClient, batch: &WriteBatch, rows: &[Ro
     }
 
     if !deduped.is_empty() {
-        write_samples(&mut tx, &deduped, histograms).await?;
+        write_samples(&tx, &deduped, histograms, mode).await?;
 
-        // Every minute that received a sample is recomputed by the rollup job.
-        // With the earliest sample of this batch in each (minute, series).
+        // Every minute that received a sample is recomputed by the rollup job, from the
+        // earliest sample of this batch in each (minute, series) on. An upsert may have
+        // replaced a stored gauge value: then the minute is recomputed from its start
+        // (NULL), as the stored bucket holds the old value.
         let mut dirty: HashMap<(i64, i64), i64> = HashMap::new();
         for s in &deduped {
             let first = dirty.entry((align(s.0, MINUTE), s.1)).or_insert(s.0);
@@ -240,11 +264,17 @@ pub async fn write_batch(client: &mut PoolClient, batch: &WriteBatch, rows: &[Ro
         dirty.sort_unstable();
         let buckets: Vec<i64> = dirty.iter().map(|d| d.0.0).collect();
         let ids: Vec<i64> = dirty.iter().map(|d| d.0.1).collect();
-        let firsts: Vec<i64> = dirty.iter().map(|d| d.1).collect();
+        let firsts: Vec<Option<i64>> = dirty
+            .iter()
+            .map(|d| (mode == SampleWrite::Copy).then_some(d.1))
+            .collect();
         // Appended, not upserted: no row lock shared with concurrent commits. The rollup
-        // job turns the log into marks (rollups.rs, `absorb_log`).
+        // job turns the log into marks (rollups.rs, `absorb_log`). The transaction id is
+        // the xmin of the rows COPY just inserted (no savepoint: a subtransaction would
+        // give them an id of their own).
         tx.execute(
-            "INSERT INTO rollup_log (bucket, series_id, min_ts) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])",
+            "INSERT INTO rollup_log (bucket, series_id, min_ts, xid)
+             SELECT b, s, m, pg_current_xact_id()::xid::text::bigint FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS x(b, s, m)",
             &[&buckets, &ids, &firsts],
         )
         .await?;
@@ -266,22 +296,34 @@ pub async fn write_batch(client: &mut PoolClient, batch: &WriteBatch, rows: &[Ro
 
 /// Stores deduplicated samples (ts, series_id, rank, histogram, value).
 ///
-/// Usually none of them exists yet, and then a bare binary COPY is the fastest way in
-/// (measured about three times the rate of an upsert, see `write_path_timing` in
-/// tests/postgres.rs). COPY cannot upsert, so it runs in a savepoint: when a row exists
-/// already (a gauge written again at the same timestamp, an observation at a stored
-/// millisecond) the savepoint is rolled back and the batch's samples go in by upserts
-/// that replace gauge values and rank observations after the stored ones.
+/// Usually none of them exists yet, and then a bare binary COPY (or, for smaller batches,
+/// a plain INSERT from arrays: `COPY_MIN_ROWS`) is the fastest way in (measured about
+/// three times the rate of an upsert, see `write_path_timing` in tests/postgres.rs).
+/// Neither can upsert: when a row exists already (a gauge written
+/// again at the same timestamp, an observation at a stored millisecond) it fails with a
+/// unique violation, and the caller runs the batch again in `Upsert` mode, where gauge
+/// values are replaced and observations ranked after the stored ones.
 async fn write_samples(
-    tx: &mut deadpool_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     rows: &[(i64, i64, i32, bool, f64)],
     histograms: bool,
+    mode: SampleWrite,
 ) -> PgResult<()> {
-    let savepoint = tx.savepoint("samples").await?;
-    match copy_samples(&savepoint, rows).await {
-        Ok(()) => return savepoint.commit().await,
-        Err(e) if e.code().map(|c| c.code()) == Some("23505") => savepoint.rollback().await?,
-        Err(e) => return Err(e),
+    if mode == SampleWrite::Copy {
+        if rows.len() >= COPY_MIN_ROWS {
+            return copy_samples(tx, rows).await;
+        }
+        let ts: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        let ids: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let ranks: Vec<i32> = rows.iter().map(|r| r.2).collect();
+        let values: Vec<f64> = rows.iter().map(|r| r.4).collect();
+        tx.execute(
+            "INSERT INTO server_metrics (ts, series_id, seq, value)
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::float8[])",
+            &[&ts, &ids, &ranks, &values],
+        )
+        .await?;
+        return Ok(());
     }
     let (ts, ids, values): (Vec<i64>, Vec<i64>, Vec<f64>) =
         rows.iter()
