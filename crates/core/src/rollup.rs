@@ -115,7 +115,7 @@ impl BucketStats {
             s.add(value);
         }
         for (ts, value) in iter {
-            stats.add(ts, value);
+            stats.push(ts, value);
         }
         Some(stats)
     }
@@ -162,7 +162,8 @@ impl BucketStats {
         }
     }
 
-    fn add(&mut self, ts: i64, value: f64) {
+    /// Adds a sample that comes after every sample already in the bucket.
+    pub fn push(&mut self, ts: i64, value: f64) {
         self.count += 1;
         self.sum += value;
         self.min = self.min.min(value);

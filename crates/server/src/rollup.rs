@@ -141,6 +141,13 @@ fn compute(level: Level, work: mcp_metrics_store::RollupWork, cutoff: Option<i64
                 base.splice(before, &tail);
                 Some(base)
             }
+            (Some(_), RollupInput::Merge { mut base, writes }) => {
+                for write in &writes {
+                    report.samples_folded += write.count;
+                    base.merge_next(write);
+                }
+                Some(base)
+            }
         };
         if let Some((server, name)) = server {
             report.servers.entry(server.clone()).or_default().insert(name.clone());

@@ -132,6 +132,13 @@ pub enum RollupInput {
         before: Option<(i64, f64)>,
         tail: Vec<(i64, f64, bool)>,
     },
+    /// The stored minute bucket and the buckets of the writes since, each write's
+    /// samples later than everything before it: merged as consecutive buckets, with no
+    /// sample read back.
+    Merge {
+        base: BucketStats,
+        writes: Vec<BucketStats>,
+    },
 }
 
 /// One pass's worth of dirty buckets with their inputs, read from one snapshot.

@@ -435,6 +435,11 @@ fn fold_kind(kind: Kind, input: &RollupInput) -> Option<BucketStats> {
             stats.splice(*before, tail);
             Some(stats)
         }
+        RollupInput::Merge { base, writes } => {
+            let mut stats = base.clone();
+            writes.iter().for_each(|w| stats.merge_next(w));
+            Some(stats)
+        }
     }
 }
 
@@ -482,17 +487,17 @@ async fn a_busy_minute_is_spliced_instead_of_read_again() {
     store.write_batch(one_histogram_sample(10.0, m + 10)).await.unwrap();
     store.write_batch(one_histogram_sample(20.0, m + 20)).await.unwrap();
     assert!(matches!(&minute_pass(&store).await[..], [RollupInput::Raw(s)] if s.len() == 2));
-    // Later samples: the stored bucket is extended with them alone, after its last one.
+    // A later sample: the write's own bucket is merged after the stored one.
     store.write_batch(one_histogram_sample(30.0, m + 30)).await.unwrap();
     match &minute_pass(&store).await[..] {
-        [RollupInput::Splice { base, before, tail }] => {
+        [RollupInput::Merge { base, writes }] => {
             assert_eq!(base.count, 2);
             assert_eq!(
-                (*before, tail.clone()),
-                (Some((m + 20, 20.0)), vec![(m + 30, 30.0, true)])
+                writes.clone(),
+                vec![BucketStats::fold(Kind::Histogram, [(m + 30, 30.0)]).unwrap()]
             );
         }
-        other => panic!("expected a splice, got {other:?}"),
+        other => panic!("expected a merge, got {other:?}"),
     }
     let all = BucketStats::fold(Kind::Histogram, [(m + 10, 10.0), (m + 20, 20.0), (m + 30, 30.0)]);
     assert_eq!(Some(stored_minute(&store).await), all);
@@ -563,14 +568,116 @@ async fn late_counter_samples_and_rewritten_gauges_keep_exact_buckets() {
             .unwrap();
         seen.push((m + offset, value));
         let inputs = minute_pass_of(&store, Kind::Counter).await;
-        if i > 0 {
-            assert!(matches!(&inputs[..], [RollupInput::Splice { .. }]), "{inputs:?}");
+        // Later than every stored sample: merged; earlier: spliced.
+        match (i, &inputs[..]) {
+            (0, [RollupInput::Raw(_)]) | (2, [RollupInput::Merge { .. }]) => {}
+            (1 | 3..=6, [RollupInput::Splice { .. }]) => {}
+            other => panic!("{other:?}"),
         }
         seen.sort_by_key(|s| s.0);
         let expected = BucketStats::fold(Kind::Counter, seen.iter().copied()).unwrap();
         assert_eq!(stored_minute(&store).await, expected, "after {} samples", i + 1);
     }
     assert_eq!(stored_minute(&store).await.increase, 8.0 + 15.0 + 5.0 + 5.0 + 1.0 + 3.0);
+}
+
+/// A write of several series: `(series name, timestamp, value)`.
+fn gauges(samples: &[(&str, i64, f64)]) -> WriteBatch {
+    let mut names: Vec<&str> = Vec::new();
+    for s in samples {
+        if !names.contains(&s.0) {
+            names.push(s.0);
+        }
+    }
+    batch(vec![request(
+        names
+            .iter()
+            .map(|n| NewSeries {
+                key: key("s", n),
+                kind: Kind::Gauge,
+            })
+            .collect(),
+        samples
+            .iter()
+            .map(|(n, ts, v)| {
+                let i = names.iter().position(|x| x == n).unwrap() as u32;
+                sample(SeriesRef::New(i), Kind::Gauge, *ts, *v)
+            })
+            .collect(),
+    )])
+}
+
+#[tokio::test]
+async fn writes_in_order_are_merged_and_the_rest_read() {
+    let Some(db) = Db::new("writes_in_order_are_merged").await else {
+        return;
+    };
+    let store = db.open().await;
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let m = (now_ms() / 60_000 - 2) * 60_000;
+    store
+        .write_batch(gauges(&[("a", m + 1, 1.0), ("b", m + 1, 10.0)]))
+        .await
+        .unwrap();
+    minute_pass_of(&store, Kind::Gauge).await;
+    // Two writes between passes, each later than the last: both minutes merge them.
+    store
+        .write_batch(gauges(&[("a", m + 2, 2.0), ("a", m + 3, 3.0), ("b", m + 2, 20.0)]))
+        .await
+        .unwrap();
+    store
+        .write_batch(gauges(&[("a", m + 4, 4.0), ("b", m + 5, 50.0)]))
+        .await
+        .unwrap();
+    let inputs = minute_pass_of(&store, Kind::Gauge).await;
+    assert_eq!(inputs.len(), 2);
+    for input in &inputs {
+        assert!(
+            matches!(input, RollupInput::Merge { writes, .. } if writes.len() == 2),
+            "{input:?}"
+        );
+    }
+    // Writes that overlap in time (two connections' batches committed out of order):
+    // read from the earliest new sample.
+    store
+        .write_batch(gauges(&[("a", m + 6, 6.0), ("a", m + 8, 8.0)]))
+        .await
+        .unwrap();
+    store.write_batch(gauges(&[("a", m + 7, 7.0)])).await.unwrap();
+    let inputs = minute_pass_of(&store, Kind::Gauge).await;
+    assert!(
+        matches!(&inputs[..], [RollupInput::Splice { tail, .. }] if tail.len() == 3),
+        "{inputs:?}"
+    );
+    // Buckets lost with the unlogged table (a crash): read, same answer.
+    store.write_batch(gauges(&[("a", m + 9, 9.0)])).await.unwrap();
+    let admin = db.admin_client().await;
+    admin.batch_execute("TRUNCATE rollup_partials").await.unwrap();
+    let inputs = minute_pass_of(&store, Kind::Gauge).await;
+    assert!(
+        matches!(&inputs[..], [RollupInput::Splice { tail, .. }] if tail.len() == 1),
+        "{inputs:?}"
+    );
+    let ids: Vec<i64> = store
+        .series_of_server("s", None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    let rows = store.read_rollups(Level::Minute, &ids, 0, i64::MAX).await.unwrap();
+    let a = BucketStats::fold(Kind::Gauge, [1, 2, 3, 4, 6, 7, 8, 9].map(|i| (m + i, i as f64))).unwrap();
+    let b = BucketStats::fold(Kind::Gauge, [(m + 1, 10.0), (m + 2, 20.0), (m + 5, 50.0)]).unwrap();
+    let mut got: Vec<BucketStats> = rows.into_iter().map(|r| r.stats).collect();
+    got.sort_by_key(|s| s.count);
+    assert_eq!(got, vec![b, a]);
+    // Nothing is left behind for minutes no pass needs any more.
+    let left: i64 = admin
+        .query_one("SELECT count(*) FROM rollup_partials", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
 }
 
 #[tokio::test]

@@ -44,6 +44,11 @@ fn fold(input: &RollupInput) -> Option<BucketStats> {
             stats.splice(*before, tail);
             Some(stats)
         }
+        RollupInput::Merge { base, writes } => {
+            let mut stats = base.clone();
+            writes.iter().for_each(|w| stats.merge_next(w));
+            Some(stats)
+        }
     }
 }
 

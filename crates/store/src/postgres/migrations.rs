@@ -218,6 +218,33 @@ ALTER TABLE rollup_log ALTER COLUMN min_ts DROP NOT NULL;
 ALTER TABLE rollup_dirty ADD COLUMN xids BIGINT[];
 "#,
     ),
+    (
+        6,
+        "each write's own minute buckets, so a pass merges in-order writes without reading samples",
+        r#"
+-- Each write (xid: low 32 bits of its transaction id, as in rollup_log) stores the
+-- bucket of its own samples in every (minute, series) it touched. When a minute's
+-- pending writes follow its stored bucket and each other in time, the pass merges these
+-- (the merge of consecutive buckets, as hours merge minutes) instead of reading the
+-- samples back. UNLOGGED: no WAL for the writer. After a crash the table is empty, and
+-- the pass falls back to reading the samples, which rollup_log and the marks still name.
+CREATE UNLOGGED TABLE rollup_partials (
+    xid       BIGINT NOT NULL,
+    bucket    BIGINT NOT NULL,
+    series_id BIGINT NOT NULL,
+    count     BIGINT NOT NULL,
+    sum       DOUBLE PRECISION NOT NULL,
+    min       DOUBLE PRECISION NOT NULL,
+    max       DOUBLE PRECISION NOT NULL,
+    first     DOUBLE PRECISION NOT NULL,
+    first_ts  BIGINT NOT NULL,
+    last      DOUBLE PRECISION NOT NULL,
+    last_ts   BIGINT NOT NULL,
+    increase  DOUBLE PRECISION NOT NULL,
+    sketch    BYTEA
+);
+"#,
+    ),
 ];
 
 /// The version a fully migrated database has.

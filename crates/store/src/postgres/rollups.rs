@@ -2,6 +2,11 @@
 //! REPEATABLE READ snapshot, recomputed buckets written with the generation check, and
 //! retention (raw data by dropping whole day partitions).
 //!
+//! A minute with a stored bucket is never folded again from its start while its marks
+//! name the writes it has not seen: their own buckets are merged when they follow it in
+//! time (`RollupInput::Merge`, no sample read), otherwise the new samples are spliced in
+//! from the earliest one on (`RollupInput::Splice`, new rows told apart by `xmin`).
+//!
 //! Statements take arrays (`unnest`) instead of one round trip per mark: a pass handles
 //! thousands of marks and the database is across a socket, not in-process.
 
@@ -142,7 +147,54 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
                     stored.insert((r.get(0), r.get(1)), stats_from_row(&r, 2));
                 }
             }
-            let splice_at: HashMap<(i64, i64), i64> = stored.keys().map(|k| (*k, pending[k].min_ts)).collect();
+            // The buckets the pending writes stored of their own samples, taken for every
+            // mark of the pass (a minute folded from its samples needs none of them again).
+            let mut written: HashMap<(i64, i64), Vec<(i64, BucketStats)>> = HashMap::new();
+            if !marks.is_empty() {
+                let buckets: Vec<i64> = marks.iter().map(|m| m.bucket).collect();
+                let ids: Vec<i64> = marks.iter().map(|m| m.series_id).collect();
+                for r in tx
+                    .query(
+                        &format!(
+                            "DELETE FROM rollup_partials p USING unnest($1::bigint[], $2::bigint[]) AS m(bucket, series_id)
+                             WHERE p.bucket = m.bucket AND p.series_id = m.series_id
+                             RETURNING p.bucket, p.series_id, p.xid, p.{}",
+                            STATS_COLUMNS.replace(", ", ", p.")
+                        ),
+                        &[&buckets, &ids],
+                    )
+                    .await?
+                {
+                    written
+                        .entry((r.get(0), r.get(1)))
+                        .or_default()
+                        .push((r.get(2), stats_from_row(&r, 3)));
+                }
+            }
+            // A minute whose pending writes each come after the stored bucket and after one
+            // another is merged from their buckets, without reading samples.
+            let mut merged: HashMap<(i64, i64), Vec<BucketStats>> = HashMap::new();
+            for (key, p) in &pending {
+                let (Some(base), Some(mut writes)) = (stored.get(key), written.remove(key)) else {
+                    continue;
+                };
+                if writes.len() != p.xids.len() || !writes.iter().all(|(xid, _)| p.xids.contains(xid)) {
+                    continue; // a write's bucket is missing (lost in a crash, or taken by an earlier pass)
+                }
+                writes.sort_by_key(|w| w.1.first_ts);
+                let in_order = writes
+                    .iter()
+                    .try_fold(base.last_ts, |last, w| (w.1.first_ts > last).then_some(w.1.last_ts))
+                    .is_some();
+                if in_order {
+                    merged.insert(*key, writes.into_iter().map(|w| w.1).collect());
+                }
+            }
+            let splice_at: HashMap<(i64, i64), i64> = stored
+                .keys()
+                .filter(|k| !merged.contains_key(k))
+                .map(|k| (*k, pending[k].min_ts))
+                .collect();
             let splice_from = |m: &DirtyMark| splice_at.get(&(m.bucket, m.series_id)).copied();
             // The stored sample just before the new ones: the bucket's last when they all
             // come after it, otherwise read.
@@ -180,8 +232,19 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
                      WHERE ts >= $1 AND ts < $2 AND series_id = ANY($3) ORDER BY ts, series_id, seq",
                 )
                 .await?;
+            let mut to_read: Vec<DirtyMark> = Vec::with_capacity(marks.len() - merged.len());
+            for mark in &marks {
+                let key = (mark.bucket, mark.series_id);
+                match merged.remove(&key) {
+                    Some(writes) => {
+                        let base = stored.remove(&key).expect("merged minutes have a stored bucket");
+                        items.push((*mark, RollupInput::Merge { base, writes }));
+                    }
+                    None => to_read.push(*mark),
+                }
+            }
             let mut groups: Vec<&[DirtyMark]> = Vec::new();
-            let mut rest = &marks[..];
+            let mut rest = &to_read[..];
             while let Some(first) = rest.first() {
                 let n = rest.iter().position(|m| m.bucket != first.bucket).unwrap_or(rest.len());
                 groups.push(&rest[..n]);
@@ -313,7 +376,7 @@ pub async fn apply(
     let mut keys: Vec<(i64, i64)> = latest.keys().copied().collect();
     keys.sort_unstable();
 
-    let mut up = Upserts::default();
+    let mut up = BucketColumns::default();
     let mut up_generations = Vec::new();
     let (mut gone_buckets, mut gone_ids, mut gone_generations) = (Vec::new(), Vec::new(), Vec::new());
     for key in &keys {
@@ -345,21 +408,7 @@ pub async fn apply(
                    generation = EXCLUDED.generation
                  WHERE {name}.generation IS NULL OR {name}.generation <= EXCLUDED.generation"
             ),
-            &[
-                &up.series_id,
-                &up.bucket,
-                &up.count,
-                &up.sum,
-                &up.min,
-                &up.max,
-                &up.first,
-                &up.first_ts,
-                &up.last,
-                &up.last_ts,
-                &up.increase,
-                &up.sketch,
-                &up_generations,
-            ],
+            &[&up.params()[..], &[&up_generations]].concat(),
         )
         .await?;
     }
@@ -402,8 +451,9 @@ async fn mark(client: &tokio_postgres::Transaction<'_>, level: Level, buckets: &
         .await
 }
 
+/// Bucket statistics as column arrays, for `unnest`.
 #[derive(Default)]
-struct Upserts {
+pub(super) struct BucketColumns {
     series_id: Vec<i64>,
     bucket: Vec<i64>,
     count: Vec<i64>,
@@ -418,8 +468,8 @@ struct Upserts {
     sketch: Vec<Option<Vec<u8>>>,
 }
 
-impl Upserts {
-    fn push(&mut self, series_id: i64, bucket: i64, s: &BucketStats) {
+impl BucketColumns {
+    pub(super) fn push(&mut self, series_id: i64, bucket: i64, s: &BucketStats) {
         self.series_id.push(series_id);
         self.bucket.push(bucket);
         self.count.push(s.count as i64);
@@ -432,6 +482,24 @@ impl Upserts {
         self.last_ts.push(s.last_ts);
         self.increase.push(s.increase);
         self.sketch.push(s.sketch.as_ref().map(Sketch::encode));
+    }
+
+    /// The twelve arrays, series and bucket first, then `STATS_COLUMNS` in order.
+    pub(super) fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 12] {
+        [
+            &self.series_id,
+            &self.bucket,
+            &self.count,
+            &self.sum,
+            &self.min,
+            &self.max,
+            &self.first,
+            &self.first_ts,
+            &self.last,
+            &self.last_ts,
+            &self.increase,
+            &self.sketch,
+        ]
     }
 }
 
@@ -556,5 +624,11 @@ pub async fn retention_level(client: &PoolClient, level: Level, cutoff: i64) -> 
             &[&level_code(level), &cutoff],
         )
         .await?;
+    if level == Level::Minute {
+        // Buckets of writes whose minute no pass took (its series deleted meanwhile).
+        client
+            .execute("DELETE FROM rollup_partials WHERE bucket < $1", &[&cutoff])
+            .await?;
+    }
     Ok(deleted)
 }

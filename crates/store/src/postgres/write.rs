@@ -11,13 +11,15 @@
 //! `write_samples`.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::pin::pin;
 
 use mcp_metrics_core::model::{Kind, RawSample, SeriesInfo};
-use mcp_metrics_core::rollup::align;
+use mcp_metrics_core::rollup::{BucketStats, align};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
+use super::rollups::BucketColumns;
 use super::{PgResult, PoolClient, pipeline};
 use crate::sqlite::tags_to_json;
 use crate::{RequestOutcome, SampleQuery, SeriesRef, WriteBatch};
@@ -252,32 +254,57 @@ pub async fn write_batch(
         write_samples(&tx, &deduped, histograms, mode).await?;
 
         // Every minute that received a sample is recomputed by the rollup job, from the
-        // earliest sample of this batch in each (minute, series) on. An upsert may have
-        // replaced a stored gauge value: then the minute is recomputed from its start
-        // (NULL), as the stored bucket holds the old value.
-        let mut dirty: HashMap<(i64, i64), i64> = HashMap::new();
-        for s in &deduped {
-            let first = dirty.entry((align(s.0, MINUTE), s.1)).or_insert(s.0);
-            *first = (*first).min(s.0);
+        // earliest sample of this batch in each (minute, series) on, and this batch's own
+        // bucket of each is kept for the job to merge. deduped is in (ts, series, seq)
+        // order, so each series' samples come in the order a fold takes them.
+        let mut partials: HashMap<(i64, i64), BucketStats> = HashMap::new();
+        for &(ts, series_id, _, histogram, value) in &deduped {
+            match partials.entry((align(ts, MINUTE), series_id)) {
+                Entry::Occupied(mut e) => e.get_mut().push(ts, value),
+                Entry::Vacant(e) => {
+                    let kind = if histogram { Kind::Histogram } else { Kind::Gauge };
+                    e.insert(BucketStats::fold(kind, [(ts, value)]).expect("one sample"));
+                }
+            }
         }
-        let mut dirty: Vec<((i64, i64), i64)> = dirty.into_iter().collect();
-        dirty.sort_unstable();
-        let buckets: Vec<i64> = dirty.iter().map(|d| d.0.0).collect();
-        let ids: Vec<i64> = dirty.iter().map(|d| d.0.1).collect();
-        let firsts: Vec<Option<i64>> = dirty
+        let mut partials: Vec<((i64, i64), BucketStats)> = partials.into_iter().collect();
+        partials.sort_unstable_by_key(|p| p.0);
+        let buckets: Vec<i64> = partials.iter().map(|p| p.0.0).collect();
+        let ids: Vec<i64> = partials.iter().map(|p| p.0.1).collect();
+        // An upsert may have replaced a stored gauge value: then the minute is recomputed
+        // from its start (NULL), as the stored bucket holds the old value.
+        let firsts: Vec<Option<i64>> = partials
             .iter()
-            .map(|d| (mode == SampleWrite::Copy).then_some(d.1))
+            .map(|p| (mode == SampleWrite::Copy).then_some(p.1.first_ts))
             .collect();
         // Appended, not upserted: no row lock shared with concurrent commits. The rollup
         // job turns the log into marks (rollups.rs, `absorb_log`). The transaction id is
         // the xmin of the rows COPY just inserted (no savepoint: a subtransaction would
         // give them an id of their own).
-        tx.execute(
+        let log_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&buckets, &ids, &firsts];
+        let log = tx.execute(
             "INSERT INTO rollup_log (bucket, series_id, min_ts, xid)
              SELECT b, s, m, pg_current_xact_id()::xid::text::bigint FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS x(b, s, m)",
-            &[&buckets, &ids, &firsts],
-        )
-        .await?;
+            &log_params,
+        );
+        if mode == SampleWrite::Copy {
+            let mut columns = BucketColumns::default();
+            for ((bucket, series_id), stats) in &partials {
+                columns.push(*series_id, *bucket, stats);
+            }
+            let params = columns.params();
+            let partials = tx.execute(
+                "INSERT INTO rollup_partials (xid, series_id, bucket, count, sum, min, max, first, first_ts, last,
+                                              last_ts, increase, sketch)
+                 SELECT pg_current_xact_id()::xid::text::bigint, * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],
+                     $4::float8[], $5::float8[], $6::float8[], $7::float8[], $8::bigint[], $9::float8[], $10::bigint[],
+                     $11::float8[], $12::bytea[])",
+                &params,
+            );
+            tokio::try_join!(log, partials)?;
+        } else {
+            log.await?;
+        }
     }
     tx.commit().await?;
 
