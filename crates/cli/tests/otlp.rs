@@ -344,3 +344,27 @@ async fn auth_failures_and_oversize_bodies() {
     }
     svc.stop().await;
 }
+
+/// Exports of one delta sum sent at once: each builds on the total the one before
+/// stored, so no increment is lost (the running totals are 2, 4, …, 2n).
+#[tokio::test]
+async fn concurrent_delta_exports_lose_no_increment() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("acme").await;
+    let bearer = format!("Bearer {}", cred.api_key);
+    let t0 = now_ms() - 60_000;
+    let exports = (0..16).map(|i| {
+        let body = serde_json::to_vec(&json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+            {"name": "errors", "sum": {"aggregationTemporality": 1, "isMonotonic": true,
+             "dataPoints": [{"timeUnixNano": ns(t0 + i), "asInt": "2"}]}}]}]}]}))
+        .unwrap();
+        let (svc, bearer) = (&svc, &bearer);
+        async move { export(svc, Some(bearer), "application/json", false, body).await }
+    });
+    for (status, _, body) in futures_util::future::join_all(exports).await {
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    }
+    let mut totals = values(&svc, &cred, "errors").await;
+    totals.sort_by(f64::total_cmp);
+    assert_eq!(totals, (1..=16).map(|i| 2.0 * i as f64).collect::<Vec<_>>());
+}

@@ -110,6 +110,7 @@ pub async fn run(
             .max_capacity(100_000)
             .time_to_live(Duration::from_secs(30))
             .build(),
+        otlp_exports: Default::default(),
     });
 
     let address = listener.local_addr()?;

@@ -32,6 +32,24 @@ pub struct Shared {
     pub live: Arc<LiveHub>,
     /// Ids of registered servers seen recently (positive answers only).
     pub known_servers: moka::sync::Cache<String, ()>,
+    /// One lock per server for OTLP exports: an export reads its streams' state, commits
+    /// samples computed from it and stores the next state, so two exports of one server
+    /// at once would both build on the same state and one delta would be lost.
+    pub otlp_exports: KeyedLocks,
+}
+
+/// Async locks by key, made on first use (one per server: a handful of bytes each).
+#[derive(Default)]
+pub struct KeyedLocks(std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyedLocks {
+    pub async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            map.entry(key.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
 }
 
 impl AppState {

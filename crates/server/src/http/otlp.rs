@@ -173,6 +173,9 @@ async fn export_inner(
     let mut points = mapped.points;
     let mut refused = mapped.refused;
     let mut budget = mapped.budget_left;
+    // Held from reading the streams' state to storing the next one (see `otlp_exports`).
+    // Per node: nodes of a cluster can still race on one server's streams.
+    let _exporting = state.otlp_exports.lock(&credential.server_id).await;
 
     // Streams continue from their stored state. The record keeps the state before the
     // export that produced it and that export's digest, so a retry of it (whose parts
