@@ -681,6 +681,42 @@ async fn writes_in_order_are_merged_and_the_rest_read() {
 }
 
 #[tokio::test]
+async fn upgrading_turns_old_log_rows_into_marks_folded_from_the_start() {
+    let Some(db) = Db::new("upgrading_turns_old_log_rows_into_marks").await else {
+        return;
+    };
+    // A database at schema 6 with two writes logged in the old shape, one row per series.
+    testing::migrate_to(&db.url, 6).await.unwrap();
+    let admin = db.admin_client().await;
+    admin
+        .batch_execute(
+            "INSERT INTO rollup_log (bucket, series_id, min_ts, xid) VALUES (60000, 42, 60010, 7), (60000, 42, 60005, 8),
+                 (120000, 43, 120001, 8)",
+        )
+        .await
+        .unwrap();
+    let store = db.open().await;
+    assert_eq!(store.schema_version().await.unwrap(), 7);
+    let marks: Vec<(i64, i64, Option<i64>)> = admin
+        .query(
+            "SELECT bucket, series_id, min_ts FROM rollup_dirty WHERE level = 0 ORDER BY bucket",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(marks, vec![(60000, 42, None), (120000, 43, None)]);
+    let logged: i64 = admin
+        .query_one("SELECT count(*) FROM rollup_log WHERE cardinality(series_ids) > 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0);
+}
+
+#[tokio::test]
 async fn a_rewritten_gauge_is_folded_again() {
     let Some(db) = Db::new("a_rewritten_gauge_is_folded_again").await else {
         return;

@@ -245,6 +245,27 @@ CREATE UNLOGGED TABLE rollup_partials (
 );
 "#,
     ),
+    (
+        7,
+        "one rollup_log row per write and minute",
+        r#"
+-- One row per write and minute, the series touched as an array beside the earliest
+-- sample of each (min_ts: NULL elements, or a NULL array, for unknown). A row per
+-- (minute, series) made logging and moving the log cost more than the rest of the rollup
+-- bookkeeping. Rows of the old shape become marks that fold their minute from its start.
+WITH g AS MATERIALIZED (SELECT nextval('rollup_generation') AS generation)
+INSERT INTO rollup_dirty (level, bucket, series_id, generation)
+SELECT 0::smallint, l.bucket, l.series_id, g.generation FROM (SELECT DISTINCT bucket, series_id FROM rollup_log) l, g
+ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation, min_ts = NULL, xids = NULL;
+DROP TABLE rollup_log;
+CREATE TABLE rollup_log (
+    xid        BIGINT NOT NULL,
+    bucket     BIGINT NOT NULL,
+    series_ids BIGINT[] NOT NULL,
+    min_ts     BIGINT[]
+);
+"#,
+    ),
 ];
 
 /// The version a fully migrated database has.
@@ -254,6 +275,11 @@ pub fn latest_version() -> i64 {
 
 /// Applies every migration newer than the database; returns the versions applied.
 pub async fn run(client: &mut Client, now_ms: i64) -> Result<Vec<i64>, tokio_postgres::Error> {
+    run_to(client, now_ms, i64::MAX).await
+}
+
+/// Applies the migrations newer than the database up to `last` (tests of upgrades).
+pub(crate) async fn run_to(client: &mut Client, now_ms: i64, last: i64) -> Result<Vec<i64>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     // Held until commit: a second node starting at the same time waits here and then
     // finds the versions already applied.
@@ -272,7 +298,7 @@ pub async fn run(client: &mut Client, now_ms: i64) -> Result<Vec<i64>, tokio_pos
         .await?
         .get(0);
     let mut applied = Vec::new();
-    for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current && m.0 <= last) {
         tx.batch_execute(sql).await?;
         tx.execute(
             "INSERT INTO schema_migrations (version, description, applied_at) VALUES ($1, $2, $3)",

@@ -293,7 +293,10 @@ impl Store for PostgresStore {
     /// with `scripts/bench-postgres.sh`, one batch at a time left the server's backend
     /// waiting on round trips and fsync rather than busy.
     fn write_concurrency(&self) -> usize {
-        WRITE_CONCURRENCY
+        std::env::var("PG_WC")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(WRITE_CONCURRENCY)
     }
 
     async fn ping(&self) -> StoreResult<()> {

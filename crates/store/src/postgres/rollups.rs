@@ -61,14 +61,14 @@ fn stats_from_row(r: &Row, at: usize) -> BucketStats {
 async fn absorb_log(client: &tokio_postgres::Transaction<'_>) -> PgResult<u64> {
     client
         .execute(
-            "WITH moved AS (DELETE FROM rollup_log RETURNING bucket, series_id, min_ts, xid),
+            "WITH moved AS (DELETE FROM rollup_log RETURNING xid, bucket, series_ids, min_ts),
                   g AS MATERIALIZED (SELECT nextval('rollup_generation') AS generation)
              INSERT INTO rollup_dirty (level, bucket, series_id, generation, min_ts, xids)
-             SELECT 0::smallint, m.bucket, m.series_id, min(g.generation),
-                    CASE WHEN bool_or(m.min_ts IS NULL OR m.xid IS NULL) THEN NULL ELSE min(m.min_ts) END,
+             SELECT 0::smallint, m.bucket, u.series_id, min(g.generation),
+                    CASE WHEN bool_or(u.min_ts IS NULL) THEN NULL ELSE min(u.min_ts) END,
                     array_agg(DISTINCT m.xid)
-             FROM moved m, g
-             GROUP BY m.bucket, m.series_id
+             FROM moved m CROSS JOIN LATERAL unnest(m.series_ids, m.min_ts) AS u(series_id, min_ts), g
+             GROUP BY m.bucket, u.series_id
              ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation,
                  min_ts = CASE WHEN rollup_dirty.min_ts IS NULL OR EXCLUDED.min_ts IS NULL THEN NULL
                                ELSE LEAST(rollup_dirty.min_ts, EXCLUDED.min_ts) END,
@@ -542,7 +542,7 @@ pub async fn backlog(client: &PoolClient) -> PgResult<[u64; 3]> {
     for r in client
         .query(
             "SELECT level, count(*) FROM rollup_dirty GROUP BY level
-             UNION ALL SELECT 0::smallint, count(*) FROM rollup_log",
+             UNION ALL SELECT 0::smallint, COALESCE(sum(cardinality(series_ids)), 0) FROM rollup_log",
             &[],
         )
         .await?

@@ -277,30 +277,37 @@ pub async fn write_batch(
             .iter()
             .map(|p| (mode == SampleWrite::Copy).then_some(p.1.first_ts))
             .collect();
-        // Appended, not upserted: no row lock shared with concurrent commits. The rollup
-        // job turns the log into marks (rollups.rs, `absorb_log`). The transaction id is
-        // the xmin of the rows COPY just inserted (no savepoint: a subtransaction would
-        // give them an id of their own).
+        // Appended, not upserted: no row lock shared with concurrent commits; one row per
+        // minute with its series as arrays (a row per series made logging and moving the
+        // log cost more than the rest of the rollup bookkeeping). The rollup job turns the
+        // log into marks (rollups.rs, `absorb_log`). The transaction id is the xmin of the
+        // rows COPY just inserted (no savepoint: a subtransaction would give them an id of
+        // their own).
         let log_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&buckets, &ids, &firsts];
-        let log = tx.execute(
-            "INSERT INTO rollup_log (bucket, series_id, min_ts, xid)
-             SELECT b, s, m, pg_current_xact_id()::xid::text::bigint FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS x(b, s, m)",
-            &log_params,
-        );
+        // Prepared once per connection: planning them at every commit showed up in the
+        // per-transaction cost.
+        let (log_insert, partials_insert) = tokio::try_join!(
+            tx.prepare_cached(
+                "INSERT INTO rollup_log (xid, bucket, series_ids, min_ts)
+                 SELECT pg_current_xact_id()::xid::text::bigint, b, array_agg(s), array_agg(m)
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS x(b, s, m) GROUP BY b",
+            ),
+            tx.prepare_cached(
+                "INSERT INTO rollup_partials (xid, series_id, bucket, count, sum, min, max, first, first_ts, last,
+                                              last_ts, increase, sketch)
+                 SELECT pg_current_xact_id()::xid::text::bigint, * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],
+                     $4::float8[], $5::float8[], $6::float8[], $7::float8[], $8::bigint[], $9::float8[], $10::bigint[],
+                     $11::float8[], $12::bytea[])",
+            ),
+        )?;
+        let log = tx.execute(&log_insert, &log_params);
         if mode == SampleWrite::Copy {
             let mut columns = BucketColumns::default();
             for ((bucket, series_id), stats) in &partials {
                 columns.push(*series_id, *bucket, stats);
             }
             let params = columns.params();
-            let partials = tx.execute(
-                "INSERT INTO rollup_partials (xid, series_id, bucket, count, sum, min, max, first, first_ts, last,
-                                              last_ts, increase, sketch)
-                 SELECT pg_current_xact_id()::xid::text::bigint, * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],
-                     $4::float8[], $5::float8[], $6::float8[], $7::float8[], $8::bigint[], $9::float8[], $10::bigint[],
-                     $11::float8[], $12::bytea[])",
-                &params,
-            );
+            let partials = tx.execute(&partials_insert, &params);
             tokio::try_join!(log, partials)?;
         } else {
             log.await?;
@@ -344,12 +351,13 @@ async fn write_samples(
         let ids: Vec<i64> = rows.iter().map(|r| r.1).collect();
         let ranks: Vec<i32> = rows.iter().map(|r| r.2).collect();
         let values: Vec<f64> = rows.iter().map(|r| r.4).collect();
-        tx.execute(
-            "INSERT INTO server_metrics (ts, series_id, seq, value)
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::float8[])",
-            &[&ts, &ids, &ranks, &values],
-        )
-        .await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO server_metrics (ts, series_id, seq, value)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::float8[])",
+            )
+            .await?;
+        tx.execute(&insert, &[&ts, &ids, &ranks, &values]).await?;
         return Ok(());
     }
     let (ts, ids, values): (Vec<i64>, Vec<i64>, Vec<f64>) =
