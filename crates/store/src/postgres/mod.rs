@@ -293,10 +293,7 @@ impl Store for PostgresStore {
     /// with `scripts/bench-postgres.sh`, one batch at a time left the server's backend
     /// waiting on round trips and fsync rather than busy.
     fn write_concurrency(&self) -> usize {
-        std::env::var("PG_WC")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(WRITE_CONCURRENCY)
+        WRITE_CONCURRENCY
     }
 
     async fn ping(&self) -> StoreResult<()> {
