@@ -716,6 +716,43 @@ async fn upgrading_turns_old_log_rows_into_marks_folded_from_the_start() {
     assert_eq!(logged, 0);
 }
 
+/// The job and an operator's `aggregate` can run minute passes at the same moment: both
+/// succeed (the later one reads again after a serialization failure) and the buckets are
+/// exact.
+#[tokio::test]
+async fn concurrent_passes_both_succeed_and_stay_exact() {
+    let Some(db) = Db::new("concurrent_passes_both_succeed").await else {
+        return;
+    };
+    let store = Arc::new(db.open().await);
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let m = (now_ms() / 60_000 - 2) * 60_000;
+    let mut all = Vec::new();
+    for round in 0..20i64 {
+        let samples: Vec<(&str, i64, f64)> = (0..5)
+            .flat_map(|i| {
+                [
+                    ("a", m + round * 10 + i, (round * 10 + i) as f64),
+                    ("b", m + round * 10 + i, 1.0),
+                ]
+            })
+            .collect();
+        all.extend(samples.iter().filter(|s| s.0 == "a").map(|s| (s.1, s.2)));
+        store.write_batch(gauges(&samples)).await.unwrap();
+        let passes = (0..2).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { minute_pass_of(store.as_ref(), Kind::Gauge).await })
+        });
+        for pass in futures_util::future::join_all(passes).await {
+            pass.unwrap();
+        }
+    }
+    minute_pass_of(store.as_ref(), Kind::Gauge).await;
+    let a = store.series_of_server("s", Some("a")).await.unwrap()[0].id;
+    let rows = store.read_rollups(Level::Minute, &[a], 0, i64::MAX).await.unwrap();
+    assert_eq!(Some(rows[0].stats.clone()), BucketStats::fold(Kind::Gauge, all));
+}
+
 #[tokio::test]
 async fn a_rewritten_gauge_is_folded_again() {
     let Some(db) = Db::new("a_rewritten_gauge_is_folded_again").await else {

@@ -273,6 +273,9 @@ async fn get_server(client: &PoolClient, id: &str) -> PgResult<Option<Server>> {
 /// How often a write transaction that lost a race (deadlock, a histogram seq taken by
 /// another node, a partition dropped under it) is run again before giving up.
 const WRITE_ATTEMPTS: usize = 4;
+/// Tries of a rollup pass's read that met a concurrent pass (a short, growing pause
+/// between them lets the other one commit).
+const ROLLUP_ATTEMPTS: usize = 8;
 
 fn is_retryable(e: &tokio_postgres::Error) -> bool {
     // 40001 serialization, 40P01 deadlock, 23505 a histogram seq another node took
@@ -599,7 +602,21 @@ impl Store for PostgresStore {
 
     async fn rollup_work(&self, level: Level, max_marks: usize) -> StoreResult<RollupWork> {
         let mut client = self.client().await?;
-        rollups::work(&mut client, level, max_marks).await.map_err(pg_err)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match rollups::work(&mut client, level, max_marks).await {
+                Ok(work) => return Ok(work),
+                // Two passes at once (the job and an operator's `aggregate`, or a leader
+                // taking over) move the same log rows or marks in REPEATABLE READ: the
+                // later one fails and, run again, sees what the first committed.
+                Err(e) if attempt < ROLLUP_ATTEMPTS && matches!(sqlstate(&e), Some("40001" | "40P01")) => {
+                    tracing::debug!(error = %db_text(&e), attempt, "rollup pass met another one; reading again");
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt as u64)).await;
+                }
+                Err(e) => return Err(pg_err(e)),
+            }
+        }
     }
 
     async fn apply_rollups(&self, level: Level, results: Vec<(DirtyMark, Option<BucketStats>)>) -> StoreResult<()> {
