@@ -88,6 +88,17 @@ async fn admin_execute(admin_url: &str, sql: &str) -> StoreResult<()> {
     result
 }
 
+/// Migrates the database at `url` up to schema `version` only, so a test can leave rows
+/// of an older shape behind and then open the store (which applies the rest).
+pub async fn migrate_to(url: &str, version: i64) -> StoreResult<()> {
+    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(pg_err)?;
+    tokio::spawn(connection);
+    super::migrations::run_to(&mut client, 0, version)
+        .await
+        .map_err(pg_err)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;
@@ -104,15 +115,4 @@ mod tests {
             "postgresql://u@h/x?sslmode=disable"
         );
     }
-}
-
-/// Migrates the database at `url` up to schema `version` only, so a test can leave rows
-/// of an older shape behind and then open the store (which applies the rest).
-pub async fn migrate_to(url: &str, version: i64) -> StoreResult<()> {
-    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(pg_err)?;
-    tokio::spawn(connection);
-    super::migrations::run_to(&mut client, 0, version)
-        .await
-        .map_err(pg_err)?;
-    Ok(())
 }
