@@ -672,12 +672,7 @@ async fn writes_in_order_are_merged_and_the_rest_read() {
     got.sort_by_key(|s| s.count);
     assert_eq!(got, vec![b, a]);
     // Nothing is left behind for minutes no pass needs any more.
-    let left: i64 = admin
-        .query_one("SELECT count(*) FROM rollup_partials", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM rollup_partials").await, 0);
 }
 
 #[tokio::test]
@@ -708,12 +703,7 @@ async fn upgrading_turns_old_log_rows_into_marks_folded_from_the_start() {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(marks, vec![(60000, 42, None), (120000, 43, None)]);
-    let logged: i64 = admin
-        .query_one("SELECT count(*) FROM rollup_log WHERE cardinality(series_ids) > 0", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(logged, 0);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM rollup_log").await, 0);
 }
 
 /// The job and an operator's `aggregate` can run minute passes at the same moment: both
@@ -1023,9 +1013,9 @@ async fn notifications_reach_every_node() {
     assert!(lite.hold_job_lock("x").await.unwrap());
 }
 
-/// Runs a `SELECT count(pg_terminate_backend(..))` on `db`, returning how many backends
-/// it terminated.
-async fn terminate(db: &Db, sql: &str) -> i64 {
+/// The one bigint a query on `db` returns (a count, or how many backends a
+/// `SELECT count(pg_terminate_backend(..))` terminated).
+async fn scalar(db: &Db, sql: &str) -> i64 {
     let client = db.admin_client().await;
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -1042,7 +1032,7 @@ async fn job_lock_moves_to_another_node() {
     assert!(b.hold_job_lock("retention").await.unwrap(), "locks are per job");
 
     // A's lock connection dies (as with a network cut or an administrator's kill).
-    let killed = terminate(
+    let killed = scalar(
         &db,
         "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
          WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND objid = hashtext('rollups')::oid
@@ -1081,7 +1071,7 @@ async fn recovers_after_connections_are_killed() {
         r.unwrap();
     }
     assert!(a.hold_job_lock("j").await.unwrap());
-    let killed = terminate(
+    let killed = scalar(
         &db,
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
          WHERE datname = current_database() AND pid <> pg_backend_pid()",
