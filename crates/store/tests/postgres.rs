@@ -1394,6 +1394,27 @@ async fn copies_sqlite_to_postgres() {
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
 }
 
+/// Writes (ts, series, value) rows with seq `seq` into a binary COPY.
+async fn write_copy(sink: tokio_postgres::CopyInSink<bytes::Bytes>, rows: &[(i64, i64, f64)], seq: i32) {
+    use tokio_postgres::types::Type;
+    let mut writer = std::pin::pin!(tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+        sink,
+        &[Type::INT8, Type::INT8, Type::INT4, Type::FLOAT8]
+    ));
+    for (ts, id, v) in rows {
+        writer.as_mut().write(&[ts, id, &seq, v]).await.unwrap();
+    }
+    writer.finish().await.unwrap();
+}
+
+/// Runs `sql` with the rows as three arrays (ts, series, value).
+async fn insert_arrays(client: &tokio_postgres::Client, sql: &str, rows: &[(i64, i64, f64)]) {
+    let ts: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    let id: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    let v: Vec<f64> = rows.iter().map(|r| r.2).collect();
+    client.execute(sql, &[&ts, &id, &v]).await.unwrap();
+}
+
 /// Compares ways to write a batch of samples: the store's `write_batch`, upserts (COPY
 /// into staging then INSERT ... ON CONFLICT, or INSERT ... FROM unnest(arrays) ... ON
 /// CONFLICT), and the plain ways when no row exists yet (bare COPY, COPY split into
@@ -1453,19 +1474,14 @@ async fn write_path_timing() {
     // 2. unnest arrays, one statement per batch.
     let t = std::time::Instant::now();
     for round in 0..rounds {
-        let r = rows(round, 3_600_000);
-        let ts: Vec<i64> = r.iter().map(|r| r.0).collect();
-        let id: Vec<i64> = r.iter().map(|r| r.1).collect();
-        let v: Vec<f64> = r.iter().map(|r| r.2).collect();
-        client
-            .execute(
-                "INSERT INTO server_metrics (ts, series_id, seq, value)
+        insert_arrays(
+            &client,
+            "INSERT INTO server_metrics (ts, series_id, seq, value)
                  SELECT t, i, 0, v FROM unnest($1::bigint[], $2::bigint[], $3::float8[]) AS x(t, i, v)
                  ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = EXCLUDED.value",
-                &[&ts, &id, &v],
-            )
-            .await
-            .unwrap();
+            &rows(round, 3_600_000),
+        )
+        .await;
     }
     let unnest_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
 
@@ -1477,19 +1493,7 @@ async fn write_path_timing() {
             .copy_in("COPY server_metrics (ts, series_id, seq, value) FROM STDIN BINARY")
             .await
             .unwrap();
-        let mut writer = std::pin::pin!(tokio_postgres::binary_copy::BinaryCopyInWriter::new(
-            sink,
-            &[
-                tokio_postgres::types::Type::INT8,
-                tokio_postgres::types::Type::INT8,
-                tokio_postgres::types::Type::INT4,
-                tokio_postgres::types::Type::FLOAT8
-            ]
-        ));
-        for (ts, id, v) in rows(round, 7_200_000) {
-            writer.as_mut().write(&[&ts, &id, &0i32, &v]).await.unwrap();
-        }
-        writer.finish().await.unwrap();
+        write_copy(sink, &rows(round, 7_200_000), 0).await;
     }
     let copy_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
 
@@ -1509,19 +1513,7 @@ async fn write_path_timing() {
             .copy_in("COPY metrics_staging (ts, series_id, seq, value) FROM STDIN BINARY")
             .await
             .unwrap();
-        let mut writer = std::pin::pin!(tokio_postgres::binary_copy::BinaryCopyInWriter::new(
-            sink,
-            &[
-                tokio_postgres::types::Type::INT8,
-                tokio_postgres::types::Type::INT8,
-                tokio_postgres::types::Type::INT4,
-                tokio_postgres::types::Type::FLOAT8
-            ]
-        ));
-        for (ts, id, v) in rows(round, 10_800_000) {
-            writer.as_mut().write(&[&ts, &id, &-1i32, &v]).await.unwrap();
-        }
-        writer.finish().await.unwrap();
+        write_copy(sink, &rows(round, 10_800_000), -1).await;
         tx.execute(
             "INSERT INTO server_metrics (ts, series_id, seq, value)
              SELECT ts, series_id, 0, value FROM metrics_staging WHERE seq < 0
@@ -1546,19 +1538,7 @@ async fn write_path_timing() {
                 .copy_in("COPY server_metrics (ts, series_id, seq, value) FROM STDIN BINARY")
                 .await
                 .unwrap();
-            let mut writer = std::pin::pin!(tokio_postgres::binary_copy::BinaryCopyInWriter::new(
-                sink,
-                &[
-                    tokio_postgres::types::Type::INT8,
-                    tokio_postgres::types::Type::INT8,
-                    tokio_postgres::types::Type::INT4,
-                    tokio_postgres::types::Type::FLOAT8
-                ]
-            ));
-            for (ts, id, v) in chunk {
-                writer.as_mut().write(&[ts, id, &0i32, v]).await.unwrap();
-            }
-            writer.finish().await.unwrap();
+            write_copy(sink, chunk, 0).await;
         }
     }
     let chunked_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
@@ -1566,18 +1546,13 @@ async fn write_path_timing() {
     // 6. A plain INSERT from unnest arrays (no upsert).
     let t = std::time::Instant::now();
     for round in 0..rounds {
-        let r = rows(round, 18_000_000);
-        let ts: Vec<i64> = r.iter().map(|r| r.0).collect();
-        let id: Vec<i64> = r.iter().map(|r| r.1).collect();
-        let v: Vec<f64> = r.iter().map(|r| r.2).collect();
-        client
-            .execute(
-                "INSERT INTO server_metrics (ts, series_id, seq, value)
+        insert_arrays(
+            &client,
+            "INSERT INTO server_metrics (ts, series_id, seq, value)
                  SELECT t, i, 0, v FROM unnest($1::bigint[], $2::bigint[], $3::float8[]) AS x(t, i, v)",
-                &[&ts, &id, &v],
-            )
-            .await
-            .unwrap();
+            &rows(round, 18_000_000),
+        )
+        .await;
     }
     let insert_rate = (rounds * per_batch) as f64 / t.elapsed().as_secs_f64();
     println!(
