@@ -77,6 +77,9 @@ fn split_unescaped<'a>(s: &'a str, stops: &[u8], quotes: bool) -> (&'a str, &'a 
 
 /// Removes the escaping backslash before any of `escapable` (others stay literal).
 fn unescape(s: &str, escapable: &[char]) -> String {
+    if !s.contains('\\') {
+        return s.to_owned();
+    }
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -124,9 +127,8 @@ fn parse_field_value(raw: &str) -> Result<FieldValue, String> {
             .map_err(|_| format!("bad unsigned integer {raw:?}"));
     }
     match raw.parse::<f64>() {
-        Ok(v) if v.is_finite() && !raw.eq_ignore_ascii_case("nan") && !raw.to_ascii_lowercase().contains("inf") => {
-            Ok(FieldValue::Number(v))
-        }
+        // "nan", "inf", "infinity" and overflowing literals all parse to non-finite values.
+        Ok(v) if v.is_finite() => Ok(FieldValue::Number(v)),
         _ => Err(format!("bad field value {raw:?}")),
     }
 }
@@ -165,46 +167,67 @@ fn parse_line(n: usize, line: &str, precision: Precision, out: &mut Vec<Point>) 
         let v: i64 = ts_text.parse().map_err(|_| format!("bad timestamp {ts_text:?}"))?;
         Some(precision.to_ms(v))
     };
+    // Points go straight into `out` (a line with a bad field takes its points back out);
+    // each field's point is pushed when the next one is seen, so the last takes the tags
+    // instead of a copy of them.
+    let start = out.len();
+    let mut pending: Option<(String, f64)> = None;
     let mut remaining = fields;
-    let mut points = Vec::new();
-    loop {
+    let result = loop {
         let (pair, next) = split_unescaped(remaining, b",", true);
         let (k, v) = split_unescaped(pair, b"=", false);
-        let v = v
-            .strip_prefix('=')
-            .ok_or_else(|| format!("field {pair:?} has no '='"))?;
+        let Some(v) = v.strip_prefix('=') else {
+            break Err(format!("field {pair:?} has no '='"));
+        };
         if k.is_empty() {
-            return Err("a field has an empty key".into());
+            break Err("a field has an empty key".into());
         }
-        let key = unescape(k, &[',', '=', ' ']);
-        match parse_field_value(v)? {
-            FieldValue::Number(value) => {
-                let name = if key == "value" {
-                    measurement.clone()
-                } else {
-                    format!("{measurement}_{key}")
-                };
-                points.push(Point {
-                    line: n,
-                    name,
-                    tags: tags.clone(),
-                    value,
-                    timestamp_ms,
-                });
-            }
-            FieldValue::Text => {
-                return Err(format!(
+        let value = match parse_field_value(v) {
+            Ok(FieldValue::Number(value)) => value,
+            Ok(FieldValue::Text) => {
+                let key = unescape(k, &[',', '=', ' ']);
+                break Err(format!(
                     "string field {key:?} is not stored: only numbers and booleans are"
                 ));
             }
+            Err(e) => break Err(e),
+        };
+        let name = if k == "value" {
+            measurement.clone()
+        } else {
+            format!("{measurement}_{}", unescape(k, &[',', '=', ' ']))
+        };
+        if let Some((name, value)) = pending.replace((name, value)) {
+            out.push(Point {
+                line: n,
+                name,
+                tags: tags.clone(),
+                value,
+                timestamp_ms,
+            });
         }
         match next.strip_prefix(',') {
             Some(more) => remaining = more,
-            None => break,
+            None => break Ok(()),
+        }
+    };
+    match (result, pending) {
+        (Ok(()), Some((name, value))) => {
+            out.push(Point {
+                line: n,
+                name,
+                tags,
+                value,
+                timestamp_ms,
+            });
+            Ok(())
+        }
+        (Ok(()), None) => Ok(()),
+        (Err(e), _) => {
+            out.truncate(start);
+            Err(e)
         }
     }
-    out.extend(points);
-    Ok(())
 }
 
 /// Parses a whole body. A bad line is reported and skipped; the others are kept.
