@@ -151,8 +151,8 @@ impl TestService {
         if let Some(task) = self.task.take() {
             task.await.expect("service task").expect("service result");
         }
-        if let Some(admin) = &self.postgres_admin {
-            let _ = mcp_metrics_store::postgres::testing::drop_database(admin, &self.database).await;
+        if let Some(admin) = self.postgres_admin.take() {
+            let _ = mcp_metrics_store::postgres::testing::drop_database(&admin, &self.database).await;
         }
     }
 
@@ -421,4 +421,22 @@ pub async fn register_at(client: &reqwest::Client, base: &str, id: &str) -> Cred
 /// A batch body for `server_id`.
 pub fn batch(server_id: &str, metrics: Value) -> String {
     json!({ "server_id": server_id, "metrics": metrics }).to_string()
+}
+
+/// A test that ends without `stop()` (or panics) still drops its PostgreSQL database.
+impl Drop for TestService {
+    fn drop(&mut self) {
+        if let Some(admin) = self.postgres_admin.take() {
+            let database = self.database.clone();
+            // A runtime of its own: Drop cannot await, and the test's runtime may be ending.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime to drop the test database");
+                let _ = rt.block_on(mcp_metrics_store::postgres::testing::drop_database(&admin, &database));
+            })
+            .join();
+        }
+    }
 }
