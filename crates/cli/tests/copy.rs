@@ -42,16 +42,7 @@ impl Db {
 
 impl Drop for Db {
     fn drop(&mut self) {
-        let (admin, url) = (self.admin.clone(), self.url.clone());
-        // A runtime of its own: Drop cannot await, and the test's runtime may be ending.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let _ = rt.block_on(testing::drop_database(&admin, &url));
-        })
-        .join();
+        testing::drop_database_blocking(&self.admin, &self.url);
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use mcp_metrics_core::model::Kind;
 use mcp_metrics_core::rollup::{BucketStats, Level};
 use mcp_metrics_core::time::now_ms;
-use mcp_metrics_store::{DirtyMark, RetentionCutoffs, RetentionReport, RollupInput, Store, StoreResult};
+use mcp_metrics_store::{DirtyMark, RetentionCutoffs, RetentionReport, Store, StoreResult};
 use serde::Serialize;
 
 use crate::config::RetentionConfig;
@@ -129,26 +129,10 @@ fn compute(level: Level, work: mcp_metrics_store::RollupWork, cutoff: Option<i64
             Some((kind, server, name)) => (*kind, Some((server, name))),
             None => (Kind::Gauge, None),
         };
-        let stats = match (server, input) {
-            (None, _) => None,
-            (Some(_), RollupInput::Raw(samples)) => {
-                report.samples_folded += samples.len() as u64;
-                BucketStats::fold(kind, samples)
-            }
-            (Some(_), RollupInput::Children(children)) => BucketStats::merge_all(&children),
-            (Some(_), RollupInput::Splice { mut base, before, tail }) => {
-                report.samples_folded += tail.iter().filter(|s| s.2).count() as u64;
-                base.splice(before, &tail);
-                Some(base)
-            }
-            (Some(_), RollupInput::Merge { mut base, writes }) => {
-                for write in &writes {
-                    report.samples_folded += write.count;
-                    base.merge_next(write);
-                }
-                Some(base)
-            }
-        };
+        let stats = server.and_then(|_| {
+            report.samples_folded += input.new_samples();
+            input.fold(kind)
+        });
         if let Some((server, name)) = server {
             report.servers.entry(server.clone()).or_default().insert(name.clone());
         }

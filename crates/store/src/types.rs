@@ -141,6 +141,34 @@ pub enum RollupInput {
     },
 }
 
+impl RollupInput {
+    /// The bucket this input makes (`None` for a minute without samples).
+    pub fn fold(self, kind: Kind) -> Option<BucketStats> {
+        match self {
+            RollupInput::Raw(samples) => BucketStats::fold(kind, samples),
+            RollupInput::Children(children) => BucketStats::merge_all(&children),
+            RollupInput::Splice { mut base, before, tail } => {
+                base.splice(before, &tail);
+                Some(base)
+            }
+            RollupInput::Merge { mut base, writes } => {
+                writes.iter().for_each(|w| base.merge_next(w));
+                Some(base)
+            }
+        }
+    }
+
+    /// Raw samples this input adds to its bucket (none for hours and days).
+    pub fn new_samples(&self) -> u64 {
+        match self {
+            RollupInput::Raw(samples) => samples.len() as u64,
+            RollupInput::Children(_) => 0,
+            RollupInput::Splice { tail, .. } => tail.iter().filter(|s| s.2).count() as u64,
+            RollupInput::Merge { writes, .. } => writes.iter().map(|w| w.count).sum(),
+        }
+    }
+}
+
 /// One pass's worth of dirty buckets with their inputs, read from one snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct RollupWork {

@@ -49,16 +49,7 @@ impl Db {
 
 impl Drop for Db {
     fn drop(&mut self) {
-        let (admin, url) = (self.admin.clone(), self.url.clone());
-        // A runtime of its own: Drop cannot await, and the test's runtime may be ending.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let _ = rt.block_on(testing::drop_database(&admin, &url));
-        })
-        .join();
+        testing::drop_database_blocking(&self.admin, &self.url);
     }
 }
 
@@ -427,20 +418,7 @@ fn fold(input: &RollupInput) -> Option<BucketStats> {
 
 /// What the rollup job computes from an input.
 fn fold_kind(kind: Kind, input: &RollupInput) -> Option<BucketStats> {
-    match input {
-        RollupInput::Raw(samples) => BucketStats::fold(kind, samples.iter().copied()),
-        RollupInput::Children(c) => BucketStats::merge_all(c),
-        RollupInput::Splice { base, before, tail } => {
-            let mut stats = base.clone();
-            stats.splice(*before, tail);
-            Some(stats)
-        }
-        RollupInput::Merge { base, writes } => {
-            let mut stats = base.clone();
-            writes.iter().for_each(|w| stats.merge_next(w));
-            Some(stats)
-        }
-    }
+    input.clone().fold(kind)
 }
 
 /// One minute pass, as the job runs it; returns the inputs it was given.

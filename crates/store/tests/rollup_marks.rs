@@ -36,20 +36,7 @@ fn sample(value: f64, ts: i64) -> WriteBatch {
 }
 
 fn fold(input: &RollupInput) -> Option<BucketStats> {
-    match input {
-        RollupInput::Raw(samples) => BucketStats::fold(Kind::Histogram, samples.iter().copied()),
-        RollupInput::Children(c) => BucketStats::merge_all(c),
-        RollupInput::Splice { base, before, tail } => {
-            let mut stats = base.clone();
-            stats.splice(*before, tail);
-            Some(stats)
-        }
-        RollupInput::Merge { base, writes } => {
-            let mut stats = base.clone();
-            writes.iter().for_each(|w| stats.merge_next(w));
-            Some(stats)
-        }
-    }
+    input.clone().fold(Kind::Histogram)
 }
 
 #[tokio::test]

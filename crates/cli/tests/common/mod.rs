@@ -427,16 +427,7 @@ pub fn batch(server_id: &str, metrics: Value) -> String {
 impl Drop for TestService {
     fn drop(&mut self) {
         if let Some(admin) = self.postgres_admin.take() {
-            let database = self.database.clone();
-            // A runtime of its own: Drop cannot await, and the test's runtime may be ending.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime to drop the test database");
-                let _ = rt.block_on(mcp_metrics_store::postgres::testing::drop_database(&admin, &database));
-            })
-            .join();
+            mcp_metrics_store::postgres::testing::drop_database_blocking(&admin, &self.database);
         }
     }
 }

@@ -88,6 +88,20 @@ async fn admin_execute(admin_url: &str, sql: &str) -> StoreResult<()> {
     result
 }
 
+/// [`drop_database`] from a `Drop` impl: on a thread with a runtime of its own, since
+/// Drop cannot await and the test's runtime may be ending.
+pub fn drop_database_blocking(admin_url: &str, url: &str) {
+    let (admin, url) = (admin_url.to_owned(), url.to_owned());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime to drop the test database");
+        let _ = rt.block_on(drop_database(&admin, &url));
+    })
+    .join();
+}
+
 /// Migrates the database at `url` up to schema `version` only, so a test can leave rows
 /// of an older shape behind and then open the store (which applies the rest).
 pub async fn migrate_to(url: &str, version: i64) -> StoreResult<()> {
