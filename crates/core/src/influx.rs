@@ -6,17 +6,39 @@
 //! measurements; `\,`, `\=` and `\ ` in tag keys, tag values and field keys; `\"` and
 //! `\\` inside string field values.
 
-/// One numeric field of one line.
+use std::borrow::Cow;
+use std::ops::Range;
+
+use crate::ingest::WireTag;
+
+/// One numeric field of one line. Name and tags borrow from the body unless they had
+/// escapes: parsing allocates per line only for a `measurement_field` name.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Point {
+pub struct Point<'a> {
     /// 1-based line number in the body.
     pub line: usize,
-    pub name: String,
-    /// Sorted by key.
-    pub tags: Vec<(String, String)>,
+    pub name: Cow<'a, str>,
+    /// The line's tags in [`Lines::tags`] (shared by the line's fields).
+    tags: Range<usize>,
     pub value: f64,
     /// Unix ms; `None` means "now".
     pub timestamp_ms: Option<i64>,
+}
+
+/// A parsed body: the points of good lines and an error for each bad one.
+#[derive(Debug, Default)]
+pub struct Lines<'a> {
+    pub points: Vec<Point<'a>>,
+    pub errors: Vec<LineError>,
+    /// Every line's tags, sorted by key within a line.
+    tags: Vec<WireTag<'a>>,
+}
+
+impl<'a> Lines<'a> {
+    /// A point's tags, sorted by key.
+    pub fn tags(&self, point: &Point<'a>) -> &[WireTag<'a>] {
+        &self.tags[point.tags.clone()]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,10 +97,11 @@ fn split_unescaped<'a>(s: &'a str, stops: &[u8], quotes: bool) -> (&'a str, &'a 
     (s, "")
 }
 
-/// Removes the escaping backslash before any of `escapable` (others stay literal).
-fn unescape(s: &str, escapable: &[char]) -> String {
+/// Removes the escaping backslash before any of `escapable` (others stay literal);
+/// borrows when there is nothing to remove.
+fn unescape<'a>(s: &'a str, escapable: &[char]) -> Cow<'a, str> {
     if !s.contains('\\') {
-        return s.to_owned();
+        return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
@@ -93,7 +116,7 @@ fn unescape(s: &str, escapable: &[char]) -> String {
         }
         out.push(c);
     }
-    out
+    Cow::Owned(out)
 }
 
 enum FieldValue {
@@ -133,16 +156,37 @@ fn parse_field_value(raw: &str) -> Result<FieldValue, String> {
     }
 }
 
-fn parse_line(n: usize, line: &str, precision: Precision, out: &mut Vec<Point>) -> Result<(), String> {
+fn parse_line<'a>(n: usize, line: &'a str, precision: Precision, out: &mut Lines<'a>) -> Result<(), String> {
     // measurement and tags up to the first unescaped space.
     let (series, rest) = split_unescaped(line, b" ", false);
     let rest = rest.trim_start_matches(' ');
-    let (measurement_raw, mut tag_part) = split_unescaped(series, b",", false);
+    let (measurement_raw, tag_part) = split_unescaped(series, b",", false);
     if measurement_raw.is_empty() {
         return Err("missing measurement".into());
     }
     let measurement = unescape(measurement_raw, &[',', ' ']);
-    let mut tags = Vec::new();
+    // Tags go straight into the shared list (a bad line takes them back out).
+    let tags_start = out.tags.len();
+    let points_start = out.points.len();
+    let result = parse_tags_and_fields(n, tag_part, rest, measurement, precision, out);
+    if result.is_err() {
+        out.tags.truncate(tags_start);
+        out.points.truncate(points_start);
+    }
+    result
+}
+
+/// The rest of [`parse_line`]: `tag_part` is `,k=v,...` after the measurement, `rest`
+/// the fields and timestamp.
+fn parse_tags_and_fields<'a>(
+    n: usize,
+    mut tag_part: &'a str,
+    rest: &'a str,
+    measurement: Cow<'a, str>,
+    precision: Precision,
+    out: &mut Lines<'a>,
+) -> Result<(), String> {
+    let tags_start = out.tags.len();
     while let Some(stripped) = tag_part.strip_prefix(',') {
         let (pair, next) = split_unescaped(stripped, b",", false);
         let (k, v) = split_unescaped(pair, b"=", false);
@@ -150,11 +194,22 @@ fn parse_line(n: usize, line: &str, precision: Precision, out: &mut Vec<Point>) 
         if k.is_empty() || v.is_empty() {
             return Err(format!("tag {pair:?} has an empty key or value"));
         }
-        tags.push((unescape(k, &[',', '=', ' ']), unescape(v, &[',', '=', ' '])));
+        out.tags
+            .push((unescape(k, &[',', '=', ' ']), unescape(v, &[',', '=', ' '])));
         tag_part = next;
     }
-    tags.sort();
-    tags.dedup_by(|a, b| a.0 == b.0);
+    // Sorted by key, then value; of a repeated key the smallest value stays. Deduplicated
+    // by hand: `Vec::dedup` would also compare with the previous line's last tag.
+    out.tags[tags_start..].sort_unstable();
+    let mut kept = tags_start;
+    for i in tags_start..out.tags.len() {
+        if kept == tags_start || out.tags[kept - 1].0 != out.tags[i].0 {
+            out.tags.swap(kept, i);
+            kept += 1;
+        }
+    }
+    out.tags.truncate(kept);
+    let tags = tags_start..kept;
     // fields up to the next unescaped space outside quotes, then an optional timestamp.
     let (fields, ts_part) = split_unescaped(rest, b" ", true);
     if fields.is_empty() {
@@ -167,83 +222,57 @@ fn parse_line(n: usize, line: &str, precision: Precision, out: &mut Vec<Point>) 
         let v: i64 = ts_text.parse().map_err(|_| format!("bad timestamp {ts_text:?}"))?;
         Some(precision.to_ms(v))
     };
-    // Points go straight into `out` (a line with a bad field takes its points back out);
-    // each field's point is pushed when the next one is seen, so the last takes the tags
-    // instead of a copy of them.
-    let start = out.len();
-    let mut pending: Option<(String, f64)> = None;
     let mut remaining = fields;
-    let result = loop {
+    loop {
         let (pair, next) = split_unescaped(remaining, b",", true);
         let (k, v) = split_unescaped(pair, b"=", false);
         let Some(v) = v.strip_prefix('=') else {
-            break Err(format!("field {pair:?} has no '='"));
+            return Err(format!("field {pair:?} has no '='"));
         };
         if k.is_empty() {
-            break Err("a field has an empty key".into());
+            return Err("a field has an empty key".into());
         }
-        let value = match parse_field_value(v) {
-            Ok(FieldValue::Number(value)) => value,
-            Ok(FieldValue::Text) => {
+        let value = match parse_field_value(v)? {
+            FieldValue::Number(value) => value,
+            FieldValue::Text => {
                 let key = unescape(k, &[',', '=', ' ']);
-                break Err(format!(
+                return Err(format!(
                     "string field {key:?} is not stored: only numbers and booleans are"
                 ));
             }
-            Err(e) => break Err(e),
         };
         let name = if k == "value" {
             measurement.clone()
         } else {
-            format!("{measurement}_{}", unescape(k, &[',', '=', ' ']))
+            Cow::Owned(format!("{measurement}_{}", unescape(k, &[',', '=', ' '])))
         };
-        if let Some((name, value)) = pending.replace((name, value)) {
-            out.push(Point {
-                line: n,
-                name,
-                tags: tags.clone(),
-                value,
-                timestamp_ms,
-            });
-        }
+        out.points.push(Point {
+            line: n,
+            name,
+            tags: tags.clone(),
+            value,
+            timestamp_ms,
+        });
         match next.strip_prefix(',') {
             Some(more) => remaining = more,
-            None => break Ok(()),
-        }
-    };
-    match (result, pending) {
-        (Ok(()), Some((name, value))) => {
-            out.push(Point {
-                line: n,
-                name,
-                tags,
-                value,
-                timestamp_ms,
-            });
-            Ok(())
-        }
-        (Ok(()), None) => Ok(()),
-        (Err(e), _) => {
-            out.truncate(start);
-            Err(e)
+            None => return Ok(()),
         }
     }
 }
 
 /// Parses a whole body. A bad line is reported and skipped; the others are kept.
-pub fn parse(body: &str, precision: Precision) -> (Vec<Point>, Vec<LineError>) {
-    let mut points = Vec::new();
-    let mut errors = Vec::new();
+pub fn parse(body: &str, precision: Precision) -> Lines<'_> {
+    let mut lines = Lines::default();
     for (i, line) in body.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        if let Err(message) = parse_line(i + 1, line, precision, &mut points) {
-            errors.push(LineError { line: i + 1, message });
+        if let Err(message) = parse_line(i + 1, line, precision, &mut lines) {
+            lines.errors.push(LineError { line: i + 1, message });
         }
     }
-    (points, errors)
+    lines
 }
 
 #[cfg(test)]
@@ -260,17 +289,18 @@ mod tests {
                     # a comment\n\
                     \n\
                     cpu\\,load,host\\ name=a\\=b value=1.5e2,idle=-3\n";
-        let (points, errors) = parse(body, Precision::Ns);
+        let lines = parse(body, Precision::Ns);
         assert_eq!(
-            errors,
+            lines.errors,
             vec![LineError {
                 line: 1,
                 message: "string field \"fieldKey\" is not stored: only numbers and booleans are".into()
             }]
         );
-        let got: Vec<(usize, &str, f64, Option<i64>)> = points
+        let got: Vec<(usize, &str, f64, Option<i64>)> = lines
+            .points
             .iter()
-            .map(|p| (p.line, p.name.as_str(), p.value, p.timestamp_ms))
+            .map(|p| (p.line, p.name.as_ref(), p.value, p.timestamp_ms))
             .collect();
         assert_eq!(
             got,
@@ -282,8 +312,16 @@ mod tests {
                 (6, "cpu,load_idle", -3.0, None),
             ]
         );
-        assert_eq!(points[0].tags, vec![("location".to_string(), "us-midwest".to_string())]);
-        assert_eq!(points[3].tags, vec![("host name".to_string(), "a=b".to_string())]);
+        let tags = |i: usize| -> Vec<(&str, &str)> {
+            lines
+                .tags(&lines.points[i])
+                .iter()
+                .map(|(k, v)| (k.as_ref(), v.as_ref()))
+                .collect()
+        };
+        assert_eq!(tags(0), vec![("location", "us-midwest")]);
+        assert_eq!(tags(3), vec![("host name", "a=b")]);
+        assert_eq!(tags(4), tags(3), "the fields of a line share its tags");
     }
 
     #[test]
@@ -294,9 +332,10 @@ mod tests {
             (Precision::Ms, "1700000000123", 1_700_000_000_123),
             (Precision::S, "1700000000", 1_700_000_000_000),
         ] {
-            let (points, errors) = parse(&format!("m value=1 {ts}"), p);
-            assert!(errors.is_empty());
-            assert_eq!(points[0].timestamp_ms, Some(ms), "{p:?}");
+            let body = format!("m value=1 {ts}");
+            let lines = parse(&body, p);
+            assert!(lines.errors.is_empty());
+            assert_eq!(lines.points[0].timestamp_ms, Some(ms), "{p:?}");
         }
         assert_eq!(Precision::parse("us"), Some(Precision::Us));
         assert_eq!(Precision::parse("h"), None);
@@ -304,27 +343,87 @@ mod tests {
 
     #[test]
     fn bad_lines_are_named() {
-        let (points, errors) = parse(
+        let lines = parse(
             "ok value=1\nnofields\nm v=abc\nm v=1 notatime\n m v=\"open",
             Precision::Ns,
         );
-        assert_eq!(points.len(), 1);
-        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
-        let (_, errors) = parse("m v=NaN\nm v=inf", Precision::Ns);
-        assert_eq!(errors.len(), 2);
+        assert_eq!(lines.points.len(), 1);
+        assert_eq!(
+            lines.errors.iter().map(|e| e.line).collect::<Vec<_>>(),
+            vec![2, 3, 4, 5]
+        );
+        let lines = parse("m v=NaN\nm v=inf", Precision::Ns);
+        assert_eq!(lines.errors.len(), 2);
     }
 
     #[test]
     fn quoted_strings_may_hold_separators() {
-        let (points, errors) = parse("m,t=a msg=\"a, b = c\",v=2 1", Precision::S);
-        assert_eq!(errors.len(), 1, "the string field is refused");
-        assert!(points.is_empty(), "a refused line stores nothing");
-        let (points, errors) = parse("m v=2,w=3i 1", Precision::S);
-        assert!(errors.is_empty());
-        assert_eq!(points.len(), 2);
+        let lines = parse("m,t=a msg=\"a, b = c\",v=2 1", Precision::S);
+        assert_eq!(lines.errors.len(), 1, "the string field is refused");
+        assert!(lines.points.is_empty(), "a refused line stores nothing");
+        assert!(lines.tags.is_empty(), "nor keeps its tags");
+        let lines = parse("m v=2,w=3i 1", Precision::S);
+        assert!(lines.errors.is_empty());
+        assert_eq!(lines.points.len(), 2);
+    }
+
+    /// Each point as (line, name, tags, value), for comparing parses.
+    type FlatPoint = (usize, String, Vec<(String, String)>, f64);
+
+    fn flat(lines: &Lines<'_>) -> Vec<FlatPoint> {
+        lines
+            .points
+            .iter()
+            .map(|p| {
+                let tags = lines
+                    .tags(p)
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                (p.line, p.name.to_string(), tags, p.value)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_line_keeps_its_own_tags() {
+        let lines = parse(
+            "a,k=1,k=0 value=1\nb,k=2 x=\"s\"\nc,z=9,a=8 v=1,w=2\nd value=3",
+            Precision::S,
+        );
+        let s = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert_eq!(
+            flat(&lines),
+            vec![
+                (1, "a".into(), s(&[("k", "0")]), 1.0),
+                (3, "c_v".into(), s(&[("a", "8"), ("z", "9")]), 1.0),
+                (3, "c_w".into(), s(&[("a", "8"), ("z", "9")]), 2.0),
+                (4, "d".into(), vec![], 3.0),
+            ]
+        );
     }
 
     proptest! {
+        /// A body parses to what its lines parse to one by one: no line's tags leak
+        /// into another's, and a refused line leaves nothing behind.
+        #[test]
+        fn a_body_is_its_lines(lines in proptest::collection::vec(
+            "[a-c](,[k-m]=[0-2]){0,3} ([u-w]=[0-9](,[u-w]=([0-9]|\"s\"))?|oops)",
+            1..12,
+        )) {
+            let body = lines.join("\n");
+            let whole = flat(&parse(&body, Precision::S));
+            let mut one_by_one = Vec::new();
+            for (i, line) in lines.iter().enumerate() {
+                for (_, name, tags, value) in flat(&parse(line, Precision::S)) {
+                    one_by_one.push((i + 1, name, tags, value));
+                }
+            }
+            prop_assert_eq!(whole, one_by_one);
+        }
+
         #[test]
         fn never_panics(body in "\\PC{0,200}") {
             let _ = parse(&body, Precision::Ns);
@@ -332,12 +431,15 @@ mod tests {
 
         #[test]
         fn numbers_round_trip(name in "[a-z][a-z0-9_]{0,10}", tag in "[a-z]{1,5}", v in -1e9f64..1e9, ts in 0i64..4_000_000_000) {
-            let (points, errors) = parse(&format!("{name},t={tag} value={v:?} {ts}"), Precision::S);
-            prop_assert!(errors.is_empty());
-            prop_assert_eq!(points.len(), 1);
-            prop_assert_eq!(&points[0].name, &name);
-            prop_assert_eq!(points[0].value, v);
-            prop_assert_eq!(points[0].timestamp_ms, Some(ts * 1000));
+            let body = format!("{name},t={tag} value={v:?} {ts}");
+            let lines = parse(&body, Precision::S);
+            prop_assert!(lines.errors.is_empty());
+            prop_assert_eq!(lines.points.len(), 1);
+            let p = &lines.points[0];
+            prop_assert_eq!(p.name.as_ref(), name.as_str());
+            prop_assert_eq!(p.value, v);
+            prop_assert_eq!(p.timestamp_ms, Some(ts * 1000));
+            prop_assert_eq!(lines.tags(p), &[(Cow::Borrowed("t"), Cow::Borrowed(tag.as_str()))][..]);
         }
     }
 }

@@ -7,7 +7,6 @@
 //! while the rest of the batch is stored.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -150,13 +149,121 @@ pub struct WireSample<'a> {
     #[serde(default, borrow)]
     pub timestamp: Option<WireTime<'a>>,
     #[serde(default, borrow)]
-    pub tags: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    pub tags: WireTags<'a>,
 }
 
 impl WireSample<'_> {
     /// Tags sorted by key (JSON objects with a repeated key keep the last value).
-    pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
-        self.tags.iter().flatten().map(|(k, v)| (k.as_ref(), v.as_ref()))
+    pub fn tags(&self) -> TagIter<'_> {
+        self.tags.iter()
+    }
+}
+
+/// One tag as decoded: borrowed from the body unless it had escapes.
+pub type WireTag<'a> = (Cow<'a, str>, Cow<'a, str>);
+
+/// A sample's tags, sorted by key with each key once. Front doors that carry many
+/// samples per series (remote-write, OTLP, a line protocol line with several fields)
+/// lend every sample the series' tags instead of copying them per sample: building a
+/// map per sample was a tenth of ingest CPU.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum WireTags<'a> {
+    #[default]
+    None,
+    /// Parsed from a JSON object.
+    Json(Vec<WireTag<'a>>),
+    /// Lent by a decoder that borrows from the body (line protocol).
+    Lent(&'a [WireTag<'a>]),
+    /// Lent by a decoder that owns its strings (remote-write, OTLP).
+    Strings(&'a [(String, String)]),
+}
+
+impl<'a> WireTags<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            WireTags::None => 0,
+            WireTags::Json(tags) => tags.len(),
+            WireTags::Lent(tags) => tags.len(),
+            WireTags::Strings(tags) => tags.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn iter(&self) -> TagIter<'_> {
+        match self {
+            WireTags::None => TagIter::Decoded([].iter()),
+            WireTags::Json(tags) => TagIter::Decoded(tags.iter()),
+            WireTags::Lent(tags) => TagIter::Decoded(tags.iter()),
+            WireTags::Strings(tags) => TagIter::Owned(tags.iter()),
+        }
+    }
+
+    /// Sorts decoded pairs by key; of a repeated key the last one wins, as in a JSON
+    /// object read into a map.
+    fn from_pairs(mut pairs: Vec<WireTag<'a>>) -> WireTags<'a> {
+        // Reversed, a stable sort puts the last of equal keys first, and dedup keeps it.
+        pairs.reverse();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        WireTags::Json(pairs)
+    }
+}
+
+/// Iterator over [`WireTags`] as `(key, value)`.
+#[derive(Clone)]
+pub enum TagIter<'t> {
+    Decoded(std::slice::Iter<'t, (Cow<'t, str>, Cow<'t, str>)>),
+    Owned(std::slice::Iter<'t, (String, String)>),
+}
+
+impl<'t> Iterator for TagIter<'t> {
+    type Item = (&'t str, &'t str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            TagIter::Decoded(it) => it.next().map(|(k, v)| (k.as_ref(), v.as_ref())),
+            TagIter::Owned(it) => it.next().map(|(k, v)| (k.as_str(), v.as_str())),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            TagIter::Decoded(it) => it.size_hint(),
+            TagIter::Owned(it) => it.size_hint(),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for WireTags<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// A string borrowed from the body when it has no escapes.
+        #[derive(Deserialize)]
+        struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = WireTags<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of tag names to string values")
+            }
+            fn visit_unit<E>(self) -> Result<WireTags<'de>, E> {
+                Ok(WireTags::None)
+            }
+            fn visit_none<E>(self) -> Result<WireTags<'de>, E> {
+                Ok(WireTags::None)
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<WireTags<'de>, M::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(4).min(names::MAX_TAGS + 1));
+                while let Some((Text(k), Text(v))) = map.next_entry::<Text<'de>, Text<'de>>()? {
+                    pairs.push((k, v));
+                }
+                Ok(WireTags::from_pairs(pairs))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -238,32 +345,31 @@ pub fn validate_sample(
             "counter values are cumulative totals and cannot be negative".into(),
         ));
     }
-    if let Some(tags) = &sample.tags {
-        if tags.len() > names::MAX_TAGS {
+    let tags = &sample.tags;
+    if tags.len() > names::MAX_TAGS {
+        return Err(reject(
+            Code::TooManyTags,
+            format!("at most {} tags per sample, got {}", names::MAX_TAGS, tags.len()),
+        ));
+    }
+    for (k, v) in tags.iter() {
+        if !names::is_valid_tag_key(k) {
             return Err(reject(
-                Code::TooManyTags,
-                format!("at most {} tags per sample, got {}", names::MAX_TAGS, tags.len()),
+                Code::InvalidTag,
+                format!(
+                    "tag keys match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes",
+                    names::MAX_TAG_KEY_BYTES
+                ),
             ));
         }
-        for (k, v) in tags {
-            if !names::is_valid_tag_key(k) {
-                return Err(reject(
-                    Code::InvalidTag,
-                    format!(
-                        "tag keys match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes",
-                        names::MAX_TAG_KEY_BYTES
-                    ),
-                ));
-            }
-            if !names::is_valid_tag_value(v) {
-                return Err(reject(
-                    Code::InvalidTag,
-                    format!(
-                        "tag values have at most {} bytes and no control characters",
-                        names::MAX_TAG_VALUE_BYTES
-                    ),
-                ));
-            }
+        if !names::is_valid_tag_value(v) {
+            return Err(reject(
+                Code::InvalidTag,
+                format!(
+                    "tag values have at most {} bytes and no control characters",
+                    names::MAX_TAG_VALUE_BYTES
+                ),
+            ));
         }
     }
     let timestamp = match &sample.timestamp {
@@ -388,6 +494,28 @@ mod tests {
         assert_eq!(v.value, 120.0);
         assert_eq!(v.timestamp, NOW);
         assert_eq!(batch.metrics[0].tags().collect::<Vec<_>>(), vec![("tool", "search")]);
+    }
+
+    #[test]
+    fn tags_are_sorted_and_a_repeated_key_keeps_its_last_value() {
+        let body = r#"{"server_id":"a","metrics":[
+            {"name":"x","value":1,"tags":{"z":"1","a":"first","m":"e\u0301","a":"last"}},
+            {"name":"x","value":1,"tags":null},
+            {"name":"x","value":1}]}"#;
+        let batch = decode_json(body.as_bytes(), &SampleLimits::default()).unwrap();
+        assert_eq!(
+            batch.metrics[0].tags().collect::<Vec<_>>(),
+            vec![("a", "last"), ("m", "e\u{301}"), ("z", "1")]
+        );
+        assert_eq!(batch.metrics[1].tags().count(), 0);
+        assert_eq!(batch.metrics[2].tags, WireTags::None);
+        assert!(
+            decode_json(
+                br#"{"server_id":"a","metrics":[{"name":"x","value":1,"tags":{"a":1}}]}"#,
+                &SampleLimits::default()
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -51,15 +51,16 @@ pub enum PromError {
     Protobuf(String),
 }
 
-/// One sample ready for validation.
+/// One series of a request, ready for validation. Its samples share its name and tags
+/// (ingest lends them to every sample instead of copying them per sample).
 #[derive(Debug, Clone, PartialEq)]
-pub struct PromPoint {
+pub struct PromSeries {
     pub name: String,
     /// Sorted by key.
     pub tags: Vec<(String, String)>,
     pub counter: bool,
-    pub value: f64,
-    pub timestamp_ms: i64,
+    /// Without stale markers.
+    pub samples: Vec<Sample>,
 }
 
 /// Whether a series is cumulative by Prometheus naming conventions.
@@ -69,9 +70,9 @@ pub fn is_counter_name(name: &str) -> bool {
         .any(|s| name.ends_with(s))
 }
 
-/// Decompresses and decodes a body; returns the points and how many stale markers were
+/// Decompresses and decodes a body; returns the series and how many stale markers were
 /// dropped. A series without `__name__` gets an empty name (refused by validation).
-pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromPoint>, usize), PromError> {
+pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromSeries>, usize), PromError> {
     let len = snap::raw::decompress_len(body).map_err(|e| PromError::Snappy(e.to_string()))?;
     if len > max_decompressed {
         return Err(PromError::TooLarge(max_decompressed));
@@ -80,35 +81,33 @@ pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromPoint>, u
         .decompress_vec(body)
         .map_err(|e| PromError::Snappy(e.to_string()))?;
     let request = WriteRequest::decode(raw.as_slice()).map_err(|e| PromError::Protobuf(e.to_string()))?;
-    let mut points = Vec::new();
     let mut stale = 0;
-    for series in request.timeseries {
-        let mut name = String::new();
-        let mut tags: Vec<(String, String)> = Vec::with_capacity(series.labels.len());
-        for label in series.labels {
-            if label.name == "__name__" {
-                name = label.value;
-            } else {
-                tags.push((label.name, label.value));
+    let series = request
+        .timeseries
+        .into_iter()
+        .map(|mut series| {
+            let mut name = String::new();
+            let mut tags: Vec<(String, String)> = Vec::with_capacity(series.labels.len());
+            for label in series.labels {
+                if label.name == "__name__" {
+                    name = label.value;
+                } else {
+                    tags.push((label.name, label.value));
+                }
             }
-        }
-        tags.sort();
-        let counter = is_counter_name(&name);
-        for sample in series.samples {
-            if sample.value.to_bits() == STALE_NAN_BITS {
-                stale += 1;
-                continue;
+            tags.sort();
+            let before = series.samples.len();
+            series.samples.retain(|s| s.value.to_bits() != STALE_NAN_BITS);
+            stale += before - series.samples.len();
+            PromSeries {
+                counter: is_counter_name(&name),
+                name,
+                tags,
+                samples: series.samples,
             }
-            points.push(PromPoint {
-                name: name.clone(),
-                tags: tags.clone(),
-                counter,
-                value: sample.value,
-                timestamp_ms: sample.timestamp,
-            });
-        }
-    }
-    Ok((points, stale))
+        })
+        .collect();
+    Ok((series, stale))
 }
 
 /// Encodes a request as senders do (used by tests and the load generator).
@@ -161,19 +160,32 @@ mod tests {
                 TimeSeries::named("latency_seconds_bucket", &[("le", "0.5")], &[(3.0, 1000)]),
             ],
         };
-        let (points, stale) = decode(&encode(&request), 1 << 20).unwrap();
+        let (series, stale) = decode(&encode(&request), 1 << 20).unwrap();
         assert_eq!(stale, 1);
-        assert_eq!(points.len(), 3);
-        assert_eq!(points[0].name, "http_requests_total");
+        assert_eq!(series.len(), 3);
+        assert_eq!(series[0].name, "http_requests_total");
         assert_eq!(
-            points[0].tags,
+            series[0].tags,
             vec![
                 ("code".to_string(), "200".to_string()),
                 ("job".to_string(), "api".to_string())
             ]
         );
-        assert!(points[0].counter && !points[1].counter && points[2].counter);
-        assert_eq!((points[1].value, points[1].timestamp_ms), (1.0, 1000));
+        assert_eq!(
+            series[0].samples,
+            vec![Sample {
+                value: 10.0,
+                timestamp: 1000
+            }]
+        );
+        assert!(series[0].counter && !series[1].counter && series[2].counter);
+        assert_eq!(
+            series[1].samples,
+            vec![Sample {
+                value: 1.0,
+                timestamp: 1000
+            }]
+        );
     }
 
     #[test]
@@ -203,9 +215,9 @@ mod tests {
         #[test]
         fn round_trips(values in proptest::collection::vec((-1e9f64..1e9, 0i64..4_000_000_000_000), 1..50)) {
             let request = WriteRequest { timeseries: vec![TimeSeries::named("g", &[("a", "b")], &values)] };
-            let (points, stale) = decode(&encode(&request), 1 << 20).unwrap();
+            let (series, stale) = decode(&encode(&request), 1 << 20).unwrap();
             prop_assert_eq!(stale, 0);
-            let got: Vec<(f64, i64)> = points.iter().map(|p| (p.value, p.timestamp_ms)).collect();
+            let got: Vec<(f64, i64)> = series[0].samples.iter().map(|s| (s.value, s.timestamp)).collect();
             prop_assert_eq!(got, values);
         }
     }

@@ -471,19 +471,20 @@ mod tests {
 
     #[test]
     fn line_protocol_remote_write_and_otlp_bodies_carry_the_batch() {
-        let (points, errors) = mcp_metrics_core::influx::parse(
-            std::str::from_utf8(&build_lines(3, 50, 7, 1_000)).unwrap(),
+        let body = build_lines(3, 50, 7, 1_000);
+        let lines = mcp_metrics_core::influx::parse(
+            std::str::from_utf8(&body).unwrap(),
             mcp_metrics_core::influx::Precision::Ms,
         );
-        assert!(errors.is_empty());
-        assert_eq!(points.len(), 50);
-        let (points, stale) =
+        assert!(lines.errors.is_empty());
+        assert_eq!(lines.points.len(), 50);
+        let (series, stale) =
             mcp_metrics_core::promwrite::decode(&build_remote_write(3, 50, 7, 1_000), 1 << 20).unwrap();
-        assert_eq!((points.len(), stale), (50, 0));
+        assert_eq!((series.iter().map(|s| s.samples.len()).sum::<usize>(), stale), (50, 0));
         assert!(
-            points
+            series
                 .iter()
-                .all(|p| p.name == "response_time" && p.tags[0].0 == "tool")
+                .all(|s| s.name == "response_time" && s.tags[0].0 == "tool")
         );
         let request = mcp_metrics_core::otlp::decode_protobuf(&build_otlp(3, 50, 7, 1_000)).unwrap();
         let mapped = mcp_metrics_core::otlp::map_request(&request);

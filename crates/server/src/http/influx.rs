@@ -19,7 +19,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use mcp_metrics_core::codes::Code;
 use mcp_metrics_core::influx::{self, Precision};
-use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTime, WireValue};
+use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTags, WireTime, WireValue};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -65,33 +65,30 @@ async fn write_inner(
         Some(p) => Precision::parse(p).ok_or_else(|| ApiError::invalid("precision must be ns, us, ms or s"))?,
     };
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::invalid("line protocol must be UTF-8"))?;
-    let (points, line_errors) = influx::parse(text, precision);
+    let lines = influx::parse(text, precision);
     let batch = WireBatch {
         server_id: Cow::Borrowed(&credential.server_id),
-        metrics: points
+        metrics: lines
+            .points
             .iter()
             .map(|p| WireSample {
-                name: Cow::Borrowed(&p.name),
+                name: Cow::Borrowed(p.name.as_ref()),
                 value: WireValue::Number(p.value),
                 kind: None,
                 timestamp: p.timestamp_ms.map(|ms| WireTime::Millis(ms as f64)),
-                tags: Some(
-                    p.tags
-                        .iter()
-                        .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
-                        .collect(),
-                ),
+                tags: WireTags::Lent(lines.tags(p)),
             })
             .collect(),
     };
     let stored = super::write::commit(state, &credential, &batch, &body, None).await?;
     let accepted = stored.accepted;
-    let mut refused: Vec<serde_json::Value> = line_errors
+    let mut refused: Vec<serde_json::Value> = lines
+        .errors
         .iter()
         .map(|e| json!({ "line": e.line, "code": "invalid_payload", "detail": e.message }))
         .collect();
     for r in &stored.rejected {
-        refused.push(json!({ "line": points[r.index].line, "code": r.code.as_str(), "detail": r.detail }));
+        refused.push(json!({ "line": lines.points[r.index].line, "code": r.code.as_str(), "detail": r.detail }));
     }
     if refused.is_empty() {
         return Ok(StatusCode::NO_CONTENT.into_response());

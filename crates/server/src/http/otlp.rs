@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use mcp_metrics_core::codes::Code;
-use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTime, WireValue};
+use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTags, WireTime, WireValue};
 use mcp_metrics_core::otlp::{self, ExportMetricsPartialSuccess, ExportMetricsServiceResponse, StreamState};
 use mcp_metrics_core::secrets::body_digest;
 use prost::Message;
@@ -261,12 +261,7 @@ async fn export_inner(
                     },
                     kind: Some(Cow::Borrowed(p.kind.as_str())),
                     timestamp: Some(WireTime::Millis(p.timestamp_ms as f64)),
-                    tags: Some(
-                        p.tags
-                            .iter()
-                            .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
-                            .collect(),
-                    ),
+                    tags: WireTags::Strings(&p.tags),
                 })
                 .collect(),
         };

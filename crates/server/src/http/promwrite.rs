@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use mcp_metrics_core::codes::Code;
-use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTime, WireValue};
+use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTags, WireTime, WireValue};
 use mcp_metrics_core::promwrite::{self, PromError};
 
 use super::auth;
@@ -53,30 +53,28 @@ async fn write_inner(
             "remote-write sends Content-Type: application/x-protobuf",
         ));
     }
-    let (points, _stale) = promwrite::decode(&body, MAX_BYTES).map_err(|e| match e {
+    let (series, _stale) = promwrite::decode(&body, MAX_BYTES).map_err(|e| match e {
         PromError::TooLarge(_) => ApiError::new(Code::PayloadTooLarge, e.to_string()),
         other => ApiError::invalid(other.to_string()),
     })?;
     let batch = WireBatch {
         server_id: Cow::Borrowed(&credential.server_id),
-        metrics: points
+        metrics: series
             .iter()
-            .map(|p| WireSample {
-                name: Cow::Borrowed(&p.name),
-                // NaN (other than stale markers) and infinities are refused per sample.
-                value: if p.value.is_finite() {
-                    WireValue::Number(p.value)
-                } else {
-                    WireValue::NotANumber
-                },
-                kind: Some(Cow::Borrowed(if p.counter { "counter" } else { "gauge" })),
-                timestamp: Some(WireTime::Millis(p.timestamp_ms as f64)),
-                tags: Some(
-                    p.tags
-                        .iter()
-                        .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
-                        .collect(),
-                ),
+            .flat_map(|s| {
+                let kind = Cow::Borrowed(if s.counter { "counter" } else { "gauge" });
+                s.samples.iter().map(move |sample| WireSample {
+                    name: Cow::Borrowed(&s.name),
+                    // NaN (other than stale markers) and infinities are refused per sample.
+                    value: if sample.value.is_finite() {
+                        WireValue::Number(sample.value)
+                    } else {
+                        WireValue::NotANumber
+                    },
+                    kind: Some(kind.clone()),
+                    timestamp: Some(WireTime::Millis(sample.timestamp as f64)),
+                    tags: WireTags::Strings(&s.tags),
+                })
             })
             .collect(),
     };
@@ -88,7 +86,10 @@ async fn write_inner(
         .rejected
         .iter()
         .take(5)
-        .map(|r| format!("{} {:?}: {}", points[r.index].name, points[r.index].tags, r.detail))
+        .map(|r| {
+            let sample = &batch.metrics[r.index];
+            format!("{} {:?}: {}", sample.name, sample.tags().collect::<Vec<_>>(), r.detail)
+        })
         .collect();
     Err(ApiError::invalid(format!(
         "{} samples stored, {} refused (not retried), e.g. {}",
