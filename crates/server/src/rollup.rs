@@ -185,8 +185,8 @@ pub async fn run_job(
     on_change: impl Fn(&BTreeMap<String, BTreeSet<String>>) + Send + 'static,
 ) {
     // The wait before the next tick: the interval, but at least as long as the last pass
-    // took, so under a load that makes passes slow (a busy open minute folded again at
-    // every pass) the job uses at most about half of its database connection and core,
+    // took, so under a load that makes passes slow (many minutes that must be read again)
+    // the job uses at most about half of its database connection and core,
     // and ingest keeps the rest; rollups then lag by a few passes instead.
     let mut pause = Duration::ZERO;
     let mut last_retention: Option<Instant> = None;

@@ -139,6 +139,10 @@ pub enum RollupInput {
         base: BucketStats,
         writes: Vec<BucketStats>,
     },
+    /// The whole minute bucket, kept up to date in memory by the writer as it committed
+    /// the samples (SQLite): nothing to read or fold. `new_samples` counts the samples
+    /// it gained since a pass last took it.
+    Kept { bucket: BucketStats, new_samples: u64 },
 }
 
 impl RollupInput {
@@ -155,6 +159,7 @@ impl RollupInput {
                 writes.iter().for_each(|w| base.merge_next(w));
                 Some(base)
             }
+            RollupInput::Kept { bucket, .. } => Some(bucket),
         }
     }
 
@@ -165,6 +170,7 @@ impl RollupInput {
             RollupInput::Children(_) => 0,
             RollupInput::Splice { tail, .. } => tail.iter().filter(|s| s.2).count() as u64,
             RollupInput::Merge { writes, .. } => writes.iter().map(|w| w.count).sum(),
+            RollupInput::Kept { new_samples, .. } => *new_samples,
         }
     }
 }

@@ -5,12 +5,13 @@
 //! The single writer matches SQLite's own single-writer design and the pipeline's group
 //! commit: many requests share one transaction and one fsync.
 
+mod kept_minutes;
 mod migrations;
 mod rollups;
 mod usage;
 pub(crate) mod value_codec;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +29,7 @@ use crate::{
     StoreError, StoreOptions, StoreResult, UsageDay, UsageRecord, WriteBatch,
 };
 
+use kept_minutes::KeptMinutes;
 pub use migrations::latest_version;
 
 const MINUTE: i64 = 60_000;
@@ -69,6 +71,8 @@ fn join_err(e: tokio::task::JoinError) -> StoreError {
 struct Inner {
     path: PathBuf,
     writer: Mutex<Connection>,
+    /// Open minute buckets the writer keeps for the rollup job (see `kept_minutes`).
+    kept: Arc<Mutex<KeptMinutes>>,
     readers: Mutex<Vec<Connection>>,
     read_pool_size: usize,
 }
@@ -131,6 +135,7 @@ impl SqliteStore {
                 inner: Arc::new(Inner {
                     path,
                     writer: Mutex::new(writer),
+                    kept: Arc::default(),
                     readers: Mutex::new(Vec::new()),
                     read_pool_size: options.read_pool_size.max(1),
                 }),
@@ -268,11 +273,22 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
-fn write_batch_blocking(conn: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<Vec<RequestOutcome>> {
+fn write_batch_blocking(
+    conn: &mut Connection,
+    batch: &WriteBatch,
+    kept: &Mutex<KeptMinutes>,
+) -> rusqlite::Result<Vec<RequestOutcome>> {
     let now = batch.now;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Read under the write lock: no other connection can commit until this one does.
+    let data_version: i64 = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+    kept.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .observe_data_version(data_version);
     let mut outcomes = Vec::with_capacity(batch.requests.len());
     let mut dirty: Vec<(i64, i64)> = Vec::new();
+    let mut was_empty = HashMap::new();
+    let generation;
     let mut rows: Vec<(i64, i64, Kind, f64)> = Vec::with_capacity(batch.requests.iter().map(|r| r.samples.len()).sum());
     {
         // A guard row that exists and has not expired makes the upsert a no-op, so
@@ -360,7 +376,7 @@ fn write_batch_blocking(conn: &mut Connection, batch: &WriteBatch) -> rusqlite::
         // sort is stable, so for one (series, ts) the later write still wins and
         // observations keep their arrival order.
         rows.sort_by_key(|&(series_id, ts, _, _)| (ts, series_id));
-        for (series_id, ts, kind, value) in rows {
+        for &(series_id, ts, kind, value) in &rows {
             if kind == Kind::Histogram {
                 let value = value_codec::encode(value);
                 if insert_observation.execute(params![series_id, ts, value])? == 0 {
@@ -376,16 +392,34 @@ fn write_batch_blocking(conn: &mut Connection, batch: &WriteBatch) -> rusqlite::
         // Every minute that received a sample is recomputed by the rollup job.
         dirty.sort_unstable();
         dirty.dedup();
+        // A minute the kept buckets have not seen yet can be kept only if it held
+        // nothing before this write: no mark waiting and no bucket stored.
+        let unknown = kept.lock().unwrap_or_else(|p| p.into_inner()).unknown(&dirty);
+        let mut held_something = tx.prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM rollup_dirty WHERE level = 0 AND bucket = ?1 AND series_id = ?2)
+                 OR EXISTS (SELECT 1 FROM rollups_1m WHERE series_id = ?2 AND bucket = ?1)",
+        )?;
+        for key in unknown {
+            let held: bool = held_something.query_row(params![key.0, key.1], |r| r.get(0))?;
+            was_empty.insert(key, !held);
+        }
         let mut mark = tx.prepare_cached(
             "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
              ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
         )?;
-        let generation = rollups::next_generation(&tx)?;
+        generation = rollups::next_generation(&tx)?;
         for (minute, series_id) in dirty {
             mark.execute(params![minute, series_id, generation])?;
         }
     }
-    tx.commit()?;
+    let committed = tx.commit();
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    match committed {
+        Ok(()) => kept.record(generation, &was_empty, &rows, data_version),
+        // A failed commit may still have reached the file: nothing kept can be vouched for.
+        Err(_) => kept.forget_all(),
+    }
+    committed?;
     Ok(outcomes)
 }
 
@@ -665,7 +699,8 @@ impl Store for SqliteStore {
     }
 
     async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
-        self.write(move |c| write_batch_blocking(c, &batch).map_err(map_err))
+        let kept = self.inner.kept.clone();
+        self.write(move |c| write_batch_blocking(c, &batch, &kept).map_err(map_err))
             .await
     }
 
@@ -688,7 +723,8 @@ impl Store for SqliteStore {
     }
 
     async fn rollup_work(&self, level: Level, max_marks: usize) -> StoreResult<RollupWork> {
-        self.read(move |c| rollups::work(c, level, max_marks)).await
+        let kept = self.inner.kept.clone();
+        self.read(move |c| rollups::work(c, level, max_marks, &kept)).await
     }
 
     async fn apply_rollups(&self, level: Level, results: Vec<(DirtyMark, Option<BucketStats>)>) -> StoreResult<()> {

@@ -2,12 +2,14 @@
 //! writing recomputed buckets and clearing marks with a generation check, retention.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use mcp_metrics_core::model::Kind;
 use mcp_metrics_core::rollup::{BucketStats, Level, align};
 use mcp_metrics_core::sketch::Sketch;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+use super::kept_minutes::KeptMinutes;
 use super::value_codec;
 use crate::{DirtyMark, RollupInput, RollupRow, RollupWork};
 
@@ -61,7 +63,12 @@ fn stats_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<BucketStats> {
     })
 }
 
-pub fn work(conn: &Connection, level: Level, max_marks: usize) -> rusqlite::Result<RollupWork> {
+pub fn work(
+    conn: &Connection,
+    level: Level,
+    max_marks: usize,
+    kept: &Mutex<KeptMinutes>,
+) -> rusqlite::Result<RollupWork> {
     // One read transaction: the marks and the data they are rebuilt from come from the
     // same WAL snapshot, so a sample committed later also renewed its mark.
     let tx = conn.unchecked_transaction()?;
@@ -82,7 +89,16 @@ pub fn work(conn: &Connection, level: Level, max_marks: usize) -> rusqlite::Resu
     let mut items = Vec::with_capacity(marks.len());
     match level.child() {
         None => {
-            // Minutes: one range scan of the raw table per marked minute.
+            // Minutes the writer kept whole need no read (taken before any scan, so the
+            // writer never waits on one); the others: one range scan of the raw table per
+            // marked minute.
+            let mut taken: Vec<Option<(BucketStats, u64)>> = {
+                let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+                marks
+                    .iter()
+                    .map(|m| kept.take((m.bucket, m.series_id), m.generation))
+                    .collect()
+            };
             let mut scan = tx.prepare_cached(
                 "SELECT series_id, ts, value FROM server_metrics WHERE ts >= ?1 AND ts < ?2 ORDER BY ts, series_id, seq",
             )?;
@@ -93,23 +109,29 @@ pub fn work(conn: &Connection, level: Level, max_marks: usize) -> rusqlite::Resu
                     .iter()
                     .position(|m| m.bucket != bucket)
                     .map_or(marks.len(), |n| i + n);
-                let wanted: HashSet<i64> = marks[i..end].iter().map(|m| m.series_id).collect();
+                let wanted: HashSet<i64> = (i..end)
+                    .filter(|&j| taken[j].is_none())
+                    .map(|j| marks[j].series_id)
+                    .collect();
                 let mut by_series: HashMap<i64, Vec<(i64, f64)>> = HashMap::new();
-                let mut rows = scan.query(params![bucket, bucket + level.bucket_ms()])?;
-                while let Some(r) = rows.next()? {
-                    let series_id: i64 = r.get(0)?;
-                    if wanted.contains(&series_id) {
-                        by_series
-                            .entry(series_id)
-                            .or_default()
-                            .push((r.get(1)?, value_codec::decode(r.get_ref(2)?)));
+                if !wanted.is_empty() {
+                    let mut rows = scan.query(params![bucket, bucket + level.bucket_ms()])?;
+                    while let Some(r) = rows.next()? {
+                        let series_id: i64 = r.get(0)?;
+                        if wanted.contains(&series_id) {
+                            by_series
+                                .entry(series_id)
+                                .or_default()
+                                .push((r.get(1)?, value_codec::decode(r.get_ref(2)?)));
+                        }
                     }
                 }
-                for mark in &marks[i..end] {
-                    items.push((
-                        *mark,
-                        RollupInput::Raw(by_series.remove(&mark.series_id).unwrap_or_default()),
-                    ));
+                for j in i..end {
+                    let input = match taken[j].take() {
+                        Some((bucket, new_samples)) => RollupInput::Kept { bucket, new_samples },
+                        None => RollupInput::Raw(by_series.remove(&marks[j].series_id).unwrap_or_default()),
+                    };
+                    items.push((marks[j], input));
                 }
                 i = end;
             }
