@@ -174,8 +174,15 @@ async fn export_inner(
     let mut refused = mapped.refused;
     let mut budget = mapped.budget_left;
     // Held from reading the streams' state to storing the next one (see `otlp_exports`).
-    // Per node: nodes of a cluster can still race on one server's streams.
-    let _exporting = state.otlp_exports.lock(&credential.server_id).await;
+    // Per node: nodes of a cluster can still race on one server's streams. Exports
+    // without such streams (gauges, delta histograms) read no state and need no turn:
+    // holding it across their commit capped one server's OTLP ingest at one export per
+    // commit.
+    let _exporting = if mapped.streams.is_empty() {
+        None
+    } else {
+        Some(state.otlp_exports.lock(&credential.server_id).await)
+    };
 
     // Streams continue from their stored state. The record keeps the state before the
     // export that produced it and that export's digest, so a retry of it (whose parts
