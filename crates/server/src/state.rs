@@ -38,17 +38,43 @@ pub struct Shared {
     pub otlp_exports: KeyedLocks,
 }
 
-/// Async locks by key, made on first use (one per server: a handful of bytes each).
+/// Async locks by key, made on first use. Locks nobody holds or waits for are dropped
+/// whenever the map has doubled since the last sweep, so it stays about as large as the
+/// number of keys in use, not of every key ever seen.
 #[derive(Default)]
-pub struct KeyedLocks(std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+pub struct KeyedLocks(std::sync::Mutex<LockMap>);
+
+#[derive(Default)]
+struct LockMap {
+    locks: std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    sweep_at: usize,
+}
 
 impl KeyedLocks {
     pub async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            map.entry(key.to_owned()).or_default().clone()
+            if map.locks.len() >= map.sweep_at {
+                // Held only by the map: no guard and no waiter has it.
+                map.locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+                map.sweep_at = (map.locks.len() * 2).max(64);
+            }
+            map.locks.entry(key.to_owned()).or_default().clone()
         };
         lock.lock_owned().await
+    }
+
+    /// Locks kept right now.
+    pub fn len(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .locks
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -69,5 +95,25 @@ impl Deref for AppState {
     type Target = Shared;
     fn deref(&self) -> &Shared {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unused_locks_are_dropped_and_held_ones_kept() {
+        let locks = KeyedLocks::default();
+        let held = locks.lock("held").await;
+        for i in 0..10_000 {
+            drop(locks.lock(&format!("server-{i}")).await);
+        }
+        assert!(locks.len() <= 128, "{} locks kept", locks.len());
+        // The held lock survived every sweep: a second holder still has to wait for it.
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), locks.lock("held")).await;
+        assert!(waiting.is_err(), "the held lock was replaced by a new one");
+        drop(held);
+        drop(locks.lock("held").await);
     }
 }
