@@ -8,18 +8,12 @@ cd "$(dirname "$0")/.."
 batch=${1:-1000}
 samples=${2:-1000000}
 connections=${3:-4}
-bin=target/release/mcp-metrics
-[ -x "$bin" ] || cargo build --release
-dir=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-export MCP_METRICS_ADMIN_TOKEN=bench-admin-token-$RANDOM$RANDOM
-"$bin" serve --database "sqlite://$dir/bench.db" --listen "127.0.0.1:$port" 2>"$dir/serve.log" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-"$bin" bench --url "http://127.0.0.1:$port" --batch "$batch" --samples "$samples" --connections "$connections" --json
-echo "peak RSS of serve: $(grep VmHWM /proc/$pid/status | awk '{print $2/1024 " MiB"}')"
-kill -TERM $pid; wait $pid || true
+. scripts/lib.sh
+bench_setup
+start_service "sqlite://$dir/bench.db"
+"$bin" bench --url "$service_url" --batch "$batch" --samples "$samples" --connections "$connections" --json
+echo "peak RSS of serve: $(grep VmHWM /proc/$service_pid/status | awk '{print $2/1024 " MiB"}')"
+kill -TERM "$service_pid"; wait "$service_pid" || true
 python3 - "$dir/bench.db" <<'PY'
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])

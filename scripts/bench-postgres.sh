@@ -15,20 +15,12 @@ samples=${1:-2000000}
 batch=${2:-1000}
 connections=${3:-4}
 admin=${4:-${MCP_METRICS_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}}
-bin=target/release/mcp-metrics
-[ -x "$bin" ] || cargo build --release
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-dir=$(mktemp -d)
-pids=()
+. scripts/lib.sh
+bench_setup
 dbs=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+extra_cleanup() {
   for d in "${dbs[@]}"; do psql -q "$admin" -c "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null 2>&1 || true; done
-  rm -rf "$dir"
 }
-trap cleanup EXIT
-export MCP_METRICS_ADMIN_TOKEN=bench-admin-token-$RANDOM$RANDOM
 export MCP_METRICS_MASTER_KEY=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
 fresh_pg() { # sets $pg_url; not called in a subshell, so cleanup sees the database
   local name="mcpm_bench_$RANDOM$RANDOM"
@@ -37,11 +29,8 @@ fresh_pg() { # sets $pg_url; not called in a subshell, so cleanup sees the datab
   pg_url=$(python3 -c 'import sys,urllib.parse as u; p=u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/"+sys.argv[2])))' "$admin" "$name")
 }
 start_node() { # $1 database URL; sets $node_url and $node_pid
-  local port; port=$(free_port)
-  "$bin" serve --database "$1" --listen "127.0.0.1:$port" 2>>"$dir/serve.log" &
-  node_pid=$!; pids+=("$node_pid")
-  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.05; done
-  node_url="http://127.0.0.1:$port"
+  start_service "$1"
+  node_url=$service_url; node_pid=$service_pid
 }
 bench() { # $1 url, $2 samples
   "$bin" bench --url "$1" --batch "$batch" --samples "$2" --connections "$connections" --json 2>/dev/null | tail -1

@@ -16,25 +16,12 @@ samples=${1:-2000000}
 batch=${2:-1000}
 connections=${3:-4}
 rounds=${4:-2}
-bin=target/release/mcp-metrics
 vm=${VICTORIA_METRICS:-/usr/bin/victoria-metrics}
 [ -x "$vm" ] || { echo "install Debian's victoria-metrics package first (apt-get install victoria-metrics)" >&2; exit 1; }
-[ -x "$bin" ] || cargo build --release
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-export MCP_METRICS_ADMIN_TOKEN=bench-admin-token-$RANDOM$RANDOM
+. scripts/lib.sh
+bench_setup
 vm_auth="Basic $(printf 'bench:secret-%s' "$MCP_METRICS_ADMIN_TOKEN" | base64 -w0)"
 
-start_ours() { # $1: name
-  local port; port=$(free_port)
-  "$bin" serve --database "sqlite://$dir/$1.db" --listen "127.0.0.1:$port" 2>"$dir/$1.log" &
-  pids+=($!); ours_pid=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-  ours="http://127.0.0.1:$port"
-}
 start_vm() { # $1: name
   local port; port=$(free_port)
   "$vm" -storageDataPath="$dir/$1" -httpListenAddr="127.0.0.1:$port" -retentionPeriod=100y \
@@ -51,7 +38,8 @@ rate() {
 printf '%-6s %-12s %-42s %-42s\n' round format mcp-metrics VictoriaMetrics
 for round in $(seq "$rounds"); do
   for mode in influx prom-write; do
-    start_ours "ours-$round-$mode"
+    start_service "sqlite://$dir/ours-$round-$mode.db"
+    ours=$service_url; ours_pid=$service_pid
     a=$("$bin" bench --url "$ours" --mode "$mode" --batch "$batch" --samples "$samples" --connections "$connections" --json | rate)
     stored=$(curl -s "$ours/metrics" | awk '/^mcp_metrics_ingest_samples_accepted_total/ {print $2}')
     kill -TERM "$ours_pid"; wait "$ours_pid" 2>/dev/null || true

@@ -1,0 +1,35 @@
+# Shared by the bench scripts: sourced after `cd` to the repository root.
+#
+#   bench_setup                  release binary in $bin, scratch directory in $dir, an
+#                                admin token, and a trap that stops what was started
+#   start_service DATABASE_URL   starts `mcp-metrics serve` on a free loopback port and
+#                                waits until it is ready: $service_url, $service_pid
+#   free_port                    prints a free loopback port
+#
+# A script that needs more cleanup defines `extra_cleanup` before it exits.
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+bench_setup() {
+  bin=target/release/mcp-metrics
+  [ -x "$bin" ] || cargo build --release
+  dir=$(mktemp -d)
+  pids=()
+  export MCP_METRICS_ADMIN_TOKEN=bench-admin-token-$RANDOM$RANDOM
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if declare -F extra_cleanup >/dev/null; then extra_cleanup; fi
+  rm -rf "$dir"
+}
+
+start_service() { # $1: database URL
+  local port; port=$(free_port)
+  "$bin" serve --database "$1" --listen "127.0.0.1:$port" 2>>"$dir/serve.log" &
+  service_pid=$!; pids+=("$service_pid")
+  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.05; done
+  service_url="http://127.0.0.1:$port"
+}
