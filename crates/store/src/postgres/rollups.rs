@@ -86,6 +86,10 @@ struct Pending {
     xids: HashSet<i64>,
 }
 
+/// A (minute, series).
+type Key = (i64, i64);
+type Tx<'a> = tokio_postgres::Transaction<'a>;
+
 pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> PgResult<RollupWork> {
     // One snapshot for moving the log, reading the marks and the data they are rebuilt
     // from, so the marks' write ids are exactly the visible writes not folded yet.
@@ -97,6 +101,18 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
     if level == Level::Minute {
         absorb_log(&tx).await?;
     }
+    let (marks, pending) = read_marks(&tx, level, max_marks).await?;
+    let items = match level.child() {
+        None => minute_inputs(&tx, &marks, pending).await?,
+        Some(child) => child_inputs(&tx, level, child, &marks).await?,
+    };
+    let series = series_of(&tx, &items).await?;
+    tx.commit().await?;
+    Ok(RollupWork { items, series })
+}
+
+/// The first `max_marks` marks of a level, and of minute marks the new writes they name.
+async fn read_marks(tx: &Tx<'_>, level: Level, max_marks: usize) -> PgResult<(Vec<DirtyMark>, HashMap<Key, Pending>)> {
     let rows = tx
         .query(
             "SELECT bucket, series_id, generation, min_ts, xids FROM rollup_dirty WHERE level = $1
@@ -104,7 +120,7 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
             &[&level_code(level), &(max_marks as i64)],
         )
         .await?;
-    let marks: Vec<DirtyMark> = rows
+    let marks = rows
         .iter()
         .map(|r| DirtyMark {
             level,
@@ -113,213 +129,286 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
             generation: r.get(2),
         })
         .collect();
+    let pending = rows
+        .iter()
+        .filter_map(|r| {
+            let min_ts: Option<i64> = r.get(3);
+            let xids: Option<Vec<Option<i64>>> = r.get(4);
+            let xids: Option<HashSet<i64>> = xids.and_then(|x| x.into_iter().collect());
+            match (min_ts, xids) {
+                (Some(min_ts), Some(xids)) => Some(((r.get(0), r.get(1)), Pending { min_ts, xids })),
+                _ => None,
+            }
+        })
+        .collect();
+    Ok((marks, pending))
+}
+
+/// Inputs of minute marks: merged from the pending writes' own buckets when they follow
+/// the stored bucket in time, spliced from the earliest new sample when the minute has a
+/// stored bucket and known new writes, folded again from its start otherwise.
+async fn minute_inputs(
+    tx: &Tx<'_>,
+    marks: &[DirtyMark],
+    pending: HashMap<Key, Pending>,
+) -> PgResult<Vec<(DirtyMark, RollupInput)>> {
+    let mut stored = stored_minutes(tx, &pending).await?;
+    let written = take_partials(tx, marks).await?;
+    let mut merged = mergeable(&pending, &stored, written);
+    let splice_at: HashMap<Key, i64> = stored
+        .keys()
+        .filter(|k| !merged.contains_key(k))
+        .map(|k| (*k, pending[k].min_ts))
+        .collect();
+    let splice_from = |m: &DirtyMark| splice_at.get(&(m.bucket, m.series_id)).copied();
+    // The stored sample just before the new ones: the bucket's last when they all come
+    // after it, otherwise read.
+    let late: Vec<(i64, i64, i64)> = marks
+        .iter()
+        .filter_map(|m| {
+            let from = splice_from(m)?;
+            (from <= stored[&(m.bucket, m.series_id)].last_ts).then_some((m.series_id, m.bucket, from))
+        })
+        .collect();
+    let before = samples_before(tx, &late).await?;
+
     let mut items = Vec::with_capacity(marks.len());
-    match level.child() {
-        None => {
-            let pending: HashMap<(i64, i64), Pending> = rows
-                .iter()
-                .filter_map(|r| {
-                    let min_ts: Option<i64> = r.get(3);
-                    let xids: Option<Vec<Option<i64>>> = r.get(4);
-                    let xids: Option<HashSet<i64>> = xids.and_then(|x| x.into_iter().collect());
-                    match (min_ts, xids) {
-                        (Some(min_ts), Some(xids)) => Some(((r.get(0), r.get(1)), Pending { min_ts, xids })),
-                        _ => None,
-                    }
-                })
-                .collect();
-            // Minutes with a stored bucket and known new writes are spliced: read from
-            // their earliest new sample. Any other is folded again from its start.
-            let mut stored: HashMap<(i64, i64), BucketStats> = HashMap::new();
-            if !pending.is_empty() {
-                let (buckets, ids): (Vec<i64>, Vec<i64>) = pending.keys().copied().unzip();
-                for r in tx
-                    .query(
-                        &format!(
-                            "SELECT c.bucket, c.series_id, c.{} FROM unnest($1::bigint[], $2::bigint[]) AS m(bucket, series_id)
-                             JOIN rollups_1m c ON c.series_id = m.series_id AND c.bucket = m.bucket",
-                            STATS_COLUMNS.replace(", ", ", c.")
-                        ),
-                        &[&buckets, &ids],
-                    )
-                    .await?
-                {
-                    stored.insert((r.get(0), r.get(1)), stats_from_row(&r, 2));
-                }
+    let mut to_read: Vec<DirtyMark> = Vec::with_capacity(marks.len() - merged.len());
+    for mark in marks {
+        let key = (mark.bucket, mark.series_id);
+        match merged.remove(&key) {
+            Some(writes) => {
+                let base = stored.remove(&key).expect("merged minutes have a stored bucket");
+                items.push((*mark, RollupInput::Merge { base, writes }));
             }
-            // The buckets the pending writes stored of their own samples, taken for every
-            // mark of the pass (a minute folded from its samples needs none of them again).
-            let mut written: HashMap<(i64, i64), Vec<(i64, BucketStats)>> = HashMap::new();
-            if !marks.is_empty() {
-                let buckets: Vec<i64> = marks.iter().map(|m| m.bucket).collect();
-                let ids: Vec<i64> = marks.iter().map(|m| m.series_id).collect();
-                for r in tx
-                    .query(
-                        &format!(
-                            "DELETE FROM rollup_partials p USING unnest($1::bigint[], $2::bigint[]) AS m(bucket, series_id)
-                             WHERE p.bucket = m.bucket AND p.series_id = m.series_id
-                             RETURNING p.bucket, p.series_id, p.xid, p.{}",
-                            STATS_COLUMNS.replace(", ", ", p.")
-                        ),
-                        &[&buckets, &ids],
-                    )
-                    .await?
-                {
-                    written
-                        .entry((r.get(0), r.get(1)))
-                        .or_default()
-                        .push((r.get(2), stats_from_row(&r, 3)));
-                }
-            }
-            // A minute whose pending writes each come after the stored bucket and after one
-            // another is merged from their buckets, without reading samples.
-            let mut merged: HashMap<(i64, i64), Vec<BucketStats>> = HashMap::new();
-            for (key, p) in &pending {
-                let (Some(base), Some(mut writes)) = (stored.get(key), written.remove(key)) else {
-                    continue;
-                };
-                if writes.len() != p.xids.len() || !writes.iter().all(|(xid, _)| p.xids.contains(xid)) {
-                    continue; // a write's bucket is missing (lost in a crash, or taken by an earlier pass)
-                }
-                writes.sort_by_key(|w| w.1.first_ts);
-                let in_order = writes
-                    .iter()
-                    .try_fold(base.last_ts, |last, w| (w.1.first_ts > last).then_some(w.1.last_ts))
-                    .is_some();
-                if in_order {
-                    merged.insert(*key, writes.into_iter().map(|w| w.1).collect());
-                }
-            }
-            let splice_at: HashMap<(i64, i64), i64> = stored
-                .keys()
-                .filter(|k| !merged.contains_key(k))
-                .map(|k| (*k, pending[k].min_ts))
-                .collect();
-            let splice_from = |m: &DirtyMark| splice_at.get(&(m.bucket, m.series_id)).copied();
-            // The stored sample just before the new ones: the bucket's last when they all
-            // come after it, otherwise read.
-            let late: Vec<(i64, i64, i64)> = marks
-                .iter()
-                .filter_map(|m| {
-                    let from = splice_from(m)?;
-                    (from <= stored[&(m.bucket, m.series_id)].last_ts).then_some((m.series_id, m.bucket, from))
-                })
-                .collect();
-            let mut before: HashMap<(i64, i64), (i64, f64)> = HashMap::new();
-            if !late.is_empty() {
-                let ids: Vec<i64> = late.iter().map(|l| l.0).collect();
-                let buckets: Vec<i64> = late.iter().map(|l| l.1).collect();
-                let froms: Vec<i64> = late.iter().map(|l| l.2).collect();
-                for r in tx
-                    .query(
-                        "SELECT m.bucket, m.series_id, p.ts, p.value
-                         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS m(series_id, bucket, from_ts)
-                         CROSS JOIN LATERAL (SELECT ts, value FROM server_metrics s
-                             WHERE s.series_id = m.series_id AND s.ts >= m.bucket AND s.ts < m.from_ts
-                             ORDER BY s.ts DESC, s.seq DESC LIMIT 1) p",
-                        &[&ids, &buckets, &froms],
-                    )
-                    .await?
-                {
-                    before.insert((r.get(0), r.get(1)), (r.get(2), r.get(3)));
-                }
-            }
-            // One range scan per marked minute (from the earliest point any of its series
-            // needs), pipelined; each row with the low 32 bits of its writer's id.
-            let scan = tx
-                .prepare(
-                    "SELECT series_id, ts, value, xmin::text::bigint FROM server_metrics
-                     WHERE ts >= $1 AND ts < $2 AND series_id = ANY($3) ORDER BY ts, series_id, seq",
-                )
-                .await?;
-            let mut to_read: Vec<DirtyMark> = Vec::with_capacity(marks.len() - merged.len());
-            for mark in &marks {
-                let key = (mark.bucket, mark.series_id);
-                match merged.remove(&key) {
-                    Some(writes) => {
-                        let base = stored.remove(&key).expect("merged minutes have a stored bucket");
-                        items.push((*mark, RollupInput::Merge { base, writes }));
-                    }
-                    None => to_read.push(*mark),
-                }
-            }
-            let mut groups: Vec<&[DirtyMark]> = Vec::new();
-            let mut rest = &to_read[..];
-            while let Some(first) = rest.first() {
-                let n = rest.iter().position(|m| m.bucket != first.bucket).unwrap_or(rest.len());
-                groups.push(&rest[..n]);
-                rest = &rest[n..];
-            }
-            let results = pipeline(groups.iter().map(|g| {
-                let ids: Vec<i64> = g.iter().map(|m| m.series_id).collect();
-                let bucket = g[0].bucket;
-                let from = g
-                    .iter()
-                    .map(|m| splice_from(m).unwrap_or(bucket))
-                    .min()
-                    .unwrap_or(bucket);
-                let (tx, scan) = (&tx, &scan);
-                async move { tx.query(scan, &[&from, &(bucket + level.bucket_ms()), &ids]).await }
-            }))
-            .await?;
-            for (group, rows) in groups.iter().zip(results) {
-                let mut by_series: HashMap<i64, Vec<(i64, f64, i64)>> = HashMap::new();
-                for r in &rows {
-                    by_series
-                        .entry(r.get(0))
-                        .or_default()
-                        .push((r.get(1), r.get(2), r.get(3)));
-                }
-                for mark in group.iter() {
-                    let samples = by_series.remove(&mark.series_id).unwrap_or_default();
-                    let key = (mark.bucket, mark.series_id);
-                    let input = match (splice_from(mark), stored.remove(&key)) {
-                        (Some(from), Some(base)) => {
-                            let xids = &pending[&key].xids;
-                            let before = if from > base.last_ts {
-                                Some((base.last_ts, base.last))
-                            } else {
-                                before.get(&key).copied()
-                            };
-                            RollupInput::Splice {
-                                base,
-                                before,
-                                tail: samples
-                                    .into_iter()
-                                    .filter(|s| s.0 >= from)
-                                    .map(|(ts, value, xid)| (ts, value, xids.contains(&xid)))
-                                    .collect(),
-                            }
-                        }
-                        _ => RollupInput::Raw(samples.into_iter().map(|(ts, value, _)| (ts, value)).collect()),
-                    };
-                    items.push((*mark, input));
-                }
-            }
-        }
-        Some(child) => {
-            let ids: Vec<i64> = marks.iter().map(|m| m.series_id).collect();
-            let buckets: Vec<i64> = marks.iter().map(|m| m.bucket).collect();
-            let rows = tx
-                .query(
-                    &format!(
-                        "SELECT m.i, c.{} FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS m(series_id, bucket, i)
-                         JOIN {} c ON c.series_id = m.series_id AND c.bucket >= m.bucket AND c.bucket < m.bucket + $3
-                         ORDER BY m.i, c.bucket",
-                        STATS_COLUMNS.replace(", ", ", c."),
-                        table(child)
-                    ),
-                    &[&ids, &buckets, &level.bucket_ms()],
-                )
-                .await?;
-            let mut children: Vec<Vec<BucketStats>> = vec![Vec::new(); marks.len()];
-            for r in &rows {
-                let i: i64 = r.get(0);
-                children[(i - 1) as usize].push(stats_from_row(r, 1));
-            }
-            items.extend(marks.iter().zip(children).map(|(m, c)| (*m, RollupInput::Children(c))));
+            None => to_read.push(*mark),
         }
     }
+    let mut groups: Vec<&[DirtyMark]> = Vec::new();
+    let mut rest = &to_read[..];
+    while let Some(first) = rest.first() {
+        let n = rest.iter().position(|m| m.bucket != first.bucket).unwrap_or(rest.len());
+        groups.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    let scans = scan_minutes(tx, &groups, &splice_from).await?;
+    for (group, mut by_series) in groups.iter().zip(scans) {
+        for mark in group.iter() {
+            let samples = by_series.remove(&mark.series_id).unwrap_or_default();
+            let key = (mark.bucket, mark.series_id);
+            let input = match (splice_from(mark), stored.remove(&key)) {
+                (Some(from), Some(base)) => {
+                    let xids = &pending[&key].xids;
+                    let before = if from > base.last_ts {
+                        Some((base.last_ts, base.last))
+                    } else {
+                        before.get(&key).copied()
+                    };
+                    RollupInput::Splice {
+                        base,
+                        before,
+                        tail: samples
+                            .into_iter()
+                            .filter(|s| s.0 >= from)
+                            .map(|(ts, value, xid)| (ts, value, xids.contains(&xid)))
+                            .collect(),
+                    }
+                }
+                _ => RollupInput::Raw(samples.into_iter().map(|(ts, value, _)| (ts, value)).collect()),
+            };
+            items.push((*mark, input));
+        }
+    }
+    Ok(items)
+}
+
+/// The stored buckets of minutes with known new writes.
+async fn stored_minutes(tx: &Tx<'_>, pending: &HashMap<Key, Pending>) -> PgResult<HashMap<Key, BucketStats>> {
+    let mut stored = HashMap::new();
+    if pending.is_empty() {
+        return Ok(stored);
+    }
+    let (buckets, ids): (Vec<i64>, Vec<i64>) = pending.keys().copied().unzip();
+    for r in tx
+        .query(
+            &format!(
+                "SELECT c.bucket, c.series_id, c.{} FROM unnest($1::bigint[], $2::bigint[]) AS m(bucket, series_id)
+                 JOIN rollups_1m c ON c.series_id = m.series_id AND c.bucket = m.bucket",
+                STATS_COLUMNS.replace(", ", ", c.")
+            ),
+            &[&buckets, &ids],
+        )
+        .await?
+    {
+        stored.insert((r.get(0), r.get(1)), stats_from_row(&r, 2));
+    }
+    Ok(stored)
+}
+
+/// The buckets the pending writes stored of their own samples, with their write ids,
+/// taken for every mark of the pass (a minute folded from its samples needs none of
+/// them again).
+async fn take_partials(tx: &Tx<'_>, marks: &[DirtyMark]) -> PgResult<HashMap<Key, Vec<(i64, BucketStats)>>> {
+    let mut written: HashMap<Key, Vec<(i64, BucketStats)>> = HashMap::new();
+    if marks.is_empty() {
+        return Ok(written);
+    }
+    let buckets: Vec<i64> = marks.iter().map(|m| m.bucket).collect();
+    let ids: Vec<i64> = marks.iter().map(|m| m.series_id).collect();
+    for r in tx
+        .query(
+            &format!(
+                "DELETE FROM rollup_partials p USING unnest($1::bigint[], $2::bigint[]) AS m(bucket, series_id)
+                 WHERE p.bucket = m.bucket AND p.series_id = m.series_id
+                 RETURNING p.bucket, p.series_id, p.xid, p.{}",
+                STATS_COLUMNS.replace(", ", ", p.")
+            ),
+            &[&buckets, &ids],
+        )
+        .await?
+    {
+        written
+            .entry((r.get(0), r.get(1)))
+            .or_default()
+            .push((r.get(2), stats_from_row(&r, 3)));
+    }
+    Ok(written)
+}
+
+/// Minutes whose pending writes each come after the stored bucket and after one another,
+/// with those writes' buckets in time order: merged without reading samples. A minute
+/// misses out when any pending write's bucket is missing (lost in a crash, or taken by
+/// an earlier pass).
+fn mergeable(
+    pending: &HashMap<Key, Pending>,
+    stored: &HashMap<Key, BucketStats>,
+    mut written: HashMap<Key, Vec<(i64, BucketStats)>>,
+) -> HashMap<Key, Vec<BucketStats>> {
+    let mut merged = HashMap::new();
+    for (key, p) in pending {
+        let (Some(base), Some(mut writes)) = (stored.get(key), written.remove(key)) else {
+            continue;
+        };
+        if writes.len() != p.xids.len() || !writes.iter().all(|(xid, _)| p.xids.contains(xid)) {
+            continue;
+        }
+        writes.sort_by_key(|w| w.1.first_ts);
+        let in_order = writes
+            .iter()
+            .try_fold(base.last_ts, |last, w| (w.1.first_ts > last).then_some(w.1.last_ts))
+            .is_some();
+        if in_order {
+            merged.insert(*key, writes.into_iter().map(|w| w.1).collect());
+        }
+    }
+    merged
+}
+
+/// For each `(series, minute, from_ts)`, the minute's last stored sample before
+/// `from_ts`.
+async fn samples_before(tx: &Tx<'_>, late: &[(i64, i64, i64)]) -> PgResult<HashMap<Key, (i64, f64)>> {
+    let mut before = HashMap::new();
+    if late.is_empty() {
+        return Ok(before);
+    }
+    let ids: Vec<i64> = late.iter().map(|l| l.0).collect();
+    let buckets: Vec<i64> = late.iter().map(|l| l.1).collect();
+    let froms: Vec<i64> = late.iter().map(|l| l.2).collect();
+    for r in tx
+        .query(
+            "SELECT m.bucket, m.series_id, p.ts, p.value
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS m(series_id, bucket, from_ts)
+             CROSS JOIN LATERAL (SELECT ts, value FROM server_metrics s
+                 WHERE s.series_id = m.series_id AND s.ts >= m.bucket AND s.ts < m.from_ts
+                 ORDER BY s.ts DESC, s.seq DESC LIMIT 1) p",
+            &[&ids, &buckets, &froms],
+        )
+        .await?
+    {
+        before.insert((r.get(0), r.get(1)), (r.get(2), r.get(3)));
+    }
+    Ok(before)
+}
+
+/// One range scan per group of marks of one minute (from the earliest point any of its
+/// series needs), pipelined: per group, each series' samples in (ts, seq) order with
+/// the low 32 bits of their writer's id.
+async fn scan_minutes(
+    tx: &Tx<'_>,
+    groups: &[&[DirtyMark]],
+    splice_from: &impl Fn(&DirtyMark) -> Option<i64>,
+) -> PgResult<Vec<HashMap<i64, Vec<(i64, f64, i64)>>>> {
+    let scan = tx
+        .prepare(
+            "SELECT series_id, ts, value, xmin::text::bigint FROM server_metrics
+             WHERE ts >= $1 AND ts < $2 AND series_id = ANY($3) ORDER BY ts, series_id, seq",
+        )
+        .await?;
+    let results = pipeline(groups.iter().map(|g| {
+        let ids: Vec<i64> = g.iter().map(|m| m.series_id).collect();
+        let bucket = g[0].bucket;
+        let from = g
+            .iter()
+            .map(|m| splice_from(m).unwrap_or(bucket))
+            .min()
+            .unwrap_or(bucket);
+        let scan = &scan;
+        async move {
+            tx.query(scan, &[&from, &(bucket + Level::Minute.bucket_ms()), &ids])
+                .await
+        }
+    }))
+    .await?;
+    Ok(results
+        .into_iter()
+        .map(|rows| {
+            let mut by_series: HashMap<i64, Vec<(i64, f64, i64)>> = HashMap::new();
+            for r in &rows {
+                by_series
+                    .entry(r.get(0))
+                    .or_default()
+                    .push((r.get(1), r.get(2), r.get(3)));
+            }
+            by_series
+        })
+        .collect())
+}
+
+/// Inputs of hour and day marks: their child buckets, oldest first.
+async fn child_inputs(
+    tx: &Tx<'_>,
+    level: Level,
+    child: Level,
+    marks: &[DirtyMark],
+) -> PgResult<Vec<(DirtyMark, RollupInput)>> {
+    let ids: Vec<i64> = marks.iter().map(|m| m.series_id).collect();
+    let buckets: Vec<i64> = marks.iter().map(|m| m.bucket).collect();
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT m.i, c.{} FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS m(series_id, bucket, i)
+                 JOIN {} c ON c.series_id = m.series_id AND c.bucket >= m.bucket AND c.bucket < m.bucket + $3
+                 ORDER BY m.i, c.bucket",
+                STATS_COLUMNS.replace(", ", ", c."),
+                table(child)
+            ),
+            &[&ids, &buckets, &level.bucket_ms()],
+        )
+        .await?;
+    let mut children: Vec<Vec<BucketStats>> = vec![Vec::new(); marks.len()];
+    for r in &rows {
+        let i: i64 = r.get(0);
+        children[(i - 1) as usize].push(stats_from_row(r, 1));
+    }
+    Ok(marks
+        .iter()
+        .zip(children)
+        .map(|(m, c)| (*m, RollupInput::Children(c)))
+        .collect())
+}
+
+/// Kind, server and name of every series the items name.
+async fn series_of(tx: &Tx<'_>, items: &[(DirtyMark, RollupInput)]) -> PgResult<HashMap<i64, (Kind, String, String)>> {
     let ids: Vec<i64> = items
         .iter()
         .map(|(m, _)| m.series_id)
@@ -338,8 +427,7 @@ pub async fn work(client: &mut PoolClient, level: Level, max_marks: usize) -> Pg
         let kind = Kind::from_i64(kind.into()).unwrap_or(Kind::Gauge);
         series.insert(r.get::<_, i64>(0), (kind, r.get::<_, String>(2), r.get::<_, String>(3)));
     }
-    tx.commit().await?;
-    Ok(RollupWork { items, series })
+    Ok(series)
 }
 
 /// Stores recomputed buckets and clears the marks nothing renewed since the pass read
@@ -631,4 +719,49 @@ pub async fn retention_level(client: &PoolClient, level: Level, cutoff: i64) -> 
             .await?;
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bucket(samples: &[(i64, f64)]) -> BucketStats {
+        BucketStats::fold(Kind::Counter, samples.iter().copied()).unwrap()
+    }
+
+    #[test]
+    fn writes_are_merged_only_when_all_are_known_and_in_order() {
+        let key = (0, 7);
+        let pending = HashMap::from([(
+            key,
+            Pending {
+                min_ts: 110,
+                xids: HashSet::from([1, 2]),
+            },
+        )]);
+        let stored = HashMap::from([(key, bucket(&[(100, 1.0)]))]);
+        let writes = |a: &[(i64, f64)], b: &[(i64, f64)]| HashMap::from([(key, vec![(2, bucket(b)), (1, bucket(a))])]);
+
+        let merged = mergeable(&pending, &stored, writes(&[(110, 2.0), (120, 3.0)], &[(130, 4.0)]));
+        let in_time_order: Vec<i64> = merged[&key].iter().map(|b| b.first_ts).collect();
+        assert_eq!(in_time_order, vec![110, 130]);
+
+        assert!(
+            mergeable(&pending, &stored, writes(&[(110, 2.0), (130, 3.0)], &[(120, 4.0)])).is_empty(),
+            "overlapping writes"
+        );
+        assert!(
+            mergeable(&pending, &stored, writes(&[(90, 2.0)], &[(130, 4.0)])).is_empty(),
+            "a write before the bucket's last"
+        );
+        let one_missing = HashMap::from([(key, vec![(1, bucket(&[(110, 2.0)]))])]);
+        assert!(
+            mergeable(&pending, &stored, one_missing).is_empty(),
+            "a write's bucket is missing"
+        );
+        assert!(
+            mergeable(&pending, &HashMap::new(), writes(&[(110, 2.0)], &[(130, 4.0)])).is_empty(),
+            "no stored bucket"
+        );
+    }
 }
