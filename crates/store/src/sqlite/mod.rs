@@ -34,6 +34,17 @@ pub use migrations::latest_version;
 
 const MINUTE: i64 = 60_000;
 
+/// Gauge and counter rows per upsert statement.
+const UPSERT_CHUNK: usize = 64;
+
+static UPSERT_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let rows = vec!["(?, ?, 0, ?)"; UPSERT_CHUNK].join(", ");
+    format!(
+        "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES {rows}
+         ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value"
+    )
+});
+
 /// Extracts the file path from `sqlite://path`, `sqlite:path` or a bare path.
 pub fn path_from_url(url: &str) -> StoreResult<PathBuf> {
     let path = url
@@ -376,6 +387,13 @@ fn write_batch_blocking(
         // sort is stable, so for one (series, ts) the later write still wins and
         // observations keep their arrival order.
         rows.sort_by_key(|&(series_id, ts, _, _)| (ts, series_id));
+        // Gauge and counter values go in UPSERT_CHUNK rows per statement (one VM run
+        // instead of one per row), still in order: a later row for the same (series, ts)
+        // updates the earlier one. Histogram observations need one statement each (a
+        // conflict takes the next seq); they never share a series with the others, so
+        // the two interleave freely.
+        let mut upsert_many = tx.prepare_cached(&UPSERT_MANY_SQL)?;
+        let mut upserts: Vec<(i64, i64, rusqlite::types::Value)> = Vec::with_capacity(UPSERT_CHUNK);
         for &(series_id, ts, kind, value) in &rows {
             if kind == Kind::Histogram {
                 let value = value_codec::encode(value);
@@ -383,11 +401,22 @@ fn write_batch_blocking(
                     insert_next_observation.execute(params![series_id, ts, value])?;
                 }
             } else {
-                upsert_value.execute(params![series_id, ts, value_codec::encode(value)])?;
+                upserts.push((series_id, ts, value_codec::encode(value)));
+                if upserts.len() == UPSERT_CHUNK {
+                    for (i, (series_id, ts, value)) in upserts.drain(..).enumerate() {
+                        upsert_many.raw_bind_parameter(3 * i + 1, series_id)?;
+                        upsert_many.raw_bind_parameter(3 * i + 2, ts)?;
+                        upsert_many.raw_bind_parameter(3 * i + 3, value)?;
+                    }
+                    upsert_many.raw_execute()?;
+                }
             }
             if dirty.last() != Some(&(align(ts, MINUTE), series_id)) {
                 dirty.push((align(ts, MINUTE), series_id));
             }
+        }
+        for (series_id, ts, value) in upserts {
+            upsert_value.execute(params![series_id, ts, value])?;
         }
         // Every minute that received a sample is recomputed by the rollup job.
         dirty.sort_unstable();

@@ -1,0 +1,103 @@
+//! The SQLite write path stores gauge and counter values many rows per statement:
+//! within one write, a later value for the same (series, timestamp) must still replace
+//! an earlier one, whichever statement each lands in, and histogram observations that
+//! share a millisecond must still all be kept in arrival order.
+
+use mcp_metrics_core::model::{Kind, SeriesKey, ServerFields};
+use mcp_metrics_core::time::now_ms;
+use mcp_metrics_store::sqlite::SqliteStore;
+use mcp_metrics_store::{
+    NewSeries, PendingSample, SampleQuery, SeriesRef, Store, StoreOptions, WriteBatch, WriteRequest,
+};
+
+fn series(name: &str, kind: Kind) -> NewSeries {
+    NewSeries {
+        key: SeriesKey {
+            server_id: "s".into(),
+            name: name.into(),
+            tags: vec![],
+        },
+        kind,
+    }
+}
+
+fn sample(series: u32, kind: Kind, timestamp: i64, value: f64) -> PendingSample {
+    PendingSample {
+        series: SeriesRef::New(series),
+        kind,
+        timestamp,
+        value,
+    }
+}
+
+#[tokio::test]
+async fn repeated_values_in_one_write_keep_the_last_and_observations_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("w.db"), &StoreOptions::default())
+        .await
+        .unwrap();
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let m = (now_ms() / 60_000 - 2) * 60_000;
+    // 1,000 gauge values over 37 timestamps (more than a statement's worth each round),
+    // interleaved with 300 histogram observations over 7 timestamps.
+    let mut samples = Vec::new();
+    for i in 0..1000 {
+        samples.push(sample(0, Kind::Gauge, m + (i % 37), i as f64));
+        if i % 10 < 3 {
+            samples.push(sample(1, Kind::Histogram, m + (i % 7), i as f64));
+        }
+    }
+    let batch = WriteBatch {
+        requests: vec![WriteRequest {
+            key_id: "k".into(),
+            new_series: vec![series("g", Kind::Gauge), series("h", Kind::Histogram)],
+            samples,
+            ..Default::default()
+        }],
+        now: now_ms(),
+        replay_window_ms: 600_000,
+        retry_window_ms: 600_000,
+    };
+    store.write_batch(batch).await.unwrap();
+
+    let ids: Vec<i64> = store
+        .series_of_server("s", None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    let stored = store
+        .read_samples(&SampleQuery {
+            series_ids: ids.clone(),
+            from: m,
+            to: m + 60_000,
+            after: None,
+            limit: 10_000,
+        })
+        .await
+        .unwrap();
+    let gauge: Vec<(i64, f64)> = stored
+        .iter()
+        .filter(|s| s.series_id == ids[0])
+        .map(|s| (s.timestamp - m, s.value))
+        .collect();
+    let last_of = |t: i64| (0..1000).filter(|i| i % 37 == t).max().unwrap() as f64;
+    assert_eq!(gauge, (0..37).map(|t| (t, last_of(t))).collect::<Vec<_>>());
+    let observations: Vec<(i64, i64, f64)> = stored
+        .iter()
+        .filter(|s| s.series_id == ids[1])
+        .map(|s| (s.timestamp - m, s.seq, s.value))
+        .collect();
+    assert_eq!(observations.len(), 300);
+    for t in 0..7 {
+        let at: Vec<&(i64, i64, f64)> = observations.iter().filter(|o| o.0 == t).collect();
+        let seqs: Vec<i64> = at.iter().map(|o| o.1).collect();
+        assert_eq!(
+            seqs,
+            (0..at.len() as i64).collect::<Vec<_>>(),
+            "seq 0, 1, 2, ... at {t}"
+        );
+        assert!(at.windows(2).all(|w| w[0].2 < w[1].2), "arrival order at {t}");
+    }
+}
