@@ -67,6 +67,19 @@ pub fn write_series_key<'a>(out: &mut String, name: &str, sorted_tags: impl Into
     }
 }
 
+/// Sorts tags by key, then value, and keeps one per key: the last, as collecting them
+/// into a map would (for a repeated key, the largest value).
+pub fn sort_and_dedup_tags(tags: &mut Vec<(String, String)>) {
+    tags.sort();
+    tags.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +127,21 @@ mod tests {
         let mut b = String::new();
         write_series_key(&mut b, "m", [("ab", "c")]);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn repeated_tag_keys_keep_one_value() {
+        let original: Vec<(String, String)> = [("b", "1"), ("a", "z"), ("b", "3"), ("a", "y"), ("b", "2")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut tags = original.clone();
+        sort_and_dedup_tags(&mut tags);
+        assert_eq!(tags, vec![("a".into(), "z".into()), ("b".into(), "3".into())]);
+        // What collecting the sorted tags into a map gave before.
+        let mut sorted = original;
+        sorted.sort();
+        let map: std::collections::BTreeMap<String, String> = sorted.into_iter().collect();
+        assert_eq!(tags, map.into_iter().collect::<Vec<_>>());
     }
 }

@@ -253,7 +253,7 @@ fn response_time_of(name: &str, unit: &str, attributes: &[KeyValue]) -> Option<(
             tags.push((tag.to_string(), text));
         }
     }
-    tags.sort();
+    crate::names::sort_and_dedup_tags(&mut tags);
     Some((tags, factor))
 }
 

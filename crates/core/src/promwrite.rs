@@ -95,7 +95,7 @@ pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromSeries>, 
                     tags.push((label.name, label.value));
                 }
             }
-            tags.sort();
+            crate::names::sort_and_dedup_tags(&mut tags);
             let before = series.samples.len();
             series.samples.retain(|s| s.value.to_bits() != STALE_NAN_BITS);
             stale += before - series.samples.len();
@@ -158,11 +158,17 @@ mod tests {
                 ),
                 TimeSeries::named("up", &[("job", "api")], &[(1.0, 1000)]),
                 TimeSeries::named("latency_seconds_bucket", &[("le", "0.5")], &[(3.0, 1000)]),
+                TimeSeries::named("dup", &[("job", "b"), ("job", "a")], &[(1.0, 1000)]),
             ],
         };
         let (series, stale) = decode(&encode(&request), 1 << 20).unwrap();
         assert_eq!(stale, 1);
-        assert_eq!(series.len(), 3);
+        assert_eq!(series.len(), 4);
+        assert_eq!(
+            series[3].tags,
+            vec![("job".to_string(), "b".to_string())],
+            "one value per label name"
+        );
         assert_eq!(series[0].name, "http_requests_total");
         assert_eq!(
             series[0].tags,

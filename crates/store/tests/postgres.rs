@@ -1539,3 +1539,55 @@ async fn write_path_timing() {
          bare COPY in statements of {copy_chunk} rows {chunked_rate:.0}, plain INSERT from unnest {insert_rate:.0}"
     );
 }
+
+/// Two requests of one write create the same series with different kinds (their
+/// senders raced past the series cache): the series keeps the first kind and every
+/// sample is stored as that kind, so it never holds rows of two kinds.
+async fn first_kind_wins(store: &dyn Store) {
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let t = (now_ms() / 60_000 - 2) * 60_000;
+    let as_kind = |kind: Kind, values: &[f64]| {
+        request(
+            vec![NewSeries {
+                key: key("s", "x"),
+                kind,
+            }],
+            values.iter().map(|&v| sample(SeriesRef::New(0), kind, t, v)).collect(),
+        )
+    };
+    store
+        .write_batch(batch(vec![
+            as_kind(Kind::Counter, &[1.0]),
+            as_kind(Kind::Histogram, &[2.0, 3.0]),
+        ]))
+        .await
+        .unwrap();
+    let series = store.series_of_server("s", None).await.unwrap();
+    assert_eq!((series.len(), series[0].kind), (1, Kind::Counter));
+    let stored = store
+        .read_samples(&SampleQuery {
+            series_ids: vec![series[0].id],
+            from: t,
+            to: t + 1,
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    let rows: Vec<(i64, f64)> = stored.iter().map(|s| (s.seq, s.value)).collect();
+    assert_eq!(rows, vec![(0, 3.0)], "one counter value, the last one written");
+    let inputs = minute_pass_of(store, Kind::Counter).await;
+    assert_eq!(inputs.len(), 1);
+    let minute = stored_minute(store).await;
+    assert_eq!((minute.count, minute.last, minute.sketch.is_some()), (1, 3.0, false));
+}
+
+#[tokio::test]
+async fn a_series_created_with_two_kinds_keeps_the_first_on_both_backends() {
+    let (_dir, lite) = sqlite().await;
+    first_kind_wins(&lite).await;
+    let Some(db) = Db::new("a_series_created_with_two_kinds_keeps_the_first_on_both_backends").await else {
+        return;
+    };
+    first_kind_wins(&db.open().await).await;
+}

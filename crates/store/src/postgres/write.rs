@@ -218,12 +218,14 @@ pub async fn write_batch(
     let mut samples: Vec<(i64, i64, i32, bool, f64)> = rows
         .iter()
         .filter(|r| stored[r.request as usize])
-        .map(|r| {
-            let series_id = match r.series {
-                SeriesRef::Known(id) => id,
-                SeriesRef::New(n) => series[r.request as usize][n as usize].id,
-            };
-            (r.ts, series_id, 0, r.histogram, r.value)
+        .map(|r| match r.series {
+            SeriesRef::Known(id) => (r.ts, id, 0, r.histogram, r.value),
+            // A series another request created first keeps its kind: the samples are
+            // stored as that kind, so a series never holds rows of two kinds.
+            SeriesRef::New(n) => {
+                let created = &series[r.request as usize][n as usize];
+                (r.ts, created.id, 0, created.kind == Kind::Histogram, r.value)
+            }
         })
         .collect();
     // A stable sort keeps arrival order within one (ts, series): the last gauge write wins

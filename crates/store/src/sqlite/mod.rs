@@ -93,6 +93,7 @@ impl Inner {
         let conn = Connection::open(&self.path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "query_only", "ON")?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // Reads map the file instead of copying pages through read(2).
         conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
         Ok(conn)
@@ -122,8 +123,13 @@ fn configure_writer(conn: &Connection, options: &StoreOptions) -> rusqlite::Resu
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // 32 MiB of page cache keeps the hot end of the sample index in memory.
     conn.pragma_update(None, "cache_size", -32_768)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(())
 }
+
+/// Prepared statements kept per connection: the writer alone uses more than rusqlite's
+/// default 16 (a write, a rollup apply, usage), which made it prepare them again.
+const STATEMENT_CACHE: usize = 64;
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies migrations.
@@ -366,12 +372,15 @@ fn write_batch_blocking(
                     kind: Kind::from_i64(kind).unwrap_or(new.kind),
                 });
             }
-            rows.extend(request.samples.iter().map(|sample| {
-                let series_id = match sample.series {
-                    SeriesRef::Known(id) => id,
-                    SeriesRef::New(i) => series[i as usize].id,
-                };
-                (series_id, sample.timestamp, sample.kind, sample.value)
+            rows.extend(request.samples.iter().map(|sample| match sample.series {
+                SeriesRef::Known(id) => (id, sample.timestamp, sample.kind, sample.value),
+                // A series another request created first keeps its kind: the samples are
+                // stored as that kind, so a series never holds rows of two kinds (the
+                // multi-row upserts below and the kept minutes rely on it).
+                SeriesRef::New(i) => {
+                    let created = &series[i as usize];
+                    (created.id, sample.timestamp, created.kind, sample.value)
+                }
             }));
             let event_id = match &request.event {
                 Some(e) => {
