@@ -171,6 +171,18 @@ async fn dashboard_refuses_a_wrong_key_and_shows_only_its_own_server() {
         cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
         "{cookie}"
     );
+    // Not `Secure` over plain HTTP, nor when an untrusted peer claims HTTPS: the browser
+    // would not send it back.
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    let r = raw
+        .post(svc.url("/dashboard/login"))
+        .header("x-forwarded-proto", "https")
+        .form(&[("api_key", a.api_key.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let cookie = r.headers().get("set-cookie").unwrap().to_str().unwrap().to_owned();
+    assert!(!cookie.contains("Secure"), "no trusted proxy: {cookie}");
 
     // Signing out needs the form's token.
     let r = browser
@@ -196,4 +208,27 @@ async fn dashboard_refuses_a_wrong_key_and_shows_only_its_own_server() {
         .unwrap();
     assert!(r.text().await.unwrap().contains(r#"name="api_key""#), "signed out");
     svc.stop().await;
+}
+
+/// Behind a trusted proxy that says (last, in its own `X-Forwarded-Proto` entry) the
+/// browser came over HTTPS, the session cookie is `Secure`.
+#[tokio::test]
+async fn the_session_cookie_is_secure_behind_an_https_proxy() {
+    let svc = TestService::start_with(|c| c.trusted_proxies = vec!["127.0.0.1/32".into()]).await;
+    let key = svc.server_with_key("alpha").await;
+    let raw = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = |proto: &'static str| {
+        raw.post(svc.url("/dashboard/login"))
+            .header("x-forwarded-proto", proto)
+            .form(&[("api_key", key.api_key.as_str())])
+            .send()
+    };
+    let cookie = |r: &reqwest::Response| r.headers().get("set-cookie").unwrap().to_str().unwrap().to_owned();
+    let secure = cookie(&login("http, https").await.unwrap());
+    assert!(secure.contains("; Secure") && secure.contains("HttpOnly"), "{secure}");
+    let plain = cookie(&login("http").await.unwrap());
+    assert!(!plain.contains("Secure"), "{plain}");
 }

@@ -125,6 +125,12 @@ impl UsageService {
         Ok(salt)
     }
 
+    /// Whether a peer is one of the configured proxies, whose forwarding headers are
+    /// believed.
+    pub fn trusts_proxy(&self, peer: IpAddr) -> bool {
+        self.trusted.iter().any(|c| c.contains(peer))
+    }
+
     /// Classifies a sender: bots (and absent user agents) first, then the per-network
     /// rate limit. The address is truncated here, before it is used for anything.
     pub fn admit(&self, peer: IpAddr, forwarded_for: Option<&str>, user_agent: &str) -> Admission {

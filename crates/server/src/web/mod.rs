@@ -6,10 +6,12 @@
 
 pub mod session;
 
+use std::net::SocketAddr;
+
 use askama::Template;
 use axum::Router;
 use axum::extract::rejection::{FormRejection, QueryRejection};
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{ConnectInfo, Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -551,8 +553,27 @@ struct LoginForm {
     api_key: String,
 }
 
+/// The attributes of the session cookie: `Secure` too when a trusted proxy says the
+/// browser came over HTTPS (`X-Forwarded-Proto`), so the cookie never travels in clear
+/// text there, while a service reached directly over plain HTTP (loopback, a private
+/// network) can still sign in.
+fn cookie_attributes(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> &'static str {
+    let https = state.usage.trusts_proxy(peer.ip())
+        && headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    if https {
+        "Path=/dashboard; HttpOnly; SameSite=Strict; Secure"
+    } else {
+        "Path=/dashboard; HttpOnly; SameSite=Strict"
+    }
+}
+
 async fn login(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> ApiResult<Response> {
@@ -580,9 +601,10 @@ async fn login(
         expires: now_ms() + session::LIFETIME_MS,
     };
     let cookie = format!(
-        "{}={}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{}={}; {}; Max-Age={}",
         session::COOKIE,
         s.encode(&session_key(&state)),
+        cookie_attributes(&state, peer, &headers),
         session::LIFETIME_MS / 1000
     );
     let mut response = Redirect::to("/dashboard").into_response();
@@ -600,6 +622,7 @@ struct LogoutForm {
 
 async fn logout(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     form: Result<Form<LogoutForm>, FormRejection>,
 ) -> ApiResult<Response> {
@@ -617,8 +640,9 @@ async fn logout(
     }
     let mut response = Redirect::to("/dashboard").into_response();
     let clear = format!(
-        "{}=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0",
-        session::COOKIE
+        "{}=; {}; Max-Age=0",
+        session::COOKIE,
+        cookie_attributes(&state, peer, &headers)
     );
     response
         .headers_mut()
