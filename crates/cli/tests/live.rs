@@ -172,3 +172,42 @@ async fn unknown_servers_and_the_stream_limit_are_refused() {
     let _ = svc.client.get(svc.url("/api/v1/servers/acme/ws")).send().await;
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn one_network_cannot_hold_every_stream() {
+    let svc = TestService::start_with(|c| {
+        c.live.max_streams_per_client = 2;
+        c.trusted_proxies = vec!["127.0.0.1/32".into()];
+    })
+    .await;
+    svc.create_server("acme").await;
+    let open = |forwarded: &'static str| {
+        svc.client
+            .get(svc.url("/api/v1/servers/acme/live"))
+            .header("x-forwarded-for", forwarded)
+            .send()
+    };
+    // Two visitors of one /24 take its two streams; a third from it is refused.
+    let a = open("203.0.113.7").await.unwrap();
+    let b = open("203.0.113.8").await.unwrap();
+    assert_eq!((a.status(), b.status()), (StatusCode::OK, StatusCode::OK));
+    let refused = open("203.0.113.9").await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "rate_limited");
+    // Another network is not affected, and a closed stream gives its slot back.
+    assert_eq!(open("198.51.100.1").await.unwrap().status(), StatusCode::OK);
+    drop(a);
+    let mut ok = false;
+    for _ in 0..50 {
+        if open("203.0.113.9").await.unwrap().status() == StatusCode::OK {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "a closed stream frees its network's slot");
+    drop(b);
+    svc.stop().await;
+}

@@ -150,11 +150,17 @@ impl Default for UsageConfig {
 pub struct LiveConfig {
     /// Open SSE and WebSocket streams beyond which new ones get 503.
     pub max_streams: usize,
+    /// Open streams one client network (an IPv4 /24 or IPv6 /48, behind trusted
+    /// proxies the forwarded client's) may hold; beyond it new ones get 429.
+    pub max_streams_per_client: usize,
 }
 
 impl Default for LiveConfig {
     fn default() -> Self {
-        LiveConfig { max_streams: 10_000 }
+        LiveConfig {
+            max_streams: 10_000,
+            max_streams_per_client: 100,
+        }
     }
 }
 
@@ -320,6 +326,9 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.live.max_streams) {
             bail!("live.max_streams must be between 1 and 1000000");
+        }
+        if !(1..=1_000_000).contains(&self.live.max_streams_per_client) {
+            bail!("live.max_streams_per_client must be between 1 and 1000000");
         }
         for cidr in &self.trusted_proxies {
             if mcp_metrics_core::usage::Cidr::parse(cidr).is_none() {

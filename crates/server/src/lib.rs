@@ -86,7 +86,10 @@ pub async fn run(
         .store(known.len() as u64, std::sync::atomic::Ordering::Relaxed);
 
     let (queue, writer) = ingest::writer::start(store.clone(), telemetry.clone(), &config.ingest);
-    let live = Arc::new(live::LiveHub::new(config.live.max_streams));
+    let live = Arc::new(live::LiveHub::new(
+        config.live.max_streams,
+        config.live.max_streams_per_client,
+    ));
     let clock: Arc<dyn clock::Clock> = options.clock.clone().unwrap_or_else(|| Arc::new(clock::SystemClock));
     let (usage, usage_writer) = usage::UsageService::start(
         store.clone(),

@@ -3,7 +3,8 @@
 //!
 //! Each server has a bounded broadcast channel. A client that falls more than the
 //! channel's capacity behind is dropped (its stream ends and the browser reconnects)
-//! instead of being buffered without limit, and the number of open streams is capped.
+//! instead of being buffered without limit, and the number of open streams is capped,
+//! in all and per client network (so one client cannot hold every stream).
 //!
 //! When several nodes share a PostgreSQL database, [`LiveHub::publish`] also hands each
 //! message to an outbox that `cluster.rs` relays to the other nodes, whose listener
@@ -11,6 +12,7 @@
 //! stream opened on node B.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -37,23 +39,56 @@ pub struct LiveHub {
     /// `None` once closed: no new channel can appear after shutdown began.
     channels: Mutex<Option<HashMap<String, broadcast::Sender<Arc<LiveMessage>>>>>,
     streams: Arc<Semaphore>,
+    /// Open streams per client network, and how many one may hold.
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_client: usize,
     /// Where messages for other nodes go, when the service runs as a cluster. Bounded:
     /// while the database is slow or away, messages beyond it are dropped (other nodes'
     /// pages catch up at the next one) instead of growing memory.
     outbox: Mutex<Option<mpsc::Sender<(String, LiveMessage)>>>,
 }
 
-/// A subscription; holding it counts against the stream limit.
+/// A subscription; holding it counts against the stream limits.
 pub struct Subscription {
     pub receiver: broadcast::Receiver<Arc<LiveMessage>>,
     _permit: OwnedSemaphorePermit,
+    _client: ClientSlot,
+}
+
+/// One of a client network's streams; given back when dropped.
+struct ClientSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Why a stream was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// All streams are taken, or the hub is closed.
+    Full,
+    /// This client network holds its share already.
+    ClientLimit,
 }
 
 impl LiveHub {
-    pub fn new(max_streams: usize) -> Self {
+    pub fn new(max_streams: usize, max_per_client: usize) -> Self {
         LiveHub {
             channels: Mutex::new(Some(HashMap::new())),
             streams: Arc::new(Semaphore::new(max_streams)),
+            per_client: Arc::default(),
+            max_per_client,
             outbox: Mutex::new(None),
         }
     }
@@ -63,17 +98,31 @@ impl LiveHub {
         *self.outbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(outbox);
     }
 
-    /// `None` when the stream limit is reached or the hub is closed.
-    pub fn subscribe(&self, server_id: &str) -> Option<Subscription> {
-        let permit = self.streams.clone().try_acquire_owned().ok()?;
+    /// A stream of `server_id` for a client from the network `client` (its address
+    /// truncated, as for usage), unless a limit is reached or the hub is closed.
+    pub fn subscribe(&self, server_id: &str, client: IpAddr) -> Result<Subscription, Refused> {
+        let slot = {
+            let mut counts = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+            let n = counts.entry(client).or_insert(0);
+            if *n >= self.max_per_client {
+                return Err(Refused::ClientLimit);
+            }
+            *n += 1;
+            ClientSlot {
+                counts: self.per_client.clone(),
+                client,
+            }
+        };
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| Refused::Full)?;
         let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let channels = guard.as_mut()?;
+        let channels = guard.as_mut().ok_or(Refused::Full)?;
         let sender = channels
             .entry(server_id.to_owned())
             .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0);
-        Some(Subscription {
+        Ok(Subscription {
             receiver: sender.subscribe(),
             _permit: permit,
+            _client: slot,
         })
     }
 
@@ -119,12 +168,28 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const HOME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 0));
+    const AWAY: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 0));
+
+    #[test]
+    fn one_client_network_cannot_take_every_stream() {
+        let hub = LiveHub::new(3, 2);
+        let a = hub.subscribe("s", HOME).unwrap();
+        let _b = hub.subscribe("t", HOME).unwrap();
+        assert_eq!(hub.subscribe("s", HOME).err(), Some(Refused::ClientLimit));
+        let _c = hub.subscribe("s", AWAY).unwrap();
+        assert_eq!(hub.subscribe("s", AWAY).err(), Some(Refused::Full), "3 in all");
+        drop(a);
+        assert!(hub.subscribe("s", HOME).is_ok(), "its slot came back");
+        assert_eq!(hub.per_client.lock().unwrap().get(&HOME), Some(&1));
+    }
+
     #[tokio::test]
     async fn fans_out_drops_laggards_and_caps_streams() {
-        let hub = LiveHub::new(2);
-        let mut a = hub.subscribe("s").unwrap();
-        let mut b = hub.subscribe("s").unwrap();
-        assert!(hub.subscribe("s").is_none(), "stream limit");
+        let hub = LiveHub::new(2, 10);
+        let mut a = hub.subscribe("s", HOME).unwrap();
+        let mut b = hub.subscribe("s", HOME).unwrap();
+        assert!(hub.subscribe("s", AWAY).is_err(), "stream limit");
         hub.publish(
             "s",
             LiveMessage {
@@ -156,6 +221,10 @@ mod tests {
         ));
         drop(a);
         drop(b);
-        assert!(hub.subscribe("s").is_some(), "permits come back");
+        assert!(hub.subscribe("s", HOME).is_ok(), "permits come back");
+        assert!(
+            hub.per_client.lock().unwrap().get(&AWAY).is_none(),
+            "refused streams hold no slot"
+        );
     }
 }

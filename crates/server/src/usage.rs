@@ -131,10 +131,16 @@ impl UsageService {
         self.trusted.iter().any(|c| c.contains(peer))
     }
 
+    /// The network a request comes from (its client's address, believed from a trusted
+    /// proxy's `X-Forwarded-For`, truncated to /24 or /48): the key of per-client limits.
+    pub fn client_network(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+        usage::truncate_ip(usage::client_ip(peer, forwarded_for, &self.trusted))
+    }
+
     /// Classifies a sender: bots (and absent user agents) first, then the per-network
     /// rate limit. The address is truncated here, before it is used for anything.
     pub fn admit(&self, peer: IpAddr, forwarded_for: Option<&str>, user_agent: &str) -> Admission {
-        let address = usage::truncate_ip(usage::client_ip(peer, forwarded_for, &self.trusted));
+        let address = self.client_network(peer, forwarded_for);
         if self.limiter.check_key(&address).is_err() {
             self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             return Admission::RateLimited;

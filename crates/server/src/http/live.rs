@@ -6,11 +6,13 @@
 //! disconnected and reconnects, which SSE does by itself.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,7 +21,7 @@ use mcp_metrics_core::codes::Code;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::problem::{ApiError, ApiResult};
-use crate::live::Subscription;
+use crate::live::{Refused, Subscription};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -28,14 +30,21 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/servers/{id}/ws", get(ws))
 }
 
-async fn subscribe(state: &AppState, id: &str) -> ApiResult<Subscription> {
+async fn subscribe(state: &AppState, id: &str, peer: SocketAddr, headers: &HeaderMap) -> ApiResult<Subscription> {
     if !super::servers::exists(state, id).await? {
         return Err(ApiError::not_found("server"));
     }
-    state
-        .live
-        .subscribe(id)
-        .ok_or_else(|| ApiError::new(Code::Overloaded, "too many live streams are open; retry later").retry_after(5))
+    let client = state
+        .usage
+        .client_network(peer.ip(), super::usage::forwarded_for(headers).as_deref());
+    state.live.subscribe(id, client).map_err(|refused| match refused {
+        Refused::Full => ApiError::new(Code::Overloaded, "too many live streams are open; retry later").retry_after(5),
+        Refused::ClientLimit => ApiError::new(
+            Code::RateLimited,
+            "too many live streams are open from your network; close some and retry",
+        )
+        .retry_after(5),
+    })
 }
 
 fn events(subscription: Subscription) -> impl Stream<Item = Result<Event, Infallible>> {
@@ -52,8 +61,13 @@ fn events(subscription: Subscription) -> impl Stream<Item = Result<Event, Infall
     })
 }
 
-async fn sse(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let subscription = subscribe(&state, &id).await?;
+async fn sse(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let subscription = subscribe(&state, &id, peer, &headers).await?;
     let hello = futures_util::stream::once(async { Ok(Event::default().event("ready").data("{}")) });
     let stream = futures_util::StreamExt::chain(hello, events(subscription));
     Ok(Sse::new(stream)
@@ -61,8 +75,14 @@ async fn sse(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult
         .into_response())
 }
 
-async fn ws(State(state): State<AppState>, Path(id): Path<String>, upgrade: WebSocketUpgrade) -> ApiResult<Response> {
-    let subscription = subscribe(&state, &id).await?;
+async fn ws(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let subscription = subscribe(&state, &id, peer, &headers).await?;
     Ok(upgrade
         .max_message_size(4096)
         .max_frame_size(4096)

@@ -102,13 +102,7 @@ async fn beacon_inner(
         ));
     }
     // The rate limit applies to every beacon, valid or not, before any database read.
-    // Every X-Forwarded-For line counts: a proxy may add its own line below the client's.
-    let forwarded: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
+    let forwarded = forwarded_for(headers);
     let user_agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
@@ -220,4 +214,15 @@ async fn read(
         HeaderValue::from_str(&format!("public, max-age={max_age}")).expect("valid"),
     );
     Ok(response)
+}
+
+/// Every `X-Forwarded-For` line of a request as one list: a proxy may add its own line
+/// below the client's.
+pub fn forwarded_for(headers: &HeaderMap) -> Option<String> {
+    let lines: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!lines.is_empty()).then(|| lines.join(","))
 }
