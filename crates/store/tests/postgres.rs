@@ -1591,3 +1591,64 @@ async fn a_series_created_with_two_kinds_keeps_the_first_on_both_backends() {
     };
     first_kind_wins(&db.open().await).await;
 }
+
+/// Deleting a server takes its rollup rows and pending marks with it, and a pass that
+/// read its minutes before the deletion does not bring them back.
+async fn deleted_servers_leave_no_rollups(store: &dyn Store) {
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let t = (now_ms() / 60_000 - 2) * 60_000;
+    store.write_batch(one_sample(Kind::Gauge, 1.0, t)).await.unwrap();
+    for level in Level::ALL {
+        let work = store.rollup_work(level, 100).await.unwrap();
+        let results: Vec<_> = work
+            .items
+            .iter()
+            .map(|(m, i)| (*m, fold_kind(Kind::Gauge, i)))
+            .collect();
+        store.apply_rollups(level, results).await.unwrap();
+    }
+    let id = store.series_of_server("s", None).await.unwrap()[0].id;
+    for level in Level::ALL {
+        assert_eq!(
+            store.read_rollups(level, &[id], 0, i64::MAX).await.unwrap().len(),
+            1,
+            "{level:?}"
+        );
+    }
+    // A new sample marks the minute; a pass reads it, then the server is deleted.
+    store.write_batch(one_sample(Kind::Gauge, 2.0, t + 1)).await.unwrap();
+    let work = store.rollup_work(Level::Minute, 100).await.unwrap();
+    store.delete_server("s").await.unwrap();
+    let results: Vec<_> = work
+        .items
+        .iter()
+        .map(|(m, i)| (*m, fold_kind(Kind::Gauge, i)))
+        .collect();
+    assert!(results.iter().all(|(_, b)| b.is_some()), "the pass computed a bucket");
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    for level in Level::ALL {
+        assert!(
+            store.read_rollups(level, &[id], 0, i64::MAX).await.unwrap().is_empty(),
+            "{level:?}"
+        );
+    }
+    // The hour that late apply marked finds no series: the next pass clears it.
+    for level in Level::ALL {
+        let work = store.rollup_work(level, 100).await.unwrap();
+        assert!(work.series.is_empty() && work.items.len() <= 1, "{level:?}");
+        let results = work.items.iter().map(|(m, _)| (*m, None)).collect();
+        store.apply_rollups(level, results).await.unwrap();
+        assert!(store.read_rollups(level, &[id], 0, i64::MAX).await.unwrap().is_empty());
+    }
+    assert_eq!(store.dirty_backlog().await.unwrap(), [0, 0, 0], "no mark left behind");
+}
+
+#[tokio::test]
+async fn deleted_servers_leave_no_rollups_on_both_backends() {
+    let (_dir, lite) = sqlite().await;
+    deleted_servers_leave_no_rollups(&lite).await;
+    let Some(db) = Db::new("deleted_servers_leave_no_rollups_on_both_backends").await else {
+        return;
+    };
+    deleted_servers_leave_no_rollups(&db.open().await).await;
+}

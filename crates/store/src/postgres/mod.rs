@@ -387,12 +387,23 @@ impl Store for PostgresStore {
     async fn delete_server(&self, id: &str) -> StoreResult<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
-        tx.execute(
-            "DELETE FROM server_metrics WHERE series_id IN (SELECT id FROM series WHERE server_id = $1)",
-            &[&id],
-        )
-        .await
-        .map_err(pg_err)?;
+        // Samples, rollups, pending marks and write buckets name series, not servers: no
+        // cascade.
+        for table in [
+            "server_metrics",
+            "rollups_1m",
+            "rollups_1h",
+            "server_metrics_daily",
+            "rollup_dirty",
+            "rollup_partials",
+        ] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE series_id IN (SELECT id FROM series WHERE server_id = $1)"),
+                &[&id],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
         // Credentials, series, events and usage go with the server (ON DELETE CASCADE).
         let deleted = tx
             .execute("DELETE FROM servers WHERE id = $1", &[&id])

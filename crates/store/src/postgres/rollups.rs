@@ -489,6 +489,10 @@ pub async fn apply(
                  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::float8[], $5::float8[], $6::float8[],
                                       $7::float8[], $8::bigint[], $9::float8[], $10::bigint[], $11::float8[], $12::bytea[],
                                       $13::bigint[])
+                        AS u(series_id, bucket, {STATS_COLUMNS}, generation)
+                 -- Only for series that still exist: a server deleted while the pass
+                 -- computed took its rollup rows with it, and they must not come back.
+                 WHERE EXISTS (SELECT 1 FROM series s WHERE s.id = u.series_id)
                  ON CONFLICT (series_id, bucket) DO UPDATE SET
                    count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max,
                    first = EXCLUDED.first, first_ts = EXCLUDED.first_ts, last = EXCLUDED.last,

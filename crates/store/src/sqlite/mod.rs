@@ -582,11 +582,20 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.write(move |c| {
             let tx = c.transaction().map_err(map_err)?;
-            tx.execute(
-                "DELETE FROM server_metrics WHERE series_id IN (SELECT id FROM series WHERE server_id = ?1)",
-                [&id],
-            )
-            .map_err(map_err)?;
+            // Samples, rollups and pending marks name series, not servers: no cascade.
+            for table in [
+                "server_metrics",
+                "rollups_1m",
+                "rollups_1h",
+                "server_metrics_daily",
+                "rollup_dirty",
+            ] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE series_id IN (SELECT id FROM series WHERE server_id = ?1)"),
+                    [&id],
+                )
+                .map_err(map_err)?;
+            }
             // Credentials, series and events go with the server (ON DELETE CASCADE).
             let deleted = tx
                 .execute("DELETE FROM servers WHERE id = ?1", [&id])

@@ -191,9 +191,12 @@ pub fn apply(
     let generation = next_generation(&tx)?;
     {
         let name = table(level);
+        // Only for series that still exist: a server deleted while the pass computed
+        // took its rollup rows with it, and they must not come back.
         let mut upsert = tx.prepare_cached(&format!(
             "INSERT INTO {name} (series_id, bucket, {STATS_COLUMNS}, generation)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13
+             WHERE EXISTS (SELECT 1 FROM series WHERE id = ?1)
              ON CONFLICT (series_id, bucket) DO UPDATE SET
                count = excluded.count, sum = excluded.sum, min = excluded.min, max = excluded.max,
                first = excluded.first, first_ts = excluded.first_ts, last = excluded.last,
