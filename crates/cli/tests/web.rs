@@ -232,3 +232,34 @@ async fn the_session_cookie_is_secure_behind_an_https_proxy() {
     let plain = cookie(&login("http").await.unwrap());
     assert!(!plain.contains("Secure"), "{plain}");
 }
+
+/// The directory shows 50 servers a page, in the chosen order, with links that keep the
+/// search and the order.
+#[tokio::test]
+async fn the_directory_is_paged() {
+    let svc = TestService::start().await;
+    for i in 0..52 {
+        svc.create_server(&format!("srv-{i:02}")).await;
+    }
+    let shown = |html: &str| {
+        (0..52)
+            .filter(|i| html.contains(&format!(r#"href="/servers/srv-{i:02}""#)))
+            .collect::<Vec<_>>()
+    };
+
+    let (status, first) = page(&svc, "/?sort=name").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown(&first), (0..50).collect::<Vec<_>>());
+    assert!(first.contains("Page 1 of 2 · 52 servers"), "pager");
+    assert!(first.contains(r#"href="/?q=&amp;sort=name&amp;page=2""#) && !first.contains(r#"rel="prev""#));
+
+    let (_, second) = page(&svc, "/?sort=name&page=2").await;
+    assert_eq!(shown(&second), vec![50, 51]);
+    assert!(second.contains(r#"href="/?q=&amp;sort=name&amp;page=1""#) && !second.contains(r#"rel="next""#));
+    let (_, beyond) = page(&svc, "/?sort=name&page=99").await;
+    assert_eq!(shown(&beyond), vec![50, 51], "a page past the end shows the last");
+
+    let (_, searched) = page(&svc, "/?q=srv-5&sort=name").await;
+    assert_eq!(shown(&searched), vec![50, 51]);
+    assert!(!searched.contains("Page 1 of"), "one page needs no pager");
+}

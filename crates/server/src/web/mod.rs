@@ -89,6 +89,9 @@ struct DirRow {
     search_text: String,
 }
 
+/// Servers per directory page.
+const DIRECTORY_PAGE: usize = 50;
+
 #[derive(Template)]
 #[template(path = "directory.html")]
 struct DirectoryPage {
@@ -96,12 +99,17 @@ struct DirectoryPage {
     q: String,
     sort: String,
     sorts: Vec<(&'static str, &'static str)>,
+    /// Servers matching the search, on all pages.
+    total: usize,
+    page: usize,
+    pages: usize,
 }
 
 #[derive(Deserialize)]
 struct DirectoryQuery {
     q: Option<String>,
     sort: Option<String>,
+    page: Option<usize>,
 }
 
 async fn directory(
@@ -121,12 +129,6 @@ async fn directory(
             continue;
         }
         let s = summary(&state, &server.id).await?;
-        let trend = match combined_points(&state, &server.id, "response_time", Period::D7, now).await? {
-            Some((Kind::Histogram, _, points, inc)) => {
-                stat_series(Kind::Histogram, "p95", &points, &inc, Period::D7.resolution_ms())
-            }
-            _ => Vec::new(),
-        };
         rows.push((
             server.clone(),
             s,
@@ -138,7 +140,7 @@ async fn directory(
                 p95: ms_text(s.p95_24h),
                 installs: s.installs_30d,
                 views: s.views_30d,
-                sparkline: svg::render_sparkline(&trend, "#4f46e5"),
+                sparkline: String::new(),
                 search_text,
             },
         ));
@@ -147,8 +149,26 @@ async fn directory(
         sort = "popular".into();
     }
     rows.sort_by(|(a, sa, _), (b, sb, _)| crate::http::servers::order(&sort, (a, sa), (b, sb)));
+    // Every match is summarised to be sorted; only the shown page draws its sparklines.
+    let total = rows.len();
+    let pages = total.div_ceil(DIRECTORY_PAGE).max(1);
+    let page = q.page.unwrap_or(1).clamp(1, pages);
+    let mut shown = Vec::with_capacity(DIRECTORY_PAGE);
+    for (_, _, mut row) in rows.into_iter().skip((page - 1) * DIRECTORY_PAGE).take(DIRECTORY_PAGE) {
+        let trend = match combined_points(&state, &row.id, "response_time", Period::D7, now).await? {
+            Some((Kind::Histogram, _, points, inc)) => {
+                stat_series(Kind::Histogram, "p95", &points, &inc, Period::D7.resolution_ms())
+            }
+            _ => Vec::new(),
+        };
+        row.sparkline = svg::render_sparkline(&trend, "#4f46e5");
+        shown.push(row);
+    }
     render(&DirectoryPage {
-        rows: rows.into_iter().map(|(_, _, r)| r).collect(),
+        rows: shown,
+        total,
+        page,
+        pages,
         q: q.q.unwrap_or_default(),
         sort,
         sorts: vec![
