@@ -387,30 +387,29 @@ impl Store for PostgresStore {
     async fn delete_server(&self, id: &str) -> StoreResult<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
-        // Samples, rollups, pending marks and write buckets name series, not servers: no
-        // cascade.
-        for table in [
-            "server_metrics",
-            "rollups_1m",
-            "rollups_1h",
-            "server_metrics_daily",
-            "rollup_dirty",
-            "rollup_partials",
-        ] {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE series_id IN (SELECT id FROM series WHERE server_id = $1)"),
-                &[&id],
-            )
+        let series: Vec<i64> = tx
+            .query("SELECT id FROM series WHERE server_id = $1", &[&id])
             .await
-            .map_err(pg_err)?;
-        }
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         // Credentials, series, events and usage go with the server (ON DELETE CASCADE).
+        // Deleting the series waits for a rollup apply that holds them (key share), so the
+        // statements below also see the buckets it stored.
         let deleted = tx
             .execute("DELETE FROM servers WHERE id = $1", &[&id])
             .await
             .map_err(pg_err)?;
         if deleted == 0 {
             return Err(StoreError::NotFound);
+        }
+        // Samples and rollups name series, not servers: no cascade. Pending marks and
+        // write buckets clear themselves: a pass finds no series and deletes the bucket.
+        for table in ["server_metrics", "rollups_1m", "rollups_1h", "server_metrics_daily"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE series_id = ANY($1)"), &[&series])
+                .await
+                .map_err(pg_err)?;
         }
         tx.commit().await.map_err(pg_err)
     }

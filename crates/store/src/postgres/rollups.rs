@@ -491,8 +491,11 @@ pub async fn apply(
                                       $13::bigint[])
                         AS u(series_id, bucket, {STATS_COLUMNS}, generation)
                  -- Only for series that still exist: a server deleted while the pass
-                 -- computed took its rollup rows with it, and they must not come back.
-                 WHERE EXISTS (SELECT 1 FROM series s WHERE s.id = u.series_id)
+                 -- computed took its rollup rows with it, and they must not come back. The
+                 -- key-share lock makes a deletion in flight wait for this transaction (it
+                 -- then deletes what this stored), or this statement wait for it (and then
+                 -- store nothing for it).
+                 WHERE EXISTS (SELECT 1 FROM series s WHERE s.id = u.series_id FOR KEY SHARE)
                  ON CONFLICT (series_id, bucket) DO UPDATE SET
                    count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max,
                    first = EXCLUDED.first, first_ts = EXCLUDED.first_ts, last = EXCLUDED.last,
