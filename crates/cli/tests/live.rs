@@ -211,3 +211,39 @@ async fn one_network_cannot_hold_every_stream() {
     drop(b);
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn deleting_a_server_ends_its_open_streams() {
+    let svc = TestService::start().await;
+    svc.create_server("acme").await;
+    let response = svc
+        .client
+        .get(svc.url("/api/v1/servers/acme/live"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    sse_until(&mut stream, "event: ready", Duration::from_secs(2)).await;
+    let (status, _) = svc
+        .admin(reqwest::Method::DELETE, "/api/v1/admin/servers/acme", None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // The stream ends (keep-alive comments aside) instead of staying open forever.
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(chunk) = stream.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream of a deleted server stayed open");
+    let again = svc
+        .client
+        .get(svc.url("/api/v1/servers/acme/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    svc.stop().await;
+}

@@ -117,6 +117,7 @@ async fn receive_loop(state: AppState, node: String, mut incoming: mpsc::Receive
             state.series.remove_server(&envelope.server);
             state.known_servers.invalidate(&envelope.server);
             state.cache.invalidate_server(&envelope.server);
+            state.live.close_server(&envelope.server);
             continue;
         }
         if kind == "metric" {

@@ -154,6 +154,14 @@ impl LiveHub {
         }
     }
 
+    /// Ends the streams of a server that was deleted (its channel goes, so they see it
+    /// closed); a browser reconnecting gets 404.
+    pub fn close_server(&self, server_id: &str) {
+        if let Some(channels) = self.channels.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            channels.remove(server_id);
+        }
+    }
+
     /// Ends every open stream (at shutdown, so open SSE connections do not hold the
     /// graceful stop until its deadline) and refuses new ones. The map is replaced under
     /// its lock, so no subscription racing with this can create a channel afterwards.
@@ -222,6 +230,12 @@ mod tests {
         drop(a);
         drop(b);
         assert!(hub.subscribe("s", HOME).is_ok(), "permits come back");
+        let mut c = hub.subscribe("s", HOME).unwrap();
+        hub.close_server("s");
+        assert!(matches!(
+            c.receiver.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
         assert!(
             hub.per_client.lock().unwrap().get(&AWAY).is_none(),
             "refused streams hold no slot"

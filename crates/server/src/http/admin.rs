@@ -141,6 +141,7 @@ async fn delete_server(
     state.series.remove_server(&id);
     state.known_servers.invalidate(&id);
     state.cache.invalidate_server(&id);
+    state.live.close_server(&id);
     state.live.relay(
         &id,
         &crate::live::LiveMessage {
