@@ -27,14 +27,11 @@ for round in $(seq "$rounds"); do
       variant_bin=${variant#*=}
       config=()
       case $label in *-norollup) config=(--config "$dir/norollup.toml") ;; esac
-      port=$(free_port)
       rm -f "$dir"/ab.db*
-      "$variant_bin" serve "${config[@]}" --database "sqlite://$dir/ab.db" --listen "127.0.0.1:$port" 2>>"$dir/serve.log" &
-      pid=$!
-      pids+=("$pid")
-      for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.05; done
+      service_bin=$variant_bin start_service "sqlite://$dir/ab.db" "${config[@]}"
+      pid=$service_pid
       before=$(ticks "$pid")
-      result=$("$bin" bench --url "http://127.0.0.1:$port" --mode "$mode" --batch 1000 --samples "$samples" \
+      result=$("$bin" bench --url "$service_url" --mode "$mode" --batch 1000 --samples "$samples" \
         --connections 4 --json 2>/dev/null | tail -1)
       cpu=$(($(ticks "$pid") - before))
       kill "$pid"; wait "$pid" 2>/dev/null || true

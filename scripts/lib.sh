@@ -2,8 +2,10 @@
 #
 #   bench_setup                  release binary in $bin, scratch directory in $dir, an
 #                                admin token, and a trap that stops what was started
-#   start_service DATABASE_URL   starts `mcp-metrics serve` on a free loopback port and
-#                                waits until it is ready: $service_url, $service_pid
+#   start_service DATABASE_URL [SERVE ARGS...]
+#                                starts `serve` ($service_bin if set, else $bin) on a free
+#                                loopback port and waits until it is ready: $service_url,
+#                                $service_pid
 #   free_port                    prints a free loopback port
 #
 # A script that needs more cleanup defines `extra_cleanup` before it exits.
@@ -26,9 +28,10 @@ bench_cleanup() {
   rm -rf "$dir"
 }
 
-start_service() { # $1: database URL
+start_service() { # $1: database URL, then extra `serve` arguments
   local port; port=$(free_port)
-  "$bin" serve --database "$1" --listen "127.0.0.1:$port" 2>>"$dir/serve.log" &
+  local url=$1; shift
+  "${service_bin:-$bin}" serve "$@" --database "$url" --listen "127.0.0.1:$port" 2>>"$dir/serve.log" &
   service_pid=$!; pids+=("$service_pid")
   for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.05; done
   service_url="http://127.0.0.1:$port"

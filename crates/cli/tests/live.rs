@@ -41,16 +41,33 @@ async fn sse_until<B: AsRef<[u8]>>(
     panic!("{needle:?} not received within {within:?}; got {text:?}");
 }
 
+/// Opens the SSE stream of `server`, as a client a proxy forwarded when `forwarded_for`
+/// is given.
+async fn open_live(svc: &TestService, server: &str, forwarded_for: Option<&str>) -> reqwest::Response {
+    let mut request = svc.client.get(svc.url(&format!("/api/v1/servers/{server}/live")));
+    if let Some(client) = forwarded_for {
+        request = request.header("x-forwarded-for", client);
+    }
+    request.send().await.unwrap()
+}
+
+/// Whether a new stream is accepted within 2.5 s: a closed one frees its slot once the
+/// service notices the disconnect.
+async fn accepted_soon(svc: &TestService, server: &str, forwarded_for: Option<&str>) -> bool {
+    for _ in 0..50 {
+        if open_live(svc, server, forwarded_for).await.status() == StatusCode::OK {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn a_new_sample_reaches_an_open_sse_stream_within_seconds() {
     let svc = TestService::start_with(|c| c.rollup.interval_secs = 0.2).await;
     let cred = svc.server_with_key("acme").await;
-    let response = svc
-        .client
-        .get(svc.url("/api/v1/servers/acme/live"))
-        .send()
-        .await
-        .unwrap();
+    let response = open_live(&svc, "acme", None).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(
         response
@@ -130,44 +147,13 @@ async fn websocket_carries_the_same_messages() {
 async fn unknown_servers_and_the_stream_limit_are_refused() {
     let svc = TestService::start_with(|c| c.live.max_streams = 1).await;
     svc.create_server("acme").await;
-    let r = svc
-        .client
-        .get(svc.url("/api/v1/servers/nope/live"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let held = svc
-        .client
-        .get(svc.url("/api/v1/servers/acme/live"))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(open_live(&svc, "nope", None).await.status(), StatusCode::NOT_FOUND);
+    let held = open_live(&svc, "acme", None).await;
     assert_eq!(held.status(), StatusCode::OK);
-    let refused = svc
-        .client
-        .get(svc.url("/api/v1/servers/acme/live"))
-        .send()
-        .await
-        .unwrap();
+    let refused = open_live(&svc, "acme", None).await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     drop(held);
-    let mut ok = false;
-    for _ in 0..50 {
-        if svc
-            .client
-            .get(svc.url("/api/v1/servers/acme/live"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == StatusCode::OK
-        {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ok = accepted_soon(&svc, "acme", None).await;
     assert!(ok, "a closed stream frees its slot");
     let _ = svc.client.get(svc.url("/api/v1/servers/acme/ws")).send().await;
     svc.stop().await;
@@ -181,32 +167,20 @@ async fn one_network_cannot_hold_every_stream() {
     })
     .await;
     svc.create_server("acme").await;
-    let open = |forwarded: &'static str| {
-        svc.client
-            .get(svc.url("/api/v1/servers/acme/live"))
-            .header("x-forwarded-for", forwarded)
-            .send()
-    };
+    let open = |client: &'static str| open_live(&svc, "acme", Some(client));
     // Two visitors of one /24 take its two streams; a third from it is refused.
-    let a = open("203.0.113.7").await.unwrap();
-    let b = open("203.0.113.8").await.unwrap();
+    let a = open("203.0.113.7").await;
+    let b = open("203.0.113.8").await;
     assert_eq!((a.status(), b.status()), (StatusCode::OK, StatusCode::OK));
-    let refused = open("203.0.113.9").await.unwrap();
+    let refused = open("203.0.113.9").await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(refused.headers()["retry-after"], "5");
     let problem: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(problem["code"], "rate_limited");
     // Another network is not affected, and a closed stream gives its slot back.
-    assert_eq!(open("198.51.100.1").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(open("198.51.100.1").await.status(), StatusCode::OK);
     drop(a);
-    let mut ok = false;
-    for _ in 0..50 {
-        if open("203.0.113.9").await.unwrap().status() == StatusCode::OK {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ok = accepted_soon(&svc, "acme", Some("203.0.113.9")).await;
     assert!(ok, "a closed stream frees its network's slot");
     drop(b);
     svc.stop().await;
@@ -216,13 +190,7 @@ async fn one_network_cannot_hold_every_stream() {
 async fn deleting_a_server_ends_its_open_streams() {
     let svc = TestService::start().await;
     svc.create_server("acme").await;
-    let response = svc
-        .client
-        .get(svc.url("/api/v1/servers/acme/live"))
-        .send()
-        .await
-        .unwrap();
-    let mut stream = response.bytes_stream();
+    let mut stream = open_live(&svc, "acme", None).await.bytes_stream();
     sse_until(&mut stream, "event: ready", Duration::from_secs(2)).await;
     let (status, _) = svc
         .admin(reqwest::Method::DELETE, "/api/v1/admin/servers/acme", None)
@@ -238,12 +206,6 @@ async fn deleting_a_server_ends_its_open_streams() {
     })
     .await;
     assert!(ended.is_ok(), "the stream of a deleted server stayed open");
-    let again = svc
-        .client
-        .get(svc.url("/api/v1/servers/acme/live"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    assert_eq!(open_live(&svc, "acme", None).await.status(), StatusCode::NOT_FOUND);
     svc.stop().await;
 }

@@ -65,16 +65,13 @@ impl KeyedLocks {
     }
 
     /// Locks kept right now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .locks
             .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

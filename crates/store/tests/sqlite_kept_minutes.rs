@@ -89,6 +89,11 @@ async fn minutes(store: &SqliteStore) -> Vec<(String, i64, BucketStats)> {
     out
 }
 
+/// The earliest stored minute bucket of a series.
+async fn first_minute(store: &SqliteStore, name: &str) -> BucketStats {
+    minutes(store).await.into_iter().find(|b| b.0 == name).unwrap().2
+}
+
 fn kept(names: &[&str]) -> Vec<(String, &'static str)> {
     names.iter().map(|n| (n.to_string(), "kept")).collect()
 }
@@ -141,7 +146,7 @@ async fn in_order_minutes_are_kept_and_equal_a_full_read() {
         .await
         .unwrap();
     assert_eq!(minute_pass(&store).await, kept(&["g"]));
-    let g = minutes(&store).await.into_iter().find(|b| b.0 == "g").unwrap().2;
+    let g = first_minute(&store, "g").await;
     assert_eq!((g.count, g.last), (3, 2.0));
 }
 
@@ -190,7 +195,7 @@ async fn late_and_rewritten_samples_are_kept_unless_far_behind_or_history() {
         .await
         .unwrap();
     assert_eq!(minute_pass(&store).await, vec![("far".to_string(), "read")]);
-    let far = minutes(&store).await.into_iter().find(|b| b.0 == "far").unwrap().2;
+    let far = first_minute(&store, "far").await;
     assert_eq!((far.count, far.last, far.increase), (1000, 999.0, 999.0));
     assert_eq!(far.sum, 499_500.0 - 1.0 + 0.5, "the value at m + 101 was rewritten");
 
@@ -202,7 +207,7 @@ async fn late_and_rewritten_samples_are_kept_unless_far_behind_or_history() {
         .await
         .unwrap();
     assert_eq!(minute_pass(&store).await, vec![("same".to_string(), "read")]);
-    let same = minutes(&store).await.into_iter().find(|b| b.0 == "same").unwrap().2;
+    let same = first_minute(&store, "same").await;
     assert_eq!((same.count, same.sum), (2, 12.0));
 }
 
@@ -220,6 +225,6 @@ async fn another_connection_writing_the_file_is_noticed() {
     b.write_batch(batch(&[("g", Kind::Gauge, m + 20, 2.0)])).await.unwrap();
     a.write_batch(batch(&[("g", Kind::Gauge, m + 30, 3.0)])).await.unwrap();
     assert_eq!(minute_pass(&a).await, vec![("g".to_string(), "read")]);
-    let g = minutes(&a).await.remove(0).2;
+    let g = first_minute(&a, "g").await;
     assert_eq!((g.count, g.sum), (3, 6.0));
 }

@@ -131,7 +131,8 @@ fn fold_onto(bucket: Option<BucketStats>, kind: Kind, samples: &[(i64, f64)]) ->
 #[derive(Debug)]
 pub struct KeptMinutes {
     entries: HashMap<MinuteKey, Entry>,
-    /// The writer connection's `PRAGMA data_version` after its last commit.
+    /// The writer connection's `PRAGMA data_version` in its last write (its own commits
+    /// do not change it).
     data_version: Option<i64>,
     newest_minute: i64,
     /// Samples added to tails since the tails were last counted (an upper bound of what
@@ -181,14 +182,7 @@ impl KeptMinutes {
     /// After a commit: records the write's samples, stably sorted by timestamp, as
     /// `(series, ts, kind, value)`. `was_empty` answers, for each minute
     /// [`unknown`](Self::unknown) returned, whether it held nothing before.
-    pub fn record(
-        &mut self,
-        generation: i64,
-        was_empty: &HashMap<MinuteKey, bool>,
-        rows: &[(i64, i64, Kind, f64)],
-        data_version: i64,
-    ) {
-        self.data_version = Some(data_version);
+    pub fn record(&mut self, generation: i64, was_empty: &HashMap<MinuteKey, bool>, rows: &[(i64, i64, Kind, f64)]) {
         let newest_before = self.newest_minute;
         for &(series_id, ts, kind, value) in rows {
             let key = (align(ts, MINUTE), series_id);
@@ -304,7 +298,7 @@ mod tests {
             .map(|k| (k, !table.0.contains_key(&k)))
             .collect();
         table.write(&rows);
-        kept.record(generation, &was_empty, &rows, 1);
+        kept.record(generation, &was_empty, &rows);
     }
 
     #[test]

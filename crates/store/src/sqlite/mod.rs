@@ -453,7 +453,7 @@ fn write_batch_blocking(
     let committed = tx.commit();
     let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
     match committed {
-        Ok(()) => kept.record(generation, &was_empty, &rows, data_version),
+        Ok(()) => kept.record(generation, &was_empty, &rows),
         // A failed commit may still have reached the file: nothing kept can be vouched for.
         Err(_) => kept.forget_all(),
     }
