@@ -8,7 +8,9 @@
 # PG_ADMIN_URL defaults to $MCP_METRICS_TEST_POSTGRES or postgres://postgres@127.0.0.1:5432/test;
 # a database is created per run and dropped afterwards. For two nodes, two load
 # generators (each SAMPLES/2) start together, one per node; the rate is all samples
-# acknowledged by both divided by the longer of the two runs.
+# acknowledged by both divided by the longer of the two runs. Each line ends with how busy
+# the machine's cores were during the run (100 % = no core ever idle): when one node
+# already keeps every core busy, a second node on the same machine has nothing to add.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 samples=${1:-2000000}
@@ -40,18 +42,23 @@ summary() {
 }
 
 start_node "sqlite://$dir/bench.db"
-echo "SQLite, one node:        $(summary "$(bench "$node_url" "$samples")")"
+cpu_mark
+r=$(bench "$node_url" "$samples")
+echo "SQLite, one node:        $(summary "$r"), cores busy $(cpu_busy) %"
 kill -TERM "$node_pid"; wait "$node_pid" 2>/dev/null || true
 
 fresh_pg
 start_node "$pg_url"
-echo "PostgreSQL, one node:    $(summary "$(bench "$node_url" "$samples")")"
+cpu_mark
+r=$(bench "$node_url" "$samples")
+echo "PostgreSQL, one node:    $(summary "$r"), cores busy $(cpu_busy) %"
 kill -TERM "$node_pid"; wait "$node_pid" 2>/dev/null || true
 
 fresh_pg
 start_node "$pg_url"; a=$node_url; a_pid=$node_pid
 start_node "$pg_url"; b=$node_url; b_pid=$node_pid
 half=$((samples / 2))
+cpu_mark
 bench "$a" "$half" >"$dir/a.json" &
 ba=$!
 bench "$b" "$half" >"$dir/b.json" &
@@ -59,13 +66,14 @@ bb=$!
 # A run with failed requests exits non-zero after printing its figures; report them.
 wait "$ba" || true
 wait "$bb" || true
-python3 - "$dir/a.json" "$dir/b.json" <<'PY'
+busy=$(cpu_busy)
+python3 - "$dir/a.json" "$dir/b.json" "$busy" <<'PY'
 import json, sys
-runs = [json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:]]
+runs = [json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:3]]
 total = sum(r["accepted_samples"] for r in runs)
 seconds = max(r["seconds"] for r in runs)
 p99 = max(r["ack_p99_ms"] for r in runs)
 errors = sum(r["errors"] for r in runs)
-print(f"PostgreSQL, two nodes:   {total / seconds / 1000:.0f} k samples/s, ack p99 {p99:.1f} ms (worse node), {errors} errors")
+print(f"PostgreSQL, two nodes:   {total / seconds / 1000:.0f} k samples/s, ack p99 {p99:.1f} ms (worse node), {errors} errors, cores busy {sys.argv[3]} %")
 PY
 kill -TERM "$a_pid" "$b_pid"; wait "$a_pid" "$b_pid" 2>/dev/null || true

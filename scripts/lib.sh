@@ -7,6 +7,9 @@
 #                                loopback port and waits until it is ready: $service_url,
 #                                $service_pid
 #   free_port                    prints a free loopback port
+#   cpu_mark / cpu_busy          cpu_mark notes the machine's CPU counters (/proc/stat);
+#                                cpu_busy prints how busy all cores were since, in
+#                                percent of every core (100 = no core ever idle)
 #
 # A script that needs more cleanup defines `extra_cleanup` before it exits.
 
@@ -35,4 +38,10 @@ start_service() { # $1: database URL, then extra `serve` arguments
   service_pid=$!; pids+=("$service_pid")
   for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.05; done
   service_url="http://127.0.0.1:$port"
+}
+
+cpu_mark() { cpu_at=$(awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat); }
+cpu_busy() {
+  local now; now=$(awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat)
+  python3 -c 'import sys; b0,i0,b1,i1=map(int,sys.argv[1:]); print("%.0f" % (100*(b1-b0)/max(1,(b1-b0)+(i1-i0))))' $cpu_at $now
 }

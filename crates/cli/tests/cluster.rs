@@ -2,7 +2,8 @@
 //! binary: ingest on A and read on B; an SSE stream on B hears A's sample; a request
 //! replayed on B is refused; `kill -9` of the node running the rollup job and the other
 //! takes over; the database going away gives 503s (writes and `/readyz`), not a crash,
-//! and the service recovers by itself.
+//! and the service recovers by itself; OTLP exports of one stream on both nodes at once
+//! lose no increment.
 //!
 //! Runs when `MCP_METRICS_TEST_POSTGRES` names a PostgreSQL server (each test on a fresh
 //! database of its own); skipped otherwise, except when `CI` is set: then it fails.
@@ -127,6 +128,16 @@ impl Cluster {
     }
 }
 
+/// A cluster of two nodes with the server `acme` registered (on A), or `None` when
+/// PostgreSQL is not configured.
+async fn two_nodes_with_server(test: &str) -> Option<(Cluster, Node, Node, Credential)> {
+    let cluster = Cluster::new(postgres_or_skip(test)?).await;
+    let a = cluster.node().await;
+    let b = cluster.node().await;
+    let key = register_at(&cluster.client, &a.base, "acme").await;
+    Some((cluster, a, b, key))
+}
+
 /// A signed request: (body, signature), to send to any node.
 fn signed(key: &Credential, server: &str, metrics: Value) -> (String, String) {
     let body = json!({ "server_id": server, "metrics": metrics }).to_string();
@@ -205,14 +216,10 @@ where
 
 #[tokio::test]
 async fn two_nodes_are_one_service() {
-    let Some(admin) = postgres_or_skip("two_nodes_are_one_service") else {
+    let Some((cluster, a, b, key)) = two_nodes_with_server("two_nodes_are_one_service").await else {
         return;
     };
-    let cluster = Cluster::new(admin).await;
-    let a = cluster.node().await;
-    let b = cluster.node().await;
     let client = &cluster.client;
-    let key = register_at(client, &a.base, "acme").await;
 
     // A stream opened on B before the sample is ingested on A.
     let response = client.get(b.url("/api/v1/servers/acme/live")).send().await.unwrap();
@@ -281,6 +288,47 @@ async fn two_nodes_are_one_service() {
     let on_a = samples(client, &a, &key, "acme").await;
     assert_eq!(on_a.len(), 1, "{on_a:?}");
     assert_eq!(on_a[0]["value"], 43.0);
+    drop(a);
+    drop(b);
+    cluster.drop_database().await;
+}
+
+/// Exports of one OTLP delta sum sent at once, half to each node: every export builds on
+/// the total the one before stored, whichever node stored it, so the running totals are
+/// 2, 4, …, 2n. With only a per-node lock the nodes read the same totals and some
+/// increments are lost.
+#[tokio::test]
+async fn delta_exports_through_both_nodes_lose_no_increment() {
+    let Some((cluster, a, b, key)) = two_nodes_with_server("delta_exports_through_both_nodes_lose_no_increment").await
+    else {
+        return;
+    };
+    let client = &cluster.client;
+    let t0 = now_ms() - 60_000;
+    let exports = (0..24i64).map(|i| {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let body = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+            {"name": "errors", "sum": {"aggregationTemporality": 1, "isMonotonic": true,
+             "dataPoints": [{"timeUnixNano": ((t0 + i) as u64 * 1_000_000).to_string(), "asInt": "2"}]}}]}]}]});
+        let request = client
+            .post(node.url("/otlp/v1/metrics"))
+            .bearer_auth(&key.api_key)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        async move { request.send().await.unwrap() }
+    });
+    for response in futures_util::future::join_all(exports).await {
+        let status = response.status();
+        assert_eq!(status, StatusCode::OK, "{}", response.text().await.unwrap_or_default());
+    }
+    let mut totals: Vec<f64> = samples(client, &b, &key, "acme")
+        .await
+        .iter()
+        .filter(|s| s["name"] == "errors")
+        .map(|s| s["value"].as_f64().unwrap())
+        .collect();
+    totals.sort_by(f64::total_cmp);
+    assert_eq!(totals, (1..=24).map(|i| 2.0 * i as f64).collect::<Vec<_>>());
     drop(a);
     drop(b);
     cluster.drop_database().await;

@@ -34,7 +34,9 @@ pub struct Shared {
     pub known_servers: moka::sync::Cache<String, ()>,
     /// One lock per server for OTLP exports: an export reads its streams' state, commits
     /// samples computed from it and stores the next state, so two exports of one server
-    /// at once would both build on the same state and one delta would be lost.
+    /// at once would both build on the same state and one delta would be lost. Across
+    /// nodes the store's `cluster_lock` does the same; this one keeps a node's waiting
+    /// exports from each holding a database session.
     pub otlp_exports: KeyedLocks,
 }
 

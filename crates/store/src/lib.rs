@@ -134,6 +134,39 @@ pub trait Store: Send + Sync + 'static {
     /// Called every job tick: a node that dies (even by kill -9) releases the lock with its
     /// connection, and another node's next call takes it over.
     async fn hold_job_lock(&self, job: &str) -> StoreResult<bool>;
+    /// Holds the named lock on every node sharing the database until the guard is
+    /// released or dropped, waiting while another node holds it (at most half a minute,
+    /// then `Unavailable`). For work that reads shared state and writes what follows from
+    /// it, such as an OTLP stream's running total. Single-node backends hand out a guard
+    /// at once: callers already serialize such work within their process.
+    async fn cluster_lock(&self, _name: &str) -> StoreResult<ClusterLock> {
+        Ok(ClusterLock::default())
+    }
+}
+
+/// A held [`Store::cluster_lock`]. Release it with [`ClusterLock::release`]; dropping it
+/// also frees the lock (PostgreSQL: by closing the session that holds it).
+#[derive(Default)]
+pub struct ClusterLock(Option<Box<dyn ReleaseLock>>);
+
+#[async_trait]
+pub(crate) trait ReleaseLock: Send {
+    async fn release(self: Box<Self>) -> StoreResult<()>;
+}
+
+impl ClusterLock {
+    pub(crate) fn held(lock: Box<dyn ReleaseLock>) -> Self {
+        ClusterLock(Some(lock))
+    }
+
+    /// Frees the lock now. An error means the release could not be confirmed; the lock
+    /// is freed anyway, with the session that held it.
+    pub async fn release(mut self) -> StoreResult<()> {
+        match self.0.take() {
+            Some(lock) => lock.release().await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// Opens the store named by a database URL, running migrations.

@@ -1036,6 +1036,55 @@ async fn job_lock_moves_to_another_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_locks_serialize_work_across_nodes() {
+    let Some(db) = Db::new("cluster_locks_serialize_work_across_nodes").await else {
+        return;
+    };
+    let (a, b) = (Arc::new(db.open().await), Arc::new(db.open().await));
+    let held = a.cluster_lock("otlp.streams.s").await.unwrap();
+    let waiting = {
+        let b = b.clone();
+        tokio::spawn(async move { b.cluster_lock("otlp.streams.s").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "B took a lock A holds");
+    let other = b.cluster_lock("otlp.streams.t").await.unwrap();
+    other.release().await.unwrap();
+    assert!(
+        b.hold_job_lock("otlp.streams.s").await.unwrap(),
+        "a job of the same name does not wait for it"
+    );
+
+    held.release().await.unwrap();
+    let on_b = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("B got the lock once A released it")
+        .unwrap()
+        .unwrap();
+
+    // A guard dropped without release (an error path, a cancelled request) frees the
+    // lock with its session.
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.cluster_lock("otlp.streams.s").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "A took a lock B holds");
+    drop(on_b);
+    let again = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("A got the lock once B's guard was dropped")
+        .unwrap()
+        .unwrap();
+    again.release().await.unwrap();
+
+    let (_dir, lite) = sqlite().await;
+    let first = lite.cluster_lock("x").await.unwrap();
+    lite.cluster_lock("x").await.unwrap().release().await.unwrap();
+    first.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_after_connections_are_killed() {
     let Some(db) = Db::new("recovers_after_connections_are_killed").await else {
         return;

@@ -173,15 +173,20 @@ async fn export_inner(
     let mut points = mapped.points;
     let mut refused = mapped.refused;
     let mut budget = mapped.budget_left;
-    // Held from reading the streams' state to storing the next one (see `otlp_exports`).
-    // Per node: nodes of a cluster can still race on one server's streams. Exports
-    // without such streams (gauges, delta histograms) read no state and need no turn:
-    // holding it across their commit capped one server's OTLP ingest at one export per
-    // commit.
-    let _exporting = if mapped.streams.is_empty() {
+    // Held from reading the streams' state to storing the next one: first this node's
+    // turn (see `otlp_exports`), then the cluster's, so two nodes never continue one
+    // stream from the same state. Exports without such streams (gauges, delta
+    // histograms) read no state and need no turn: holding it across their commit capped
+    // one server's OTLP ingest at one export per commit.
+    let turn = if mapped.streams.is_empty() {
         None
     } else {
-        Some(state.otlp_exports.lock(&credential.server_id).await)
+        let node = state.otlp_exports.lock(&credential.server_id).await;
+        let cluster = state
+            .store
+            .cluster_lock(&format!("otlp.streams.{}", credential.server_id))
+            .await?;
+        Some((node, cluster))
     };
 
     // Streams continue from their stored state. The record keeps the state before the
@@ -298,6 +303,12 @@ async fn export_inner(
         }
         let text = serde_json::to_string(&record).map_err(|e| ApiError::invalid(e.to_string()))?;
         state.store.meta_set(&key, &text).await?;
+    }
+    if let Some((_node, cluster)) = turn
+        && let Err(e) = cluster.release().await
+    {
+        // The export is stored; the lock goes with its session.
+        tracing::warn!(error = %e, "releasing an OTLP stream lock");
     }
 
     let message = refused.examples().join("; ");

@@ -94,6 +94,7 @@ struct Inner {
     known_days: Mutex<HashSet<i64>>,
     listener: notify::Listener,
     locks: notify::JobLocks,
+    held_locks: Arc<notify::HeldLocks>,
 }
 
 /// PostgreSQL implementation of [`Store`].
@@ -139,7 +140,8 @@ impl PostgresStore {
                 config: config.clone(),
                 known_days: Mutex::new(HashSet::new()),
                 listener: notify::Listener::new(config.clone()),
-                locks: notify::JobLocks::new(config),
+                locks: notify::JobLocks::new(config.clone()),
+                held_locks: Arc::new(notify::HeldLocks::new(config)),
             }),
         };
         {
@@ -776,6 +778,10 @@ impl Store for PostgresStore {
 
     async fn hold_job_lock(&self, job: &str) -> StoreResult<bool> {
         self.inner.locks.hold(job).await
+    }
+
+    async fn cluster_lock(&self, name: &str) -> StoreResult<crate::ClusterLock> {
+        self.inner.held_locks.acquire(name).await
     }
 }
 

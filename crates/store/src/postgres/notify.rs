@@ -1,7 +1,8 @@
-//! Cluster plumbing on dedicated connections: the LISTEN side of live-update fan-out and
-//! the session advisory locks that let one node run each periodic job.
+//! Cluster plumbing on dedicated connections: the LISTEN side of live-update fan-out,
+//! the session advisory locks that let one node run each periodic job, and the locks
+//! that serialize one piece of work across nodes (`Store::cluster_lock`).
 //!
-//! Neither can use the pool. A LISTEN belongs to a session and notifications arrive on it
+//! None can use the pool. A LISTEN belongs to a session and notifications arrive on it
 //! between queries; a session advisory lock lives exactly as long as its connection, which
 //! is what releases it when a node dies, even by `kill -9`.
 
@@ -23,7 +24,14 @@ pub const MAX_PAYLOAD: usize = 8000;
 const SUBSCRIBER_BUFFER: usize = 1024;
 /// Any fixed value: the first key of every job lock (the second is the job name's hash).
 const JOB_LOCK_SPACE: i32 = 0x6d63_706d; // "mcpm"
+/// The first key of every `Store::cluster_lock` (distinct from job locks, so a job and a
+/// piece of work of the same name never wait for each other).
+const HELD_LOCK_SPACE: i32 = 0x6d63_706e; // "mcpn"
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `Store::cluster_lock` waits for another holder before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+/// Sessions kept for the next `Store::cluster_lock` once released.
+const IDLE_LOCK_SESSIONS: usize = 4;
 
 /// Fans the channel's notifications out to every receiver handed out by `subscribe`.
 pub struct Listener {
@@ -191,17 +199,7 @@ impl JobLocks {
             }
             jobs.remove(job);
         }
-        let (client, connection) = match tokio::time::timeout(QUERY_TIMEOUT, self.config.connect(NoTls)).await {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(StoreError::Unavailable(e.to_string())),
-            Err(_) => return Err(StoreError::Unavailable("timed out connecting for a job lock".into())),
-        };
-        // Ends when `client` is dropped, which closes the session and frees its locks.
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "job lock connection ended");
-            }
-        });
+        let client = lock_session(&self.config, "a job lock").await?;
         let held = try_lock(&client, job).await.map_err(pg_err)?;
         jobs.insert(job.to_owned(), LockSession { client, held });
         Ok(held)
@@ -216,4 +214,103 @@ async fn try_lock(client: &Client, job: &str) -> Result<bool, tokio_postgres::Er
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// A session of its own for advisory locks. It ends when the client is dropped, which
+/// frees every lock it holds.
+async fn lock_session(config: &Config, purpose: &str) -> StoreResult<Client> {
+    let (client, connection) = match tokio::time::timeout(QUERY_TIMEOUT, config.connect(NoTls)).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return Err(StoreError::Unavailable(e.to_string())),
+        Err(_) => return Err(StoreError::Unavailable(format!("timed out connecting for {purpose}"))),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "lock session ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Session advisory locks held for one piece of work and then released
+/// (`Store::cluster_lock`). A released session is kept for the next lock; a lock whose
+/// release is not confirmed, or whose guard is dropped unreleased (an error path, a
+/// cancelled request), ends its session, which frees it on the server.
+pub struct HeldLocks {
+    config: Config,
+    idle: std::sync::Mutex<Vec<Client>>,
+}
+
+impl HeldLocks {
+    pub fn new(config: Config) -> Self {
+        HeldLocks {
+            config,
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    pub async fn acquire(self: &Arc<Self>, name: &str) -> StoreResult<crate::ClusterLock> {
+        let reused = {
+            let mut idle = self.idle.lock().expect("lock sessions poisoned");
+            idle.retain(|c| !c.is_closed());
+            idle.pop()
+        };
+        let client = match reused {
+            Some(client) => client,
+            None => lock_session(&self.config, "a cluster lock").await?,
+        };
+        // On a timeout the client is dropped with the wait still queued on the server:
+        // ending the session withdraws it.
+        match tokio::time::timeout(
+            LOCK_WAIT,
+            client.execute("SELECT pg_advisory_lock($1, hashtext($2))", &[&HELD_LOCK_SPACE, &name]),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(crate::ClusterLock::held(Box::new(HeldLock {
+                client,
+                name: name.to_owned(),
+                locks: self.clone(),
+            }))),
+            Ok(Err(e)) => Err(pg_err(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "another node held the lock {name:?} for {LOCK_WAIT:?}"
+            ))),
+        }
+    }
+}
+
+struct HeldLock {
+    client: Client,
+    name: String,
+    locks: Arc<HeldLocks>,
+}
+
+#[async_trait::async_trait]
+impl crate::ReleaseLock for HeldLock {
+    async fn release(self: Box<Self>) -> StoreResult<()> {
+        let HeldLock { client, name, locks } = *self;
+        let unlocked = tokio::time::timeout(
+            QUERY_TIMEOUT,
+            client.query_one(
+                "SELECT pg_advisory_unlock($1, hashtext($2))",
+                &[&HELD_LOCK_SPACE, &name],
+            ),
+        )
+        .await;
+        match unlocked {
+            Ok(Ok(row)) if row.get::<_, bool>(0) => {
+                let mut idle = locks.idle.lock().expect("lock sessions poisoned");
+                if idle.len() < IDLE_LOCK_SESSIONS {
+                    idle.push(client);
+                }
+                Ok(())
+            }
+            Ok(Ok(_)) => Err(StoreError::Unavailable(format!("the lock {name:?} was no longer held"))),
+            Ok(Err(e)) => Err(pg_err(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "timed out releasing the lock {name:?}"
+            ))),
+        }
+    }
 }
