@@ -61,8 +61,9 @@ async fn refused_lines_are_named_and_the_rest_is_stored() {
     let svc = TestService::start().await;
     let cred = svc.server_with_key("acme").await;
     let t = now_ms() - 1000;
-    let body =
-        format!("good value=1 {t}\nlog msg=\"hello\" {t}\nbad-name value=2 {t}\nalso_good value=3 {t}\nbroken\n");
+    let body = format!(
+        "good value=1 {t}\nlog msg=\"hello\" {t}\nbad-name value=2 {t}\nalso_good value=3 {t}\nbroken\nm,k=a,k=b value=4 {t}\n"
+    );
     let (status, answer) = write(&svc, Some(("x-api-key", &cred.api_key)), "?precision=ms", body).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     assert_eq!(answer["accepted"], 2);
@@ -74,7 +75,12 @@ async fn refused_lines_are_named_and_the_rest_is_stored() {
         .collect();
     assert_eq!(
         lines,
-        vec![(2, "invalid_payload"), (3, "invalid_name"), (5, "invalid_payload")]
+        vec![
+            (2, "invalid_payload"),
+            (3, "invalid_name"),
+            (5, "invalid_payload"),
+            (6, "invalid_payload")
+        ]
     );
     assert!(answer["detail"].as_str().unwrap().contains("line 2"));
     assert_eq!(svc.samples(&cred, "").await.len(), 2);

@@ -106,6 +106,19 @@ async fn invalid_data_is_400_so_prometheus_does_not_retry_it() {
         send(&svc, Some(&bearer), "application/x-protobuf", garbage).await.0,
         StatusCode::BAD_REQUEST
     );
+    // A label name repeated in a series refuses the whole request, as Prometheus' own
+    // receiver does; nothing of it is stored.
+    let repeated = WriteRequest {
+        timeseries: vec![
+            TimeSeries::named("fine", &[], &[(1.0, t)]),
+            TimeSeries::named("twice", &[("job", "a"), ("job", "b")], &[(1.0, t)]),
+        ],
+    };
+    let (status, text) = send(&svc, Some(&bearer), "application/x-protobuf", encode(&repeated)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let problem: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(problem["detail"], "a series repeats the label name \"job\"");
+    assert_eq!(svc.samples(&cred, "").await.len(), 1);
     assert_eq!(
         send(&svc, Some(&bearer), "application/json", encode(&request)).await.0,
         StatusCode::UNSUPPORTED_MEDIA_TYPE

@@ -198,18 +198,13 @@ fn parse_tags_and_fields<'a>(
             .push((unescape(k, &[',', '=', ' ']), unescape(v, &[',', '=', ' '])));
         tag_part = next;
     }
-    // Sorted by key, then value; of a repeated key the smallest value stays. Deduplicated
-    // by hand: `Vec::dedup` would also compare with the previous line's last tag.
-    out.tags[tags_start..].sort_unstable();
-    let mut kept = tags_start;
-    for i in tags_start..out.tags.len() {
-        if kept == tags_start || out.tags[kept - 1].0 != out.tags[i].0 {
-            out.tags.swap(kept, i);
-            kept += 1;
-        }
+    // Sorted by key. A repeated key is refused, as InfluxDB refuses the point: which of
+    // its values was meant cannot be told.
+    out.tags[tags_start..].sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    if let Some(pair) = out.tags[tags_start..].windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(format!("tag key {:?} is repeated", pair[0].0));
     }
-    out.tags.truncate(kept);
-    let tags = tags_start..kept;
+    let tags = tags_start..out.tags.len();
     // fields up to the next unescaped space outside quotes, then an optional timestamp.
     let (fields, ts_part) = split_unescaped(rest, b" ", true);
     if fields.is_empty() {
@@ -357,6 +352,15 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_tag_key_refuses_its_line() {
+        let lines = parse("m,k=1,host=a,k=0 value=1\nm,k=1 value=2", Precision::S);
+        assert_eq!(lines.errors.len(), 1);
+        assert_eq!(lines.errors[0].line, 1);
+        assert_eq!(lines.errors[0].message, "tag key \"k\" is repeated");
+        assert_eq!(flat(&lines), vec![(2, "m".into(), vec![("k".into(), "1".into())], 2.0)]);
+    }
+
+    #[test]
     fn quoted_strings_may_hold_separators() {
         let lines = parse("m,t=a msg=\"a, b = c\",v=2 1", Precision::S);
         assert_eq!(lines.errors.len(), 1, "the string field is refused");
@@ -388,7 +392,7 @@ mod tests {
     #[test]
     fn each_line_keeps_its_own_tags() {
         let lines = parse(
-            "a,k=1,k=0 value=1\nb,k=2 x=\"s\"\nc,z=9,a=8 v=1,w=2\nd value=3",
+            "a,k=1,j=0 value=1\nb,k=2 x=\"s\"\nc,z=9,a=8 v=1,w=2\nd value=3",
             Precision::S,
         );
         let s = |v: &[(&str, &str)]| -> Vec<(String, String)> {
@@ -397,7 +401,7 @@ mod tests {
         assert_eq!(
             flat(&lines),
             vec![
-                (1, "a".into(), s(&[("k", "0")]), 1.0),
+                (1, "a".into(), s(&[("j", "0"), ("k", "1")]), 1.0),
                 (3, "c_v".into(), s(&[("a", "8"), ("z", "9")]), 1.0),
                 (3, "c_w".into(), s(&[("a", "8"), ("z", "9")]), 2.0),
                 (4, "d".into(), vec![], 3.0),

@@ -204,10 +204,7 @@ impl<'a> WireTags<'a> {
     /// Sorts decoded pairs by key; of a repeated key the last one wins, as in a JSON
     /// object read into a map.
     fn from_pairs(mut pairs: Vec<WireTag<'a>>) -> WireTags<'a> {
-        // Reversed, a stable sort puts the last of equal keys first, and dedup keeps it.
-        pairs.reverse();
-        pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        pairs.dedup_by(|a, b| a.0 == b.0);
+        crate::names::sort_and_dedup_tags(&mut pairs);
         WireTags::Json(pairs)
     }
 }

@@ -67,17 +67,13 @@ pub fn write_series_key<'a>(out: &mut String, name: &str, sorted_tags: impl Into
     }
 }
 
-/// Sorts tags by key, then value, and keeps one per key: the last, as collecting them
-/// into a map would (for a repeated key, the largest value).
-pub fn sort_and_dedup_tags(tags: &mut Vec<(String, String)>) {
-    tags.sort();
-    tags.dedup_by(|later, kept| {
-        let same = later.0 == kept.0;
-        if same {
-            std::mem::swap(later, kept);
-        }
-        same
-    });
+/// Sorts tags by key and keeps one per key: the one given last, as inserting them into a
+/// map in order would (OTLP attributes, like the keys of a JSON object).
+pub fn sort_and_dedup_tags<K: Ord, V>(tags: &mut Vec<(K, V)>) {
+    // Reversed, a stable sort puts the last of equal keys first, and dedup keeps it.
+    tags.reverse();
+    tags.sort_by(|a, b| a.0.cmp(&b.0));
+    tags.dedup_by(|a, b| a.0 == b.0);
 }
 
 #[cfg(test)]
@@ -137,11 +133,9 @@ mod tests {
             .collect();
         let mut tags = original.clone();
         sort_and_dedup_tags(&mut tags);
-        assert_eq!(tags, vec![("a".into(), "z".into()), ("b".into(), "3".into())]);
-        // What collecting the sorted tags into a map gave before.
-        let mut sorted = original;
-        sorted.sort();
-        let map: std::collections::BTreeMap<String, String> = sorted.into_iter().collect();
+        assert_eq!(tags, vec![("a".into(), "y".into()), ("b".into(), "2".into())]);
+        // What inserting them into a map in order gives.
+        let map: std::collections::BTreeMap<String, String> = original.into_iter().collect();
         assert_eq!(tags, map.into_iter().collect::<Vec<_>>());
     }
 }

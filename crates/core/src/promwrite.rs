@@ -49,6 +49,10 @@ pub enum PromError {
     TooLarge(usize),
     #[error("the body is not a protobuf WriteRequest: {0}")]
     Protobuf(String),
+    /// Prometheus' own receiver refuses such a request too: which value was meant cannot
+    /// be told, and keeping either would merge two series.
+    #[error("a series repeats the label name {0:?}")]
+    RepeatedLabel(String),
 }
 
 /// One series of a request, ready for validation. Its samples share its name and tags
@@ -82,31 +86,35 @@ pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromSeries>, 
         .map_err(|e| PromError::Snappy(e.to_string()))?;
     let request = WriteRequest::decode(raw.as_slice()).map_err(|e| PromError::Protobuf(e.to_string()))?;
     let mut stale = 0;
-    let series = request
-        .timeseries
-        .into_iter()
-        .map(|mut series| {
-            let mut name = String::new();
-            let mut tags: Vec<(String, String)> = Vec::with_capacity(series.labels.len());
-            for label in series.labels {
-                if label.name == "__name__" {
-                    name = label.value;
-                } else {
-                    tags.push((label.name, label.value));
+    let mut series = Vec::with_capacity(request.timeseries.len());
+    for mut one in request.timeseries {
+        let mut name = None;
+        let mut tags: Vec<(String, String)> = Vec::with_capacity(one.labels.len());
+        for label in one.labels {
+            if label.name == "__name__" {
+                if name.is_some() {
+                    return Err(PromError::RepeatedLabel(label.name));
                 }
+                name = Some(label.value);
+            } else {
+                tags.push((label.name, label.value));
             }
-            crate::names::sort_and_dedup_tags(&mut tags);
-            let before = series.samples.len();
-            series.samples.retain(|s| s.value.to_bits() != STALE_NAN_BITS);
-            stale += before - series.samples.len();
-            PromSeries {
-                counter: is_counter_name(&name),
-                name,
-                tags,
-                samples: series.samples,
-            }
-        })
-        .collect();
+        }
+        tags.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if let Some(pair) = tags.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(PromError::RepeatedLabel(pair[0].0.clone()));
+        }
+        let name = name.unwrap_or_default();
+        let before = one.samples.len();
+        one.samples.retain(|s| s.value.to_bits() != STALE_NAN_BITS);
+        stale += before - one.samples.len();
+        series.push(PromSeries {
+            counter: is_counter_name(&name),
+            name,
+            tags,
+            samples: one.samples,
+        });
+    }
     Ok((series, stale))
 }
 
@@ -158,17 +166,11 @@ mod tests {
                 ),
                 TimeSeries::named("up", &[("job", "api")], &[(1.0, 1000)]),
                 TimeSeries::named("latency_seconds_bucket", &[("le", "0.5")], &[(3.0, 1000)]),
-                TimeSeries::named("dup", &[("job", "b"), ("job", "a")], &[(1.0, 1000)]),
             ],
         };
         let (series, stale) = decode(&encode(&request), 1 << 20).unwrap();
         assert_eq!(stale, 1);
-        assert_eq!(series.len(), 4);
-        assert_eq!(
-            series[3].tags,
-            vec![("job".to_string(), "b".to_string())],
-            "one value per label name"
-        );
+        assert_eq!(series.len(), 3);
         assert_eq!(series[0].name, "http_requests_total");
         assert_eq!(
             series[0].tags,
@@ -210,6 +212,26 @@ mod tests {
             .compress_vec(&[0x0a, 0xff, 0xff, 0xff])
             .unwrap();
         assert!(matches!(decode(&garbage, 1 << 20), Err(PromError::Protobuf(_))));
+    }
+
+    #[test]
+    fn a_repeated_label_name_refuses_the_request() {
+        let repeated = |labels: &[(&str, &str)]| WriteRequest {
+            timeseries: vec![
+                TimeSeries::named("ok", &[("a", "1")], &[(1.0, 1)]),
+                TimeSeries::named("x", labels, &[(1.0, 1)]),
+            ],
+        };
+        assert_eq!(
+            decode(&encode(&repeated(&[("b", "2"), ("a", "1"), ("b", "3")])), 1 << 20),
+            Err(PromError::RepeatedLabel("b".into()))
+        );
+        assert_eq!(
+            decode(&encode(&repeated(&[("__name__", "y")])), 1 << 20),
+            Err(PromError::RepeatedLabel("__name__".into()))
+        );
+        let (series, _) = decode(&encode(&repeated(&[("b", "2"), ("a", "1")])), 1 << 20).unwrap();
+        assert_eq!(series[1].tags, vec![("a".into(), "1".into()), ("b".into(), "2".into())]);
     }
 
     proptest! {
