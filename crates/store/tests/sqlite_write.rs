@@ -1,7 +1,8 @@
 //! The SQLite write path stores gauge and counter values many rows per statement:
 //! within one write, a later value for the same (series, timestamp) must still replace
 //! an earlier one, whichever statement each lands in, and histogram observations that
-//! share a millisecond must still all be kept in arrival order.
+//! share a millisecond must still all be kept in arrival order, also when an earlier
+//! write already used that millisecond.
 
 use mcp_metrics_core::model::{Kind, SeriesKey, ServerFields};
 use mcp_metrics_core::time::now_ms;
@@ -30,13 +31,110 @@ fn sample(series: u32, kind: Kind, timestamp: i64, value: f64) -> PendingSample 
     }
 }
 
-#[tokio::test]
-async fn repeated_values_in_one_write_keep_the_last_and_observations_all() {
+async fn store_with_server() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("w.db"), &StoreOptions::default())
         .await
         .unwrap();
     store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    (dir, store)
+}
+
+fn write(samples: Vec<PendingSample>, new_series: Vec<NewSeries>) -> WriteBatch {
+    WriteBatch {
+        requests: vec![WriteRequest {
+            key_id: "k".into(),
+            new_series,
+            samples,
+            ..Default::default()
+        }],
+        now: now_ms(),
+        replay_window_ms: 600_000,
+        retry_window_ms: 600_000,
+    }
+}
+
+async fn stored(store: &SqliteStore, from: i64) -> (Vec<i64>, Vec<mcp_metrics_core::model::RawSample>) {
+    let ids: Vec<i64> = store
+        .series_of_server("s", None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    let samples = store
+        .read_samples(&SampleQuery {
+            series_ids: ids.clone(),
+            from,
+            to: from + 60_000,
+            after: None,
+            limit: 10_000,
+        })
+        .await
+        .unwrap();
+    (ids, samples)
+}
+
+/// Observations of one series at one offset: (seq, value) in stored order.
+fn at(samples: &[mcp_metrics_core::model::RawSample], series: i64, ts: i64) -> Vec<(i64, f64)> {
+    samples
+        .iter()
+        .filter(|s| s.series_id == series && s.timestamp == ts)
+        .map(|s| (s.seq, s.value))
+        .collect()
+}
+
+#[tokio::test]
+async fn observations_at_a_millisecond_an_earlier_write_used_take_the_next_seqs() {
+    let (_dir, store) = store_with_server().await;
+    let m = (now_ms() / 60_000 - 2) * 60_000;
+    // First write: 2 observations at m and 1 at m + 1.
+    let first = vec![
+        sample(0, Kind::Histogram, m, 1.0),
+        sample(0, Kind::Histogram, m, 2.0),
+        sample(0, Kind::Histogram, m + 1, 3.0),
+    ];
+    store
+        .write_batch(write(first, vec![series("h", Kind::Histogram)]))
+        .await
+        .unwrap();
+    let (ids, _) = stored(&store, m).await;
+    // Second write: 300 observations over m .. m + 4, several statements' worth, the
+    // first chunks colliding with the first write's rows, the later ones not.
+    let second: Vec<PendingSample> = (0..300)
+        .map(|i| PendingSample {
+            series: SeriesRef::Known(ids[0]),
+            kind: Kind::Histogram,
+            timestamp: m + i / 60,
+            value: 100.0 + i as f64,
+        })
+        .collect();
+    store.write_batch(write(second, vec![])).await.unwrap();
+    let (_, samples) = stored(&store, m).await;
+    assert_eq!(samples.len(), 303);
+    for t in 0..5 {
+        let mut expected: Vec<f64> = match t {
+            0 => vec![1.0, 2.0],
+            1 => vec![3.0],
+            _ => vec![],
+        };
+        expected.extend((0..300).filter(|i| i / 60 == t).map(|i| 100.0 + i as f64));
+        let got = at(&samples, ids[0], m + t);
+        assert_eq!(
+            got,
+            expected
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (i as i64, v))
+                .collect::<Vec<_>>(),
+            "seq 0, 1, 2, ... in arrival order at {t}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn repeated_values_in_one_write_keep_the_last_and_observations_all() {
+    let (_dir, store) = store_with_server().await;
     let m = (now_ms() / 60_000 - 2) * 60_000;
     // 1,000 gauge values over 37 timestamps (more than a statement's worth each round),
     // interleaved with 300 histogram observations over 7 timestamps.
@@ -47,36 +145,14 @@ async fn repeated_values_in_one_write_keep_the_last_and_observations_all() {
             samples.push(sample(1, Kind::Histogram, m + (i % 7), i as f64));
         }
     }
-    let batch = WriteBatch {
-        requests: vec![WriteRequest {
-            key_id: "k".into(),
-            new_series: vec![series("g", Kind::Gauge), series("h", Kind::Histogram)],
+    store
+        .write_batch(write(
             samples,
-            ..Default::default()
-        }],
-        now: now_ms(),
-        replay_window_ms: 600_000,
-        retry_window_ms: 600_000,
-    };
-    store.write_batch(batch).await.unwrap();
-
-    let ids: Vec<i64> = store
-        .series_of_server("s", None)
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.id)
-        .collect();
-    let stored = store
-        .read_samples(&SampleQuery {
-            series_ids: ids.clone(),
-            from: m,
-            to: m + 60_000,
-            after: None,
-            limit: 10_000,
-        })
+            vec![series("g", Kind::Gauge), series("h", Kind::Histogram)],
+        ))
         .await
         .unwrap();
+    let (ids, stored) = stored(&store, m).await;
     let gauge: Vec<(i64, f64)> = stored
         .iter()
         .filter(|s| s.series_id == ids[0])

@@ -45,6 +45,16 @@ static UPSERT_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
     )
 });
 
+/// Histogram observations per multi-row INSERT. Each gets its seq from its place in the
+/// write (0, 1, 2, … per (series, ts)); a chunk that collides with rows already stored
+/// fails as a whole and goes in row by row instead.
+const OBSERVATION_CHUNK: usize = 64;
+
+static INSERT_OBSERVATIONS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let rows = vec!["(?, ?, ?, ?)"; OBSERVATION_CHUNK].join(", ");
+    format!("INSERT INTO server_metrics (series_id, ts, seq, value) VALUES {rows}")
+});
+
 /// Extracts the file path from `sqlite://path`, `sqlite:path` or a bare path.
 pub fn path_from_url(url: &str) -> StoreResult<PathBuf> {
     let path = url
@@ -290,6 +300,21 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
+/// Inserts observations one statement each, in order: at seq 0, or when that is taken
+/// (by an earlier write, or an earlier row here) at the next free seq.
+fn insert_one_by_one(
+    at_zero: &mut rusqlite::CachedStatement<'_>,
+    at_next: &mut rusqlite::CachedStatement<'_>,
+    observations: &mut Vec<(i64, i64, i64, rusqlite::types::Value)>,
+) -> rusqlite::Result<()> {
+    for (series_id, ts, _, value) in observations.drain(..) {
+        if at_zero.execute(params![series_id, ts, value])? == 0 {
+            at_next.execute(params![series_id, ts, value])?;
+        }
+    }
+    Ok(())
+}
+
 fn write_batch_blocking(
     conn: &mut Connection,
     batch: &WriteBatch,
@@ -398,16 +423,45 @@ fn write_batch_blocking(
         rows.sort_by_key(|&(series_id, ts, _, _)| (ts, series_id));
         // Gauge and counter values go in UPSERT_CHUNK rows per statement (one VM run
         // instead of one per row), still in order: a later row for the same (series, ts)
-        // updates the earlier one. Histogram observations need one statement each (a
-        // conflict takes the next seq); they never share a series with the others, so
-        // the two interleave freely.
+        // updates the earlier one. Histogram observations go in OBSERVATION_CHUNK rows per
+        // statement, seq counted within the write; they never share a series with the
+        // others, so the two interleave freely.
         let mut upsert_many = tx.prepare_cached(&UPSERT_MANY_SQL)?;
         let mut upserts: Vec<(i64, i64, rusqlite::types::Value)> = Vec::with_capacity(UPSERT_CHUNK);
+        let mut insert_observations = tx.prepare_cached(&INSERT_OBSERVATIONS_SQL)?;
+        let mut observations: Vec<(i64, i64, i64, rusqlite::types::Value)> = Vec::with_capacity(OBSERVATION_CHUNK);
+        let mut observation_seq = (0, 0, 0);
         for &(series_id, ts, kind, value) in &rows {
             if kind == Kind::Histogram {
-                let value = value_codec::encode(value);
-                if insert_observation.execute(params![series_id, ts, value])? == 0 {
-                    insert_next_observation.execute(params![series_id, ts, value])?;
+                // Rows of one (series, ts) are adjacent after the sort.
+                observation_seq = match observation_seq {
+                    (s, t, seq) if s == series_id && t == ts => (s, t, seq + 1),
+                    _ => (series_id, ts, 0),
+                };
+                observations.push((series_id, ts, observation_seq.2, value_codec::encode(value)));
+                if observations.len() == OBSERVATION_CHUNK {
+                    for (i, (series_id, ts, seq, value)) in observations.iter().enumerate() {
+                        insert_observations.raw_bind_parameter(4 * i + 1, series_id)?;
+                        insert_observations.raw_bind_parameter(4 * i + 2, ts)?;
+                        insert_observations.raw_bind_parameter(4 * i + 3, seq)?;
+                        insert_observations.raw_bind_parameter(4 * i + 4, value)?;
+                    }
+                    match insert_observations.raw_execute() {
+                        Ok(_) => observations.clear(),
+                        // An observation at a (series, ts) an earlier write already used:
+                        // the failed statement changed nothing, and these rows take the
+                        // next free seq one by one.
+                        Err(rusqlite::Error::SqliteFailure(e, _))
+                            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                        {
+                            insert_one_by_one(
+                                &mut insert_observation,
+                                &mut insert_next_observation,
+                                &mut observations,
+                            )?;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             } else {
                 upserts.push((series_id, ts, value_codec::encode(value)));
@@ -427,6 +481,7 @@ fn write_batch_blocking(
         for (series_id, ts, value) in upserts {
             upsert_value.execute(params![series_id, ts, value])?;
         }
+        insert_one_by_one(&mut insert_observation, &mut insert_next_observation, &mut observations)?;
         // Every minute that received a sample is recomputed by the rollup job.
         dirty.sort_unstable();
         dirty.dedup();
