@@ -1084,6 +1084,38 @@ async fn cluster_locks_serialize_work_across_nodes() {
     first.release().await.unwrap();
 }
 
+/// A node holds at most 16 cluster locks at once (one session each): the 17th, even of a
+/// free name, waits for a turn instead of opening yet another connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_locks_take_at_most_sixteen_sessions() {
+    let Some(db) = Db::new("cluster_locks_take_at_most_sixteen_sessions").await else {
+        return;
+    };
+    let a = Arc::new(db.open().await);
+    let mut held = Vec::new();
+    for i in 0..16 {
+        held.push(a.cluster_lock(&format!("s{i}")).await.unwrap());
+    }
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.cluster_lock("s16").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a 17th session was opened");
+    held.pop().unwrap().release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the 17th got a turn once one was released")
+        .unwrap()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    for lock in held {
+        lock.release().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_after_connections_are_killed() {
     let Some(db) = Db::new("recovers_after_connections_are_killed").await else {

@@ -32,6 +32,10 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// Sessions kept for the next `Store::cluster_lock` once released.
 const IDLE_LOCK_SESSIONS: usize = 4;
+/// Cluster locks a node holds or waits for at once, each on a session of its own: more
+/// wait for a turn, so many servers exporting at once cannot use up the database's
+/// connections.
+const MAX_LOCK_SESSIONS: usize = 16;
 
 /// Fans the channel's notifications out to every receiver handed out by `subscribe`.
 pub struct Listener {
@@ -239,6 +243,7 @@ async fn lock_session(config: &Config, purpose: &str) -> StoreResult<Client> {
 pub struct HeldLocks {
     config: Config,
     idle: std::sync::Mutex<Vec<Client>>,
+    sessions: Arc<tokio::sync::Semaphore>,
 }
 
 impl HeldLocks {
@@ -246,10 +251,17 @@ impl HeldLocks {
         HeldLocks {
             config,
             idle: std::sync::Mutex::new(Vec::new()),
+            sessions: Arc::new(tokio::sync::Semaphore::new(MAX_LOCK_SESSIONS)),
         }
     }
 
     pub async fn acquire(self: &Arc<Self>, name: &str) -> StoreResult<crate::ClusterLock> {
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        let busy = || StoreError::Unavailable(format!("another holder kept the lock {name:?} for {LOCK_WAIT:?}"));
+        let turn = tokio::time::timeout_at(deadline, self.sessions.clone().acquire_owned())
+            .await
+            .map_err(|_| busy())?
+            .expect("never closed");
         let reused = {
             let mut idle = self.idle.lock().expect("lock sessions poisoned");
             idle.retain(|c| !c.is_closed());
@@ -261,8 +273,8 @@ impl HeldLocks {
         };
         // On a timeout the client is dropped with the wait still queued on the server:
         // ending the session withdraws it.
-        match tokio::time::timeout(
-            LOCK_WAIT,
+        match tokio::time::timeout_at(
+            deadline,
             client.execute("SELECT pg_advisory_lock($1, hashtext($2))", &[&HELD_LOCK_SPACE, &name]),
         )
         .await
@@ -271,11 +283,10 @@ impl HeldLocks {
                 client,
                 name: name.to_owned(),
                 locks: self.clone(),
+                _turn: turn,
             }))),
             Ok(Err(e)) => Err(pg_err(e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "another node held the lock {name:?} for {LOCK_WAIT:?}"
-            ))),
+            Err(_) => Err(busy()),
         }
     }
 }
@@ -284,12 +295,18 @@ struct HeldLock {
     client: Client,
     name: String,
     locks: Arc<HeldLocks>,
+    _turn: tokio::sync::OwnedSemaphorePermit,
 }
 
 #[async_trait::async_trait]
 impl crate::ReleaseLock for HeldLock {
     async fn release(self: Box<Self>) -> StoreResult<()> {
-        let HeldLock { client, name, locks } = *self;
+        let HeldLock {
+            client,
+            name,
+            locks,
+            _turn,
+        } = *self;
         let unlocked = tokio::time::timeout(
             QUERY_TIMEOUT,
             client.query_one(
