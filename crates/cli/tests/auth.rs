@@ -458,3 +458,75 @@ async fn revoking_twice_is_harmless_and_recorded_once() {
     assert_eq!(revoked, 1);
     svc.stop().await;
 }
+
+/// The status a write endpoint answers to request headers alone: the body the headers
+/// announce is never sent, so an answer proves the server decided without reading it.
+async fn status_before_the_body(svc: &TestService, path: &str, content_type: &str, key: &str, length: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(svc.addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n{key}Content-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("{path}: no answer without the body"))
+        .unwrap();
+    let line = String::from_utf8_lossy(&answer[..read]).to_string();
+    line.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: {line:?}"))
+}
+
+/// A write without a valid key is refused before its body is read, so nobody without a
+/// key can make the server buffer a body (up to 20 MiB on the exporter endpoints); with a
+/// key, a declared length over the limit is refused before reading too.
+#[tokio::test]
+async fn writes_are_refused_before_their_bodies_are_read() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("acme").await;
+    // (path, content type, the header that carries a key, the body limit)
+    let endpoints = [
+        ("/api/v1/metrics", "application/json", "X-API-Key", 1 << 20),
+        ("/api/v1/events", "application/json", "X-API-Key", 1 << 20),
+        ("/api/v1/write", "text/plain", "Authorization", 20 << 20),
+        (
+            "/api/v1/prom/write",
+            "application/x-protobuf",
+            "Authorization",
+            20 << 20,
+        ),
+        ("/otlp/v1/metrics", "application/x-protobuf", "Authorization", 20 << 20),
+    ];
+    for (path, content_type, header, limit) in endpoints {
+        let (unknown, known) = if header == "X-API-Key" {
+            (
+                "X-API-Key: mcpm_ak_unknown\r\n".to_string(),
+                format!("X-API-Key: {}\r\n", cred.api_key),
+            )
+        } else {
+            (
+                "Authorization: Bearer mcpm_ak_unknown\r\n".to_string(),
+                format!("Authorization: Bearer {}\r\n", cred.api_key),
+            )
+        };
+        assert_eq!(
+            status_before_the_body(&svc, path, content_type, "", limit).await,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            status_before_the_body(&svc, path, content_type, &unknown, limit).await,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            status_before_the_body(&svc, path, content_type, &known, limit + 1).await,
+            413,
+            "{path}"
+        );
+    }
+    svc.stop().await;
+}

@@ -10,9 +10,9 @@
 
 use std::borrow::Cow;
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -31,9 +31,7 @@ use crate::state::AppState;
 pub const MAX_BODY_BYTES: usize = 20 << 20;
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/write", post(write))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+    Router::new().route("/api/v1/write", post(write))
 }
 
 #[derive(Deserialize)]
@@ -45,7 +43,7 @@ async fn write(
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Result<Query<WriteQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     super::problem::counted(&state, write_inner(&state, &headers, query, body).await)
 }
@@ -54,10 +52,10 @@ async fn write_inner(
     state: &AppState,
     headers: &HeaderMap,
     query: Result<Query<WriteQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> ApiResult<Response> {
     let credential = auth::exporter(state, headers).await?;
-    let body = super::problem::body_or_413(body, MAX_BODY_BYTES)?;
+    let body = super::problem::read_body(headers, body, MAX_BODY_BYTES).await?;
     let body = super::problem::decoded_body(headers, body, MAX_BODY_BYTES)?;
     let Query(q) = query?;
     let precision = match q.precision.as_deref() {

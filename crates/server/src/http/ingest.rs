@@ -7,9 +7,8 @@
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -25,13 +24,11 @@ use super::problem::{ApiError, ApiResult};
 use crate::ingest::writer::SubmitError;
 use crate::state::AppState;
 
-pub fn router(state: &AppState) -> Router<AppState> {
-    let limit = DefaultBodyLimit::max(state.config.ingest.max_body_bytes);
+pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/metrics", post(collect))
         .route("/functions/v1/metrics-collect", post(collect))
         .route("/api/v1/events", post(post_event))
-        .layer(limit)
 }
 
 fn require_json(headers: &HeaderMap) -> ApiResult<()> {
@@ -60,17 +57,13 @@ pub fn submit_error(e: SubmitError) -> ApiError {
     }
 }
 
-async fn collect(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn collect(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     super::problem::counted(&state, collect_inner(&state, &headers, body).await)
 }
 
-async fn collect_inner(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
+async fn collect_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Response> {
     let credential = auth::author(state, headers).await?;
-    let body = super::problem::body_or_413(body, state.config.ingest.max_body_bytes)?;
+    let body = super::problem::read_body(headers, body, state.config.ingest.max_body_bytes).await?;
     require_json(headers)?;
     let signature = auth::verify_signature(state, &credential, headers, &body)?;
     let limits = state.sample_limits();
@@ -88,13 +81,9 @@ async fn collect_inner(
     Ok(response)
 }
 
-async fn post_event(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
+async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
     let credential = auth::author(&state, &headers).await?;
-    let body = super::problem::body_or_413(body, state.config.ingest.max_body_bytes)?;
+    let body = super::problem::read_body(&headers, body, state.config.ingest.max_body_bytes).await?;
     require_json(&headers)?;
     let signature = auth::verify_signature(&state, &credential, &headers, &body)?;
     let event = decode_event(&body, now_ms()).map_err(|e| ApiError::new(e.code(), e.to_string()))?;

@@ -31,7 +31,7 @@ use problem::ApiError;
 /// The whole application.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .merge(ingest::router(&state))
+        .merge(ingest::router())
         .merge(influx::router())
         .merge(promwrite::router())
         .merge(otlp::router())

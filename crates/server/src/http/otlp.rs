@@ -16,9 +16,8 @@
 use std::borrow::Cow;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -37,9 +36,7 @@ use crate::state::AppState;
 pub const MAX_BYTES: usize = 20 << 20;
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/otlp/v1/metrics", post(export))
-        .layer(DefaultBodyLimit::max(MAX_BYTES))
+    Router::new().route("/otlp/v1/metrics", post(export))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -108,7 +105,7 @@ fn failure(encoding: Encoding, error: ApiError) -> Response {
     response
 }
 
-async fn export(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn export(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     // A body of an unknown type is answered in JSON, the only encoding we can assume.
     let encoding = encoding_of(&headers);
     match export_inner(&state, &headers, encoding, body).await {
@@ -146,10 +143,10 @@ async fn export_inner(
     state: &AppState,
     headers: &HeaderMap,
     encoding: Option<Encoding>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> ApiResult<Response> {
     let credential = auth::exporter(state, headers).await?;
-    let body = super::problem::body_or_413(body, MAX_BYTES)?;
+    let body = super::problem::read_body(headers, body, MAX_BYTES).await?;
     let encoding = encoding.ok_or_else(|| {
         ApiError::new(
             Code::UnsupportedMediaType,

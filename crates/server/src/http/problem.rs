@@ -3,8 +3,9 @@
 //! Every handler returns `Result<_, ApiError>`. A store failure is logged with its
 //! internal text and answered with a generic detail, so internals never reach a client.
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::http::HeaderMap;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mcp_metrics_core::codes::Code;
@@ -121,6 +122,49 @@ pub fn body_or_413(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResu
             )
         } else {
             ApiError::invalid("the request body could not be read")
+        }
+    })
+}
+
+/// Reads a write's body. Callers authenticate from the headers first, so a client without
+/// a valid key never gets the server to buffer a body (up to 20 MiB on the exporter
+/// endpoints), and a declared `Content-Length` over the limit is refused before any of
+/// the body is read; a body sent without one is cut off at the limit.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
+    use futures_util::StreamExt;
+    let too_large = || {
+        ApiError::new(
+            Code::PayloadTooLarge,
+            format!("the body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::invalid("the request body could not be read"))?;
+        total += chunk.len();
+        if total > limit {
+            return Err(too_large());
+        }
+        chunks.push(chunk);
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut whole = Vec::with_capacity(total);
+            for chunk in &chunks {
+                whole.extend_from_slice(chunk);
+            }
+            Bytes::from(whole)
         }
     })
 }

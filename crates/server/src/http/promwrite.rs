@@ -9,9 +9,8 @@
 use std::borrow::Cow;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -27,22 +26,16 @@ use crate::state::AppState;
 pub const MAX_BYTES: usize = 20 << 20;
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/prom/write", post(write))
-        .layer(DefaultBodyLimit::max(MAX_BYTES))
+    Router::new().route("/api/v1/prom/write", post(write))
 }
 
-async fn write(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn write(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     super::problem::counted(&state, write_inner(&state, &headers, body).await)
 }
 
-async fn write_inner(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
+async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Response> {
     let credential = auth::exporter(state, headers).await?;
-    let body = super::problem::body_or_413(body, MAX_BYTES)?;
+    let body = super::problem::read_body(headers, body, MAX_BYTES).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
