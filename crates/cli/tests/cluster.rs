@@ -293,6 +293,34 @@ async fn two_nodes_are_one_service() {
     cluster.drop_database().await;
 }
 
+/// An OTLP/JSON export of the delta sum `errors`: +2 at `at` (unix ms).
+fn delta_export(at: i64) -> String {
+    json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+        {"name": "errors", "sum": {"aggregationTemporality": 1, "isMonotonic": true,
+         "dataPoints": [{"timeUnixNano": (at as u64 * 1_000_000).to_string(), "asInt": "2"}]}}]}]}]})
+    .to_string()
+}
+
+fn post_export(client: &reqwest::Client, node: &Node, key: &Credential, body: String) -> reqwest::RequestBuilder {
+    client
+        .post(node.url("/otlp/v1/metrics"))
+        .bearer_auth(&key.api_key)
+        .header("content-type", "application/json")
+        .body(body)
+}
+
+/// The running totals of `errors` stored so far, in order.
+async fn delta_totals(client: &reqwest::Client, node: &Node, key: &Credential) -> Vec<f64> {
+    let mut totals: Vec<f64> = samples(client, node, key, "acme")
+        .await
+        .iter()
+        .filter(|s| s["name"] == "errors")
+        .map(|s| s["value"].as_f64().unwrap())
+        .collect();
+    totals.sort_by(f64::total_cmp);
+    totals
+}
+
 /// Exports of one OTLP delta sum sent at once, half to each node: every export builds on
 /// the total the one before stored, whichever node stored it, so the running totals are
 /// 2, 4, …, 2n. With only a per-node lock the nodes read the same totals and some
@@ -307,30 +335,70 @@ async fn delta_exports_through_both_nodes_lose_no_increment() {
     let t0 = now_ms() - 60_000;
     let exports = (0..24i64).map(|i| {
         let node = if i % 2 == 0 { &a } else { &b };
-        let body = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
-            {"name": "errors", "sum": {"aggregationTemporality": 1, "isMonotonic": true,
-             "dataPoints": [{"timeUnixNano": ((t0 + i) as u64 * 1_000_000).to_string(), "asInt": "2"}]}}]}]}]});
-        let request = client
-            .post(node.url("/otlp/v1/metrics"))
-            .bearer_auth(&key.api_key)
-            .header("content-type", "application/json")
-            .body(body.to_string());
+        let request = post_export(client, node, &key, delta_export(t0 + i));
         async move { request.send().await.unwrap() }
     });
     for response in futures_util::future::join_all(exports).await {
         let status = response.status();
         assert_eq!(status, StatusCode::OK, "{}", response.text().await.unwrap_or_default());
     }
-    let mut totals: Vec<f64> = samples(client, &b, &key, "acme")
-        .await
-        .iter()
-        .filter(|s| s["name"] == "errors")
-        .map(|s| s["value"].as_f64().unwrap())
-        .collect();
-    totals.sort_by(f64::total_cmp);
-    assert_eq!(totals, (1..=24).map(|i| 2.0 * i as f64).collect::<Vec<_>>());
+    assert_eq!(
+        delta_totals(client, &b, &key).await,
+        (1..=24).map(|i| 2.0 * i as f64).collect::<Vec<_>>()
+    );
     drop(a);
     drop(b);
+    cluster.drop_database().await;
+}
+
+/// An OTLP delta export whose client gives up while it waits for its stream lock still
+/// runs to its end once the lock is free, so the next export builds on its total. Were
+/// the export dropped with its request, a client giving up between the commit and the
+/// state write would lose its delta from the running total.
+#[tokio::test]
+async fn an_export_whose_client_went_away_still_completes() {
+    let Some((cluster, a, _b, key)) = two_nodes_with_server("an_export_whose_client_went_away_still_completes").await
+    else {
+        return;
+    };
+    // Hold the server's stream lock as another node's export would (the key of
+    // `Store::cluster_lock("otlp.streams.acme")`).
+    let (holder, connection) = tokio_postgres::connect(&cluster.database, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock_key: (i32, &str) = (0x6d63_706e, "otlp.streams.acme");
+    holder
+        .execute("SELECT pg_advisory_lock($1, hashtext($2))", &[&lock_key.0, &lock_key.1])
+        .await
+        .unwrap();
+    let t0 = now_ms() - 60_000;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gone = post_export(&impatient, &a, &key, delta_export(t0)).send().await;
+    assert!(gone.is_err(), "the export did not wait for the lock: {gone:?}");
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1, hashtext($2))",
+            &[&lock_key.0, &lock_key.1],
+        )
+        .await
+        .unwrap();
+    let client = &cluster.client;
+    eventually(Duration::from_secs(10), "the abandoned export's sample", || async {
+        delta_totals(client, &a, &key).await == [2.0]
+    })
+    .await;
+    let next = post_export(client, &a, &key, delta_export(t0 + 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), StatusCode::OK);
+    assert_eq!(delta_totals(client, &a, &key).await, [2.0, 4.0]);
+    drop(a);
+    drop(_b);
     cluster.drop_database().await;
 }
 

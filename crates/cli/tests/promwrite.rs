@@ -106,19 +106,22 @@ async fn invalid_data_is_400_so_prometheus_does_not_retry_it() {
         send(&svc, Some(&bearer), "application/x-protobuf", garbage).await.0,
         StatusCode::BAD_REQUEST
     );
-    // A label name repeated in a series refuses the whole request, as Prometheus' own
-    // receiver does; nothing of it is stored.
+    // A series that repeats a label name is refused (as Prometheus' own receiver skips
+    // it); the request's other series are stored, and the 400 names it.
     let repeated = WriteRequest {
         timeseries: vec![
             TimeSeries::named("fine", &[], &[(1.0, t)]),
-            TimeSeries::named("twice", &[("job", "a"), ("job", "b")], &[(1.0, t)]),
+            TimeSeries::named("twice", &[("job", "a"), ("job", "b")], &[(1.0, t), (2.0, t + 1)]),
         ],
     };
     let (status, text) = send(&svc, Some(&bearer), "application/x-protobuf", encode(&repeated)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     let problem: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(problem["detail"], "a series repeats the label name \"job\"");
-    assert_eq!(svc.samples(&cred, "").await.len(), 1);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.starts_with("1 samples stored, 2 refused"), "{detail}");
+    assert!(detail.contains("repeats the label name \"job\""), "{detail}");
+    assert_eq!(svc.samples(&cred, "name=fine").await.len(), 1);
+    assert_eq!(svc.samples(&cred, "name=twice").await.len(), 0);
     assert_eq!(
         send(&svc, Some(&bearer), "application/json", encode(&request)).await.0,
         StatusCode::UNSUPPORTED_MEDIA_TYPE
@@ -144,6 +147,7 @@ async fn invalid_data_is_400_so_prometheus_does_not_retry_it() {
             .0,
         StatusCode::PAYLOAD_TOO_LARGE
     );
-    assert_eq!(svc.samples(&cred, "").await.len(), 1);
+    // The good sample beside the NaN and the series beside the repeated label; nothing more.
+    assert_eq!(svc.samples(&cred, "").await.len(), 2);
     svc.stop().await;
 }

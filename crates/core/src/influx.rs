@@ -198,8 +198,9 @@ fn parse_tags_and_fields<'a>(
             .push((unescape(k, &[',', '=', ' ']), unescape(v, &[',', '=', ' '])));
         tag_part = next;
     }
-    // Sorted by key. A repeated key is refused, as InfluxDB refuses the point: which of
-    // its values was meant cannot be told.
+    // Sorted by key. A repeated key is refused: which of its values was meant cannot be
+    // told, and keeping either silently would file the point under a series the sender
+    // may not have meant.
     out.tags[tags_start..].sort_unstable_by(|a, b| a.0.cmp(&b.0));
     if let Some(pair) = out.tags[tags_start..].windows(2).find(|w| w[0].0 == w[1].0) {
         return Err(format!("tag key {:?} is repeated", pair[0].0));

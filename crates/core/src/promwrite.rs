@@ -49,10 +49,6 @@ pub enum PromError {
     TooLarge(usize),
     #[error("the body is not a protobuf WriteRequest: {0}")]
     Protobuf(String),
-    /// Prometheus' own receiver refuses such a request too: which value was meant cannot
-    /// be told, and keeping either would merge two series.
-    #[error("a series repeats the label name {0:?}")]
-    RepeatedLabel(String),
 }
 
 /// One series of a request, ready for validation. Its samples share its name and tags
@@ -65,6 +61,10 @@ pub struct PromSeries {
     pub counter: bool,
     /// Without stale markers.
     pub samples: Vec<Sample>,
+    /// A label name the series repeats (`__name__` included): its samples are refused,
+    /// as Prometheus' own receiver skips such a series, since which value was meant
+    /// cannot be told. `tags` then keeps one value per name.
+    pub repeated_label: Option<String>,
 }
 
 /// Whether a series is cumulative by Prometheus naming conventions.
@@ -89,11 +89,13 @@ pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromSeries>, 
     let mut series = Vec::with_capacity(request.timeseries.len());
     for mut one in request.timeseries {
         let mut name = None;
+        let mut repeated_label = None;
         let mut tags: Vec<(String, String)> = Vec::with_capacity(one.labels.len());
         for label in one.labels {
             if label.name == "__name__" {
                 if name.is_some() {
-                    return Err(PromError::RepeatedLabel(label.name));
+                    repeated_label.get_or_insert(label.name);
+                    continue;
                 }
                 name = Some(label.value);
             } else {
@@ -102,7 +104,8 @@ pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromSeries>, 
         }
         tags.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         if let Some(pair) = tags.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(PromError::RepeatedLabel(pair[0].0.clone()));
+            repeated_label.get_or_insert_with(|| pair[0].0.clone());
+            tags.dedup_by(|a, b| a.0 == b.0);
         }
         let name = name.unwrap_or_default();
         let before = one.samples.len();
@@ -113,6 +116,7 @@ pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromSeries>, 
             name,
             tags,
             samples: one.samples,
+            repeated_label,
         });
     }
     Ok((series, stale))
@@ -215,23 +219,22 @@ mod tests {
     }
 
     #[test]
-    fn a_repeated_label_name_refuses_the_request() {
+    fn a_repeated_label_name_marks_its_series() {
         let repeated = |labels: &[(&str, &str)]| WriteRequest {
             timeseries: vec![
                 TimeSeries::named("ok", &[("a", "1")], &[(1.0, 1)]),
                 TimeSeries::named("x", labels, &[(1.0, 1)]),
             ],
         };
-        assert_eq!(
-            decode(&encode(&repeated(&[("b", "2"), ("a", "1"), ("b", "3")])), 1 << 20),
-            Err(PromError::RepeatedLabel("b".into()))
-        );
-        assert_eq!(
-            decode(&encode(&repeated(&[("__name__", "y")])), 1 << 20),
-            Err(PromError::RepeatedLabel("__name__".into()))
-        );
-        let (series, _) = decode(&encode(&repeated(&[("b", "2"), ("a", "1")])), 1 << 20).unwrap();
-        assert_eq!(series[1].tags, vec![("a".into(), "1".into()), ("b".into(), "2".into())]);
+        let marked = |labels: &[(&str, &str)]| {
+            let (series, _) = decode(&encode(&repeated(labels)), 1 << 20).unwrap();
+            assert_eq!(series[0].repeated_label, None, "the other series is not marked");
+            assert!(series[1].tags.windows(2).all(|w| w[0].0 < w[1].0), "tags unique");
+            series[1].repeated_label.clone()
+        };
+        assert_eq!(marked(&[("b", "2"), ("a", "1"), ("b", "3")]), Some("b".into()));
+        assert_eq!(marked(&[("__name__", "y")]), Some("__name__".into()));
+        assert_eq!(marked(&[("b", "2"), ("a", "1")]), None);
     }
 
     proptest! {

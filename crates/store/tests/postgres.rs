@@ -1084,6 +1084,40 @@ async fn cluster_locks_serialize_work_across_nodes() {
     first.release().await.unwrap();
 }
 
+/// A wait for a cluster lock that is given up (the request waiting went away) is
+/// cancelled on the server at once: a dropped client alone would keep its session
+/// queued for the lock until the holder let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_cluster_lock_wait_leaves_no_session_waiting() {
+    let Some(db) = Db::new("an_abandoned_cluster_lock_wait_leaves_no_session_waiting").await else {
+        return;
+    };
+    let (a, b) = (db.open().await, Arc::new(db.open().await));
+    let held = a.cluster_lock("x").await.unwrap();
+    let waits = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    let waiting = {
+        let b = b.clone();
+        tokio::spawn(async move { b.cluster_lock("x").await.map(|_| ()) })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while scalar(&db, waits).await != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "B never queued for the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    waiting.abort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while scalar(&db, waits).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned wait still queues on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.release().await.unwrap();
+    // B's next lock works (the cancelled session was not reused).
+    b.cluster_lock("x").await.unwrap().release().await.unwrap();
+}
+
 /// A node holds at most 16 cluster locks at once (one session each): the 17th, even of a
 /// free name, waits for a turn instead of opening yet another connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,7 +108,18 @@ fn failure(encoding: Encoding, error: ApiError) -> Response {
 async fn export(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     // A body of an unknown type is answered in JSON, the only encoding we can assume.
     let encoding = encoding_of(&headers);
-    match export_inner(&state, &headers, encoding, body).await {
+    // Runs to its end even when the client goes away: an export cut off between
+    // committing its samples and storing its streams' next state would leave the next
+    // export building on the state before it, losing that export's deltas.
+    let exporting = {
+        let state = state.clone();
+        tokio::spawn(async move { export_inner(&state, &headers, encoding, body).await })
+    };
+    let result = exporting.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "an OTLP export task failed");
+        Err(ApiError::new(Code::Internal, "the export could not be processed"))
+    });
+    match result {
         Ok(response) => response,
         Err(error) => {
             state.telemetry.request_rejected(error.code);

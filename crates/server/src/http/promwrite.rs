@@ -50,6 +50,18 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
         PromError::TooLarge(_) => ApiError::new(Code::PayloadTooLarge, e.to_string()),
         other => ApiError::invalid(other.to_string()),
     })?;
+    // A series that repeats a label name is refused whole; the others go on.
+    let (series, repeating): (Vec<_>, Vec<_>) = series.into_iter().partition(|s| s.repeated_label.is_none());
+    let refused_repeating: usize = repeating.iter().map(|s| s.samples.len()).sum();
+    let mut examples: Vec<String> = repeating
+        .iter()
+        .filter(|s| !s.samples.is_empty())
+        .take(5)
+        .map(|s| {
+            let label = s.repeated_label.as_deref().unwrap_or_default();
+            format!("{} {:?}: the series repeats the label name {label:?}", s.name, s.tags)
+        })
+        .collect();
     let batch = WireBatch {
         server_id: Cow::Borrowed(&credential.server_id),
         metrics: series
@@ -71,23 +83,22 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
             })
             .collect(),
     };
-    let stored = super::write::commit(state, &credential, &batch, &body, None).await?;
-    if stored.rejected.is_empty() {
+    let (accepted, rejected) = if batch.metrics.is_empty() && refused_repeating > 0 {
+        (0, Vec::new())
+    } else {
+        let stored = super::write::commit(state, &credential, &batch, &body, None).await?;
+        (stored.accepted, stored.rejected)
+    };
+    if rejected.is_empty() && refused_repeating == 0 {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let examples: Vec<String> = stored
-        .rejected
-        .iter()
-        .take(5)
-        .map(|r| {
-            let sample = &batch.metrics[r.index];
-            format!("{} {:?}: {}", sample.name, sample.tags().collect::<Vec<_>>(), r.detail)
-        })
-        .collect();
+    examples.extend(rejected.iter().take(5 - examples.len()).map(|r| {
+        let sample = &batch.metrics[r.index];
+        format!("{} {:?}: {}", sample.name, sample.tags().collect::<Vec<_>>(), r.detail)
+    }));
     Err(ApiError::invalid(format!(
-        "{} samples stored, {} refused (not retried), e.g. {}",
-        stored.accepted,
-        stored.rejected.len(),
+        "{accepted} samples stored, {} refused (not retried), e.g. {}",
+        rejected.len() + refused_repeating,
         examples.join("; ")
     )))
 }

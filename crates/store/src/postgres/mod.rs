@@ -48,8 +48,11 @@ pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
         let code = code.code();
         return match code {
             // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
-            // serialization_failure and deadlock_detected (both mean "try again").
-            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" => StoreError::Unavailable(e.to_string()),
+            // serialization_failure and deadlock_detected (both mean "try again"), and
+            // lock_not_available (a cluster lock's `lock_timeout`).
+            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "55P03" => {
+                StoreError::Unavailable(e.to_string())
+            }
             c if c.starts_with("08") => StoreError::Unavailable(e.to_string()),
             c if c.starts_with("23") => StoreError::Conflict,
             _ => StoreError::Database(db_text(&e)),

@@ -269,24 +269,68 @@ impl HeldLocks {
         };
         let client = match reused {
             Some(client) => client,
-            None => lock_session(&self.config, "a cluster lock").await?,
+            None => {
+                let client = lock_session(&self.config, "a cluster lock").await?;
+                // The server gives up a wait by itself too, whatever happens to this node.
+                let limit = format!("SET lock_timeout = {}", LOCK_WAIT.as_millis());
+                tokio::time::timeout(QUERY_TIMEOUT, client.batch_execute(&limit))
+                    .await
+                    .map_err(|_| StoreError::Unavailable("timed out setting up a cluster lock session".into()))?
+                    .map_err(pg_err)?;
+                client
+            }
         };
-        // On a timeout the client is dropped with the wait still queued on the server:
-        // ending the session withdraws it.
-        match tokio::time::timeout_at(
-            deadline,
-            client.execute("SELECT pg_advisory_lock($1, hashtext($2))", &[&HELD_LOCK_SPACE, &name]),
-        )
-        .await
-        {
+        let mut waiting = Waiting {
+            client: Some(client),
+            turn: Some(turn),
+        };
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&HELD_LOCK_SPACE, &name];
+        let wait = waiting
+            .client
+            .as_ref()
+            .expect("just set")
+            .execute("SELECT pg_advisory_lock($1, hashtext($2))", &params);
+        let waited = tokio::time::timeout_at(deadline, wait).await;
+        match waited {
             Ok(Ok(_)) => Ok(crate::ClusterLock::held(Box::new(HeldLock {
-                client,
+                client: waiting.client.take().expect("just set"),
                 name: name.to_owned(),
                 locks: self.clone(),
-                _turn: turn,
+                _turn: waiting.turn.take().expect("just set"),
             }))),
-            Ok(Err(e)) => Err(pg_err(e)),
+            Ok(Err(e)) => {
+                // The wait ended on the server (lock_timeout, a lost connection): nothing
+                // to cancel; the session is dropped.
+                waiting.client = None;
+                Err(pg_err(e))
+            }
+            // `waiting` cancels the wait still queued on the server.
             Err(_) => Err(busy()),
+        }
+    }
+}
+
+/// A lock wait in progress. Dropped before the lock was granted (a timeout, or the
+/// request waiting for it went away), it cancels the wait on the server: a dropped client
+/// alone keeps its session open until the lock is granted. Its turn is given back once
+/// the cancel is done, so the session limit counts sessions that still exist.
+struct Waiting {
+    client: Option<Client>,
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let (Some(client), turn) = (self.client.take(), self.turn.take()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let cancel = client.cancel_token();
+                let _ = tokio::time::timeout(QUERY_TIMEOUT, cancel.cancel_query(NoTls)).await;
+                drop(client);
+                drop(turn);
+            });
         }
     }
 }

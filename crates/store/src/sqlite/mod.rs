@@ -430,15 +430,16 @@ fn write_batch_blocking(
         let mut upserts: Vec<(i64, i64, rusqlite::types::Value)> = Vec::with_capacity(UPSERT_CHUNK);
         let mut insert_observations = tx.prepare_cached(&INSERT_OBSERVATIONS_SQL)?;
         let mut observations: Vec<(i64, i64, i64, rusqlite::types::Value)> = Vec::with_capacity(OBSERVATION_CHUNK);
-        let mut observation_seq = (0, 0, 0);
+        let mut observation_seq: Option<(i64, i64, i64)> = None;
         for &(series_id, ts, kind, value) in &rows {
             if kind == Kind::Histogram {
                 // Rows of one (series, ts) are adjacent after the sort.
-                observation_seq = match observation_seq {
-                    (s, t, seq) if s == series_id && t == ts => (s, t, seq + 1),
-                    _ => (series_id, ts, 0),
+                let seq = match observation_seq {
+                    Some((s, t, seq)) if s == series_id && t == ts => seq + 1,
+                    _ => 0,
                 };
-                observations.push((series_id, ts, observation_seq.2, value_codec::encode(value)));
+                observation_seq = Some((series_id, ts, seq));
+                observations.push((series_id, ts, seq, value_codec::encode(value)));
                 if observations.len() == OBSERVATION_CHUNK {
                     for (i, (series_id, ts, seq, value)) in observations.iter().enumerate() {
                         insert_observations.raw_bind_parameter(4 * i + 1, series_id)?;
