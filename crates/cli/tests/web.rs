@@ -156,17 +156,7 @@ async fn dashboard_refuses_a_wrong_key_and_shows_only_its_own_server() {
     assert!(!html.contains(&a.api_key), "the key is never echoed");
 
     // The session cookie is HttpOnly and SameSite=Strict.
-    let raw = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let r = raw
-        .post(svc.url("/dashboard/login"))
-        .form(&[("api_key", a.api_key.as_str())])
-        .send()
-        .await
-        .unwrap();
-    let cookie = r.headers().get("set-cookie").unwrap().to_str().unwrap().to_owned();
+    let cookie = login_cookie(&svc, &a.api_key, None).await;
     assert!(
         cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
         "{cookie}"
@@ -174,14 +164,7 @@ async fn dashboard_refuses_a_wrong_key_and_shows_only_its_own_server() {
     // Not `Secure` over plain HTTP, nor when an untrusted peer claims HTTPS: the browser
     // would not send it back.
     assert!(!cookie.contains("Secure"), "{cookie}");
-    let r = raw
-        .post(svc.url("/dashboard/login"))
-        .header("x-forwarded-proto", "https")
-        .form(&[("api_key", a.api_key.as_str())])
-        .send()
-        .await
-        .unwrap();
-    let cookie = r.headers().get("set-cookie").unwrap().to_str().unwrap().to_owned();
+    let cookie = login_cookie(&svc, &a.api_key, Some("https")).await;
     assert!(!cookie.contains("Secure"), "no trusted proxy: {cookie}");
 
     // Signing out needs the form's token.
@@ -210,26 +193,30 @@ async fn dashboard_refuses_a_wrong_key_and_shows_only_its_own_server() {
     svc.stop().await;
 }
 
+/// The `Set-Cookie` of a dashboard login with `api_key`, sent with `X-Forwarded-Proto:
+/// proto` when given (redirects not followed, so the login's own answer is read).
+async fn login_cookie(svc: &TestService, api_key: &str, proto: Option<&str>) -> String {
+    let raw = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut request = raw.post(svc.url("/dashboard/login")).form(&[("api_key", api_key)]);
+    if let Some(proto) = proto {
+        request = request.header("x-forwarded-proto", proto);
+    }
+    let r = request.send().await.unwrap();
+    r.headers().get("set-cookie").unwrap().to_str().unwrap().to_owned()
+}
+
 /// Behind a trusted proxy that says (last, in its own `X-Forwarded-Proto` entry) the
 /// browser came over HTTPS, the session cookie is `Secure`.
 #[tokio::test]
 async fn the_session_cookie_is_secure_behind_an_https_proxy() {
     let svc = TestService::start_with(|c| c.trusted_proxies = vec!["127.0.0.1/32".into()]).await;
     let key = svc.server_with_key("alpha").await;
-    let raw = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let login = |proto: &'static str| {
-        raw.post(svc.url("/dashboard/login"))
-            .header("x-forwarded-proto", proto)
-            .form(&[("api_key", key.api_key.as_str())])
-            .send()
-    };
-    let cookie = |r: &reqwest::Response| r.headers().get("set-cookie").unwrap().to_str().unwrap().to_owned();
-    let secure = cookie(&login("http, https").await.unwrap());
+    let secure = login_cookie(&svc, &key.api_key, Some("http, https")).await;
     assert!(secure.contains("; Secure") && secure.contains("HttpOnly"), "{secure}");
-    let plain = cookie(&login("http").await.unwrap());
+    let plain = login_cookie(&svc, &key.api_key, Some("http")).await;
     assert!(!plain.contains("Secure"), "{plain}");
 }
 

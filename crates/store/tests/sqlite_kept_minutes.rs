@@ -47,8 +47,22 @@ fn batch(samples: &[(&str, Kind, i64, f64)]) -> WriteBatch {
     }
 }
 
+/// Writes `samples` as one request and waits for its commit.
+async fn write(store: &SqliteStore, samples: &[(&str, Kind, i64, f64)]) {
+    store.write_batch(batch(samples)).await.unwrap();
+}
+
 async fn open(path: &std::path::Path) -> SqliteStore {
     SqliteStore::open(path, &StoreOptions::default()).await.unwrap()
+}
+
+/// A new database file holding the server `s`: its directory, its path and the store.
+async fn fresh() -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.db");
+    let store = open(&path).await;
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    (dir, path, store)
 }
 
 /// One minute pass; returns the kind of input of each bucket by series name.
@@ -100,36 +114,34 @@ fn kept(names: &[&str]) -> Vec<(String, &'static str)> {
 
 #[tokio::test]
 async fn in_order_minutes_are_kept_and_equal_a_full_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir.path().join("k.db")).await;
-    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let (_dir, _, store) = fresh().await;
     let m = (now_ms() / 60_000 - 3) * 60_000;
-    store
-        .write_batch(batch(&[
+    write(
+        &store,
+        &[
             ("g", Kind::Gauge, m + 10, 3.0),
             ("c", Kind::Counter, m + 10, 100.0),
             ("h", Kind::Histogram, m + 10, 12.0),
             ("h", Kind::Histogram, m + 10, 14.0),
-        ]))
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     assert_eq!(minute_pass(&store).await, kept(&["c", "g", "h"]));
     // More of the same minutes, a counter restart and the next minute, over two writes.
-    store
-        .write_batch(batch(&[
+    write(
+        &store,
+        &[
             ("c", Kind::Counter, m + 20, 130.0),
             ("c", Kind::Counter, m + 30, 4.0),
             ("h", Kind::Histogram, m + 10, 20.0),
-        ]))
-        .await
-        .unwrap();
-    store
-        .write_batch(batch(&[
-            ("g", Kind::Gauge, m + 40, 9.0),
-            ("g", Kind::Gauge, m + 60_010, 1.0),
-        ]))
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
+    write(
+        &store,
+        &[("g", Kind::Gauge, m + 40, 9.0), ("g", Kind::Gauge, m + 60_010, 1.0)],
+    )
+    .await;
     assert_eq!(minute_pass(&store).await, kept(&["c", "g", "g", "h"]));
     let from_memory = minutes(&store).await;
     let counter = &from_memory.iter().find(|b| b.0 == "c").unwrap().2;
@@ -141,10 +153,7 @@ async fn in_order_minutes_are_kept_and_equal_a_full_read() {
     assert!(read.iter().all(|(_, how)| *how == "read"), "{read:?}");
     assert_eq!(minutes(&store).await, from_memory);
     // After that the writer's buckets are used again.
-    store
-        .write_batch(batch(&[("g", Kind::Gauge, m + 50, 2.0)]))
-        .await
-        .unwrap();
+    write(&store, &[("g", Kind::Gauge, m + 50, 2.0)]).await;
     assert_eq!(minute_pass(&store).await, kept(&["g"]));
     let g = first_minute(&store, "g").await;
     assert_eq!((g.count, g.last), (3, 2.0));
@@ -152,27 +161,23 @@ async fn in_order_minutes_are_kept_and_equal_a_full_read() {
 
 #[tokio::test]
 async fn late_and_rewritten_samples_are_kept_unless_far_behind_or_history() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("k.db");
-    let store = open(&path).await;
-    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let (_dir, path, store) = fresh().await;
     let m = (now_ms() / 60_000 - 3) * 60_000;
-    store
-        .write_batch(batch(&[
+    write(
+        &store,
+        &[
             ("late", Kind::Counter, m + 20, 10.0),
             ("same", Kind::Gauge, m + 20, 1.0),
-        ]))
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     minute_pass(&store).await;
     // Slightly out of order (as from several connections) and a rewritten value.
-    store
-        .write_batch(batch(&[
-            ("late", Kind::Counter, m + 10, 4.0),
-            ("same", Kind::Gauge, m + 20, 5.0),
-        ]))
-        .await
-        .unwrap();
+    write(
+        &store,
+        &[("late", Kind::Counter, m + 10, 4.0), ("same", Kind::Gauge, m + 20, 5.0)],
+    )
+    .await;
     assert_eq!(minute_pass(&store).await, kept(&["late", "same"]));
     let buckets = minutes(&store).await;
     let late = &buckets[0].2;
@@ -189,11 +194,8 @@ async fn late_and_rewritten_samples_are_kept_unless_far_behind_or_history() {
     let many: Vec<_> = (0..1000)
         .map(|i| ("far", Kind::Counter, m + 100 + i, i as f64))
         .collect();
-    store.write_batch(batch(&many)).await.unwrap();
-    store
-        .write_batch(batch(&[("far", Kind::Counter, m + 101, 0.5)]))
-        .await
-        .unwrap();
+    write(&store, &many).await;
+    write(&store, &[("far", Kind::Counter, m + 101, 0.5)]).await;
     assert_eq!(minute_pass(&store).await, vec![("far".to_string(), "read")]);
     let far = first_minute(&store, "far").await;
     assert_eq!((far.count, far.last, far.increase), (1000, 999.0, 999.0));
@@ -202,10 +204,7 @@ async fn late_and_rewritten_samples_are_kept_unless_far_behind_or_history() {
     // A restarted writer has not seen the minute: it reads it, history included.
     drop(store);
     let store = open(&path).await;
-    store
-        .write_batch(batch(&[("same", Kind::Gauge, m + 30, 7.0)]))
-        .await
-        .unwrap();
+    write(&store, &[("same", Kind::Gauge, m + 30, 7.0)]).await;
     assert_eq!(minute_pass(&store).await, vec![("same".to_string(), "read")]);
     let same = first_minute(&store, "same").await;
     assert_eq!((same.count, same.sum), (2, 12.0));
@@ -213,17 +212,14 @@ async fn late_and_rewritten_samples_are_kept_unless_far_behind_or_history() {
 
 #[tokio::test]
 async fn another_connection_writing_the_file_is_noticed() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("k.db");
-    let a = open(&path).await;
-    a.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let (_dir, path, a) = fresh().await;
     let m = (now_ms() / 60_000 - 3) * 60_000;
-    a.write_batch(batch(&[("g", Kind::Gauge, m + 10, 1.0)])).await.unwrap();
+    write(&a, &[("g", Kind::Gauge, m + 10, 1.0)]).await;
     // Another process (here: another store on the same file) writes the same minute in
     // order, then this one writes again: its kept bucket lacks the other's sample.
     let b = open(&path).await;
-    b.write_batch(batch(&[("g", Kind::Gauge, m + 20, 2.0)])).await.unwrap();
-    a.write_batch(batch(&[("g", Kind::Gauge, m + 30, 3.0)])).await.unwrap();
+    write(&b, &[("g", Kind::Gauge, m + 20, 2.0)]).await;
+    write(&a, &[("g", Kind::Gauge, m + 30, 3.0)]).await;
     assert_eq!(minute_pass(&a).await, vec![("g".to_string(), "read")]);
     let g = first_minute(&a, "g").await;
     assert_eq!((g.count, g.sum), (3, 6.0));
