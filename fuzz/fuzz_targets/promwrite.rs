@@ -1,7 +1,8 @@
 //! Prometheus remote-write: snappy + protobuf decoding of arbitrary bytes never panics
 //! and never allocates past the decompression limit; the raw bytes are also tried as an
 //! already-compressed body of a valid snappy frame. A decoded series' tags are sorted
-//! and unique (a repeated label name refuses the request).
+//! and unique (a series repeating a label name keeps one value per name and is marked,
+//! so its samples are refused).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

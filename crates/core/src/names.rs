@@ -67,6 +67,14 @@ pub fn write_series_key<'a>(out: &mut String, name: &str, sorted_tags: impl Into
     }
 }
 
+/// Sorts tags by key and returns a key given more than once, if any: the front doors
+/// whose senders cannot mean two values for one key (line protocol, remote-write) refuse
+/// such a point.
+pub fn sort_tags_find_repeated<K: Ord, V>(tags: &mut [(K, V)]) -> Option<&K> {
+    tags.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    tags.windows(2).find(|w| w[0].0 == w[1].0).map(|w| &w[0].0)
+}
+
 /// Sorts tags by key and keeps one per key: the one given last, as inserting them into a
 /// map in order would (OTLP attributes, like the keys of a JSON object).
 pub fn sort_and_dedup_tags<K: Ord, V>(tags: &mut Vec<(K, V)>) {

@@ -102,9 +102,8 @@ pub fn decode(body: &[u8], max_decompressed: usize) -> Result<(Vec<PromSeries>, 
                 tags.push((label.name, label.value));
             }
         }
-        tags.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        if let Some(pair) = tags.windows(2).find(|w| w[0].0 == w[1].0) {
-            repeated_label.get_or_insert_with(|| pair[0].0.clone());
+        if let Some(key) = crate::names::sort_tags_find_repeated(&mut tags) {
+            repeated_label.get_or_insert_with(|| key.clone());
             tags.dedup_by(|a, b| a.0 == b.0);
         }
         let name = name.unwrap_or_default();

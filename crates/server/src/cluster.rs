@@ -112,12 +112,7 @@ async fn receive_loop(state: AppState, node: String, mut incoming: mpsc::Receive
             .cluster_messages_received
             .fetch_add(1, Ordering::Relaxed);
         if kind == SERVER_DELETED {
-            // Its series ids must not be reused from this node's cache, nor the server be
-            // taken as still known.
-            state.series.remove_server(&envelope.server);
-            state.known_servers.invalidate(&envelope.server);
-            state.cache.invalidate_server(&envelope.server);
-            state.live.close_server(&envelope.server);
+            state.forget_server(&envelope.server);
             continue;
         }
         if kind == "metric" {

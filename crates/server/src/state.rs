@@ -82,6 +82,16 @@ impl AppState {
         AppState(Arc::new(shared))
     }
 
+    /// Forgets what this node holds of a deleted server: its cached series ids (a server
+    /// registered again under the id must not write under them), its "known" entry, its
+    /// cached answers, and its open live streams.
+    pub fn forget_server(&self, id: &str) {
+        self.series.remove_server(id);
+        self.known_servers.invalidate(id);
+        self.cache.invalidate_server(id);
+        self.live.close_server(id);
+    }
+
     pub fn sample_limits(&self) -> SampleLimits {
         SampleLimits {
             max_samples: self.config.ingest.max_samples_per_request,

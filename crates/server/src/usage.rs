@@ -128,7 +128,7 @@ impl UsageService {
     /// Whether a peer is one of the configured proxies, whose forwarding headers are
     /// believed.
     pub fn trusts_proxy(&self, peer: IpAddr) -> bool {
-        self.trusted.iter().any(|c| c.contains(peer))
+        usage::is_trusted(peer, &self.trusted)
     }
 
     /// The network a request comes from (its client's address, believed from a trusted

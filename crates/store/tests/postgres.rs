@@ -439,10 +439,23 @@ fn one_sample(kind: Kind, value: f64, ts: i64) -> WriteBatch {
     )])
 }
 
-/// One minute pass for series of `kind`; returns the inputs it was given.
+/// One minute pass for series of `kind`, folded as the job folds them (by the kind the
+/// store reports for each series, which must be `kind`); returns the inputs it was given.
 async fn minute_pass_of(store: &dyn Store, kind: Kind) -> Vec<RollupInput> {
     let work = store.rollup_work(Level::Minute, 100).await.unwrap();
-    let results: Vec<_> = work.items.iter().map(|(m, i)| (*m, fold_kind(kind, i))).collect();
+    let results: Vec<_> = work
+        .items
+        .iter()
+        .map(|(m, i)| {
+            let stored_kind = work.series[&m.series_id].0;
+            assert_eq!(
+                stored_kind, kind,
+                "the kind the store reports for series {}",
+                m.series_id
+            );
+            (*m, fold_kind(stored_kind, i))
+        })
+        .collect();
     store.apply_rollups(Level::Minute, results).await.unwrap();
     work.items.into_iter().map(|(_, i)| i).collect()
 }
@@ -986,6 +999,19 @@ async fn notifications_reach_every_node() {
     assert!(lite.hold_job_lock("x").await.unwrap());
 }
 
+/// Polls `condition` every 50 ms until it holds; fails with `what` after 5 s.
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The one bigint a query on `db` returns (a count, or how many backends a
 /// `SELECT count(pg_terminate_backend(..))` terminated).
 async fn scalar(db: &Db, sql: &str) -> i64 {
@@ -1013,21 +1039,19 @@ async fn job_lock_moves_to_another_node() {
     )
     .await;
     assert_eq!(killed, 1);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !b.hold_job_lock("rollups").await.unwrap() {
-        assert!(tokio::time::Instant::now() < deadline, "B never took the lock");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("B never took the lock", || async {
+        b.hold_job_lock("rollups").await.unwrap()
+    })
+    .await;
     assert!(!a.hold_job_lock("rollups").await.unwrap(), "A lost it");
     assert!(b.hold_job_lock("rollups").await.unwrap());
 
     // B goes away entirely: A takes over.
     drop(b);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !a.hold_job_lock("rollups").await.unwrap() {
-        assert!(tokio::time::Instant::now() < deadline, "A never took the lock back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("A never took the lock back", || async {
+        a.hold_job_lock("rollups").await.unwrap()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1089,25 +1113,22 @@ async fn an_abandoned_cluster_lock_wait_leaves_no_session_waiting() {
     };
     let (a, b) = (db.open().await, Arc::new(db.open().await));
     let held = a.cluster_lock("x").await.unwrap();
-    let waits = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    // Only this test's database: other tests running at once wait for locks too.
+    let waits = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
     let waiting = {
         let b = b.clone();
         tokio::spawn(async move { b.cluster_lock("x").await.map(|_| ()) })
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while scalar(&db, waits).await != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "B never queued for the lock");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("B never queued for the lock", || async {
+        scalar(&db, waits).await == 1
+    })
+    .await;
     waiting.abort();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while scalar(&db, waits).await != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the abandoned wait still queues on the server"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the abandoned wait still queues on the server", || async {
+        scalar(&db, waits).await == 0
+    })
+    .await;
     held.release().await.unwrap();
     // B's next lock works (the cancelled session was not reused).
     b.cluster_lock("x").await.unwrap().release().await.unwrap();
@@ -1188,11 +1209,10 @@ async fn recovers_after_connections_are_killed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The lock was lost with its connection and is taken again.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !a.hold_job_lock("j").await.unwrap() {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("A never took the lock again", || async {
+        a.hold_job_lock("j").await.unwrap()
+    })
+    .await;
     // The listener reconnected: a notification sent now arrives.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

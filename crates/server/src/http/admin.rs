@@ -138,10 +138,7 @@ async fn delete_server(
         StoreError::NotFound => ApiError::not_found("server"),
         other => other.into(),
     })?;
-    state.series.remove_server(&id);
-    state.known_servers.invalidate(&id);
-    state.cache.invalidate_server(&id);
-    state.live.close_server(&id);
+    state.forget_server(&id);
     state.live.relay(
         &id,
         &crate::live::LiveMessage {

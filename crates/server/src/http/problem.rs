@@ -116,14 +116,19 @@ pub type ApiResult<T> = Result<T, ApiError>;
 pub fn body_or_413(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResult<Bytes> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                Code::PayloadTooLarge,
-                format!("the body is larger than the limit of {limit} bytes"),
-            )
+            too_large(limit)
         } else {
             ApiError::invalid("the request body could not be read")
         }
     })
+}
+
+/// 413 for a body over `limit` bytes.
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        Code::PayloadTooLarge,
+        format!("the body is larger than the limit of {limit} bytes"),
+    )
 }
 
 /// Reads a write's body. Callers authenticate from the headers first, so a client without
@@ -132,18 +137,12 @@ pub fn body_or_413(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResu
 /// the body is read; a body sent without one is cut off at the limit.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
     use futures_util::StreamExt;
-    let too_large = || {
-        ApiError::new(
-            Code::PayloadTooLarge,
-            format!("the body is larger than the limit of {limit} bytes"),
-        )
-    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
+        return Err(too_large(limit));
     }
     let mut stream = body.into_data_stream();
     let mut chunks: Vec<Bytes> = Vec::new();
@@ -152,7 +151,7 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResu
         let chunk = chunk.map_err(|_| ApiError::invalid("the request body could not be read"))?;
         total += chunk.len();
         if total > limit {
-            return Err(too_large());
+            return Err(too_large(limit));
         }
         chunks.push(chunk);
     }

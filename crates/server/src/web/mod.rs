@@ -578,9 +578,13 @@ struct LoginForm {
 /// text there, while a service reached directly over plain HTTP (loopback, a private
 /// network) can still sign in.
 fn cookie_attributes(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> &'static str {
+    // The last value is the one the trusted proxy added, whether it appended to the
+    // header's line or sent a line of its own.
     let https = state.usage.trusts_proxy(peer.ip())
         && headers
-            .get("x-forwarded-proto")
+            .get_all("x-forwarded-proto")
+            .iter()
+            .next_back()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
             .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));

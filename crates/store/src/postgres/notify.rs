@@ -247,7 +247,14 @@ pub struct HeldLocks {
 }
 
 impl HeldLocks {
-    pub fn new(config: Config) -> Self {
+    pub fn new(mut config: Config) -> Self {
+        // The server gives up a wait by itself too, whatever happens to this node.
+        let lock_timeout = format!("-c lock_timeout={}", LOCK_WAIT.as_millis());
+        let options = match config.get_options() {
+            Some(given) => format!("{given} {lock_timeout}"),
+            None => lock_timeout,
+        };
+        config.options(&options);
         HeldLocks {
             config,
             idle: std::sync::Mutex::new(Vec::new()),
@@ -269,16 +276,7 @@ impl HeldLocks {
         };
         let client = match reused {
             Some(client) => client,
-            None => {
-                let client = lock_session(&self.config, "a cluster lock").await?;
-                // The server gives up a wait by itself too, whatever happens to this node.
-                let limit = format!("SET lock_timeout = {}", LOCK_WAIT.as_millis());
-                tokio::time::timeout(QUERY_TIMEOUT, client.batch_execute(&limit))
-                    .await
-                    .map_err(|_| StoreError::Unavailable("timed out setting up a cluster lock session".into()))?
-                    .map_err(pg_err)?;
-                client
-            }
+            None => lock_session(&self.config, "a cluster lock").await?,
         };
         let mut waiting = Waiting {
             client: Some(client),

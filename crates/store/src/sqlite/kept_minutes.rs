@@ -33,7 +33,7 @@ use std::collections::hash_map::Entry as MapEntry;
 use mcp_metrics_core::model::Kind;
 use mcp_metrics_core::rollup::{BucketStats, align};
 
-const MINUTE: i64 = 60_000;
+use super::MINUTE;
 /// Minutes older than the newest written one by more than this are forgotten.
 const KEEP_MINUTES: i64 = 10;
 /// Past this many entries (series × recent minutes) the older minutes are forgotten, and

@@ -323,7 +323,8 @@ fn write_batch_blocking(
     let now = batch.now;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // Read under the write lock: no other connection can commit until this one does.
-    let data_version: i64 = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+    // Cached like every statement of a write: `query_row` would parse it again each time.
+    let data_version: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
     kept.lock()
         .unwrap_or_else(|p| p.into_inner())
         .observe_data_version(data_version);

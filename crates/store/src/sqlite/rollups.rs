@@ -17,13 +17,13 @@ use crate::{DirtyMark, RollupInput, RollupRow, RollupWork};
 /// counter in `meta`, advanced inside the caller's write transaction. A mark set
 /// (or set again after deletion) always gets a generation no pass has read.
 pub fn next_generation(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<i64> {
-    tx.query_row(
+    // Cached: every write takes a generation.
+    tx.prepare_cached(
         "INSERT INTO meta (key, value) VALUES ('rollup_generation', '1')
          ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1
          RETURNING CAST(value AS INTEGER)",
-        [],
-        |r| r.get(0),
-    )
+    )?
+    .query_row([], |r| r.get(0))
 }
 
 pub fn table(level: Level) -> &'static str {
