@@ -27,8 +27,9 @@
 //! Entries of minutes well behind the newest written one are dropped; a dropped entry
 //! only means the job reads that minute as before.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
+
+use rustc_hash::FxHashMap;
 
 use mcp_metrics_core::model::Kind;
 use mcp_metrics_core::rollup::{BucketStats, align};
@@ -49,6 +50,12 @@ pub const TAIL_MAX: usize = 512;
 
 /// A minute of one series: `(minute start, series id)`.
 pub type MinuteKey = (i64, i64);
+
+/// Maps keyed by minute and series. The writer looks one up per sample it commits, and
+/// SipHash was most of that cost; the keys are two integers the server bounds (its own
+/// series ids, minutes within the last [`KEEP_MINUTES`] of the newest), so a fast
+/// unkeyed hash cannot be steered into long probe chains by what clients send.
+pub type MinuteMap<V> = FxHashMap<MinuteKey, V>;
 
 #[derive(Debug)]
 struct Entry {
@@ -130,7 +137,7 @@ fn fold_onto(bucket: Option<BucketStats>, kind: Kind, samples: &[(i64, f64)]) ->
 
 #[derive(Debug)]
 pub struct KeptMinutes {
-    entries: HashMap<MinuteKey, Entry>,
+    entries: MinuteMap<Entry>,
     /// The writer connection's `PRAGMA data_version` in its last write (its own commits
     /// do not change it).
     data_version: Option<i64>,
@@ -148,7 +155,7 @@ pub struct KeptMinutes {
 impl Default for KeptMinutes {
     fn default() -> Self {
         KeptMinutes {
-            entries: HashMap::new(),
+            entries: MinuteMap::default(),
             data_version: None,
             newest_minute: i64::MIN,
             buffered: 0,
@@ -182,7 +189,7 @@ impl KeptMinutes {
     /// After a commit: records the write's samples, stably sorted by timestamp, as
     /// `(series, ts, kind, value)`. `was_empty` answers, for each minute
     /// [`unknown`](Self::unknown) returned, whether it held nothing before.
-    pub fn record(&mut self, generation: i64, was_empty: &HashMap<MinuteKey, bool>, rows: &[(i64, i64, Kind, f64)]) {
+    pub fn record(&mut self, generation: i64, was_empty: &MinuteMap<bool>, rows: &[(i64, i64, Kind, f64)]) {
         let newest_before = self.newest_minute;
         for &(series_id, ts, kind, value) in rows {
             let key = (align(ts, MINUTE), series_id);
@@ -267,7 +274,7 @@ mod tests {
     /// A model of the raw table: per (minute, series) the samples in (ts, seq) order,
     /// with a gauge or counter value at an existing timestamp replacing the old one.
     #[derive(Default)]
-    struct Table(HashMap<MinuteKey, Vec<(i64, f64)>>);
+    struct Table(std::collections::HashMap<MinuteKey, Vec<(i64, f64)>>);
 
     impl Table {
         fn write(&mut self, rows: &[(i64, i64, Kind, f64)]) {

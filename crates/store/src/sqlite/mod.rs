@@ -11,7 +11,7 @@ mod rollups;
 mod usage;
 pub(crate) mod value_codec;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -330,7 +330,7 @@ fn write_batch_blocking(
         .observe_data_version(data_version);
     let mut outcomes = Vec::with_capacity(batch.requests.len());
     let mut dirty: Vec<(i64, i64)> = Vec::new();
-    let mut was_empty = HashMap::new();
+    let mut was_empty = kept_minutes::MinuteMap::default();
     let generation;
     let mut rows: Vec<(i64, i64, Kind, f64)> = Vec::with_capacity(batch.requests.iter().map(|r| r.samples.len()).sum());
     {
