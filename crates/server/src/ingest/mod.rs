@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use mcp_metrics_core::codes::Code;
 use mcp_metrics_core::ingest::{Rejection, SampleLimits, WireBatch, validate_sample};
-use mcp_metrics_core::model::SeriesKey;
+use mcp_metrics_core::model::{Kind, SeriesKey};
 use mcp_metrics_store::{NewSeries, PendingSample, SeriesRef, WriteRequest};
 
 use series_cache::{SeriesCache, cache_key};
@@ -39,6 +39,7 @@ pub fn prepare(
     let mut new_index: HashMap<String, u32> = HashMap::new();
     let mut key = String::with_capacity(128);
     let known = cache.read();
+    let mut run: Option<(usize, SeriesRef, Kind)> = None;
     for (index, sample) in batch.metrics.iter().enumerate() {
         let valid = match validate_sample(index, sample, now, limits) {
             Ok(valid) => valid,
@@ -47,6 +48,21 @@ pub fn prepare(
                 continue;
             }
         };
+        // Samples of one series usually come in a run sharing lent tags (remote-write,
+        // OTLP, line protocol fields): the run resolves once, not once per sample.
+        if let Some((previous, series, kind)) = run
+            && kind == valid.kind
+            && sample.tags.lent_from_same(&batch.metrics[previous].tags)
+            && sample.name == batch.metrics[previous].name
+        {
+            request.samples.push(PendingSample {
+                series,
+                kind,
+                timestamp: valid.timestamp,
+                value: valid.value,
+            });
+            continue;
+        }
         cache_key(&mut key, server_id, &sample.name, sample.tags());
         let existing_kind = known
             .get(key.as_str())
@@ -80,6 +96,7 @@ pub fn prepare(
                 SeriesRef::New(i)
             }
         };
+        run = Some((index, series, valid.kind));
         request.samples.push(PendingSample {
             series,
             kind: valid.kind,
@@ -93,7 +110,7 @@ pub fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mcp_metrics_core::ingest::decode_json;
+    use mcp_metrics_core::ingest::{WireSample, WireTags, decode_json};
     use mcp_metrics_core::model::{Kind, SeriesInfo};
 
     #[test]
@@ -137,5 +154,69 @@ mod tests {
         let mismatches: Vec<usize> = p.rejected.iter().map(|r| r.index).collect();
         assert_eq!(mismatches, vec![3, 4]);
         assert!(p.rejected.iter().all(|r| r.code == Code::KindMismatch));
+    }
+
+    #[test]
+    fn runs_of_lent_tags_resolve_like_single_samples() {
+        let cache = SeriesCache::default();
+        let a = vec![("host".to_string(), "a".to_string())];
+        let b = vec![("host".to_string(), "b".to_string())];
+        // Equal to `a` but not lent from it: resolves through the cache key.
+        let a_again = a.clone();
+        let now = mcp_metrics_core::time::now_ms();
+        let sample =
+            |name: &'static str, tags: &'static [(String, String)], kind: Option<&'static str>, i: i64| WireSample {
+                name: name.into(),
+                value: mcp_metrics_core::ingest::WireValue::Number(i as f64),
+                kind: kind.map(Into::into),
+                timestamp: Some(mcp_metrics_core::ingest::WireTime::Millis((now - 1000 + i) as f64)),
+                tags: WireTags::Strings(tags),
+            };
+        let (a, b, a_again): (&'static [_], &'static [_], &'static [_]) = (a.leak(), b.leak(), a_again.leak());
+        let batch = WireBatch {
+            server_id: "s".into(),
+            metrics: vec![
+                sample("up", a, None, 0),
+                sample("up", a, None, 1),
+                sample("up", b, None, 2),
+                sample("up", b, Some("counter"), 3),
+                sample("up", a, None, 4),
+                sample("down", a, None, 5),
+                sample("down", a, None, 6),
+                sample("up", a_again, None, 7),
+            ],
+        };
+        let p = prepare(&batch, "s", &cache, now, &SampleLimits::default());
+        let refs: Vec<SeriesRef> = p.request.samples.iter().map(|s| s.series).collect();
+        assert_eq!(
+            refs,
+            vec![
+                SeriesRef::New(0),
+                SeriesRef::New(0),
+                SeriesRef::New(1),
+                SeriesRef::New(0),
+                SeriesRef::New(2),
+                SeriesRef::New(2),
+                SeriesRef::New(0),
+            ]
+        );
+        let names: Vec<&str> = p.request.new_series.iter().map(|n| n.key.name.as_str()).collect();
+        assert_eq!(names, vec!["up", "up", "down"]);
+        let rejected: Vec<(usize, Code)> = p.rejected.iter().map(|r| (r.index, r.code)).collect();
+        assert_eq!(rejected, vec![(3, Code::KindMismatch)]);
+        let values: Vec<f64> = p.request.samples.iter().map(|s| s.value).collect();
+        assert_eq!(values, vec![0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn only_the_same_lent_tags_count_as_the_same() {
+        let a = vec![("k".to_string(), "v".to_string())];
+        let equal = a.clone();
+        assert!(WireTags::Strings(&a).lent_from_same(&WireTags::Strings(&a)));
+        assert!(!WireTags::Strings(&a).lent_from_same(&WireTags::Strings(&equal)));
+        assert!(!WireTags::Strings(&a).lent_from_same(&WireTags::Strings(&a[..0])));
+        let json = WireTags::Json(vec![("k".into(), "v".into())]);
+        assert!(!json.lent_from_same(&json.clone()));
+        assert!(!WireTags::None.lent_from_same(&WireTags::None));
     }
 }
