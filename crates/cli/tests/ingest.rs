@@ -3,11 +3,30 @@
 
 mod common;
 
-use common::{TestService, batch};
+use common::{Credential, TestService, batch};
 use mcp_metrics_core::signature::sign;
 use mcp_metrics_core::time::now_ms;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+/// `(index, code)` of each rejection in a write's answer.
+fn rejected_codes(answer: &Value) -> Vec<(u64, &str)> {
+    answer["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect()
+}
+
+/// The names of the server's stored raw samples, in the API's order.
+async fn sample_names(svc: &TestService, cred: &Credential) -> Vec<String> {
+    svc.samples(cred, "")
+        .await
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().into())
+        .collect()
+}
 
 #[tokio::test]
 async fn signed_batch_is_read_back_exactly() {
@@ -125,6 +144,52 @@ async fn gauge_rewritten_at_same_timestamp_keeps_last_value() {
     svc.stop().await;
 }
 
+/// A series created as a gauge behind this node's back (another node, or a request that
+/// raced this one past the series cache) is new to the request: its histogram samples are
+/// refused when the writer finds the series, answered like any kind mismatch.
+#[tokio::test]
+async fn samples_for_a_series_just_created_as_another_kind_are_refused_by_index() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("s1").await;
+    svc.sql_execute("INSERT INTO series (server_id, name, tags, kind, created_at) VALUES ('s1', 'raced', '{}', 0, 0)")
+        .await;
+    let now = now_ms();
+    let body = batch(
+        "s1",
+        json!([
+            {"name":"raced","value":1,"type":"histogram","timestamp":now - 30},
+            {"name":"9bad","value":1},
+            {"name":"ok","value":1,"timestamp":now - 20},
+            {"name":"raced","value":2,"type":"histogram","timestamp":now - 10},
+        ]),
+    );
+    let (status, _, answer) = svc.push(&cred, &body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    let rejected = rejected_codes(&answer);
+    assert_eq!(
+        rejected,
+        vec![(0, "kind_mismatch"), (1, "invalid_name"), (3, "kind_mismatch")]
+    );
+    assert!(
+        answer["rejected"][0]["detail"].as_str().unwrap().contains("gauge"),
+        "{answer}"
+    );
+    let names = sample_names(&svc, &cred).await;
+    assert_eq!(names, vec!["ok"]);
+    let text = svc.metrics_text().await;
+    assert!(
+        text.contains("mcp_metrics_ingest_samples_rejected_total{code=\"kind_mismatch\"} 2\n"),
+        "{text}"
+    );
+    assert!(text.contains("mcp_metrics_ingest_samples_accepted_total 1\n"), "{text}");
+    // The series is known now: the next histogram sample is refused before the writer.
+    let body = batch("s1", json!([{"name":"raced","value":3,"type":"histogram"}]));
+    let (_, _, answer) = svc.push(&cred, &body).await;
+    assert_eq!(answer["rejected"][0]["code"], "kind_mismatch", "{answer}");
+    svc.stop().await;
+}
+
 #[tokio::test]
 async fn per_sample_rejections_are_reported_by_index_and_the_rest_is_stored() {
     let svc = TestService::start().await;
@@ -147,12 +212,7 @@ async fn per_sample_rejections_are_reported_by_index_and_the_rest_is_stored() {
     let (status, _, answer) = svc.push(&cred, &body).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["accepted"], 2);
-    let rejected: Vec<(u64, &str)> = answer["rejected"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
-        .collect();
+    let rejected = rejected_codes(&answer);
     assert_eq!(
         rejected,
         vec![
@@ -165,12 +225,7 @@ async fn per_sample_rejections_are_reported_by_index_and_the_rest_is_stored() {
         ]
     );
     assert!(answer["rejected"][0]["detail"].as_str().unwrap().len() > 10);
-    let names: Vec<String> = svc
-        .samples(&cred, "")
-        .await
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().into())
-        .collect();
+    let names = sample_names(&svc, &cred).await;
     assert_eq!(names, vec!["ok_one", "ok_two"]);
     let text = svc.metrics_text().await;
     assert!(
@@ -364,12 +419,7 @@ async fn full_queue_answers_503_with_retry_after() {
     blocker.release().await;
     assert_eq!(first.await.unwrap(), StatusCode::OK);
     // The refused request stored nothing, and may be retried with the same signature.
-    let names: Vec<String> = svc
-        .samples(&cred, "")
-        .await
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().into())
-        .collect();
+    let names = sample_names(&svc, &cred).await;
     assert_eq!(names.len(), 10);
     assert!(names.iter().all(|n| n == "x"));
     svc.stop().await;

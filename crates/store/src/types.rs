@@ -84,6 +84,11 @@ pub enum RequestOutcome {
         series: Vec<SeriesInfo>,
         /// Id of the request's event, when it carried one.
         event_id: Option<i64>,
+        /// Samples not stored, as (position in the request's samples, the series' kind):
+        /// their new series had just been created as another kind by another request (of
+        /// this group, or another node), so they get the same answer as a sample sent to
+        /// a series already known as another kind.
+        kind_conflicts: Vec<(u32, Kind)>,
     },
     /// Same key and body seen inside the retry window: nothing stored.
     Duplicate,

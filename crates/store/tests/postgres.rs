@@ -1670,9 +1670,10 @@ async fn write_path_timing() {
     );
 }
 
-/// Two requests of one write create the same series with different kinds (their
-/// senders raced past the series cache): the series keeps the first kind and every
-/// sample is stored as that kind, so it never holds rows of two kinds.
+/// Requests of one write create the same series with different kinds (their senders
+/// raced past the series cache): the series keeps the first kind, the samples meant for
+/// another kind are refused (reported by their place in the request, with the kind the
+/// series has), and the series never holds rows of two kinds.
 async fn first_kind_wins(store: &dyn Store) {
     store.create_server("s", &ServerFields::default(), 0).await.unwrap();
     let t = (now_ms() / 60_000 - 2) * 60_000;
@@ -1685,13 +1686,25 @@ async fn first_kind_wins(store: &dyn Store) {
             values.iter().map(|&v| sample(SeriesRef::New(0), kind, t, v)).collect(),
         )
     };
-    store
+    let outcomes = store
         .write_batch(batch(vec![
             as_kind(Kind::Counter, &[1.0]),
             as_kind(Kind::Histogram, &[2.0, 3.0]),
+            as_kind(Kind::Counter, &[4.0]),
         ]))
         .await
         .unwrap();
+    let conflicts: Vec<Vec<(u32, Kind)>> = outcomes
+        .iter()
+        .map(|o| match o {
+            RequestOutcome::Stored { kind_conflicts, .. } => kind_conflicts.clone(),
+            other => panic!("not stored: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        conflicts,
+        vec![vec![], vec![(0, Kind::Counter), (1, Kind::Counter)], vec![]]
+    );
     let series = store.series_of_server("s", None).await.unwrap();
     assert_eq!((series.len(), series[0].kind), (1, Kind::Counter));
     let stored = store
@@ -1705,18 +1718,20 @@ async fn first_kind_wins(store: &dyn Store) {
         .await
         .unwrap();
     let rows: Vec<(i64, f64)> = stored.iter().map(|s| (s.seq, s.value)).collect();
-    assert_eq!(rows, vec![(0, 3.0)], "one counter value, the last one written");
+    assert_eq!(rows, vec![(0, 4.0)], "one counter value, the last counter written");
     let inputs = minute_pass_of(store, Kind::Counter).await;
     assert_eq!(inputs.len(), 1);
     let minute = stored_minute(store).await;
-    assert_eq!((minute.count, minute.last, minute.sketch.is_some()), (1, 3.0, false));
+    assert_eq!((minute.count, minute.last, minute.sketch.is_some()), (1, 4.0, false));
 }
 
 #[tokio::test]
-async fn a_series_created_with_two_kinds_keeps_the_first_on_both_backends() {
+async fn a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_on_both_backends() {
     let (_dir, lite) = sqlite().await;
     first_kind_wins(&lite).await;
-    let Some(db) = Db::new("a_series_created_with_two_kinds_keeps_the_first_on_both_backends").await else {
+    let Some(db) =
+        Db::new("a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_on_both_backends").await
+    else {
         return;
     };
     first_kind_wins(&db.open().await).await;

@@ -62,13 +62,33 @@ pub async fn commit_with_digest(
         state.telemetry.sample_rejected(r.code);
         state.telemetry.server_sample_rejected(&credential.server_id, r.code);
     }
+    let mut rejected = prepared.rejected;
     let mut request = prepared.request;
     request.key_id = credential.key_id.clone();
     request.signature = signature;
     request.body_digest = Some(digest);
-    let accepted = request.samples.len();
+    let mut accepted = request.samples.len();
     let duplicate = match state.queue.submit(request).await.map_err(super::ingest::submit_error)? {
-        RequestOutcome::Stored { series, .. } => {
+        RequestOutcome::Stored {
+            series, kind_conflicts, ..
+        } => {
+            if !kind_conflicts.is_empty() {
+                let positions: Vec<u32> = kind_conflicts.iter().map(|&(p, _)| p).collect();
+                let indices = indices_of_positions(batch.metrics.len(), &rejected, &positions);
+                for (index, (_, kind)) in indices.into_iter().zip(&kind_conflicts) {
+                    state.telemetry.sample_rejected(Code::KindMismatch);
+                    state
+                        .telemetry
+                        .server_sample_rejected(&credential.server_id, Code::KindMismatch);
+                    rejected.push(Rejection {
+                        index,
+                        code: Code::KindMismatch,
+                        detail: format!("this series was just created as a {} by another request", kind.as_str()),
+                    });
+                }
+                rejected.sort_by_key(|r| r.index);
+                accepted -= kind_conflicts.len();
+            }
             if !series.is_empty() {
                 state.series.insert_all(&series);
                 state
@@ -95,7 +115,48 @@ pub async fn commit_with_digest(
     };
     Ok(Stored {
         accepted,
-        rejected: prepared.rejected,
+        rejected,
         duplicate,
     })
+}
+
+/// The batch indices of the samples at these positions (ascending) of the prepared
+/// request, which holds, in order, every sample of the batch that was not rejected.
+fn indices_of_positions(total: usize, rejected: &[Rejection], positions: &[u32]) -> Vec<usize> {
+    let mut rejected = rejected.iter().map(|r| r.index).peekable();
+    let mut wanted = positions.iter().peekable();
+    let mut found = Vec::with_capacity(positions.len());
+    let mut position = 0u32;
+    for index in 0..total {
+        if rejected.next_if_eq(&index).is_some() {
+            continue;
+        }
+        if wanted.next_if_eq(&&position).is_some() {
+            found.push(index);
+        }
+        position += 1;
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejection(index: usize) -> Rejection {
+        Rejection {
+            index,
+            code: Code::InvalidValue,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn positions_skip_the_rejected_samples() {
+        let rejected = [rejection(0), rejection(3), rejection(4)];
+        // Prepared samples are batch indices 1, 2, 5, 6.
+        assert_eq!(indices_of_positions(7, &rejected, &[0, 2, 3]), vec![1, 5, 6]);
+        assert_eq!(indices_of_positions(7, &[], &[0, 6]), vec![0, 6]);
+        assert_eq!(indices_of_positions(7, &rejected, &[]), Vec::<usize>::new());
+    }
 }

@@ -39,9 +39,11 @@ const COPY_MIN_ROWS: usize = 2_000;
 #[derive(Debug, Clone, Copy)]
 pub struct Row {
     request: u32,
+    /// Place among its request's samples.
+    position: u32,
     series: SeriesRef,
     ts: i64,
-    histogram: bool,
+    kind: Kind,
     value: f64,
 }
 
@@ -51,12 +53,13 @@ pub fn prepare_rows(batch: &WriteBatch) -> Vec<Row> {
     let total = batch.requests.iter().map(|r| r.samples.len()).sum();
     let mut rows = Vec::with_capacity(total);
     for (i, request) in batch.requests.iter().enumerate() {
-        for s in &request.samples {
+        for (position, s) in request.samples.iter().enumerate() {
             rows.push(Row {
                 request: i as u32,
+                position: position as u32,
                 series: s.series,
                 ts: s.timestamp,
-                histogram: s.kind == Kind::Histogram,
+                kind: s.kind,
                 value: s.value,
             });
         }
@@ -214,17 +217,23 @@ pub async fn write_batch(
     }))
     .await?;
 
-    // Resolve the samples of stored requests to series ids.
+    // Resolve the samples of stored requests to series ids. A series another request
+    // created first as another kind keeps it; the samples meant for the other kind are
+    // refused, so a series never holds rows of two kinds.
+    let mut kind_conflicts: Vec<Vec<(u32, Kind)>> = vec![Vec::new(); batch.requests.len()];
     let mut samples: Vec<(i64, i64, i32, bool, f64)> = rows
         .iter()
         .filter(|r| stored[r.request as usize])
-        .map(|r| match r.series {
-            SeriesRef::Known(id) => (r.ts, id, 0, r.histogram, r.value),
-            // A series another request created first keeps its kind: the samples are
-            // stored as that kind, so a series never holds rows of two kinds.
+        .filter_map(|r| match r.series {
+            SeriesRef::Known(id) => Some((r.ts, id, 0, r.kind == Kind::Histogram, r.value)),
             SeriesRef::New(n) => {
                 let created = &series[r.request as usize][n as usize];
-                (r.ts, created.id, 0, created.kind == Kind::Histogram, r.value)
+                if created.kind == r.kind {
+                    Some((r.ts, created.id, 0, r.kind == Kind::Histogram, r.value))
+                } else {
+                    kind_conflicts[r.request as usize].push((r.position, created.kind));
+                    None
+                }
             }
         })
         .collect();
@@ -318,13 +327,17 @@ pub async fn write_batch(
     tx.commit().await?;
 
     let mut outcomes = Vec::with_capacity(batch.requests.len());
-    for (i, (series, event_id)) in series.into_iter().zip(event_ids).enumerate() {
+    for (i, ((series, event_id), kind_conflicts)) in series.into_iter().zip(event_ids).zip(kind_conflicts).enumerate() {
         outcomes.push(if replayed[i] {
             RequestOutcome::Replayed
         } else if duplicate[i] {
             RequestOutcome::Duplicate
         } else {
-            RequestOutcome::Stored { series, event_id }
+            RequestOutcome::Stored {
+                series,
+                event_id,
+                kind_conflicts,
+            }
         });
     }
     Ok(outcomes)

@@ -398,16 +398,23 @@ fn write_batch_blocking(
                     kind: Kind::from_i64(kind).unwrap_or(new.kind),
                 });
             }
-            rows.extend(request.samples.iter().map(|sample| match sample.series {
-                SeriesRef::Known(id) => (id, sample.timestamp, sample.kind, sample.value),
-                // A series another request created first keeps its kind: the samples are
-                // stored as that kind, so a series never holds rows of two kinds (the
-                // multi-row upserts below and the kept minutes rely on it).
-                SeriesRef::New(i) => {
-                    let created = &series[i as usize];
-                    (created.id, sample.timestamp, created.kind, sample.value)
+            // A series another request created first as another kind keeps it; the
+            // samples meant for the other kind are refused, so a series never holds rows
+            // of two kinds (the multi-row upserts below and the kept minutes rely on it).
+            let mut kind_conflicts = Vec::new();
+            for (position, sample) in request.samples.iter().enumerate() {
+                match sample.series {
+                    SeriesRef::Known(id) => rows.push((id, sample.timestamp, sample.kind, sample.value)),
+                    SeriesRef::New(i) => {
+                        let created = &series[i as usize];
+                        if created.kind == sample.kind {
+                            rows.push((created.id, sample.timestamp, created.kind, sample.value));
+                        } else {
+                            kind_conflicts.push((position as u32, created.kind));
+                        }
+                    }
                 }
-            }));
+            }
             let event_id = match &request.event {
                 Some(e) => {
                     insert_event.execute(params![e.server_id, e.kind, e.title, e.detail, e.at, e.source.as_str()])?;
@@ -416,7 +423,11 @@ fn write_batch_blocking(
                 None => None,
             };
             touch_credential.execute(params![request.key_id, now])?;
-            outcomes.push(RequestOutcome::Stored { series, event_id });
+            outcomes.push(RequestOutcome::Stored {
+                series,
+                event_id,
+                kind_conflicts,
+            });
         }
         // Inserting in key order walks the B-tree once instead of jumping around it. The
         // sort is stable, so for one (series, ts) the later write still wins and
