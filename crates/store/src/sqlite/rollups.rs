@@ -210,8 +210,11 @@ pub fn apply(
         let mut clear = tx.prepare_cached(
             "DELETE FROM rollup_dirty WHERE level = ?1 AND bucket = ?2 AND series_id = ?3 AND generation = ?4",
         )?;
+        // Likewise the parent's mark: a deleted series' would wait for a pass only to
+        // find no series.
         let mut mark_parent = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation)
+             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM series WHERE id = ?3)
              ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
         )?;
         for (mark, stats) in results {
