@@ -411,14 +411,18 @@ impl Store for PostgresStore {
         }
         // Samples and rollups name series, not servers: no cascade. Pending marks and
         // write buckets clear themselves: a pass finds no series and deletes the bucket.
-        // The four go in one round trip, still one statement (and snapshot) each.
+        // The four are prepared in one round trip and run in another, still one
+        // statement (and snapshot) each, in this order.
         let tables = ["server_metrics", "rollups_1m", "rollups_1h", "server_metrics_daily"];
         let statements: Vec<String> = tables
             .iter()
             .map(|table| format!("DELETE FROM {table} WHERE series_id = ANY($1)"))
             .collect();
+        let prepared = pipeline(statements.iter().map(|sql| tx.prepare_cached(sql)))
+            .await
+            .map_err(pg_err)?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&series];
-        pipeline(statements.iter().map(|sql| tx.execute(sql.as_str(), &params)))
+        pipeline(prepared.iter().map(|statement| tx.execute(statement, &params)))
             .await
             .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)
