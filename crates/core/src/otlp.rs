@@ -27,6 +27,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 use std::collections::BTreeMap;
 
@@ -73,12 +74,14 @@ pub fn decode_json(body: &[u8]) -> Result<ExportMetricsServiceRequest, OtlpError
     serde_json::from_slice(body).map_err(|e| OtlpError::Json(e.to_string()))
 }
 
-/// One value ready for validation.
+/// One value ready for validation. The observations of one histogram point share its
+/// name and tags instead of copying them each: a copy per observation was most of the
+/// mapping's cost, and shared tags let the writer resolve the run's series once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Point {
-    pub name: String,
+    pub name: Arc<str>,
     /// Sorted by key.
-    pub tags: Vec<(String, String)>,
+    pub tags: Arc<[(String, String)]>,
     pub kind: Kind,
     pub timestamp_ms: i64,
     pub value: f64,
@@ -542,8 +545,8 @@ impl Mapper {
         match parsed {
             Ok(_) if !self.spend(1) => self.over_budget(index, name),
             Ok((tags, timestamp_ms, value)) => self.mapped.points.push(Point {
-                name: name.to_string(),
-                tags,
+                name: name.into(),
+                tags: tags.into(),
                 kind,
                 timestamp_ms,
                 value,
@@ -655,10 +658,11 @@ pub fn push_observations(
     observations: &[f64],
     data_point: usize,
 ) {
+    let (name, tags): (Arc<str>, Arc<[(String, String)]>) = (name.into(), tags.into());
     for &value in observations {
         points.push(Point {
-            name: name.to_string(),
-            tags: tags.to_vec(),
+            name: name.clone(),
+            tags: tags.clone(),
             kind: Kind::Histogram,
             timestamp_ms,
             value,
@@ -666,10 +670,11 @@ pub fn push_observations(
         });
     }
     if let Some((rt_tags, factor)) = response_time {
+        let (name, tags): (Arc<str>, Arc<[(String, String)]>) = ("response_time".into(), rt_tags.as_slice().into());
         for &value in observations {
             points.push(Point {
-                name: "response_time".to_string(),
-                tags: rt_tags.clone(),
+                name: name.clone(),
+                tags: tags.clone(),
                 kind: Kind::Histogram,
                 timestamp_ms,
                 value: value * factor,
@@ -826,22 +831,19 @@ mod tests {
         let service = ("service".to_string(), "my.service".to_string());
         let counter = &mapped.points[0];
         assert_eq!(
-            (counter.name.as_str(), counter.kind, counter.value, counter.timestamp_ms),
+            (&*counter.name, counter.kind, counter.value, counter.timestamp_ms),
             ("my.counter", Kind::Counter, 5.0, 1_544_712_660_300)
         );
         assert_eq!(
-            counter.tags,
+            counter.tags.to_vec(),
             vec![("my.counter.attr".into(), "some value".into()), service.clone()]
         );
-        assert_eq!(
-            (mapped.points[1].name.as_str(), mapped.points[1].value),
-            ("my.gauge", 10.0)
-        );
+        assert_eq!((&*mapped.points[1].name, mapped.points[1].value), ("my.gauge", 10.0));
         // Delta histograms become observations at once, count and sum exact.
         let histogram: Vec<f64> = mapped
             .points
             .iter()
-            .filter(|p| p.name == "my.histogram")
+            .filter(|p| p.name.as_ref() == "my.histogram")
             .map(|p| p.value)
             .collect();
         assert_eq!(histogram.len(), 2);
@@ -850,7 +852,7 @@ mod tests {
         let exponential: Vec<f64> = mapped
             .points
             .iter()
-            .filter(|p| p.name == "my.exponential.histogram")
+            .filter(|p| p.name.as_ref() == "my.exponential.histogram")
             .map(|p| p.value)
             .collect();
         assert_eq!(exponential.len(), 3);
@@ -938,10 +940,14 @@ mod tests {
                              {"key":"gen_ai.tool.name","value":{"stringValue":"search"}},
                              {"key":"network.transport","value":{"stringValue":"tcp"}}]}]}}]}]}]}"#;
         let mapped = map_request(&decode_json(body.as_bytes()).unwrap());
-        let rt: Vec<&Point> = mapped.points.iter().filter(|p| p.name == "response_time").collect();
+        let rt: Vec<&Point> = mapped
+            .points
+            .iter()
+            .filter(|p| p.name.as_ref() == "response_time")
+            .collect();
         assert_eq!(rt.len(), 2);
         assert_eq!(
-            rt[0].tags,
+            rt[0].tags.to_vec(),
             vec![("method".into(), "tools/call".into()), ("tool".into(), "search".into())]
         );
         assert!((rt.iter().map(|p| p.value).sum::<f64>() - 300.0).abs() < 1e-9);
@@ -949,7 +955,7 @@ mod tests {
         let own = mapped
             .points
             .iter()
-            .filter(|p| p.name == "mcp.server.operation.duration")
+            .filter(|p| p.name.as_ref() == "mcp.server.operation.duration")
             .count();
         assert_eq!(own, 2);
     }

@@ -494,7 +494,7 @@ mod tests {
             mapped
                 .points
                 .iter()
-                .all(|p| p.name == "response_time" && p.tags[0].0 == "tool")
+                .all(|p| p.name.as_ref() == "response_time" && p.tags[0].0 == "tool")
         );
     }
 

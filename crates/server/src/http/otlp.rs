@@ -14,6 +14,7 @@
 //! samples it produced are committed.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -246,9 +247,11 @@ async fn export_inner(
                 stream.data_point,
             );
         } else {
+            let (name, tags): (Arc<str>, Arc<[(String, String)]>) =
+                (stream.name.as_str().into(), stream.tags.as_slice().into());
             points.extend(values.into_iter().map(|value| otlp::Point {
-                name: stream.name.clone(),
-                tags: stream.tags.clone(),
+                name: name.clone(),
+                tags: tags.clone(),
                 kind: stream.kind,
                 timestamp_ms: stream.timestamp_ms,
                 value,

@@ -1,0 +1,87 @@
+//! Decoding and mapping of one OTLP/HTTP protobuf export of delta histograms, the shape
+//! the MCP semantic conventions produce (`mcp.server.operation.duration` per tool): the
+//! CPU cost of the OTLP front door before validation and storage. Run with
+//! `cargo bench -p mcp-metrics-core --bench otlp`.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use mcp_metrics_core::otlp::{decode_protobuf, map_request};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{
+    AggregationTemporality, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics, metric,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
+use std::hint::black_box;
+
+fn attribute(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// `tools` delta histogram points of `per_point` observations each, in 10 buckets.
+fn export(tools: usize, per_point: u64) -> Vec<u8> {
+    let bounds: Vec<f64> = (1..10).map(|i| 0.005 * (1 << i) as f64).collect();
+    let data_points = (0..tools)
+        .map(|t| HistogramDataPoint {
+            attributes: vec![
+                attribute("mcp.method.name", "tools/call"),
+                attribute("gen_ai.tool.name", &format!("tool_{t}")),
+                attribute("network.transport", "tcp"),
+            ],
+            start_time_unix_nano: 1_750_000_000_000_000_000,
+            time_unix_nano: 1_750_000_060_000_000_000,
+            count: per_point,
+            sum: Some(per_point as f64 * 0.05),
+            bucket_counts: (0..10)
+                .map(|b| per_point / 10 + u64::from(b < per_point % 10))
+                .collect(),
+            explicit_bounds: bounds.clone(),
+            ..Default::default()
+        })
+        .collect();
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![attribute("service.name", "bench-server")],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "mcp.server.operation.duration".into(),
+                    unit: "s".into(),
+                    data: Some(metric::Data::Histogram(Histogram {
+                        data_points,
+                        aggregation_temporality: AggregationTemporality::Delta as i32,
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
+fn bench(c: &mut Criterion) {
+    let (tools, per_point) = (20, 50);
+    let body = export(tools, per_point);
+    let mapped = map_request(&decode_protobuf(&body).unwrap());
+    assert!(mapped.refused.is_empty());
+    let mut group = c.benchmark_group("otlp");
+    // Samples out: each observation, and its copy in response_time.
+    group.throughput(Throughput::Elements(mapped.points.len() as u64));
+    group.bench_function(format!("decode_map_delta_histograms/{tools}x{per_point}"), |b| {
+        b.iter(|| map_request(&decode_protobuf(black_box(&body)).unwrap()).points.len())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
