@@ -270,6 +270,9 @@ pub enum BenchMode {
     PromWrite,
     /// OTLP/HTTP protobuf (gauge points) to /otlp/v1/metrics.
     Otlp,
+    /// OTLP/HTTP protobuf delta histograms to /otlp/v1/metrics: one point per series,
+    /// its observations (--batch in all) stored as histogram samples.
+    OtlpHistogram,
     /// Usage beacons to /api/v1/usage.
     Usage,
 }

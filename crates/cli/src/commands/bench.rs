@@ -119,6 +119,62 @@ fn build_otlp(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8
     .encode_to_vec()
 }
 
+/// `batch` samples as OTLP/HTTP delta histogram points of `tool_duration` (ms), one point
+/// per series, every observation of a request at the same instant: the server maps each
+/// point's bucket counts to that many observations.
+fn build_otlp_histograms(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
+    use mcp_metrics_core::otlp::ExportMetricsServiceRequest;
+    use mcp_metrics_core::otlp::proto::common::v1::{AnyValue, KeyValue, any_value};
+    use mcp_metrics_core::otlp::proto::metrics::v1::{
+        AggregationTemporality, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics, metric,
+    };
+    use prost::Message;
+    let bounds = vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+    let points = series.min(batch).max(1);
+    let data_points = (0..points)
+        .map(|p| {
+            let count = (batch / points + usize::from(p < batch % points)) as u64;
+            // Spread over the ten buckets, starting at a bucket that moves with the request.
+            let bucket_counts: Vec<u64> = (0..10u64)
+                .map(|b| count / 10 + u64::from((b + index as u64) % 10 < count % 10))
+                .collect();
+            HistogramDataPoint {
+                attributes: vec![KeyValue {
+                    key: "tool".into(),
+                    value: Some(AnyValue {
+                        value: Some(any_value::Value::StringValue(format!("tool_{p}"))),
+                    }),
+                    ..Default::default()
+                }],
+                start_time_unix_nano: (base_ms + index as i64) as u64 * 1_000_000,
+                time_unix_nano: (base_ms + index as i64 + 1) as u64 * 1_000_000,
+                count,
+                bucket_counts,
+                explicit_bounds: bounds.clone(),
+                ..Default::default()
+            }
+        })
+        .collect();
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "tool_duration".into(),
+                    unit: "ms".into(),
+                    data: Some(metric::Data::Histogram(Histogram {
+                        data_points,
+                        aggregation_temporality: AggregationTemporality::Delta as i32,
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
 /// Builds the `index`-th request: `batch` samples over `series` series with distinct
 /// timestamps, kinds mixed as a real MCP server reports them.
 fn build_body(server_id: &str, index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
@@ -233,6 +289,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             crate::cli::BenchMode::Influx => (build_lines(i, args.batch, args.series, base_ms), None),
             crate::cli::BenchMode::PromWrite => (build_remote_write(i, args.batch, args.series, base_ms), None),
             crate::cli::BenchMode::Otlp => (build_otlp(i, args.batch, args.series, base_ms), None),
+            crate::cli::BenchMode::OtlpHistogram => (build_otlp_histograms(i, args.batch, args.series, base_ms), None),
             _ => {
                 let body = build_body(&server_id, i, args.batch, args.series, base_ms);
                 let signature = sign(secret.as_bytes(), t, &body);
@@ -252,10 +309,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     progress.reset();
     progress.set_message("sending");
     let next = Arc::new(AtomicUsize::new(0));
+    // What one refused OTLP data point takes with it (histogram points carry many
+    // samples; each gauge point is one).
+    let samples_per_point = match mode {
+        crate::cli::BenchMode::OtlpHistogram => args.batch.div_ceil(args.series.min(args.batch).max(1)) as u64,
+        _ => 1,
+    };
     let (path, content_type) = match mode {
         crate::cli::BenchMode::Influx => ("/api/v1/write?precision=ms", "text/plain; charset=utf-8"),
         crate::cli::BenchMode::PromWrite => ("/api/v1/prom/write", "application/x-protobuf"),
-        crate::cli::BenchMode::Otlp => ("/otlp/v1/metrics", "application/x-protobuf"),
+        crate::cli::BenchMode::Otlp | crate::cli::BenchMode::OtlpHistogram => {
+            ("/otlp/v1/metrics", "application/x-protobuf")
+        }
         _ => ("/api/v1/metrics", "application/json"),
     };
     let url = args.foreign_url.clone().unwrap_or_else(|| format!("{base}{path}"));
@@ -302,14 +367,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         accepted += p.samples;
                         latencies.push(sent.elapsed());
                     }
-                    Ok(r) if r.status().is_success() && mode == crate::cli::BenchMode::Otlp => {
+                    Ok(r)
+                        if r.status().is_success()
+                            && matches!(mode, crate::cli::BenchMode::Otlp | crate::cli::BenchMode::OtlpHistogram) =>
+                    {
                         use prost::Message;
                         let answer = r.bytes().await.unwrap_or_default();
                         let refused = mcp_metrics_core::otlp::ExportMetricsServiceResponse::decode(answer)
                             .ok()
                             .and_then(|a| a.partial_success)
                             .map_or(0, |p| p.rejected_data_points as u64);
-                        accepted += p.samples.saturating_sub(refused);
+                        accepted += p.samples.saturating_sub(refused * samples_per_point);
                         latencies.push(sent.elapsed());
                     }
                     Ok(r) if r.status().is_success() => {
@@ -496,6 +564,23 @@ mod tests {
                 .iter()
                 .all(|p| p.name.as_ref() == "response_time" && p.tags[0].0 == "tool")
         );
+        // Histogram points: 53 observations over 7 tools, none refused, as histogram samples.
+        for (batch, series) in [(53, 7), (5, 7)] {
+            let body = build_otlp_histograms(3, batch, series, 1_000);
+            let mapped = mcp_metrics_core::otlp::map_request(&mcp_metrics_core::otlp::decode_protobuf(&body).unwrap());
+            assert!(mapped.refused.is_empty(), "{:?}", mapped.refused);
+            assert_eq!(mapped.points.len(), batch);
+            let tools: std::collections::BTreeSet<&str> = mapped.points.iter().map(|p| p.tags[0].1.as_str()).collect();
+            assert_eq!(tools.len(), series.min(batch));
+            assert!(
+                mapped
+                    .points
+                    .iter()
+                    .all(|p| p.kind == mcp_metrics_core::model::Kind::Histogram
+                        && p.name.as_ref() == "tool_duration"
+                        && p.timestamp_ms == 1_004)
+            );
+        }
     }
 
     #[test]
