@@ -4,13 +4,9 @@
 //! `cargo bench -p mcp-metrics-core --bench otlp`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use mcp_metrics_core::otlp::{decode_protobuf, map_request};
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::metrics::v1::{
-    AggregationTemporality, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics, metric,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
+use mcp_metrics_core::otlp::proto::common::v1::{AnyValue, KeyValue, any_value};
+use mcp_metrics_core::otlp::proto::metrics::v1::HistogramDataPoint;
+use mcp_metrics_core::otlp::{decode_protobuf, delta_histogram, export_of, map_request};
 use prost::Message;
 use std::hint::black_box;
 
@@ -45,28 +41,8 @@ fn export(tools: usize, per_point: u64) -> Vec<u8> {
             ..Default::default()
         })
         .collect();
-    ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![attribute("service.name", "bench-server")],
-                ..Default::default()
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![Metric {
-                    name: "mcp.server.operation.duration".into(),
-                    unit: "s".into(),
-                    data: Some(metric::Data::Histogram(Histogram {
-                        data_points,
-                        aggregation_temporality: AggregationTemporality::Delta as i32,
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    let metric = delta_histogram("mcp.server.operation.duration", "s", data_points);
+    export_of(vec![attribute("service.name", "bench-server")], vec![metric]).encode_to_vec()
 }
 
 fn bench(c: &mut Criterion) {

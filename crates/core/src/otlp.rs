@@ -68,6 +68,46 @@ pub fn decode_protobuf(body: &[u8]) -> Result<ExportMetricsServiceRequest, OtlpE
     ExportMetricsServiceRequest::decode(body).map_err(|e| OtlpError::Protobuf(e.to_string()))
 }
 
+/// An export of these metrics from one resource and scope, as an SDK sends it: for load
+/// generators, benchmarks and tests.
+pub fn export_of(
+    resource: Vec<proto::common::v1::KeyValue>,
+    metrics: Vec<proto::metrics::v1::Metric>,
+) -> ExportMetricsServiceRequest {
+    use proto::metrics::v1::{ResourceMetrics, ScopeMetrics};
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: (!resource.is_empty()).then(|| proto::resource::v1::Resource {
+                attributes: resource,
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// A delta histogram metric of these points (for load generators and benchmarks).
+pub fn delta_histogram(
+    name: &str,
+    unit: &str,
+    data_points: Vec<proto::metrics::v1::HistogramDataPoint>,
+) -> proto::metrics::v1::Metric {
+    use proto::metrics::v1::{AggregationTemporality, Histogram, Metric, metric};
+    Metric {
+        name: name.into(),
+        unit: unit.into(),
+        data: Some(metric::Data::Histogram(Histogram {
+            data_points,
+            aggregation_temporality: AggregationTemporality::Delta as i32,
+        })),
+        ..Default::default()
+    }
+}
+
 /// Decodes an OTLP/JSON request (lowerCamelCase keys, 64-bit integers as strings or
 /// numbers, enums as integers).
 pub fn decode_json(body: &[u8]) -> Result<ExportMetricsServiceRequest, OtlpError> {

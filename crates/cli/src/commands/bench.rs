@@ -73,11 +73,8 @@ fn build_remote_write(index: usize, batch: usize, series: usize, base_ms: i64) -
 
 /// The same samples as an OTLP/HTTP protobuf request: one gauge metric per series.
 fn build_otlp(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
-    use mcp_metrics_core::otlp::ExportMetricsServiceRequest;
     use mcp_metrics_core::otlp::proto::common::v1::{AnyValue, KeyValue, any_value};
-    use mcp_metrics_core::otlp::proto::metrics::v1::{
-        Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric, number_data_point,
-    };
+    use mcp_metrics_core::otlp::proto::metrics::v1::{Gauge, Metric, NumberDataPoint, metric, number_data_point};
     use prost::Message;
     let mut by_series: Vec<Vec<NumberDataPoint>> = vec![Vec::new(); series];
     for j in 0..batch {
@@ -107,27 +104,15 @@ fn build_otlp(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8
             ..Default::default()
         })
         .collect();
-    ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            scope_metrics: vec![ScopeMetrics {
-                metrics,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    mcp_metrics_core::otlp::export_of(Vec::new(), metrics).encode_to_vec()
 }
 
 /// `batch` samples as OTLP/HTTP delta histogram points of `tool_duration` (ms), one point
 /// per series, every observation of a request at the same instant: the server maps each
 /// point's bucket counts to that many observations.
 fn build_otlp_histograms(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
-    use mcp_metrics_core::otlp::ExportMetricsServiceRequest;
     use mcp_metrics_core::otlp::proto::common::v1::{AnyValue, KeyValue, any_value};
-    use mcp_metrics_core::otlp::proto::metrics::v1::{
-        AggregationTemporality, Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics, metric,
-    };
+    use mcp_metrics_core::otlp::proto::metrics::v1::HistogramDataPoint;
     use prost::Message;
     let bounds = vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
     let points = series.min(batch).max(1);
@@ -155,24 +140,8 @@ fn build_otlp_histograms(index: usize, batch: usize, series: usize, base_ms: i64
             }
         })
         .collect();
-    ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![Metric {
-                    name: "tool_duration".into(),
-                    unit: "ms".into(),
-                    data: Some(metric::Data::Histogram(Histogram {
-                        data_points,
-                        aggregation_temporality: AggregationTemporality::Delta as i32,
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    let metric = mcp_metrics_core::otlp::delta_histogram("tool_duration", "ms", data_points);
+    mcp_metrics_core::otlp::export_of(Vec::new(), vec![metric]).encode_to_vec()
 }
 
 /// Builds the `index`-th request: `batch` samples over `series` series with distinct
