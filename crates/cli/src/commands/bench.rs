@@ -278,8 +278,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     progress.reset();
     progress.set_message("sending");
     let next = Arc::new(AtomicUsize::new(0));
-    // What one refused OTLP data point takes with it (histogram points carry many
-    // samples; each gauge point is one).
+    // What one refused OTLP data point takes with it (each gauge point is one sample; a
+    // histogram point batch/points, one more for the first batch % points of them: the
+    // answer names only how many points were refused, so each counts the larger share).
     let samples_per_point = match mode {
         crate::cli::BenchMode::OtlpHistogram => args.batch.div_ceil(args.series.min(args.batch).max(1)) as u64,
         _ => 1,

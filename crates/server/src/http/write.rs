@@ -75,6 +75,7 @@ pub async fn commit_with_digest(
             if !kind_conflicts.is_empty() {
                 let positions: Vec<u32> = kind_conflicts.iter().map(|&(p, _)| p).collect();
                 let indices = indices_of_positions(batch.metrics.len(), &rejected, &positions);
+                debug_assert_eq!(indices.len(), positions.len(), "every conflict names a prepared sample");
                 for (index, (_, kind)) in indices.into_iter().zip(&kind_conflicts) {
                     state.telemetry.sample_rejected(Code::KindMismatch);
                     state
@@ -83,7 +84,10 @@ pub async fn commit_with_digest(
                     rejected.push(Rejection {
                         index,
                         code: Code::KindMismatch,
-                        detail: format!("this series was just created as a {} by another request", kind.as_str()),
+                        detail: format!(
+                            "this series is a {}: another request or node created it as one first",
+                            kind.as_str()
+                        ),
                     });
                 }
                 rejected.sort_by_key(|r| r.index);

@@ -218,5 +218,14 @@ mod tests {
         let json = WireTags::Json(vec![("k".into(), "v".into())]);
         assert!(!json.lent_from_same(&json.clone()));
         assert!(!WireTags::None.lent_from_same(&WireTags::None));
+        // Line protocol lends ranges of one shared vector.
+        let lent: Vec<mcp_metrics_core::ingest::WireTag<'_>> = vec![
+            ("a".into(), "1".into()),
+            ("b".into(), "2".into()),
+            ("a".into(), "1".into()),
+        ];
+        assert!(WireTags::Lent(&lent[0..1]).lent_from_same(&WireTags::Lent(&lent[0..1])));
+        assert!(!WireTags::Lent(&lent[0..1]).lent_from_same(&WireTags::Lent(&lent[0..2])));
+        assert!(!WireTags::Lent(&lent[0..1]).lent_from_same(&WireTags::Lent(&lent[2..3])));
     }
 }

@@ -810,7 +810,8 @@ impl PostgresStore {
 /// then they are awaited in the same order, which is the order the answers arrive in.
 /// The server thus runs them in exactly this order, as a sequential loop would, at the
 /// cost of one round trip instead of one per statement. Only pass futures of prepared
-/// statements: one that still has to prepare would send later, out of order.
+/// statements (one that still has to prepare would send later, out of order), or
+/// futures that only prepare, whose order does not matter.
 pub(crate) async fn pipeline<T, E, F>(futures: impl IntoIterator<Item = F>) -> Result<Vec<T>, E>
 where
     F: std::future::Future<Output = Result<T, E>>,

@@ -52,9 +52,9 @@ pub const TAIL_MAX: usize = 512;
 pub type MinuteKey = (i64, i64);
 
 /// Maps keyed by minute and series. The writer looks one up per sample it commits, and
-/// SipHash was most of that cost; the keys are two integers the server bounds (its own
-/// series ids, minutes within the last [`KEEP_MINUTES`] of the newest), so a fast
-/// unkeyed hash cannot be steered into long probe chains by what clients send.
+/// SipHash was most of that cost. A client cannot steer a fast unkeyed hash of these keys
+/// into long probe chains: series ids are assigned by the store, minutes are multiples of
+/// 60,000 inside the accepted time window, and the map is capped at [`MAX_ENTRIES`].
 pub type MinuteMap<V> = FxHashMap<MinuteKey, V>;
 
 #[derive(Debug)]
