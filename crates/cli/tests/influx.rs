@@ -150,3 +150,54 @@ async fn gzip_bodies_as_telegraf_sends_them() {
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     svc.stop().await;
 }
+
+/// A server deleted while one of its writes waits for the writer (here: between the
+/// write's key check and its commit) answers that write as an unknown key and stores
+/// nothing; the service goes on. The deletion holds what `delete_server` holds first
+/// (PostgreSQL: the server's row; SQLite: the write lock) so the write waits behind it.
+#[tokio::test]
+async fn a_write_whose_server_is_deleted_before_its_commit_is_refused() {
+    let svc = TestService::start().await;
+    let gone = svc.server_with_key("gone").await;
+    let other = svc.server_with_key("other").await;
+    let deletion = "DELETE FROM servers WHERE id = 'gone'; COMMIT";
+    let (pg, lite) = if svc.is_postgres() {
+        let client = svc.pg_client().await;
+        client
+            .batch_execute("BEGIN; SELECT id FROM servers WHERE id = 'gone' FOR UPDATE")
+            .await
+            .unwrap();
+        (Some(client), None)
+    } else {
+        let conn = rusqlite::Connection::open(svc.db_path()).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        (None, Some(conn))
+    };
+    let pending = {
+        let (svc_client, url, key) = (svc.client.clone(), svc.url("/api/v1/write"), gone.api_key.clone());
+        tokio::spawn(async move {
+            let response = svc_client
+                .post(url)
+                .header("x-api-key", key)
+                .body("fresh,host=a value=1")
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.json::<Value>().await.unwrap_or(Value::Null))
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "the write waits for the deletion");
+    match (pg, lite) {
+        (Some(client), _) => client.batch_execute(deletion).await.unwrap(),
+        (_, Some(conn)) => conn.execute_batch(deletion).unwrap(),
+        _ => unreachable!(),
+    }
+    let (status, answer) = pending.await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    assert_eq!(answer["code"], "unknown_key", "{answer}");
+    assert_eq!(svc.sql_i64("SELECT COUNT(*) FROM series").await, 0);
+    let (status, answer) = write(&svc, Some(("x-api-key", &other.api_key)), "", "m value=2".into()).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    svc.stop().await;
+}

@@ -65,6 +65,17 @@ pub struct WriteRequest {
     pub event: Option<NewEvent>,
 }
 
+impl WriteRequest {
+    /// Servers this request would create rows under (its new series and its event): a
+    /// server deleted since the request was authenticated makes it [`RequestOutcome::ServerGone`].
+    pub fn servers_written(&self) -> impl Iterator<Item = &str> {
+        self.new_series
+            .iter()
+            .map(|n| n.key.server_id.as_str())
+            .chain(self.event.iter().map(|e| e.server_id.as_str()))
+    }
+}
+
 /// Requests committed together.
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
@@ -94,6 +105,9 @@ pub enum RequestOutcome {
     Duplicate,
     /// Same signature seen inside the replay window: nothing stored.
     Replayed,
+    /// The server it writes under was deleted after the request was authenticated:
+    /// nothing stored, and the rest of the group is stored as usual.
+    ServerGone,
 }
 
 /// A page of raw samples.

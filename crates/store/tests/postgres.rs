@@ -1670,6 +1670,20 @@ async fn write_path_timing() {
     );
 }
 
+/// The raw samples of one series at millisecond `t`.
+async fn samples_at(store: &dyn Store, series_id: i64, t: i64) -> Vec<mcp_metrics_core::model::RawSample> {
+    store
+        .read_samples(&SampleQuery {
+            series_ids: vec![series_id],
+            from: t,
+            to: t + 1,
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+}
+
 /// Requests of one write create the same series with different kinds (their senders
 /// raced past the series cache): the series keeps the first kind, the samples meant for
 /// another kind are refused (reported by their place in the request, with the kind the
@@ -1707,16 +1721,7 @@ async fn first_kind_wins(store: &dyn Store) {
     );
     let series = store.series_of_server("s", None).await.unwrap();
     assert_eq!((series.len(), series[0].kind), (1, Kind::Counter));
-    let stored = store
-        .read_samples(&SampleQuery {
-            series_ids: vec![series[0].id],
-            from: t,
-            to: t + 1,
-            after: None,
-            limit: 10,
-        })
-        .await
-        .unwrap();
+    let stored = samples_at(store, series[0].id, t).await;
     let rows: Vec<(i64, f64)> = stored.iter().map(|s| (s.seq, s.value)).collect();
     assert_eq!(rows, vec![(0, 4.0)], "one counter value, the last counter written");
     let inputs = minute_pass_of(store, Kind::Counter).await;
@@ -1735,6 +1740,57 @@ async fn a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_o
         return;
     };
     first_kind_wins(&db.open().await).await;
+}
+
+/// A request that would create rows under a server deleted since it was authenticated
+/// (a new series, an event) is answered `ServerGone` and stores nothing, while the rest
+/// of its group commits: before, its foreign key broke the whole group's transaction.
+async fn a_deleted_servers_request_leaves_its_group_alone(store: &dyn Store) {
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    store.create_server("gone", &ServerFields::default(), 0).await.unwrap();
+    store.delete_server("gone").await.unwrap();
+    let t = (now_ms() / 60_000 - 2) * 60_000;
+    let new_series = |server: &str, value: f64| {
+        request(
+            vec![NewSeries {
+                key: key(server, "x"),
+                kind: Kind::Gauge,
+            }],
+            vec![sample(SeriesRef::New(0), Kind::Gauge, t, value)],
+        )
+    };
+    let mut event = request(vec![], vec![]);
+    event.event = Some(NewEvent {
+        server_id: "gone".into(),
+        kind: "deploy".into(),
+        title: "v2".into(),
+        detail: None,
+        at: t,
+        source: EventSource::Author,
+    });
+    event.body_digest = Some([7; 32]);
+    let outcomes = store
+        .write_batch(batch(vec![new_series("gone", 1.0), new_series("s", 2.0), event]))
+        .await
+        .unwrap();
+    assert!(matches!(outcomes[0], RequestOutcome::ServerGone), "{outcomes:?}");
+    assert!(matches!(outcomes[1], RequestOutcome::Stored { .. }), "{outcomes:?}");
+    assert!(matches!(outcomes[2], RequestOutcome::ServerGone), "{outcomes:?}");
+    assert!(store.series_of_server("gone", None).await.unwrap().is_empty());
+    let kept = store.series_of_server("s", None).await.unwrap();
+    let stored = samples_at(store, kept[0].id, t).await;
+    assert_eq!(stored.iter().map(|s| s.value).collect::<Vec<_>>(), vec![2.0]);
+    assert!(store.list_events("gone", None, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_deleted_servers_request_leaves_its_group_alone_on_both_backends() {
+    let (_dir, lite) = sqlite().await;
+    a_deleted_servers_request_leaves_its_group_alone(&lite).await;
+    let Some(db) = Db::new("a_deleted_servers_request_leaves_its_group_alone_on_both_backends").await else {
+        return;
+    };
+    a_deleted_servers_request_leaves_its_group_alone(&db.open().await).await;
 }
 
 /// Deleting a server takes its rollup rows and pending marks with it, and a pass that

@@ -43,6 +43,11 @@ pub async fn exporter(state: &AppState, headers: &HeaderMap) -> ApiResult<Stored
     credential_for(state, api_key(headers, true)).await
 }
 
+/// A key that no credential has (never issued, or gone with its server).
+pub fn unknown_key() -> ApiError {
+    ApiError::new(Code::UnknownKey, "this API key is not known")
+}
+
 async fn credential_for(state: &AppState, key: Option<&str>) -> ApiResult<StoredCredential> {
     let key = key.ok_or_else(|| {
         ApiError::new(
@@ -54,7 +59,7 @@ async fn credential_for(state: &AppState, key: Option<&str>) -> ApiResult<Stored
         .store
         .credential_by_hash(&hash_api_key(key))
         .await?
-        .ok_or_else(|| ApiError::new(Code::UnknownKey, "this API key is not known"))?;
+        .ok_or_else(unknown_key)?;
     if credential.revoked_at.is_some() {
         return Err(ApiError::new(Code::RevokedKey, "this API key has been revoked"));
     }

@@ -119,6 +119,9 @@ async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Bod
                 "this signature was already used; sign each request afresh",
             ));
         }
+        // Deleted after its key was checked: the key went with it, so this is the
+        // answer a retry would get.
+        RequestOutcome::ServerGone => return Err(super::auth::unknown_key()),
     };
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
 }

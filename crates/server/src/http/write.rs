@@ -116,6 +116,9 @@ pub async fn commit_with_digest(
                 "this signature was already used; sign each request afresh",
             ));
         }
+        // Deleted after its key was checked: the key went with it, so this is the
+        // answer a retry would get.
+        RequestOutcome::ServerGone => return Err(super::auth::unknown_key()),
     };
     Ok(Stored {
         accepted,

@@ -392,6 +392,17 @@ impl Store for PostgresStore {
     async fn delete_server(&self, id: &str) -> StoreResult<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
+        // The server row first: a write creating series under it holds a key-share lock
+        // on it until it commits (see the write path), so once this lock is granted every
+        // series of the server is committed and the next statement sees them all; writes
+        // after it wait, then find the server gone.
+        let found = tx
+            .query_opt("SELECT id FROM servers WHERE id = $1 FOR UPDATE", &[&id])
+            .await
+            .map_err(pg_err)?;
+        if found.is_none() {
+            return Err(StoreError::NotFound);
+        }
         let series: Vec<i64> = tx
             .query("SELECT id FROM series WHERE server_id = $1", &[&id])
             .await

@@ -83,7 +83,8 @@ pub async fn write_batch(
 ) -> PgResult<Vec<RequestOutcome>> {
     let now = batch.now;
     let tx = client.transaction().await?;
-    let (guard_signature, guard_digest, insert_series, find_series, insert_event, touch_credential) = tokio::try_join!(
+    let (lock_servers, guard_signature, guard_digest, insert_series, find_series, insert_event, touch_credential) = tokio::try_join!(
+        tx.prepare_cached("SELECT id FROM servers WHERE id = ANY($1) ORDER BY id FOR KEY SHARE"),
         // A guard row that exists and has not expired makes the upsert a no-op, so zero
         // changed rows means "seen inside the window" — also when another node's
         // transaction inserted it: the upsert waits for that one and then sees its row.
@@ -111,13 +112,36 @@ pub async fn write_batch(
         ),
     )?;
 
+    // A request creating rows under a deleted server would break the foreign key and
+    // with it the whole group's transaction. The key-share lock keeps the servers that
+    // exist from being deleted until this commits (`delete_server` locks the row first,
+    // so it then sees this write's new series).
+    let mut servers: Vec<&str> = batch.requests.iter().flat_map(|r| r.servers_written()).collect();
+    servers.sort_unstable();
+    servers.dedup();
+    let existing: std::collections::HashSet<String> = if servers.is_empty() {
+        Default::default()
+    } else {
+        tx.query(&lock_servers, &[&servers])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    };
+    let gone: Vec<bool> = batch
+        .requests
+        .iter()
+        .map(|r| r.servers_written().any(|s| !existing.contains(s)))
+        .collect();
+
     // Replay guards of every request, in request order.
     let replay_expiry = now + batch.replay_window_ms;
-    let replayed: Vec<bool> = pipeline(batch.requests.iter().map(|r| {
+    let replayed: Vec<bool> = pipeline(batch.requests.iter().zip(&gone).map(|(r, &gone)| {
         let tx = &tx;
         let stmt = &guard_signature;
         async move {
             match &r.signature {
+                _ if gone => Ok(false),
                 Some(sig) => Ok(tx.execute(stmt, &[&&sig[..], &replay_expiry, &now]).await? == 0),
                 None => Ok::<_, tokio_postgres::Error>(false),
             }
@@ -126,18 +150,25 @@ pub async fn write_batch(
     .await?;
     // Retry guards of the requests that were not replays.
     let retry_expiry = now + batch.retry_window_ms;
-    let duplicate: Vec<bool> = pipeline(batch.requests.iter().zip(&replayed).map(|(r, &replayed)| {
-        let tx = &tx;
-        let stmt = &guard_digest;
-        async move {
-            match (&r.body_digest, replayed) {
-                (Some(d), false) => Ok(tx.execute(stmt, &[&r.key_id, &&d[..], &retry_expiry, &now]).await? == 0),
-                _ => Ok::<_, tokio_postgres::Error>(false),
+    let duplicate: Vec<bool> = pipeline(batch.requests.iter().zip(&replayed).zip(&gone).map(
+        |((r, &replayed), &gone)| {
+            let tx = &tx;
+            let stmt = &guard_digest;
+            async move {
+                match (&r.body_digest, replayed || gone) {
+                    (Some(d), false) => Ok(tx.execute(stmt, &[&r.key_id, &&d[..], &retry_expiry, &now]).await? == 0),
+                    _ => Ok::<_, tokio_postgres::Error>(false),
+                }
             }
-        }
-    }))
+        },
+    ))
     .await?;
-    let stored: Vec<bool> = replayed.iter().zip(&duplicate).map(|(a, b)| !a && !b).collect();
+    let stored: Vec<bool> = replayed
+        .iter()
+        .zip(&duplicate)
+        .zip(&gone)
+        .map(|((a, b), c)| !a && !b && !c)
+        .collect();
 
     // New series: inserted, or found when this batch or another node created it first.
     let wanted: Vec<(usize, &crate::NewSeries)> = batch
@@ -328,7 +359,9 @@ pub async fn write_batch(
 
     let mut outcomes = Vec::with_capacity(batch.requests.len());
     for (i, ((series, event_id), kind_conflicts)) in series.into_iter().zip(event_ids).zip(kind_conflicts).enumerate() {
-        outcomes.push(if replayed[i] {
+        outcomes.push(if gone[i] {
+            RequestOutcome::ServerGone
+        } else if replayed[i] {
             RequestOutcome::Replayed
         } else if duplicate[i] {
             RequestOutcome::Duplicate

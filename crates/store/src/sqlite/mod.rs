@@ -371,7 +371,26 @@ fn write_batch_blocking(
             "UPDATE credentials SET last_used_at = ?2 WHERE key_id = ?1 AND (last_used_at IS NULL OR last_used_at <= ?2 - 60000)",
         )?;
 
+        // A request creating rows under a deleted server would break the foreign key and
+        // with it the whole group's transaction.
+        let mut server_exists = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM servers WHERE id = ?1)")?;
         for request in &batch.requests {
+            let mut gone = false;
+            let mut checked: Option<&str> = None;
+            for server_id in request.servers_written() {
+                if checked == Some(server_id) {
+                    continue;
+                }
+                if !server_exists.query_row([server_id], |r| r.get::<_, bool>(0))? {
+                    gone = true;
+                    break;
+                }
+                checked = Some(server_id);
+            }
+            if gone {
+                outcomes.push(RequestOutcome::ServerGone);
+                continue;
+            }
             if let Some(signature) = &request.signature
                 && guard_signature.execute(params![&signature[..], now + batch.replay_window_ms, now])? == 0
             {
