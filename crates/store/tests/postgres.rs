@@ -1770,17 +1770,24 @@ async fn a_deleted_servers_request_leaves_its_group_alone(store: &dyn Store) {
     });
     event.body_digest = Some([7; 32]);
     let outcomes = store
-        .write_batch(batch(vec![new_series("gone", 1.0), new_series("s", 2.0), event]))
+        .write_batch(batch(vec![
+            new_series("gone", 1.0),
+            new_series("s", 2.0),
+            event.clone(),
+        ]))
         .await
         .unwrap();
     assert!(matches!(outcomes[0], RequestOutcome::ServerGone), "{outcomes:?}");
     assert!(matches!(outcomes[1], RequestOutcome::Stored { .. }), "{outcomes:?}");
     assert!(matches!(outcomes[2], RequestOutcome::ServerGone), "{outcomes:?}");
-    assert!(store.series_of_server("gone", None).await.unwrap().is_empty());
     let kept = store.series_of_server("s", None).await.unwrap();
     let stored = samples_at(store, kept[0].id, t).await;
     assert_eq!(stored.iter().map(|s| s.value).collect::<Vec<_>>(), vec![2.0]);
-    assert!(store.list_events("gone", None, 10).await.unwrap().is_empty());
+    // Nothing of the gone request was kept, not even its retry digest: the same request
+    // once the server exists again is stored, not taken for a retry.
+    store.create_server("gone", &ServerFields::default(), 0).await.unwrap();
+    let outcomes = store.write_batch(batch(vec![event])).await.unwrap();
+    assert!(matches!(outcomes[0], RequestOutcome::Stored { .. }), "{outcomes:?}");
 }
 
 #[tokio::test]
@@ -1791,6 +1798,61 @@ async fn a_deleted_servers_request_leaves_its_group_alone_on_both_backends() {
         return;
     };
     a_deleted_servers_request_leaves_its_group_alone(&db.open().await).await;
+}
+
+/// `delete_server` locks the server's row before reading its series: a write that has
+/// created a series under it (holding the key-share lock every such write takes) and not
+/// committed yet is waited for, and its series and samples go with the server. Reading the
+/// series first would miss that series and leave its samples behind.
+#[tokio::test]
+async fn a_deletion_waits_for_a_write_creating_series_and_takes_its_rows() {
+    let Some(db) = Db::new("a_deletion_waits_for_a_write_creating_series_and_takes_its_rows").await else {
+        return;
+    };
+    let store = Arc::new(db.open().await);
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let writer = db.admin_client().await;
+    writer
+        .batch_execute(
+            "BEGIN; SELECT id FROM servers WHERE id = 's' FOR KEY SHARE;
+             INSERT INTO series (server_id, name, tags, kind, created_at) VALUES ('s', 'x', '{}', 0, 0)",
+        )
+        .await
+        .unwrap();
+    let id: i64 = writer
+        .query_one("SELECT id FROM series WHERE server_id = 's'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    writer
+        .execute(
+            "INSERT INTO server_metrics (ts, series_id, seq, value) VALUES ($1, $2, 0, 1.0)",
+            &[&now_ms(), &id],
+        )
+        .await
+        .unwrap();
+    let deleting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.delete_server("s").await })
+    };
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    eventually("the deletion never waited for the write", || async {
+        scalar(&db, waiting).await == 1
+    })
+    .await;
+    writer.batch_execute("COMMIT").await.unwrap();
+    deleting.await.unwrap().unwrap();
+    assert_eq!(scalar(&db, "SELECT count(*) FROM series").await, 0);
+    assert_eq!(
+        scalar(
+            &db,
+            &format!("SELECT count(*) FROM server_metrics WHERE series_id = {id}")
+        )
+        .await,
+        0,
+        "the write's samples went with its series"
+    );
 }
 
 /// Deleting a server takes its rollup rows and pending marks with it, and a pass that

@@ -395,7 +395,7 @@ impl Store for PostgresStore {
         // The server row first: a write creating series under it holds a key-share lock
         // on it until it commits (see the write path), so once this lock is granted every
         // series of the server is committed and the next statement sees them all; writes
-        // after it wait, then find the server gone.
+        // creating series or events after it wait, then find the server gone.
         let found = tx
             .query_opt("SELECT id FROM servers WHERE id = $1 FOR UPDATE", &[&id])
             .await
