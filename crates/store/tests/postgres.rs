@@ -777,12 +777,10 @@ async fn stale_pass_keeps_the_newer_result(store: &dyn Store) {
 
 #[tokio::test]
 async fn rollup_generations_on_both_backends() {
-    let (_dir, lite) = sqlite().await;
-    stale_pass_keeps_the_newer_result(&lite).await;
-    let Some(db) = Db::new("rollup_generations_on_both_backends").await else {
-        return;
-    };
-    stale_pass_keeps_the_newer_result(&db.open().await).await;
+    on_both_backends("rollup_generations_on_both_backends", async |store| {
+        stale_pass_keeps_the_newer_result(store).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -997,6 +995,17 @@ async fn notifications_reach_every_node() {
     assert!(lite.listen().await.unwrap().is_none());
     lite.notify("nobody").await.unwrap();
     assert!(lite.hold_job_lock("x").await.unwrap());
+}
+
+/// Runs `check` on a fresh SQLite store, then on a fresh PostgreSQL database when
+/// one is configured.
+async fn on_both_backends(test: &str, check: impl AsyncFn(&dyn Store)) {
+    let (_dir, lite) = sqlite().await;
+    check(&lite).await;
+    let Some(db) = Db::new(test).await else {
+        return;
+    };
+    check(&db.open().await).await;
 }
 
 /// Polls `condition` every 50 ms until it holds; fails with `what` after 5 s.
@@ -1732,14 +1741,11 @@ async fn first_kind_wins(store: &dyn Store) {
 
 #[tokio::test]
 async fn a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_on_both_backends() {
-    let (_dir, lite) = sqlite().await;
-    first_kind_wins(&lite).await;
-    let Some(db) =
-        Db::new("a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_on_both_backends").await
-    else {
-        return;
-    };
-    first_kind_wins(&db.open().await).await;
+    on_both_backends(
+        "a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_on_both_backends",
+        async |store| first_kind_wins(store).await,
+    )
+    .await;
 }
 
 /// A request that would create rows under a server deleted since it was authenticated
@@ -1792,12 +1798,11 @@ async fn a_deleted_servers_request_leaves_its_group_alone(store: &dyn Store) {
 
 #[tokio::test]
 async fn a_deleted_servers_request_leaves_its_group_alone_on_both_backends() {
-    let (_dir, lite) = sqlite().await;
-    a_deleted_servers_request_leaves_its_group_alone(&lite).await;
-    let Some(db) = Db::new("a_deleted_servers_request_leaves_its_group_alone_on_both_backends").await else {
-        return;
-    };
-    a_deleted_servers_request_leaves_its_group_alone(&db.open().await).await;
+    on_both_backends(
+        "a_deleted_servers_request_leaves_its_group_alone_on_both_backends",
+        async |store| a_deleted_servers_request_leaves_its_group_alone(store).await,
+    )
+    .await;
 }
 
 /// `delete_server` locks the server's row before reading its series: a write that has
@@ -1901,10 +1906,8 @@ async fn deleted_servers_leave_no_rollups(store: &dyn Store) {
 
 #[tokio::test]
 async fn deleted_servers_leave_no_rollups_on_both_backends() {
-    let (_dir, lite) = sqlite().await;
-    deleted_servers_leave_no_rollups(&lite).await;
-    let Some(db) = Db::new("deleted_servers_leave_no_rollups_on_both_backends").await else {
-        return;
-    };
-    deleted_servers_leave_no_rollups(&db.open().await).await;
+    on_both_backends("deleted_servers_leave_no_rollups_on_both_backends", async |store| {
+        deleted_servers_leave_no_rollups(store).await
+    })
+    .await;
 }
