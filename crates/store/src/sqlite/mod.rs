@@ -11,7 +11,7 @@ mod rollups;
 mod usage;
 pub(crate) mod value_codec;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -300,6 +300,42 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
+/// Which servers still exist, asked once per server per transaction: work queued for a
+/// server deleted meanwhile (a write, usage events) is dropped, instead of breaking a
+/// foreign key and with it the whole transaction.
+pub(crate) struct LiveServers<'t, 'a> {
+    exists: rusqlite::CachedStatement<'t>,
+    known: HashMap<&'a str, bool>,
+}
+
+impl<'t, 'a> LiveServers<'t, 'a> {
+    pub(crate) fn new(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        Ok(LiveServers {
+            exists: tx.prepare_cached("SELECT 1 FROM servers WHERE id = ?1")?,
+            known: HashMap::new(),
+        })
+    }
+
+    pub(crate) fn contains(&mut self, id: &'a str) -> rusqlite::Result<bool> {
+        if let Some(&found) = self.known.get(id) {
+            return Ok(found);
+        }
+        let found = self.exists.exists([id])?;
+        self.known.insert(id, found);
+        Ok(found)
+    }
+
+    /// Whether every one of these servers exists.
+    pub(crate) fn all(&mut self, ids: impl IntoIterator<Item = &'a str>) -> rusqlite::Result<bool> {
+        for id in ids {
+            if !self.contains(id)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
 /// Inserts observations one statement each, in order: at seq 0, or when that is taken
 /// (by an earlier write, or an earlier row here) at the next free seq.
 fn insert_one_by_one(
@@ -373,21 +409,9 @@ fn write_batch_blocking(
 
         // A request creating rows under a deleted server would break the foreign key and
         // with it the whole group's transaction.
-        let mut server_exists = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM servers WHERE id = ?1)")?;
+        let mut live = LiveServers::new(&tx)?;
         for request in &batch.requests {
-            let mut gone = false;
-            let mut checked: Option<&str> = None;
-            for server_id in request.servers_written() {
-                if checked == Some(server_id) {
-                    continue;
-                }
-                if !server_exists.query_row([server_id], |r| r.get::<_, bool>(0))? {
-                    gone = true;
-                    break;
-                }
-                checked = Some(server_id);
-            }
-            if gone {
+            if !live.all(request.servers_written())? {
                 outcomes.push(RequestOutcome::ServerGone);
                 continue;
             }

@@ -29,13 +29,10 @@ pub fn record(conn: &mut Connection, events: &[UsageRecord]) -> rusqlite::Result
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         // A server deleted while its events were queued loses them, not the batch.
-        let mut exists = tx.prepare_cached("SELECT 1 FROM servers WHERE id = ?1")?;
-        let mut live: HashMap<&str, bool> = HashMap::new();
+        let mut live = super::LiveServers::new(&tx)?;
+        let mut alive = Vec::with_capacity(events.len());
         for e in events {
-            if !live.contains_key(e.server_id.as_str()) {
-                let found = exists.exists([&e.server_id])?;
-                live.insert(&e.server_id, found);
-            }
+            alive.push(live.contains(&e.server_id)?);
         }
         let mut new_visitor = tx.prepare_cached(
             "INSERT INTO usage_visitors (day, server_id, visitor, flags) VALUES (?1, ?2, ?3, 0)
@@ -48,7 +45,7 @@ pub fn record(conn: &mut Connection, events: &[UsageRecord]) -> rusqlite::Result
             "INSERT INTO server_usage (server_id, event, client, at, counted) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let mut daily: HashMap<(&str, i64), UsageDay> = HashMap::new();
-        for e in events.iter().filter(|e| live[e.server_id.as_str()]) {
+        for e in events.iter().zip(&alive).filter(|(_, alive)| **alive).map(|(e, _)| e) {
             let day = day_of(e.at);
             let fresh = new_visitor.execute(params![day, e.server_id, &e.visitor[..]])? == 1;
             let counted = if e.kind.once_per_visitor_day() {
