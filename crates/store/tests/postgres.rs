@@ -1063,6 +1063,11 @@ async fn job_lock_moves_to_another_node() {
     .await;
 }
 
+/// Advisory-lock waits in the test's own database (other tests running at once wait for
+/// locks too).
+const ADVISORY_WAITS: &str = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_locks_serialize_work_across_nodes() {
     let Some(db) = Db::new("cluster_locks_serialize_work_across_nodes").await else {
@@ -1074,7 +1079,10 @@ async fn cluster_locks_serialize_work_across_nodes() {
         let b = b.clone();
         tokio::spawn(async move { b.cluster_lock("otlp.streams.s").await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("B never queued for the lock", || async {
+        scalar(&db, ADVISORY_WAITS).await == 1
+    })
+    .await;
     assert!(!waiting.is_finished(), "B took a lock A holds");
     let other = b.cluster_lock("otlp.streams.t").await.unwrap();
     other.release().await.unwrap();
@@ -1096,7 +1104,10 @@ async fn cluster_locks_serialize_work_across_nodes() {
         let a = a.clone();
         tokio::spawn(async move { a.cluster_lock("otlp.streams.s").await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("A never queued for the lock", || async {
+        scalar(&db, ADVISORY_WAITS).await == 1
+    })
+    .await;
     assert!(!waiting.is_finished(), "A took a lock B holds");
     drop(on_b);
     let again = tokio::time::timeout(Duration::from_secs(5), waiting)
@@ -1122,9 +1133,7 @@ async fn an_abandoned_cluster_lock_wait_leaves_no_session_waiting() {
     };
     let (a, b) = (db.open().await, Arc::new(db.open().await));
     let held = a.cluster_lock("x").await.unwrap();
-    // Only this test's database: other tests running at once wait for locks too.
-    let waits = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let waits = ADVISORY_WAITS;
     let waiting = {
         let b = b.clone();
         tokio::spawn(async move { b.cluster_lock("x").await.map(|_| ()) })

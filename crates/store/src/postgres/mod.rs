@@ -413,23 +413,21 @@ impl Store for PostgresStore {
         // Credentials, series, events and usage go with the server (ON DELETE CASCADE).
         // Deleting the series waits for a rollup apply that holds them (key share), so the
         // statements below also see the buckets it stored.
-        let deleted = tx
-            .execute("DELETE FROM servers WHERE id = $1", &[&id])
+        // The row is locked above, so it is there to delete.
+        tx.execute("DELETE FROM servers WHERE id = $1", &[&id])
             .await
             .map_err(pg_err)?;
-        if deleted == 0 {
-            return Err(StoreError::NotFound);
-        }
         // Samples and rollups name series, not servers: no cascade. Pending marks and
         // write buckets clear themselves: a pass finds no series and deletes the bucket.
         // The four are prepared in one round trip and run in another, still one
         // statement (and snapshot) each, in this order.
-        let tables = ["server_metrics", "rollups_1m", "rollups_1h", "server_metrics_daily"];
-        let statements: Vec<String> = tables
-            .iter()
-            .map(|table| format!("DELETE FROM {table} WHERE series_id = ANY($1)"))
-            .collect();
-        let prepared = pipeline(statements.iter().map(|sql| tx.prepare_cached(sql)))
+        const DELETES: [&str; 4] = [
+            "DELETE FROM server_metrics WHERE series_id = ANY($1)",
+            "DELETE FROM rollups_1m WHERE series_id = ANY($1)",
+            "DELETE FROM rollups_1h WHERE series_id = ANY($1)",
+            "DELETE FROM server_metrics_daily WHERE series_id = ANY($1)",
+        ];
+        let prepared = pipeline(DELETES.iter().map(|sql| tx.prepare_cached(sql)))
             .await
             .map_err(pg_err)?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&series];

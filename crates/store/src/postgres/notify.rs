@@ -270,7 +270,7 @@ impl HeldLocks {
             .map_err(|_| busy())?
             .expect("never closed");
         let reused = {
-            let mut idle = self.idle.lock().expect("lock sessions poisoned");
+            let mut idle = lock(&self.idle);
             idle.retain(|c| !c.is_closed());
             idle.pop()
         };
@@ -359,7 +359,7 @@ impl crate::ReleaseLock for HeldLock {
         .await;
         match unlocked {
             Ok(Ok(row)) if row.get::<_, bool>(0) => {
-                let mut idle = locks.idle.lock().expect("lock sessions poisoned");
+                let mut idle = lock(&locks.idle);
                 if idle.len() < IDLE_LOCK_SESSIONS {
                     idle.push(client);
                 }

@@ -534,15 +534,16 @@ pub async fn apply(
 }
 
 /// Sets marks of `level` with one new generation for the whole statement, for series
-/// that still exist (under the same key-share lock as the buckets' upsert: a deleted
-/// series' mark would wait for a pass only to find no series).
+/// that still exist (a deleted series' mark would wait for a pass only to find no
+/// series). No lock: a deletion committing after this check leaves a mark the next pass
+/// clears, and locking series here in (bucket, id) order could deadlock with it.
 async fn mark(client: &tokio_postgres::Transaction<'_>, level: Level, buckets: &[i64], ids: &[i64]) -> PgResult<u64> {
     client
         .execute(
             "WITH g AS MATERIALIZED (SELECT nextval('rollup_generation') AS generation)
              INSERT INTO rollup_dirty (level, bucket, series_id, generation)
              SELECT $1::smallint, t.bucket, t.series_id, g.generation FROM unnest($2::bigint[], $3::bigint[]) AS t(bucket, series_id), g
-             WHERE EXISTS (SELECT 1 FROM series s WHERE s.id = t.series_id FOR KEY SHARE)
+             WHERE EXISTS (SELECT 1 FROM series s WHERE s.id = t.series_id)
              ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation",
             &[&level_code(level), &buckets, &ids],
         )

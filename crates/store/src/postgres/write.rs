@@ -67,6 +67,15 @@ pub fn prepare_rows(batch: &WriteBatch) -> Vec<Row> {
     rows
 }
 
+/// What the checks before storing decided for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Store,
+    ServerGone,
+    Replayed,
+    Duplicate,
+}
+
 /// How a batch's samples go in: `Copy` first; `Upsert` when COPY met a row that exists
 /// already (the caller runs the batch again: a failed COPY aborts the transaction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,47 +137,58 @@ pub async fn write_batch(
             .map(|row| row.get(0))
             .collect()
     };
-    let gone: Vec<bool> = batch
+    // What becomes of each request, decided check by check; each check runs only for
+    // the requests still to be stored.
+    let mut verdicts: Vec<Verdict> = batch
         .requests
         .iter()
-        .map(|r| r.servers_written().any(|s| !existing.contains(s)))
+        .map(|r| {
+            if r.servers_written().all(|s| existing.contains(s)) {
+                Verdict::Store
+            } else {
+                Verdict::ServerGone
+            }
+        })
         .collect();
-
-    // Replay guards of every request, in request order.
+    // Replay guards, in request order.
     let replay_expiry = now + batch.replay_window_ms;
-    let replayed: Vec<bool> = pipeline(batch.requests.iter().zip(&gone).map(|(r, &gone)| {
+    let replayed = pipeline(batch.requests.iter().zip(&verdicts).map(|(r, &verdict)| {
         let tx = &tx;
         let stmt = &guard_signature;
         async move {
-            match &r.signature {
-                _ if gone => Ok(false),
-                Some(sig) => Ok(tx.execute(stmt, &[&&sig[..], &replay_expiry, &now]).await? == 0),
-                None => Ok::<_, tokio_postgres::Error>(false),
+            match (&r.signature, verdict) {
+                (Some(sig), Verdict::Store) => Ok(tx.execute(stmt, &[&&sig[..], &replay_expiry, &now]).await? == 0),
+                _ => Ok::<_, tokio_postgres::Error>(false),
             }
         }
     }))
     .await?;
-    // Retry guards of the requests that were not replays.
+    verdicts
+        .iter_mut()
+        .zip(replayed)
+        .filter(|(_, hit)| *hit)
+        .for_each(|(v, _)| *v = Verdict::Replayed);
+    // Retry guards.
     let retry_expiry = now + batch.retry_window_ms;
-    let duplicate: Vec<bool> = pipeline(batch.requests.iter().zip(&replayed).zip(&gone).map(
-        |((r, &replayed), &gone)| {
-            let tx = &tx;
-            let stmt = &guard_digest;
-            async move {
-                match (&r.body_digest, replayed || gone) {
-                    (Some(d), false) => Ok(tx.execute(stmt, &[&r.key_id, &&d[..], &retry_expiry, &now]).await? == 0),
-                    _ => Ok::<_, tokio_postgres::Error>(false),
+    let duplicate = pipeline(batch.requests.iter().zip(&verdicts).map(|(r, &verdict)| {
+        let tx = &tx;
+        let stmt = &guard_digest;
+        async move {
+            match (&r.body_digest, verdict) {
+                (Some(d), Verdict::Store) => {
+                    Ok(tx.execute(stmt, &[&r.key_id, &&d[..], &retry_expiry, &now]).await? == 0)
                 }
+                _ => Ok::<_, tokio_postgres::Error>(false),
             }
-        },
-    ))
+        }
+    }))
     .await?;
-    let stored: Vec<bool> = replayed
-        .iter()
-        .zip(&duplicate)
-        .zip(&gone)
-        .map(|((a, b), c)| !a && !b && !c)
-        .collect();
+    verdicts
+        .iter_mut()
+        .zip(duplicate)
+        .filter(|(_, hit)| *hit)
+        .for_each(|(v, _)| *v = Verdict::Duplicate);
+    let stored: Vec<bool> = verdicts.iter().map(|v| *v == Verdict::Store).collect();
 
     // New series: inserted, or found when this batch or another node created it first.
     let wanted: Vec<(usize, &crate::NewSeries)> = batch
@@ -358,19 +378,18 @@ pub async fn write_batch(
     tx.commit().await?;
 
     let mut outcomes = Vec::with_capacity(batch.requests.len());
-    for (i, ((series, event_id), kind_conflicts)) in series.into_iter().zip(event_ids).zip(kind_conflicts).enumerate() {
-        outcomes.push(if gone[i] {
-            RequestOutcome::ServerGone
-        } else if replayed[i] {
-            RequestOutcome::Replayed
-        } else if duplicate[i] {
-            RequestOutcome::Duplicate
-        } else {
-            RequestOutcome::Stored {
+    for (((verdict, series), event_id), kind_conflicts) in
+        verdicts.into_iter().zip(series).zip(event_ids).zip(kind_conflicts)
+    {
+        outcomes.push(match verdict {
+            Verdict::ServerGone => RequestOutcome::ServerGone,
+            Verdict::Replayed => RequestOutcome::Replayed,
+            Verdict::Duplicate => RequestOutcome::Duplicate,
+            Verdict::Store => RequestOutcome::Stored {
                 series,
                 event_id,
                 kind_conflicts,
-            }
+            },
         });
     }
     Ok(outcomes)
