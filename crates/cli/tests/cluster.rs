@@ -13,7 +13,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_TOKEN, Credential, free_port, register_at, wait_ready_at};
+use common::{ADMIN_TOKEN, Credential, eventually, free_port, register_at, wait_ready_at};
 use futures_util::StreamExt;
 use mcp_metrics_core::secrets::MasterKey;
 use mcp_metrics_core::signature::sign;
@@ -197,21 +197,6 @@ async fn latency_count(client: &reqwest::Client, node: &Node, server: &str) -> f
                 .sum()
         })
         .unwrap_or(0.0)
-}
-
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what} did not happen within {within:?}");
 }
 
 #[tokio::test]

@@ -188,22 +188,13 @@ async fn a_write_whose_server_is_deleted_before_its_commit_is_refused() {
     };
     // Queued means past the key check (the gauge counts samples handed to the writer and
     // drops only once their commit returned): the 401 below must come from the writer.
-    let mut queued = false;
-    for _ in 0..200 {
-        if svc
-            .metrics_text()
+    common::eventually(std::time::Duration::from_secs(5), "the write queued", || async {
+        svc.metrics_text()
             .await
             .contains("\nmcp_metrics_ingest_queue_samples 1\n")
-        {
-            queued = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(
-        queued && !pending.is_finished(),
-        "the write waits in the queue for the deletion"
-    );
+    })
+    .await;
+    assert!(!pending.is_finished(), "the write waits in the queue for the deletion");
     match (pg, lite) {
         (Some(client), _) => client.batch_execute(deletion).await.unwrap(),
         (_, Some(conn)) => conn.execute_batch(deletion).unwrap(),

@@ -476,6 +476,27 @@ mod tests {
 
     const NOW: i64 = 1_750_000_000_000;
 
+    #[test]
+    fn only_the_same_lent_tags_count_as_the_same() {
+        let a = vec![("k".to_string(), "v".to_string())];
+        let equal = a.clone();
+        assert!(WireTags::Strings(&a).lent_from_same(&WireTags::Strings(&a)));
+        assert!(!WireTags::Strings(&a).lent_from_same(&WireTags::Strings(&equal)));
+        assert!(!WireTags::Strings(&a).lent_from_same(&WireTags::Strings(&a[..0])));
+        let json = WireTags::Json(vec![("k".into(), "v".into())]);
+        assert!(!json.lent_from_same(&json.clone()));
+        assert!(!WireTags::None.lent_from_same(&WireTags::None));
+        // Line protocol lends ranges of one shared vector.
+        let lent: Vec<WireTag<'_>> = vec![
+            ("a".into(), "1".into()),
+            ("b".into(), "2".into()),
+            ("a".into(), "1".into()),
+        ];
+        assert!(WireTags::Lent(&lent[0..1]).lent_from_same(&WireTags::Lent(&lent[0..1])));
+        assert!(!WireTags::Lent(&lent[0..1]).lent_from_same(&WireTags::Lent(&lent[0..2])));
+        assert!(!WireTags::Lent(&lent[0..1]).lent_from_same(&WireTags::Lent(&lent[2..3])));
+    }
+
     fn validate_all(body: &str) -> (Vec<ValidSample>, Vec<Rejection>) {
         let limits = SampleLimits::default();
         let batch = decode_json(body.as_bytes(), &limits).unwrap();

@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use mcp_metrics_core::signature::sign;
 use mcp_metrics_core::time::now_ms;
@@ -430,4 +431,20 @@ impl Drop for TestService {
             mcp_metrics_store::postgres::testing::drop_database_blocking(&admin, &self.database);
         }
     }
+}
+
+/// Polls `check` every 100 ms until it holds; fails naming `what` after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} did not happen within {within:?}");
 }

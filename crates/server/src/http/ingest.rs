@@ -113,14 +113,8 @@ async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Bod
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
             return Ok(response);
         }
-        RequestOutcome::Replayed => {
-            return Err(ApiError::new(
-                Code::ReplayedRequest,
-                "this signature was already used; sign each request afresh",
-            ));
-        }
-        // Deleted after its key was checked: the key went with it, so this is the
-        // answer a retry would get.
+        RequestOutcome::Replayed => return Err(super::write::replayed()),
+        // Deleted after its key was checked: the key went with it, as a retry would hear.
         RequestOutcome::ServerGone => return Err(super::auth::unknown_key()),
     };
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())

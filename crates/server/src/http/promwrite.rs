@@ -83,7 +83,8 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
             })
             .collect(),
     };
-    let (accepted, rejected) = if batch.metrics.is_empty() && refused_repeating > 0 {
+    // Nothing left to store (all stale markers, or every series refused): no commit.
+    let (accepted, rejected) = if batch.metrics.is_empty() {
         (0, Vec::new())
     } else {
         let stored = super::write::commit(state, &credential, &batch, &body, None).await?;

@@ -110,14 +110,8 @@ pub async fn commit_with_digest(
             state.telemetry.duplicate_requests.fetch_add(1, Ordering::Relaxed);
             true
         }
-        RequestOutcome::Replayed => {
-            return Err(ApiError::new(
-                Code::ReplayedRequest,
-                "this signature was already used; sign each request afresh",
-            ));
-        }
-        // Deleted after its key was checked: the key went with it, so this is the
-        // answer a retry would get.
+        RequestOutcome::Replayed => return Err(replayed()),
+        // Deleted after its key was checked: the key went with it, as a retry would hear.
         RequestOutcome::ServerGone => return Err(super::auth::unknown_key()),
     };
     Ok(Stored {
@@ -125,6 +119,14 @@ pub async fn commit_with_digest(
         rejected,
         duplicate,
     })
+}
+
+/// The answer to a signed request whose signature the writer found already used.
+pub fn replayed() -> ApiError {
+    ApiError::new(
+        Code::ReplayedRequest,
+        "this signature was already used; sign each request afresh",
+    )
 }
 
 /// The batch indices of the samples at these positions (ascending) of the prepared
