@@ -698,30 +698,33 @@ pub fn push_observations(
     observations: &[f64],
     data_point: usize,
 ) {
-    let (name, tags): (Arc<str>, Arc<[(String, String)]>) = (name.into(), tags.into());
-    for &value in observations {
-        points.push(Point {
-            name: name.clone(),
-            tags: tags.clone(),
-            kind: Kind::Histogram,
-            timestamp_ms,
-            value,
-            data_point,
-        });
-    }
+    let at = (timestamp_ms, data_point);
+    push_values(points, name, tags, Kind::Histogram, at, observations.iter().copied());
     if let Some((rt_tags, factor)) = response_time {
-        let (name, tags): (Arc<str>, Arc<[(String, String)]>) = ("response_time".into(), rt_tags.as_slice().into());
-        for &value in observations {
-            points.push(Point {
-                name: name.clone(),
-                tags: tags.clone(),
-                kind: Kind::Histogram,
-                timestamp_ms,
-                value: value * factor,
-                data_point,
-            });
-        }
+        let values = observations.iter().map(|v| v * factor);
+        push_values(points, "response_time", rt_tags, Kind::Histogram, at, values);
     }
+}
+
+/// Points of one series at one instant (`at`: timestamp, data point index), sharing one
+/// copy of its name and tags.
+pub fn push_values(
+    points: &mut Vec<Point>,
+    name: &str,
+    tags: &[(String, String)],
+    kind: Kind,
+    (timestamp_ms, data_point): (i64, usize),
+    values: impl IntoIterator<Item = f64>,
+) {
+    let (name, tags): (Arc<str>, Arc<[(String, String)]>) = (name.into(), tags.into());
+    points.extend(values.into_iter().map(|value| Point {
+        name: name.clone(),
+        tags: tags.clone(),
+        kind,
+        timestamp_ms,
+        value,
+        data_point,
+    }));
 }
 
 /// Maps every data point of a request (DESIGN.md §5).

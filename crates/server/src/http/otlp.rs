@@ -14,7 +14,6 @@
 //! samples it produced are committed.
 
 use std::borrow::Cow;
-use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -247,16 +246,8 @@ async fn export_inner(
                 stream.data_point,
             );
         } else {
-            let (name, tags): (Arc<str>, Arc<[(String, String)]>) =
-                (stream.name.as_str().into(), stream.tags.as_slice().into());
-            points.extend(values.into_iter().map(|value| otlp::Point {
-                name: name.clone(),
-                tags: tags.clone(),
-                kind: stream.kind,
-                timestamp_ms: stream.timestamp_ms,
-                value,
-                data_point: stream.data_point,
-            }));
+            let at = (stream.timestamp_ms, stream.data_point);
+            otlp::push_values(&mut points, &stream.name, &stream.tags, stream.kind, at, values);
         }
         let record = StreamRecord {
             before: base,
