@@ -53,6 +53,8 @@ pub struct NewSeries {
 /// One acknowledged-after-commit ingest request.
 #[derive(Debug, Clone, Default)]
 pub struct WriteRequest {
+    /// The server the request's key belongs to; everything it stores is under it.
+    pub server_id: String,
     pub key_id: String,
     /// The verified signature; a second request with it inside the window is a replay.
     pub signature: Option<[u8; 32]>,
@@ -66,12 +68,13 @@ pub struct WriteRequest {
 }
 
 impl WriteRequest {
-    /// Servers this request would create rows under (its new series and its event): a
-    /// server deleted since the request was authenticated makes it [`RequestOutcome::ServerGone`].
+    /// Servers this request stores rows under: its own, and those its new series and
+    /// event name (the same one, from the HTTP layer). A server deleted since the request
+    /// was authenticated makes it [`RequestOutcome::ServerGone`]: nothing of it is stored,
+    /// not even samples of series the request's node already knew.
     pub fn servers_written(&self) -> impl Iterator<Item = &str> {
-        self.new_series
-            .iter()
-            .map(|n| n.key.server_id.as_str())
+        std::iter::once(self.server_id.as_str())
+            .chain(self.new_series.iter().map(|n| n.key.server_id.as_str()))
             .chain(self.event.iter().map(|e| e.server_id.as_str()))
     }
 }

@@ -69,8 +69,10 @@ fn key(server: &str, name: &str) -> SeriesKey {
     }
 }
 
+/// A request of server "s", or of the server its first new series names.
 fn request(series: Vec<NewSeries>, samples: Vec<PendingSample>) -> WriteRequest {
     WriteRequest {
+        server_id: series.first().map_or("s".into(), |n| n.key.server_id.clone()),
         key_id: "k1".into(),
         new_series: series,
         samples,
@@ -1757,13 +1759,13 @@ async fn a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_o
     .await;
 }
 
-/// A request that would create rows under a server deleted since it was authenticated
-/// (a new series, an event) is answered `ServerGone` and stores nothing, while the rest
-/// of its group commits: before, its foreign key broke the whole group's transaction.
+/// A request of a server deleted since it was authenticated (new series, an event, or
+/// samples of a series the node still knew) is answered `ServerGone` and stores nothing,
+/// while the rest of its group commits: before, a new series' or event's foreign key
+/// broke the whole group's transaction, and known series' samples were stored orphaned.
 async fn a_deleted_servers_request_leaves_its_group_alone(store: &dyn Store) {
     store.create_server("s", &ServerFields::default(), 0).await.unwrap();
     store.create_server("gone", &ServerFields::default(), 0).await.unwrap();
-    store.delete_server("gone").await.unwrap();
     let t = (now_ms() / 60_000 - 2) * 60_000;
     let new_series = |server: &str, value: f64| {
         request(
@@ -1774,6 +1776,15 @@ async fn a_deleted_servers_request_leaves_its_group_alone(store: &dyn Store) {
             vec![sample(SeriesRef::New(0), Kind::Gauge, t, value)],
         )
     };
+    // A series the deleted server had, still known to a node's cache.
+    store.write_batch(batch(vec![new_series("gone", 0.5)])).await.unwrap();
+    let gone_series = store.series_of_server("gone", None).await.unwrap()[0].id;
+    store.delete_server("gone").await.unwrap();
+    let mut known = request(
+        vec![],
+        vec![sample(SeriesRef::Known(gone_series), Kind::Gauge, t + 1, 3.0)],
+    );
+    known.server_id = "gone".into();
     let mut event = request(vec![], vec![]);
     event.event = Some(NewEvent {
         server_id: "gone".into(),
@@ -1789,12 +1800,18 @@ async fn a_deleted_servers_request_leaves_its_group_alone(store: &dyn Store) {
             new_series("gone", 1.0),
             new_series("s", 2.0),
             event.clone(),
+            known,
         ]))
         .await
         .unwrap();
     assert!(matches!(outcomes[0], RequestOutcome::ServerGone), "{outcomes:?}");
     assert!(matches!(outcomes[1], RequestOutcome::Stored { .. }), "{outcomes:?}");
     assert!(matches!(outcomes[2], RequestOutcome::ServerGone), "{outcomes:?}");
+    assert!(matches!(outcomes[3], RequestOutcome::ServerGone), "{outcomes:?}");
+    assert!(
+        samples_at(store, gone_series, t + 1).await.is_empty(),
+        "no sample under a series of the deleted server"
+    );
     let kept = store.series_of_server("s", None).await.unwrap();
     let stored = samples_at(store, kept[0].id, t).await;
     assert_eq!(stored.iter().map(|s| s.value).collect::<Vec<_>>(), vec![2.0]);

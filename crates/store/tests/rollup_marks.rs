@@ -12,6 +12,7 @@ use mcp_metrics_store::{
 fn sample(value: f64, ts: i64) -> WriteBatch {
     WriteBatch {
         requests: vec![WriteRequest {
+            server_id: "s".into(),
             key_id: "k".into(),
             new_series: vec![NewSeries {
                 key: SeriesKey {

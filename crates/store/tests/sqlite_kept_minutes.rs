@@ -14,6 +14,7 @@ use mcp_metrics_store::{
 /// One request writing `(name, kind, ts, value)` samples, creating their series.
 fn batch(samples: &[(&str, Kind, i64, f64)]) -> WriteBatch {
     let mut request = WriteRequest {
+        server_id: "s".into(),
         key_id: "k".into(),
         ..Default::default()
     };

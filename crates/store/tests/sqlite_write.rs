@@ -43,6 +43,7 @@ async fn store_with_server() -> (tempfile::TempDir, SqliteStore) {
 fn write(samples: Vec<PendingSample>, new_series: Vec<NewSeries>) -> WriteBatch {
     WriteBatch {
         requests: vec![WriteRequest {
+            server_id: "s".into(),
             key_id: "k".into(),
             new_series,
             samples,

@@ -92,6 +92,7 @@ async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Bod
     // replay and retry guards, so a replay is refused and a re-signed retry stored once.
     let (kind, title) = (event.kind.clone(), event.title.clone());
     let request = WriteRequest {
+        server_id: credential.server_id.clone(),
         key_id: credential.key_id.clone(),
         signature: Some(signature),
         body_digest: Some(body_digest(&body)),

@@ -32,6 +32,7 @@ pub fn prepare(
     limits: &SampleLimits,
 ) -> Prepared {
     let mut request = WriteRequest {
+        server_id: server_id.to_owned(),
         samples: Vec::with_capacity(batch.metrics.len()),
         ..Default::default()
     };

@@ -121,10 +121,11 @@ pub async fn write_batch(
         ),
     )?;
 
-    // A request creating rows under a deleted server would break the foreign key and
-    // with it the whole group's transaction. The key-share lock keeps the servers that
-    // exist from being deleted until this commits (`delete_server` locks the row first,
-    // so it then sees this write's new series).
+    // A request for a deleted server stores nothing: its new series would break the
+    // foreign key and with it the whole group's transaction, and its other samples would
+    // name series that are gone. The key-share lock keeps the servers that exist from
+    // being deleted until this commits (`delete_server` locks the row first, so it then
+    // sees everything this write stored).
     let mut servers: Vec<&str> = batch.requests.iter().flat_map(|r| r.servers_written()).collect();
     servers.sort_unstable();
     servers.dedup();

@@ -407,8 +407,9 @@ fn write_batch_blocking(
             "UPDATE credentials SET last_used_at = ?2 WHERE key_id = ?1 AND (last_used_at IS NULL OR last_used_at <= ?2 - 60000)",
         )?;
 
-        // A request creating rows under a deleted server would break the foreign key and
-        // with it the whole group's transaction.
+        // A request for a deleted server stores nothing: its new series would break the
+        // foreign key and with it the whole group's transaction, and its other samples
+        // would name series that are gone.
         let mut live = LiveServers::new(&tx)?;
         for request in &batch.requests {
             if !live.all(request.servers_written())? {
