@@ -40,8 +40,9 @@ start_service() { # $1: database URL, then extra `serve` arguments
   service_url="http://127.0.0.1:$port"
 }
 
-cpu_mark() { cpu_at=$(awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat); }
+cpu_now() { awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat; } # busy and idle ticks
+cpu_mark() { cpu_at=$(cpu_now); }
 cpu_busy() {
-  local now; now=$(awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat)
+  local now; now=$(cpu_now)
   python3 -c 'import sys; b0,i0,b1,i1=map(int,sys.argv[1:]); print("%.0f" % (100*(b1-b0)/max(1,(b1-b0)+(i1-i0))))' $cpu_at $now
 }

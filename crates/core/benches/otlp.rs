@@ -4,21 +4,10 @@
 //! `cargo bench -p mcp-metrics-core --bench otlp`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use mcp_metrics_core::otlp::proto::common::v1::{AnyValue, KeyValue, any_value};
 use mcp_metrics_core::otlp::proto::metrics::v1::HistogramDataPoint;
-use mcp_metrics_core::otlp::{decode_protobuf, delta_histogram, export_of, map_request};
+use mcp_metrics_core::otlp::{decode_protobuf, delta_histogram, export_of, map_request, string_attribute};
 use prost::Message;
 use std::hint::black_box;
-
-fn attribute(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-        ..Default::default()
-    }
-}
 
 /// `tools` delta histogram points of `per_point` observations each, in 10 buckets.
 fn export(tools: usize, per_point: u64) -> Vec<u8> {
@@ -26,9 +15,9 @@ fn export(tools: usize, per_point: u64) -> Vec<u8> {
     let data_points = (0..tools)
         .map(|t| HistogramDataPoint {
             attributes: vec![
-                attribute("mcp.method.name", "tools/call"),
-                attribute("gen_ai.tool.name", &format!("tool_{t}")),
-                attribute("network.transport", "tcp"),
+                string_attribute("mcp.method.name", "tools/call"),
+                string_attribute("gen_ai.tool.name", &format!("tool_{t}")),
+                string_attribute("network.transport", "tcp"),
             ],
             start_time_unix_nano: 1_750_000_000_000_000_000,
             time_unix_nano: 1_750_000_060_000_000_000,
@@ -42,7 +31,7 @@ fn export(tools: usize, per_point: u64) -> Vec<u8> {
         })
         .collect();
     let metric = delta_histogram("mcp.server.operation.duration", "s", data_points);
-    export_of(vec![attribute("service.name", "bench-server")], vec![metric]).encode_to_vec()
+    export_of(vec![string_attribute("service.name", "bench-server")], vec![metric]).encode_to_vec()
 }
 
 fn bench(c: &mut Criterion) {

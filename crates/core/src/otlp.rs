@@ -90,6 +90,18 @@ pub fn export_of(
     }
 }
 
+/// A string attribute (for load generators and benchmarks).
+pub fn string_attribute(key: &str, value: &str) -> proto::common::v1::KeyValue {
+    use proto::common::v1::{AnyValue, KeyValue, any_value};
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    }
+}
+
 /// A delta histogram metric of these points (for load generators and benchmarks).
 pub fn delta_histogram(
     name: &str,

@@ -73,7 +73,6 @@ fn build_remote_write(index: usize, batch: usize, series: usize, base_ms: i64) -
 
 /// The same samples as an OTLP/HTTP protobuf request: one gauge metric per series.
 fn build_otlp(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
-    use mcp_metrics_core::otlp::proto::common::v1::{AnyValue, KeyValue, any_value};
     use mcp_metrics_core::otlp::proto::metrics::v1::{Gauge, Metric, NumberDataPoint, metric, number_data_point};
     use prost::Message;
     let mut by_series: Vec<Vec<NumberDataPoint>> = vec![Vec::new(); series];
@@ -85,13 +84,7 @@ fn build_otlp(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8
             value: Some(number_data_point::Value::AsDouble(
                 ((index * 7919 + j * 104_729) % 50_000) as f64 / 100.0,
             )),
-            attributes: vec![KeyValue {
-                key: "tool".into(),
-                value: Some(AnyValue {
-                    value: Some(any_value::Value::StringValue(format!("tool_{s}"))),
-                }),
-                ..Default::default()
-            }],
+            attributes: vec![mcp_metrics_core::otlp::string_attribute("tool", &format!("tool_{s}"))],
             ..Default::default()
         });
     }
@@ -107,15 +100,20 @@ fn build_otlp(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8
     mcp_metrics_core::otlp::export_of(Vec::new(), metrics).encode_to_vec()
 }
 
+/// Histogram points per `otlp-histogram` request: one per series, or per sample when
+/// there are fewer samples.
+fn histogram_points(batch: usize, series: usize) -> usize {
+    series.min(batch).max(1)
+}
+
 /// `batch` samples as OTLP/HTTP delta histogram points of `tool_duration` (ms), one point
 /// per series, every observation of a request at the same instant: the server maps each
 /// point's bucket counts to that many observations.
 fn build_otlp_histograms(index: usize, batch: usize, series: usize, base_ms: i64) -> Vec<u8> {
-    use mcp_metrics_core::otlp::proto::common::v1::{AnyValue, KeyValue, any_value};
     use mcp_metrics_core::otlp::proto::metrics::v1::HistogramDataPoint;
     use prost::Message;
     let bounds = vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
-    let points = series.min(batch).max(1);
+    let points = histogram_points(batch, series);
     let data_points = (0..points)
         .map(|p| {
             let count = (batch / points + usize::from(p < batch % points)) as u64;
@@ -124,13 +122,7 @@ fn build_otlp_histograms(index: usize, batch: usize, series: usize, base_ms: i64
                 .map(|b| count / 10 + u64::from((b + index as u64) % 10 < count % 10))
                 .collect();
             HistogramDataPoint {
-                attributes: vec![KeyValue {
-                    key: "tool".into(),
-                    value: Some(AnyValue {
-                        value: Some(any_value::Value::StringValue(format!("tool_{p}"))),
-                    }),
-                    ..Default::default()
-                }],
+                attributes: vec![mcp_metrics_core::otlp::string_attribute("tool", &format!("tool_{p}"))],
                 start_time_unix_nano: (base_ms + index as i64) as u64 * 1_000_000,
                 time_unix_nano: (base_ms + index as i64 + 1) as u64 * 1_000_000,
                 count,
@@ -282,7 +274,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // histogram point batch/points, one more for the first batch % points of them: the
     // answer names only how many points were refused, so each counts the larger share).
     let samples_per_point = match mode {
-        crate::cli::BenchMode::OtlpHistogram => args.batch.div_ceil(args.series.min(args.batch).max(1)) as u64,
+        crate::cli::BenchMode::OtlpHistogram => args.batch.div_ceil(histogram_points(args.batch, args.series)) as u64,
         _ => 1,
     };
     let (path, content_type) = match mode {
