@@ -191,12 +191,9 @@ pub fn apply(
     let generation = next_generation(&tx)?;
     {
         let name = table(level);
-        // Only for series that still exist: a server deleted while the pass computed
-        // took its rollup rows with it, and they must not come back.
         let mut upsert = tx.prepare_cached(&format!(
             "INSERT INTO {name} (series_id, bucket, {STATS_COLUMNS}, generation)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13
-             WHERE EXISTS (SELECT 1 FROM series WHERE id = ?1)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
              ON CONFLICT (series_id, bucket) DO UPDATE SET
                count = excluded.count, sum = excluded.sum, min = excluded.min, max = excluded.max,
                first = excluded.first, first_ts = excluded.first_ts, last = excluded.last,
@@ -210,17 +207,30 @@ pub fn apply(
         let mut clear = tx.prepare_cached(
             "DELETE FROM rollup_dirty WHERE level = ?1 AND bucket = ?2 AND series_id = ?3 AND generation = ?4",
         )?;
-        // Likewise the parent's mark: a deleted series' would wait for a pass only to
-        // find no series.
         let mut mark_parent = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation)
-             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM series WHERE id = ?3)
+            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
         )?;
+        let mut series_exists = tx.prepare_cached("SELECT 1 FROM series WHERE id = ?1")?;
+        let mut live: HashMap<i64, bool> = HashMap::new();
         for (mark, stats) in results {
             // Cleared unless renewed meanwhile (then the next pass recomputes the bucket);
             // the result is stored either way unless a newer one is.
             clear.execute(params![level.as_i64(), mark.bucket, mark.series_id, mark.generation])?;
+            // Nothing more for a series that is gone: a server deleted while the pass
+            // computed took its rollup rows with it, and neither they nor a mark for the
+            // next level (which would find no series) may come back.
+            let exists = match live.get(&mark.series_id) {
+                Some(&known) => known,
+                None => {
+                    let found = series_exists.exists([mark.series_id])?;
+                    live.insert(mark.series_id, found);
+                    found
+                }
+            };
+            if !exists {
+                continue;
+            }
             match stats {
                 Some(s) => {
                     upsert.execute(params![
