@@ -15,8 +15,8 @@ use mcp_metrics_core::usage::UsageKind;
 use mcp_metrics_store::postgres::{PostgresStore, partition_name, testing};
 use mcp_metrics_store::sqlite::SqliteStore;
 use mcp_metrics_store::{
-    NewSeries, PendingSample, RequestOutcome, RetentionCutoffs, RollupInput, SampleQuery, SeriesRef, Store, StoreError,
-    StoreOptions, UsageRecord, WriteBatch, WriteRequest,
+    DirtyMark, NewSeries, PendingSample, RequestOutcome, RetentionCutoffs, RollupInput, RollupWork, SampleQuery,
+    SeriesRef, Store, StoreError, StoreOptions, UsageRecord, WriteBatch, WriteRequest,
 };
 
 const DAY: i64 = 86_400_000;
@@ -421,6 +421,14 @@ fn fold(input: &RollupInput) -> Option<BucketStats> {
 /// What the rollup job computes from an input.
 fn fold_kind(kind: Kind, input: &RollupInput) -> Option<BucketStats> {
     input.clone().fold(kind)
+}
+
+/// A pass's results when every series it read is a gauge.
+fn folded_gauges(work: &RollupWork) -> Vec<(DirtyMark, Option<BucketStats>)> {
+    work.items
+        .iter()
+        .map(|(m, i)| (*m, fold_kind(Kind::Gauge, i)))
+        .collect()
 }
 
 /// One minute pass, as the job runs it; returns the inputs it was given.
@@ -1065,6 +1073,15 @@ async fn job_lock_moves_to_another_node() {
     .await;
 }
 
+/// Sessions of the test's own database waiting for a lock (a row, a transaction).
+const LOCK_WAITS: &str =
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
+/// Waits until `waits` (a query counting waiting sessions) counts `n`; fails with `what`.
+async fn until_waiting(db: &Db, waits: &str, n: i64, what: &str) {
+    eventually(what, || async { scalar(db, waits).await == n }).await;
+}
+
 /// Advisory-lock waits in the test's own database (other tests running at once wait for
 /// locks too).
 const ADVISORY_WAITS: &str = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
@@ -1081,10 +1098,7 @@ async fn cluster_locks_serialize_work_across_nodes() {
         let b = b.clone();
         tokio::spawn(async move { b.cluster_lock("otlp.streams.s").await })
     };
-    eventually("B never queued for the lock", || async {
-        scalar(&db, ADVISORY_WAITS).await == 1
-    })
-    .await;
+    until_waiting(&db, ADVISORY_WAITS, 1, "B never queued for the lock").await;
     assert!(!waiting.is_finished(), "B took a lock A holds");
     let other = b.cluster_lock("otlp.streams.t").await.unwrap();
     other.release().await.unwrap();
@@ -1106,10 +1120,7 @@ async fn cluster_locks_serialize_work_across_nodes() {
         let a = a.clone();
         tokio::spawn(async move { a.cluster_lock("otlp.streams.s").await })
     };
-    eventually("A never queued for the lock", || async {
-        scalar(&db, ADVISORY_WAITS).await == 1
-    })
-    .await;
+    until_waiting(&db, ADVISORY_WAITS, 1, "A never queued for the lock").await;
     assert!(!waiting.is_finished(), "A took a lock B holds");
     drop(on_b);
     let again = tokio::time::timeout(Duration::from_secs(5), waiting)
@@ -1135,20 +1146,13 @@ async fn an_abandoned_cluster_lock_wait_leaves_no_session_waiting() {
     };
     let (a, b) = (db.open().await, Arc::new(db.open().await));
     let held = a.cluster_lock("x").await.unwrap();
-    let waits = ADVISORY_WAITS;
     let waiting = {
         let b = b.clone();
         tokio::spawn(async move { b.cluster_lock("x").await.map(|_| ()) })
     };
-    eventually("B never queued for the lock", || async {
-        scalar(&db, waits).await == 1
-    })
-    .await;
+    until_waiting(&db, ADVISORY_WAITS, 1, "B never queued for the lock").await;
     waiting.abort();
-    eventually("the abandoned wait still queues on the server", || async {
-        scalar(&db, waits).await == 0
-    })
-    .await;
+    until_waiting(&db, ADVISORY_WAITS, 0, "the abandoned wait still queues on the server").await;
     held.release().await.unwrap();
     // B's next lock works (the cancelled session was not reused).
     b.cluster_lock("x").await.unwrap().release().await.unwrap();
@@ -1866,12 +1870,7 @@ async fn a_deletion_waits_for_a_write_creating_series_and_takes_its_rows() {
         let store = store.clone();
         tokio::spawn(async move { store.delete_server("s").await })
     };
-    let waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    eventually("the deletion never waited for the write", || async {
-        scalar(&db, waiting).await == 1
-    })
-    .await;
+    until_waiting(&db, LOCK_WAITS, 1, "the deletion never waited for the write").await;
     writer.batch_execute("COMMIT").await.unwrap();
     deleting.await.unwrap().unwrap();
     assert_eq!(scalar(&db, "SELECT count(*) FROM series").await, 0);
@@ -1886,6 +1885,75 @@ async fn a_deletion_waits_for_a_write_creating_series_and_takes_its_rows() {
     );
 }
 
+/// A rollup apply and a server's deletion lock the server's series in one order (by id),
+/// so they cannot deadlock. Here the apply holds the lowest series and waits (behind a
+/// third transaction) for the next one when the deletion starts; the deletion's cascade
+/// reaches the two lowest series last (their rows rewritten, their names made to sort
+/// last), so, locking in its scan order, it took the others and waited for the apply,
+/// which then waited for it: PostgreSQL broke the cycle by failing one (40P01).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollup_apply_and_a_deletion_take_series_locks_in_one_order() {
+    let Some(db) = Db::new("a_rollup_apply_and_a_deletion_take_series_locks_in_one_order").await else {
+        return;
+    };
+    let store = Arc::new(db.open().await);
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let t = (now_ms() / 60_000 - 2) * 60_000;
+    store
+        .write_batch(gauges(&[("a", t, 1.0), ("b", t, 2.0), ("c", t, 3.0), ("d", t, 4.0)]))
+        .await
+        .unwrap();
+    let mut ids: Vec<i64> = store
+        .series_of_server("s", None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    ids.sort_unstable();
+    let work = store.rollup_work(Level::Minute, 100).await.unwrap();
+    let results = folded_gauges(&work);
+    assert_eq!(results.len(), 4, "a bucket per series");
+
+    let blocker = db.admin_client().await;
+    blocker
+        .batch_execute(&format!(
+            "UPDATE series SET name = 'z' || name WHERE id IN ({}, {})",
+            ids[0], ids[1]
+        ))
+        .await
+        .unwrap();
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; SELECT id FROM series WHERE id = {} FOR UPDATE",
+            ids[1]
+        ))
+        .await
+        .unwrap();
+    let applying = {
+        let store = store.clone();
+        tokio::spawn(async move { store.apply_rollups(Level::Minute, results).await })
+    };
+    until_waiting(&db, LOCK_WAITS, 1, "the apply never waited for the blocker").await;
+    let deleting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.delete_server("s").await })
+    };
+    until_waiting(&db, LOCK_WAITS, 2, "the deletion never waited").await;
+    blocker.batch_execute("COMMIT").await.unwrap();
+    applying.await.unwrap().expect("the apply commits");
+    deleting.await.unwrap().expect("the deletion commits");
+    assert!(
+        store
+            .read_rollups(Level::Minute, &ids, 0, i64::MAX)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the deletion took the buckets the apply stored"
+    );
+    assert_eq!(scalar(&db, "SELECT count(*) FROM series").await, 0);
+}
+
 /// Deleting a server takes its rollup rows and pending marks with it, and a pass that
 /// read its minutes before the deletion does not bring them back.
 async fn deleted_servers_leave_no_rollups(store: &dyn Store) {
@@ -1894,11 +1962,7 @@ async fn deleted_servers_leave_no_rollups(store: &dyn Store) {
     store.write_batch(one_sample(Kind::Gauge, 1.0, t)).await.unwrap();
     for level in Level::ALL {
         let work = store.rollup_work(level, 100).await.unwrap();
-        let results: Vec<_> = work
-            .items
-            .iter()
-            .map(|(m, i)| (*m, fold_kind(Kind::Gauge, i)))
-            .collect();
+        let results = folded_gauges(&work);
         store.apply_rollups(level, results).await.unwrap();
     }
     let id = store.series_of_server("s", None).await.unwrap()[0].id;
@@ -1913,11 +1977,7 @@ async fn deleted_servers_leave_no_rollups(store: &dyn Store) {
     store.write_batch(one_sample(Kind::Gauge, 2.0, t + 1)).await.unwrap();
     let work = store.rollup_work(Level::Minute, 100).await.unwrap();
     store.delete_server("s").await.unwrap();
-    let results: Vec<_> = work
-        .items
-        .iter()
-        .map(|(m, i)| (*m, fold_kind(Kind::Gauge, i)))
-        .collect();
+    let results = folded_gauges(&work);
     assert!(results.iter().all(|(_, b)| b.is_some()), "the pass computed a bucket");
     store.apply_rollups(Level::Minute, results).await.unwrap();
     for level in Level::ALL {

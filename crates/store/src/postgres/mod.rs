@@ -403,15 +403,21 @@ impl Store for PostgresStore {
         if found.is_none() {
             return Err(StoreError::NotFound);
         }
+        // Then its series, in id order, as a rollup apply key-shares the series it
+        // stores (see `rollups::apply`): one lock order, no deadlock between the two (the
+        // cascade below would lock them in its scan order).
         let series: Vec<i64> = tx
-            .query("SELECT id FROM series WHERE server_id = $1", &[&id])
+            .query(
+                "SELECT id FROM series WHERE server_id = $1 ORDER BY id FOR UPDATE",
+                &[&id],
+            )
             .await
             .map_err(pg_err)?
             .iter()
             .map(|r| r.get(0))
             .collect();
         // Credentials, series, events and usage go with the server (ON DELETE CASCADE).
-        // Deleting the series waits for a rollup apply that holds them (key share), so the
+        // The series lock waited for any rollup apply holding them (key share), so the
         // statements below also see the buckets it stored.
         // The row is locked above, so it is there to delete.
         tx.execute("DELETE FROM servers WHERE id = $1", &[&id])

@@ -461,7 +461,26 @@ pub async fn apply(
             *entry = (m.generation, stats);
         }
     }
-    let mut keys: Vec<(i64, i64)> = latest.keys().copied().collect();
+    // Key-share the series first, all of them in id order, as `delete_server` locks a
+    // server's series (FOR UPDATE, id order) before it deletes anything: the two then
+    // take these locks in one order and cannot deadlock, and a deletion in flight either
+    // waits for this transaction (then deletes what it stored) or makes it wait (then
+    // this stores nothing for the series it deleted). Locking row by row inside the
+    // upsert, in (bucket, id) order, could deadlock with a deletion's cascade.
+    let mut wanted: Vec<i64> = latest.keys().map(|(_, id)| *id).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let live: HashSet<i64> = tx
+        .query(
+            "SELECT id FROM series WHERE id = ANY($1) ORDER BY id FOR KEY SHARE",
+            &[&wanted],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // A bucket of a deleted series must not come back, nor its parent be marked.
+    let mut keys: Vec<(i64, i64)> = latest.keys().copied().filter(|(_, id)| live.contains(id)).collect();
     keys.sort_unstable();
 
     let mut up = BucketColumns::default();
@@ -490,12 +509,6 @@ pub async fn apply(
                                       $7::float8[], $8::bigint[], $9::float8[], $10::bigint[], $11::float8[], $12::bytea[],
                                       $13::bigint[])
                         AS u(series_id, bucket, {STATS_COLUMNS}, generation)
-                 -- Only for series that still exist: a server deleted while the pass
-                 -- computed took its rollup rows with it, and they must not come back. The
-                 -- key-share lock makes a deletion in flight wait for this transaction (it
-                 -- then deletes what this stored), or this statement wait for it (and then
-                 -- store nothing for it).
-                 WHERE EXISTS (SELECT 1 FROM series s WHERE s.id = u.series_id FOR KEY SHARE)
                  ON CONFLICT (series_id, bucket) DO UPDATE SET
                    count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max,
                    first = EXCLUDED.first, first_ts = EXCLUDED.first_ts, last = EXCLUDED.last,
@@ -533,17 +546,15 @@ pub async fn apply(
     tx.commit().await
 }
 
-/// Sets marks of `level` with one new generation for the whole statement, for series
-/// that still exist (a deleted series' mark would wait for a pass only to find no
-/// series). No lock: a deletion committing after this check leaves a mark the next pass
-/// clears, and locking series here in (bucket, id) order could deadlock with it.
+/// Sets marks of `level` with one new generation for the whole statement. The caller
+/// holds key-share locks on these series, so none is deleted before it commits (a
+/// deleted series' mark would wait for a pass only to find no series).
 async fn mark(client: &tokio_postgres::Transaction<'_>, level: Level, buckets: &[i64], ids: &[i64]) -> PgResult<u64> {
     client
         .execute(
             "WITH g AS MATERIALIZED (SELECT nextval('rollup_generation') AS generation)
              INSERT INTO rollup_dirty (level, bucket, series_id, generation)
              SELECT $1::smallint, t.bucket, t.series_id, g.generation FROM unnest($2::bigint[], $3::bigint[]) AS t(bucket, series_id), g
-             WHERE EXISTS (SELECT 1 FROM series s WHERE s.id = t.series_id)
              ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = EXCLUDED.generation",
             &[&level_code(level), &buckets, &ids],
         )
