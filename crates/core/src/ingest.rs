@@ -173,9 +173,9 @@ pub enum WireTags<'a> {
     None,
     /// Parsed from a JSON object.
     Json(Vec<WireTag<'a>>),
-    /// Lent by a decoder that borrows from the body (line protocol).
+    /// Lent by a decoder that borrows from the body (line protocol, remote-write).
     Lent(&'a [WireTag<'a>]),
-    /// Lent by a decoder that owns its strings (remote-write, OTLP).
+    /// Lent by a decoder that owns its strings (OTLP).
     Strings(&'a [(String, String)]),
 }
 

@@ -14,6 +14,7 @@ pub mod otlp;
 pub mod period;
 pub mod points;
 pub mod promwrite;
+pub mod protowire;
 pub mod rollup;
 pub mod secrets;
 pub mod signature;

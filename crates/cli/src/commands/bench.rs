@@ -508,9 +508,13 @@ mod tests {
         );
         assert!(lines.errors.is_empty());
         assert_eq!(lines.points.len(), 50);
-        let (series, stale) =
-            mcp_metrics_core::promwrite::decode(&build_remote_write(3, 50, 7, 1_000), 1 << 20).unwrap();
-        assert_eq!((series.iter().map(|s| s.samples.len()).sum::<usize>(), stale), (50, 0));
+        let raw = mcp_metrics_core::promwrite::decompress(&build_remote_write(3, 50, 7, 1_000), 1 << 20).unwrap();
+        let decoded = mcp_metrics_core::promwrite::decode(&raw).unwrap();
+        let series: Vec<_> = decoded.series().collect();
+        assert_eq!(
+            (series.iter().map(|s| s.samples.len()).sum::<usize>(), decoded.stale),
+            (50, 0)
+        );
         assert!(
             series
                 .iter()

@@ -46,19 +46,21 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
             "remote-write sends Content-Type: application/x-protobuf",
         ));
     }
-    let (series, _stale) = promwrite::decode(&body, MAX_BYTES).map_err(|e| match e {
+    let refuse = |e: PromError| match e {
         PromError::TooLarge(_) => ApiError::new(Code::PayloadTooLarge, e.to_string()),
         other => ApiError::invalid(other.to_string()),
-    })?;
+    };
+    let raw = promwrite::decompress(&body, MAX_BYTES).map_err(refuse)?;
+    let decoded = promwrite::decode(&raw).map_err(refuse)?;
     // A series that repeats a label name is refused whole; the others go on.
-    let (series, repeating): (Vec<_>, Vec<_>) = series.into_iter().partition(|s| s.repeated_label.is_none());
+    let (series, repeating): (Vec<_>, Vec<_>) = decoded.series().partition(|s| s.repeated_label.is_none());
     let refused_repeating: usize = repeating.iter().map(|s| s.samples.len()).sum();
     let mut examples: Vec<String> = repeating
         .iter()
         .filter(|s| !s.samples.is_empty())
         .take(5)
         .map(|s| {
-            let label = s.repeated_label.as_deref().unwrap_or_default();
+            let label = s.repeated_label.unwrap_or_default();
             format!("{} {:?}: the series repeats the label name {label:?}", s.name, s.tags)
         })
         .collect();
@@ -69,7 +71,7 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
             .flat_map(|s| {
                 let kind = Cow::Borrowed(if s.counter { "counter" } else { "gauge" });
                 s.samples.iter().map(move |sample| WireSample {
-                    name: Cow::Borrowed(&s.name),
+                    name: Cow::Borrowed(s.name),
                     // NaN (other than stale markers) and infinities are refused per sample.
                     value: if sample.value.is_finite() {
                         WireValue::Number(sample.value)
@@ -78,7 +80,7 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
                     },
                     kind: Some(kind.clone()),
                     timestamp: Some(WireTime::Millis(sample.timestamp as f64)),
-                    tags: WireTags::Strings(&s.tags),
+                    tags: WireTags::Lent(s.tags),
                 })
             })
             .collect(),
