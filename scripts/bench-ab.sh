@@ -9,7 +9,9 @@
 #
 # A label ending in `-norollup` runs its binary with the rollup job effectively off
 # (rollup.interval_secs = 3600), to measure the job's share. 1,000 samples per request
-# over 4 connections; the load generator is target/release/mcp-metrics.
+# over 4 connections; the load generator is target/release/mcp-metrics, or $LOADGEN
+# (keep it one binary when the variants differ in code the client runs too, such as
+# the allocator).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r -a variants <<<"${1:?give label=binary pairs, e.g. \"before=/tmp/old after=target/release/mcp-metrics\"}"
@@ -31,7 +33,7 @@ for round in $(seq "$rounds"); do
       service_bin=$variant_bin start_service "sqlite://$dir/ab.db" "${config[@]}"
       pid=$service_pid
       before=$(ticks "$pid")
-      result=$("$bin" bench --url "$service_url" --mode "$mode" --batch 1000 --samples "$samples" \
+      result=$("${LOADGEN:-$bin}" bench --url "$service_url" --mode "$mode" --batch 1000 --samples "$samples" \
         --connections 4 --json 2>/dev/null | tail -1)
       cpu=$(($(ticks "$pid") - before))
       kill "$pid"; wait "$pid" 2>/dev/null || true
