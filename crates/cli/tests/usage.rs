@@ -425,3 +425,44 @@ async fn a_forwarded_line_added_by_the_proxy_beats_one_sent_by_the_client() {
     );
     svc.stop().await;
 }
+
+/// A beacon is a few dozen bytes: one over 4 KiB is refused with 413 whether it declares
+/// its length or streams without one (the same body limit as every POST route), and is
+/// not counted.
+#[tokio::test]
+async fn an_oversized_beacon_is_refused_and_not_counted() {
+    let svc = TestService::start_with(trusted).await;
+    svc.create_server("acme").await;
+    let oversized = json!({"server_id": "acme", "event": "view", "client": "x".repeat(5000)}).to_string();
+    let declared = svc
+        .client
+        .post(svc.url("/api/v1/usage"))
+        .header("content-type", "text/plain")
+        .header("x-forwarded-for", "203.0.113.10")
+        .body(oversized.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let problem: Value = declared.json().await.unwrap();
+    assert_eq!(problem["code"], "payload_too_large");
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        oversized.into_bytes().chunks(1000).map(|c| Ok(c.to_vec())).collect();
+    let streamed = svc
+        .client
+        .post(svc.url("/functions/v1/usage-track"))
+        .header("content-type", "text/plain")
+        .header("x-forwarded-for", "203.0.113.11")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        beacon(&svc, "acme", "install", "203.0.113.12", FIREFOX).await,
+        StatusCode::ACCEPTED
+    );
+    let u = settle(&svc, "acme", 1).await;
+    assert_eq!(u["raw_totals"]["views"], 0, "no refused beacon was counted");
+    assert_eq!(u["raw_totals"]["installs"], 1);
+}

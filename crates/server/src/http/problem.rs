@@ -4,7 +4,7 @@
 //! internal text and answered with a generic detail, so internals never reach a client.
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::HeaderMap;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -112,17 +112,6 @@ impl IntoResponse for ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// A request body, or the right problem: 413 past the route's limit, 400 otherwise.
-pub fn body_or_413(body: Result<Bytes, BytesRejection>, limit: usize) -> ApiResult<Bytes> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large(limit)
-        } else {
-            ApiError::invalid("the request body could not be read")
-        }
-    })
-}
-
 /// 413 for a body over `limit` bytes.
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(
@@ -131,10 +120,11 @@ fn too_large(limit: usize) -> ApiError {
     )
 }
 
-/// Reads a write's body. Callers authenticate from the headers first, so a client without
-/// a valid key never gets the server to buffer a body (up to 20 MiB on the exporter
-/// endpoints), and a declared `Content-Length` over the limit is refused before any of
-/// the body is read; a body sent without one is cut off at the limit.
+/// Reads a request body of at most `limit` bytes: the one way every POST route limits its
+/// body (413 past it). Write routes authenticate from the headers first, so a client
+/// without a valid key never gets the server to buffer a body (up to 20 MiB on the
+/// exporter endpoints); a declared `Content-Length` over the limit is refused before any
+/// of the body is read, and a body sent without one is cut off at the limit.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
     use futures_util::StreamExt;
     let declared = headers

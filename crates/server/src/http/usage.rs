@@ -7,9 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,7 +31,6 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/usage", post(beacon).options(preflight))
         .route("/functions/v1/usage-track", post(beacon).options(preflight))
-        .layer(DefaultBodyLimit::max(BEACON_MAX_BYTES))
         .route("/api/v1/servers/{id}/usage", get(read))
 }
 
@@ -72,7 +71,7 @@ async fn beacon(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Body,
 ) -> Response {
     let result = beacon_inner(&state, peer, &headers, body).await;
     let mut response = match result {
@@ -83,13 +82,8 @@ async fn beacon(
     response
 }
 
-async fn beacon_inner(
-    state: &AppState,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> ApiResult<()> {
-    let body = super::problem::body_or_413(body, BEACON_MAX_BYTES)?;
+async fn beacon_inner(state: &AppState, peer: SocketAddr, headers: &HeaderMap, body: Body) -> ApiResult<()> {
+    let body = super::problem::read_body(headers, body, BEACON_MAX_BYTES).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
