@@ -336,19 +336,152 @@ impl<'t, 'a> LiveServers<'t, 'a> {
     }
 }
 
-/// Inserts observations one statement each, in order: at seq 0, or when that is taken
-/// (by an earlier write, or an earlier row here) at the next free seq.
-fn insert_one_by_one(
-    at_zero: &mut rusqlite::CachedStatement<'_>,
-    at_next: &mut rusqlite::CachedStatement<'_>,
-    observations: &mut Vec<(i64, i64, i64, rusqlite::types::Value)>,
-) -> rusqlite::Result<()> {
-    for (series_id, ts, _, value) in observations.drain(..) {
-        if at_zero.execute(params![series_id, ts, value])? == 0 {
-            at_next.execute(params![series_id, ts, value])?;
-        }
+/// A raw row as a multi-row statement binds it: its parameters from `?first` on.
+trait BindRow {
+    const PARAMS: usize;
+    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()>;
+}
+
+/// A gauge or counter value: (series, ts, value) at seq 0.
+impl BindRow for (i64, i64, rusqlite::types::Value) {
+    const PARAMS: usize = 3;
+    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
+        statement.raw_bind_parameter(first, self.0)?;
+        statement.raw_bind_parameter(first + 1, self.1)?;
+        statement.raw_bind_parameter(first + 2, &self.2)
+    }
+}
+
+/// A histogram observation: (series, ts, seq, value).
+impl BindRow for (i64, i64, i64, rusqlite::types::Value) {
+    const PARAMS: usize = 4;
+    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
+        statement.raw_bind_parameter(first, self.0)?;
+        statement.raw_bind_parameter(first + 1, self.1)?;
+        statement.raw_bind_parameter(first + 2, self.2)?;
+        statement.raw_bind_parameter(first + 3, &self.3)
+    }
+}
+
+/// Binds a chunk of rows to a statement of as many `VALUES` rows.
+fn bind_rows<R: BindRow>(statement: &mut rusqlite::CachedStatement<'_>, rows: &[R]) -> rusqlite::Result<()> {
+    for (i, row) in rows.iter().enumerate() {
+        row.bind(statement, i * R::PARAMS + 1)?;
     }
     Ok(())
+}
+
+/// Inserts one write's raw rows, given in key order, in multi-row statements (one VM
+/// run per chunk instead of one per row). Gauge and counter values are upserted, so a
+/// later row for the same (series, ts) updates the earlier one. Histogram observations
+/// of one (series, ts) take seq 0, 1, 2, … in arrival order, after any an earlier write
+/// stored there; they never share a series with values, so the two kinds interleave
+/// freely.
+struct RawRows<'t> {
+    upsert_chunk: rusqlite::CachedStatement<'t>,
+    upsert_one: rusqlite::CachedStatement<'t>,
+    values: Vec<(i64, i64, rusqlite::types::Value)>,
+    insert_chunk: rusqlite::CachedStatement<'t>,
+    insert_at_zero: rusqlite::CachedStatement<'t>,
+    insert_at_next: rusqlite::CachedStatement<'t>,
+    observations: Vec<(i64, i64, i64, rusqlite::types::Value)>,
+    /// The (series, ts) of the last observation pushed and the seq it was given.
+    last_seq: Option<(i64, i64, i64)>,
+}
+
+impl<'t> RawRows<'t> {
+    fn new(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        Ok(RawRows {
+            upsert_chunk: tx.prepare_cached(&UPSERT_MANY_SQL)?,
+            upsert_one: tx.prepare_cached(
+                "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
+                 ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value",
+            )?,
+            values: Vec::with_capacity(UPSERT_CHUNK),
+            insert_chunk: tx.prepare_cached(&INSERT_OBSERVATIONS_SQL)?,
+            insert_at_zero: tx.prepare_cached(
+                "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
+                 ON CONFLICT (ts, series_id, seq) DO NOTHING RETURNING seq",
+            )?,
+            insert_at_next: tx.prepare_cached(
+                "INSERT INTO server_metrics (series_id, ts, seq, value)
+                 SELECT ?1, ?2, MAX(seq) + 1, ?3 FROM server_metrics WHERE series_id = ?1 AND ts = ?2
+                 RETURNING seq",
+            )?,
+            observations: Vec::with_capacity(OBSERVATION_CHUNK),
+            last_seq: None,
+        })
+    }
+
+    fn push(&mut self, series_id: i64, ts: i64, kind: Kind, value: f64) -> rusqlite::Result<()> {
+        let value = value_codec::encode(value);
+        if kind != Kind::Histogram {
+            self.values.push((series_id, ts, value));
+            if self.values.len() == UPSERT_CHUNK {
+                bind_rows(&mut self.upsert_chunk, &self.values)?;
+                self.upsert_chunk.raw_execute()?;
+                self.values.clear();
+            }
+            return Ok(());
+        }
+        // Rows of one (series, ts) are adjacent in key order.
+        let seq = match self.last_seq {
+            Some((s, t, seq)) if s == series_id && t == ts => seq + 1,
+            _ => 0,
+        };
+        self.last_seq = Some((series_id, ts, seq));
+        self.observations.push((series_id, ts, seq, value));
+        if self.observations.len() == OBSERVATION_CHUNK {
+            self.flush_observations()?;
+        }
+        Ok(())
+    }
+
+    /// Inserts the pending observations as one statement; when one of them meets a row
+    /// an earlier write stored (the statement then changes nothing), one by one instead.
+    fn flush_observations(&mut self) -> rusqlite::Result<()> {
+        bind_rows(&mut self.insert_chunk, &self.observations)?;
+        match self.insert_chunk.raw_execute() {
+            Ok(_) => {
+                self.observations.clear();
+                Ok(())
+            }
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                self.insert_one_by_one()
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Inserts the pending observations one statement each, in order: at seq 0, or when
+    /// that is taken at the next free seq. The run they end continues after the seq the
+    /// last one got, so later chunks of the same (series, ts) do not collide again.
+    fn insert_one_by_one(&mut self) -> rusqlite::Result<()> {
+        for (series_id, ts, _, value) in self.observations.drain(..) {
+            let at_zero: Option<i64> = self
+                .insert_at_zero
+                .query_row(params![series_id, ts, value], |r| r.get(0))
+                .optional()?;
+            let seq = match at_zero {
+                Some(seq) => seq,
+                None => self
+                    .insert_at_next
+                    .query_row(params![series_id, ts, value], |r| r.get(0))?,
+            };
+            if self.last_seq.is_some_and(|(s, t, _)| s == series_id && t == ts) {
+                self.last_seq = Some((series_id, ts, seq));
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts what is still pending: values one statement each, observations as above.
+    fn finish(mut self) -> rusqlite::Result<()> {
+        for (series_id, ts, value) in std::mem::take(&mut self.values) {
+            self.upsert_one.execute(params![series_id, ts, value])?;
+        }
+        self.insert_one_by_one()
+    }
 }
 
 fn write_batch_blocking(
@@ -388,18 +521,6 @@ fn write_batch_blocking(
         )?;
         let mut find_series =
             tx.prepare_cached("SELECT id, kind FROM series WHERE server_id = ?1 AND name = ?2 AND tags = ?3")?;
-        let mut upsert_value = tx.prepare_cached(
-            "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
-             ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value",
-        )?;
-        let mut insert_observation = tx.prepare_cached(
-            "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
-             ON CONFLICT (ts, series_id, seq) DO NOTHING",
-        )?;
-        let mut insert_next_observation = tx.prepare_cached(
-            "INSERT INTO server_metrics (series_id, ts, seq, value)
-             SELECT ?1, ?2, MAX(seq) + 1, ?3 FROM server_metrics WHERE series_id = ?1 AND ts = ?2",
-        )?;
         let mut insert_event = tx.prepare_cached(
             "INSERT INTO server_events (server_id, kind, title, detail, at, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
@@ -477,68 +598,14 @@ fn write_batch_blocking(
         // sort is stable, so for one (series, ts) the later write still wins and
         // observations keep their arrival order.
         rows.sort_by_key(|&(series_id, ts, _, _)| (ts, series_id));
-        // Gauge and counter values go in UPSERT_CHUNK rows per statement (one VM run
-        // instead of one per row), still in order: a later row for the same (series, ts)
-        // updates the earlier one. Histogram observations go in OBSERVATION_CHUNK rows per
-        // statement, seq counted within the write; they never share a series with the
-        // others, so the two interleave freely.
-        let mut upsert_many = tx.prepare_cached(&UPSERT_MANY_SQL)?;
-        let mut upserts: Vec<(i64, i64, rusqlite::types::Value)> = Vec::with_capacity(UPSERT_CHUNK);
-        let mut insert_observations = tx.prepare_cached(&INSERT_OBSERVATIONS_SQL)?;
-        let mut observations: Vec<(i64, i64, i64, rusqlite::types::Value)> = Vec::with_capacity(OBSERVATION_CHUNK);
-        let mut observation_seq: Option<(i64, i64, i64)> = None;
+        let mut raw = RawRows::new(&tx)?;
         for &(series_id, ts, kind, value) in &rows {
-            if kind == Kind::Histogram {
-                // Rows of one (series, ts) are adjacent after the sort.
-                let seq = match observation_seq {
-                    Some((s, t, seq)) if s == series_id && t == ts => seq + 1,
-                    _ => 0,
-                };
-                observation_seq = Some((series_id, ts, seq));
-                observations.push((series_id, ts, seq, value_codec::encode(value)));
-                if observations.len() == OBSERVATION_CHUNK {
-                    for (i, (series_id, ts, seq, value)) in observations.iter().enumerate() {
-                        insert_observations.raw_bind_parameter(4 * i + 1, series_id)?;
-                        insert_observations.raw_bind_parameter(4 * i + 2, ts)?;
-                        insert_observations.raw_bind_parameter(4 * i + 3, seq)?;
-                        insert_observations.raw_bind_parameter(4 * i + 4, value)?;
-                    }
-                    match insert_observations.raw_execute() {
-                        Ok(_) => observations.clear(),
-                        // An observation at a (series, ts) an earlier write already used:
-                        // the failed statement changed nothing, and these rows take the
-                        // next free seq one by one.
-                        Err(rusqlite::Error::SqliteFailure(e, _))
-                            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                        {
-                            insert_one_by_one(
-                                &mut insert_observation,
-                                &mut insert_next_observation,
-                                &mut observations,
-                            )?;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            } else {
-                upserts.push((series_id, ts, value_codec::encode(value)));
-                if upserts.len() == UPSERT_CHUNK {
-                    for (i, (series_id, ts, value)) in upserts.drain(..).enumerate() {
-                        upsert_many.raw_bind_parameter(3 * i + 1, series_id)?;
-                        upsert_many.raw_bind_parameter(3 * i + 2, ts)?;
-                        upsert_many.raw_bind_parameter(3 * i + 3, value)?;
-                    }
-                    upsert_many.raw_execute()?;
-                }
-            }
+            raw.push(series_id, ts, kind, value)?;
             if dirty.last() != Some(&(align(ts, MINUTE), series_id)) {
                 dirty.push((align(ts, MINUTE), series_id));
             }
         }
-        for (series_id, ts, value) in upserts {
-            upsert_value.execute(params![series_id, ts, value])?;
-        }
-        insert_one_by_one(&mut insert_observation, &mut insert_next_observation, &mut observations)?;
+        raw.finish()?;
         // Every minute that received a sample is recomputed by the rollup job.
         dirty.sort_unstable();
         dirty.dedup();
