@@ -1,14 +1,14 @@
 //! Prometheus remote-write: snappy decompression and the borrowing protobuf decoder
 //! never panic and never allocate past the decompression limit. On the decompressed
 //! bytes the decoder accepts exactly what prost's decoding of `WriteRequest` accepts,
-//! with the same names, samples and stale-marker count; a decoded series' tags are sorted
-//! and unique (a series repeating a label name keeps one value per name and is marked,
-//! so its samples are refused). The input is tried as decompressed bytes, as a snappy
-//! body, and compressed into a valid snappy body.
+//! with the same names, kinds, tags, samples and stale-marker count; a decoded series'
+//! tags are sorted and unique (a series repeating a label name keeps one of its pairs per
+//! name and is marked with the right name, so its samples are refused). The input is
+//! tried as decompressed bytes, as a snappy body, and compressed into a valid snappy body.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mcp_metrics_core::promwrite::{STALE_NAN_BITS, WriteRequest, decode, decompress};
+use mcp_metrics_core::promwrite::{STALE_NAN_BITS, WriteRequest, decode, decompress, is_counter_name};
 use prost::Message;
 
 fn compare(raw: &[u8]) {
@@ -24,6 +24,35 @@ fn compare(raw: &[u8]) {
         assert!(s.tags.windows(2).all(|w| w[0].0 < w[1].0), "tags not sorted and unique");
         let name = t.labels.iter().find(|l| l.name == "__name__").map_or("", |l| &l.value);
         assert_eq!(s.name, name);
+        assert_eq!(s.counter, is_counter_name(name));
+        // Tags: the other labels sorted by key; a repeated name (`__name__` first, else
+        // the first repeated key) marks the series, which keeps one pair per key.
+        let mut want: Vec<(&str, &str)> = t
+            .labels
+            .iter()
+            .filter(|l| l.name != "__name__")
+            .map(|l| (l.name.as_str(), l.value.as_str()))
+            .collect();
+        want.sort_by(|a, b| a.0.cmp(b.0));
+        let names = t.labels.iter().filter(|l| l.name == "__name__").count();
+        let repeated = if names > 1 {
+            Some("__name__")
+        } else {
+            want.windows(2).find(|w| w[0].0 == w[1].0).map(|w| w[0].0)
+        };
+        assert_eq!(s.repeated_label, repeated);
+        let got: Vec<(&str, &str)> = s.tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+        if repeated.is_none() {
+            assert_eq!(got, want);
+        } else {
+            fn keys<'a>(tags: &[(&'a str, &str)]) -> Vec<&'a str> {
+                let mut keys: Vec<&str> = tags.iter().map(|t| t.0).collect();
+                keys.dedup();
+                keys
+            }
+            assert_eq!(keys(&got), keys(&want));
+            assert!(got.iter().all(|pair| want.contains(pair)), "a tag pair made up");
+        }
         let kept: Vec<(u64, i64)> = t
             .samples
             .iter()
@@ -33,8 +62,6 @@ fn compare(raw: &[u8]) {
         stale += t.samples.len() - kept.len();
         let got: Vec<(u64, i64)> = s.samples.iter().map(|x| (x.value.to_bits(), x.timestamp)).collect();
         assert_eq!(got, kept);
-        let labels = t.labels.iter().filter(|l| l.name != "__name__").count();
-        assert!(s.tags.len() == labels || s.repeated_label.is_some(), "a tag went missing");
     }
     assert_eq!(ours.stale, stale);
 }

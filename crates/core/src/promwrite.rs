@@ -114,7 +114,7 @@ impl<'a> Decoded<'a> {
             match r.key()? {
                 (1, wire) => {
                     Reader::expect(1, wire, LEN)?;
-                    let (key, value) = label(Reader::new(r.bytes()?))?;
+                    let (key, value) = label(r.message()?)?;
                     if key != "__name__" {
                         self.tags.push((Cow::Borrowed(key), Cow::Borrowed(value)));
                     } else if name.is_some() {
@@ -125,7 +125,7 @@ impl<'a> Decoded<'a> {
                 }
                 (2, wire) => {
                     Reader::expect(2, wire, LEN)?;
-                    let sample = sample(Reader::new(r.bytes()?))?;
+                    let sample = sample(r.message()?)?;
                     if sample.value.to_bits() == STALE_NAN_BITS {
                         self.stale += 1;
                     } else {
@@ -226,7 +226,7 @@ pub fn decode(raw: &[u8]) -> Result<Decoded<'_>, PromError> {
             match r.key()? {
                 (1, wire) => {
                     Reader::expect(1, wire, LEN)?;
-                    decoded.time_series(Reader::new(r.bytes()?))?;
+                    decoded.time_series(r.message()?)?;
                 }
                 (field, wire) => r.skip(field, wire)?,
             }
@@ -459,6 +459,45 @@ mod tests {
         assert_eq!(series.len(), 1);
         assert_eq!(series[0].name, "up");
         agrees_with_prost(&raw).unwrap();
+    }
+
+    /// A length-delimited field (one-byte key) holding `body`.
+    fn field(key: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![key];
+        prost::encoding::encode_varint(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// prost's recursion limit, where it bites: unknown groups nested 97 to 101 deep
+    /// (holding a varint field) in the request, a series, a label and a sample are
+    /// accepted or refused as prost accepts or refuses them.
+    #[test]
+    fn nesting_is_limited_as_prost_limits_it() {
+        let mut refused_at = Vec::new();
+        for groups in 97..=101 {
+            let mut nest = vec![0x1b; groups];
+            nest.extend_from_slice(&[0x08, 0x00]);
+            nest.extend(std::iter::repeat_n(0x1c, groups));
+            let label = field(0x0a, &[field(0x0a, b"up"), nest.clone()].concat());
+            let sample = field(0x12, &nest);
+            for (level, raw) in [
+                ("request", nest.clone()),
+                ("series", field(0x0a, &nest)),
+                ("label", field(0x0a, &label)),
+                ("sample", field(0x0a, &sample)),
+            ] {
+                agrees_with_prost(&raw).unwrap_or_else(|e| panic!("{level}, {groups} groups: {e}"));
+                if decode(&raw).is_err() && reference(&raw).is_err() {
+                    refused_at.push((level, groups));
+                }
+            }
+        }
+        // Each level is refused one group earlier than the level above it.
+        assert!(refused_at.contains(&("request", 100)) && !refused_at.contains(&("request", 99)));
+        assert!(refused_at.contains(&("series", 99)) && !refused_at.contains(&("series", 98)));
+        assert!(refused_at.contains(&("label", 98)) && !refused_at.contains(&("label", 97)));
+        assert!(refused_at.contains(&("sample", 98)) && !refused_at.contains(&("sample", 97)));
     }
 
     fn arb_series() -> impl Strategy<Value = TimeSeries> {

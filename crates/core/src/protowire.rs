@@ -21,8 +21,10 @@ pub enum WireError {
     WireType { field: u32, found: u8, expected: u8 },
     #[error("a string field is not UTF-8")]
     Utf8,
-    #[error("a group ends that was not started, or groups nest more than 100 deep")]
+    #[error("a group ends that was not started, or ends another group")]
     Group,
+    #[error("messages and groups nest more than 100 deep")]
+    Depth,
 }
 
 /// Wire types (the low three bits of a key).
@@ -33,18 +35,37 @@ const START_GROUP: u8 = 3;
 const END_GROUP: u8 = 4;
 const FIXED32: u8 = 5;
 
-/// prost's recursion limit, which also bounds nested groups.
-const MAX_DEPTH: u32 = 100;
+/// prost's recursion limit: each message nested in another, and each group skipped in a
+/// field, takes one off it, and a field is refused when none is left.
+const RECURSION_LIMIT: u32 = 100;
 
-/// Reads fields off the front of a buffer.
+/// Reads the fields of one message off the front of a buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct Reader<'a> {
     buf: &'a [u8],
+    /// What is left of the recursion limit for this message's fields.
+    depth_left: u32,
 }
 
 impl<'a> Reader<'a> {
+    /// A reader of a top-level message.
     pub fn new(buf: &'a [u8]) -> Self {
-        Reader { buf }
+        Reader {
+            buf,
+            depth_left: RECURSION_LIMIT,
+        }
+    }
+
+    /// Reads a length-delimited field holding a message nested in this one: a reader of
+    /// its fields, one level deeper.
+    pub fn message(&mut self) -> Result<Reader<'a>, WireError> {
+        if self.depth_left == 0 {
+            return Err(WireError::Depth);
+        }
+        Ok(Reader {
+            buf: self.bytes()?,
+            depth_left: self.depth_left - 1,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -110,27 +131,25 @@ impl<'a> Reader<'a> {
 
     /// Skips the value of a field this decoder does not know.
     pub fn skip(&mut self, field: u32, wire: u8) -> Result<(), WireError> {
-        self.skip_at(field, wire, 0)
+        self.skip_at(field, wire, self.depth_left)
     }
 
-    fn skip_at(&mut self, field: u32, wire: u8, depth: u32) -> Result<(), WireError> {
+    fn skip_at(&mut self, field: u32, wire: u8, depth_left: u32) -> Result<(), WireError> {
+        if depth_left == 0 {
+            return Err(WireError::Depth);
+        }
         match wire {
             VARINT => self.varint().map(drop),
             FIXED64 => self.take(8).map(drop),
             LEN => self.bytes().map(drop),
             FIXED32 => self.take(4).map(drop),
-            START_GROUP => {
-                if depth >= MAX_DEPTH {
-                    return Err(WireError::Group);
+            START_GROUP => loop {
+                let (inner, inner_wire) = self.key()?;
+                if inner_wire == END_GROUP {
+                    return if inner == field { Ok(()) } else { Err(WireError::Group) };
                 }
-                loop {
-                    let (inner, inner_wire) = self.key()?;
-                    if inner_wire == END_GROUP {
-                        return if inner == field { Ok(()) } else { Err(WireError::Group) };
-                    }
-                    self.skip_at(inner, inner_wire, depth + 1)?;
-                }
-            }
+                self.skip_at(inner, inner_wire, depth_left - 1)?;
+            },
             _ => Err(WireError::Group),
         }
     }
@@ -196,10 +215,35 @@ mod tests {
         let mut stray = Reader::new(&[0x1c]);
         let (field, wire) = stray.key().unwrap();
         assert_eq!(stray.skip(field, wire), Err(WireError::Group));
-        let nested: Vec<u8> = std::iter::repeat_n(0x1b, 101).collect();
-        let mut deep = Reader::new(&nested);
-        let (field, wire) = deep.key().unwrap();
-        assert_eq!(deep.skip(field, wire), Err(WireError::Group));
+        // prost's limit: a field inside 99 nested groups is the last one skipped at the
+        // top level (100 levels in all); one more is refused, as a field of a message
+        // nested a level deeper already is.
+        let nest = |groups: usize| -> Vec<u8> {
+            let mut bytes = vec![0x1b; groups];
+            bytes.extend_from_slice(&[0x08, 0x00]);
+            bytes.extend(std::iter::repeat_n(0x1c, groups));
+            bytes
+        };
+        let skip_all = |reader: &mut Reader<'_>| -> Result<(), WireError> {
+            while !reader.is_empty() {
+                let (field, wire) = reader.key()?;
+                reader.skip(field, wire)?;
+            }
+            Ok(())
+        };
+        assert_eq!(skip_all(&mut Reader::new(&nest(99))), Ok(()));
+        assert_eq!(skip_all(&mut Reader::new(&nest(100))), Err(WireError::Depth));
+        let in_message = |groups: usize| -> Result<(), WireError> {
+            let inner = nest(groups);
+            let mut outer = vec![0x0a];
+            outer.extend(encode_varint(inner.len() as u64));
+            outer.extend_from_slice(&inner);
+            let mut top = Reader::new(&outer);
+            top.key()?;
+            skip_all(&mut top.message()?)
+        };
+        assert_eq!(in_message(98), Ok(()));
+        assert_eq!(in_message(99), Err(WireError::Depth));
     }
 
     proptest! {

@@ -547,8 +547,9 @@ pub async fn apply(
 }
 
 /// Sets marks of `level` with one new generation for the whole statement. The caller
-/// holds key-share locks on these series, so none is deleted before it commits (a
-/// deleted series' mark would wait for a pass only to find no series).
+/// holds key-share locks on these series, so none is deleted before it commits; a
+/// deletion that waited for it leaves these marks to the next pass, which finds no
+/// series and clears them, as it clears the deleted server's other marks.
 async fn mark(client: &tokio_postgres::Transaction<'_>, level: Level, buckets: &[i64], ids: &[i64]) -> PgResult<u64> {
     client
         .execute(
