@@ -20,7 +20,6 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::postgres::{PostgresStore, pg_err};
-use crate::sqlite::value_codec;
 use crate::{StoreError, StoreOptions, StoreResult};
 
 /// Where a copy is, for a progress bar.
@@ -538,14 +537,8 @@ async fn copy_samples(
     let resumed = match after {
         Some((ts, id, seq)) => {
             source
-                .run(move |c| {
-                    c.query_row(
-                        "SELECT count(*) FROM server_metrics WHERE (ts, series_id, seq) <= (?1, ?2, ?3)",
-                        [ts, id, seq],
-                        |r| r.get::<_, i64>(0),
-                    )
-                })
-                .await? as u64
+                .run(move |c| crate::sqlite::raw::count_through(c, (ts, id, seq)))
+                .await?
         }
         None => 0,
     };
@@ -557,17 +550,8 @@ async fn copy_samples(
     });
     loop {
         let from = after.unwrap_or((i64::MIN, i64::MIN, i64::MIN));
-        let rows: Vec<(i64, i64, i64, f64)> = source
-            .run(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT ts, series_id, seq, value FROM server_metrics WHERE (ts, series_id, seq) > (?1, ?2, ?3)
-                     ORDER BY ts, series_id, seq LIMIT ?4",
-                )?;
-                let rows = stmt.query_map(rusqlite::params![from.0, from.1, from.2, SAMPLE_CHUNK as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, value_codec::decode(r.get_ref(3)?)))
-                })?;
-                rows.collect()
-            })
+        let rows = source
+            .run(move |c| crate::sqlite::raw::page_after(c, from, SAMPLE_CHUNK))
             .await?;
         let Some(&(ts, id, seq, _)) = rows.last() else { break };
         let n = rows.len();

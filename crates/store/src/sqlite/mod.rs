@@ -7,6 +7,7 @@
 
 mod kept_minutes;
 mod migrations;
+pub(crate) mod raw;
 mod rollups;
 mod usage;
 pub(crate) mod value_codec;
@@ -33,27 +34,6 @@ use kept_minutes::KeptMinutes;
 pub use migrations::latest_version;
 
 const MINUTE: i64 = 60_000;
-
-/// Gauge and counter rows per upsert statement.
-const UPSERT_CHUNK: usize = 64;
-
-static UPSERT_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let rows = vec!["(?, ?, 0, ?)"; UPSERT_CHUNK].join(", ");
-    format!(
-        "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES {rows}
-         ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value"
-    )
-});
-
-/// Histogram observations per multi-row INSERT. Each gets its seq from its place in the
-/// write (0, 1, 2, … per (series, ts)); a chunk that collides with rows already stored
-/// fails as a whole and goes in row by row instead.
-const OBSERVATION_CHUNK: usize = 64;
-
-static INSERT_OBSERVATIONS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let rows = vec!["(?, ?, ?, ?)"; OBSERVATION_CHUNK].join(", ");
-    format!("INSERT INTO server_metrics (series_id, ts, seq, value) VALUES {rows}")
-});
 
 /// Extracts the file path from `sqlite://path`, `sqlite:path` or a bare path.
 pub fn path_from_url(url: &str) -> StoreResult<PathBuf> {
@@ -336,154 +316,6 @@ impl<'t, 'a> LiveServers<'t, 'a> {
     }
 }
 
-/// A raw row as a multi-row statement binds it: its parameters from `?first` on.
-trait BindRow {
-    const PARAMS: usize;
-    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()>;
-}
-
-/// A gauge or counter value: (series, ts, value) at seq 0.
-impl BindRow for (i64, i64, rusqlite::types::Value) {
-    const PARAMS: usize = 3;
-    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
-        statement.raw_bind_parameter(first, self.0)?;
-        statement.raw_bind_parameter(first + 1, self.1)?;
-        statement.raw_bind_parameter(first + 2, &self.2)
-    }
-}
-
-/// A histogram observation: (series, ts, seq, value).
-impl BindRow for (i64, i64, i64, rusqlite::types::Value) {
-    const PARAMS: usize = 4;
-    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
-        statement.raw_bind_parameter(first, self.0)?;
-        statement.raw_bind_parameter(first + 1, self.1)?;
-        statement.raw_bind_parameter(first + 2, self.2)?;
-        statement.raw_bind_parameter(first + 3, &self.3)
-    }
-}
-
-/// Binds a chunk of rows to a statement of as many `VALUES` rows.
-fn bind_rows<R: BindRow>(statement: &mut rusqlite::CachedStatement<'_>, rows: &[R]) -> rusqlite::Result<()> {
-    for (i, row) in rows.iter().enumerate() {
-        row.bind(statement, i * R::PARAMS + 1)?;
-    }
-    Ok(())
-}
-
-/// Inserts one write's raw rows, given in key order, in multi-row statements (one VM
-/// run per chunk instead of one per row). Gauge and counter values are upserted, so a
-/// later row for the same (series, ts) updates the earlier one. Histogram observations
-/// of one (series, ts) take seq 0, 1, 2, … in arrival order, after any an earlier write
-/// stored there; they never share a series with values, so the two kinds interleave
-/// freely.
-struct RawRows<'t> {
-    upsert_chunk: rusqlite::CachedStatement<'t>,
-    upsert_one: rusqlite::CachedStatement<'t>,
-    values: Vec<(i64, i64, rusqlite::types::Value)>,
-    insert_chunk: rusqlite::CachedStatement<'t>,
-    insert_at_zero: rusqlite::CachedStatement<'t>,
-    insert_at_next: rusqlite::CachedStatement<'t>,
-    observations: Vec<(i64, i64, i64, rusqlite::types::Value)>,
-    /// The (series, ts) of the last observation pushed and the seq it was given.
-    last_seq: Option<(i64, i64, i64)>,
-}
-
-impl<'t> RawRows<'t> {
-    fn new(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
-        Ok(RawRows {
-            upsert_chunk: tx.prepare_cached(&UPSERT_MANY_SQL)?,
-            upsert_one: tx.prepare_cached(
-                "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
-                 ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value",
-            )?,
-            values: Vec::with_capacity(UPSERT_CHUNK),
-            insert_chunk: tx.prepare_cached(&INSERT_OBSERVATIONS_SQL)?,
-            insert_at_zero: tx.prepare_cached(
-                "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
-                 ON CONFLICT (ts, series_id, seq) DO NOTHING RETURNING seq",
-            )?,
-            insert_at_next: tx.prepare_cached(
-                "INSERT INTO server_metrics (series_id, ts, seq, value)
-                 SELECT ?1, ?2, MAX(seq) + 1, ?3 FROM server_metrics WHERE series_id = ?1 AND ts = ?2
-                 RETURNING seq",
-            )?,
-            observations: Vec::with_capacity(OBSERVATION_CHUNK),
-            last_seq: None,
-        })
-    }
-
-    fn push(&mut self, series_id: i64, ts: i64, kind: Kind, value: f64) -> rusqlite::Result<()> {
-        let value = value_codec::encode(value);
-        if kind != Kind::Histogram {
-            self.values.push((series_id, ts, value));
-            if self.values.len() == UPSERT_CHUNK {
-                bind_rows(&mut self.upsert_chunk, &self.values)?;
-                self.upsert_chunk.raw_execute()?;
-                self.values.clear();
-            }
-            return Ok(());
-        }
-        // Rows of one (series, ts) are adjacent in key order.
-        let seq = match self.last_seq {
-            Some((s, t, seq)) if s == series_id && t == ts => seq + 1,
-            _ => 0,
-        };
-        self.last_seq = Some((series_id, ts, seq));
-        self.observations.push((series_id, ts, seq, value));
-        if self.observations.len() == OBSERVATION_CHUNK {
-            self.flush_observations()?;
-        }
-        Ok(())
-    }
-
-    /// Inserts the pending observations as one statement; when one of them meets a row
-    /// an earlier write stored (the statement then changes nothing), one by one instead.
-    fn flush_observations(&mut self) -> rusqlite::Result<()> {
-        bind_rows(&mut self.insert_chunk, &self.observations)?;
-        match self.insert_chunk.raw_execute() {
-            Ok(_) => {
-                self.observations.clear();
-                Ok(())
-            }
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                self.insert_one_by_one()
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Inserts the pending observations one statement each, in order: at seq 0, or when
-    /// that is taken at the next free seq. The run they end continues after the seq the
-    /// last one got, so later chunks of the same (series, ts) do not collide again.
-    fn insert_one_by_one(&mut self) -> rusqlite::Result<()> {
-        for (series_id, ts, _, value) in self.observations.drain(..) {
-            let at_zero: Option<i64> = self
-                .insert_at_zero
-                .query_row(params![series_id, ts, value], |r| r.get(0))
-                .optional()?;
-            let seq = match at_zero {
-                Some(seq) => seq,
-                None => self
-                    .insert_at_next
-                    .query_row(params![series_id, ts, value], |r| r.get(0))?,
-            };
-            if self.last_seq.is_some_and(|(s, t, _)| s == series_id && t == ts) {
-                self.last_seq = Some((series_id, ts, seq));
-            }
-        }
-        Ok(())
-    }
-
-    /// Inserts what is still pending: values one statement each, observations as above.
-    fn finish(mut self) -> rusqlite::Result<()> {
-        for (series_id, ts, value) in std::mem::take(&mut self.values) {
-            self.upsert_one.execute(params![series_id, ts, value])?;
-        }
-        self.insert_one_by_one()
-    }
-}
-
 fn write_batch_blocking(
     conn: &mut Connection,
     batch: &WriteBatch,
@@ -598,7 +430,7 @@ fn write_batch_blocking(
         // sort is stable, so for one (series, ts) the later write still wins and
         // observations keep their arrival order.
         rows.sort_by_key(|&(series_id, ts, _, _)| (ts, series_id));
-        let mut raw = RawRows::new(&tx)?;
+        let mut raw = raw::RawRows::new(&tx)?;
         for &(series_id, ts, kind, value) in &rows {
             raw.push(series_id, ts, kind, value)?;
             if dirty.last() != Some(&(align(ts, MINUTE), series_id)) {
@@ -638,31 +470,6 @@ fn write_batch_blocking(
     }
     committed?;
     Ok(outcomes)
-}
-
-fn read_samples_blocking(conn: &Connection, q: &SampleQuery) -> rusqlite::Result<Vec<RawSample>> {
-    // The key is (ts, series_id, seq), so this is one range scan in the answer's order;
-    // rows of other series in the range are skipped by the IN filter.
-    let (after_ts, after_series, after_seq) = q.after.unwrap_or((i64::MIN, i64::MIN, i64::MIN));
-    let ids = serde_json::to_string(&q.series_ids).unwrap_or_else(|_| "[]".into());
-    let mut stmt = conn.prepare_cached(
-        "SELECT ts, series_id, seq, value FROM server_metrics
-         WHERE ts >= ?1 AND ts < ?2 AND (ts, series_id, seq) > (?3, ?4, ?5)
-           AND series_id IN (SELECT value FROM json_each(?6))
-         ORDER BY ts, series_id, seq LIMIT ?7",
-    )?;
-    let rows = stmt.query_map(
-        params![q.from, q.to, after_ts, after_series, after_seq, ids, q.limit as i64],
-        |r| {
-            Ok(RawSample {
-                timestamp: r.get(0)?,
-                series_id: r.get(1)?,
-                seq: r.get(2)?,
-                value: value_codec::decode(r.get_ref(3)?),
-            })
-        },
-    )?;
-    rows.collect()
 }
 
 #[async_trait]
@@ -761,14 +568,9 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.write(move |c| {
             let tx = c.transaction().map_err(map_err)?;
-            // Samples, rollups and pending marks name series, not servers: no cascade.
-            for table in [
-                "server_metrics",
-                "rollups_1m",
-                "rollups_1h",
-                "server_metrics_daily",
-                "rollup_dirty",
-            ] {
+            raw::delete_of_server(&tx, &id).map_err(map_err)?;
+            // Rollups and pending marks name series, not servers: no cascade.
+            for table in ["rollups_1m", "rollups_1h", "server_metrics_daily", "rollup_dirty"] {
                 tx.execute(
                     &format!("DELETE FROM {table} WHERE series_id IN (SELECT id FROM series WHERE server_id = ?1)"),
                     [&id],
@@ -932,7 +734,7 @@ impl Store for SqliteStore {
 
     async fn read_samples(&self, query: &SampleQuery) -> StoreResult<Vec<RawSample>> {
         let query = query.clone();
-        self.read(move |c| read_samples_blocking(c, &query)).await
+        self.read(move |c| raw::read(c, &query)).await
     }
 
     async fn purge_request_guards(&self, now: i64) -> StoreResult<u64> {
@@ -968,7 +770,7 @@ impl Store for SqliteStore {
     }
 
     async fn mark_range_dirty(&self, from: i64, to: i64) -> StoreResult<u64> {
-        let minutes = self.read(move |c| rollups::minutes_with_samples(c, from, to)).await?;
+        let minutes = self.read(move |c| raw::minutes_with_samples(c, from, to)).await?;
         self.write(move |c| rollups::mark_minutes(c, &minutes).map_err(map_err))
             .await
     }
@@ -987,7 +789,7 @@ impl Store for SqliteStore {
         if let Some(cutoff) = cutoffs.raw {
             loop {
                 let (deleted, more) = self
-                    .write(move |c| rollups::retention_raw_slice(c, cutoff).map_err(map_err))
+                    .write(move |c| raw::delete_older_slice(c, cutoff).map_err(map_err))
                     .await?;
                 report.raw += deleted;
                 if !more {

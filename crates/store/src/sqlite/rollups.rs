@@ -7,10 +7,9 @@ use std::sync::Mutex;
 use mcp_metrics_core::model::Kind;
 use mcp_metrics_core::rollup::{BucketStats, Level, align};
 use mcp_metrics_core::sketch::Sketch;
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, Row, TransactionBehavior, params};
 
 use super::kept_minutes::KeptMinutes;
-use super::value_codec;
 use crate::{DirtyMark, RollupInput, RollupRow, RollupWork};
 
 /// A value larger than every mark generation handed out before, by any process: a
@@ -99,9 +98,6 @@ pub fn work(
                     .map(|m| kept.take((m.bucket, m.series_id), m.generation))
                     .collect()
             };
-            let mut scan = tx.prepare_cached(
-                "SELECT series_id, ts, value FROM server_metrics WHERE ts >= ?1 AND ts < ?2 ORDER BY ts, series_id, seq",
-            )?;
             let mut i = 0;
             while i < marks.len() {
                 let bucket = marks[i].bucket;
@@ -115,16 +111,11 @@ pub fn work(
                     .collect();
                 let mut by_series: HashMap<i64, Vec<(i64, f64)>> = HashMap::new();
                 if !wanted.is_empty() {
-                    let mut rows = scan.query(params![bucket, bucket + level.bucket_ms()])?;
-                    while let Some(r) = rows.next()? {
-                        let series_id: i64 = r.get(0)?;
+                    super::raw::for_each_in(&tx, bucket, bucket + level.bucket_ms(), |series_id, ts, value| {
                         if wanted.contains(&series_id) {
-                            by_series
-                                .entry(series_id)
-                                .or_default()
-                                .push((r.get(1)?, value_codec::decode(r.get_ref(2)?)));
+                            by_series.entry(series_id).or_default().push((ts, value));
                         }
-                    }
+                    })?;
                 }
                 for j in i..end {
                     let input = match taken[j].take() {
@@ -280,28 +271,6 @@ pub fn drop_marks(conn: &mut Connection, marks: &[DirtyMark]) -> rusqlite::Resul
     tx.commit()
 }
 
-/// The distinct (minute, series) pairs with raw samples in [from, to). One ordered scan
-/// of the time-first key; a GROUP BY would sort every row instead.
-pub fn minutes_with_samples(conn: &Connection, from: i64, to: i64) -> rusqlite::Result<Vec<(i64, i64)>> {
-    let mut stmt = conn.prepare_cached("SELECT ts, series_id FROM server_metrics WHERE ts >= ?1 AND ts < ?2")?;
-    let mut rows = stmt.query(params![from, to])?;
-    let mut out = Vec::new();
-    let mut minute = i64::MIN;
-    let mut seen: HashSet<i64> = HashSet::new();
-    while let Some(r) = rows.next()? {
-        let (ts, series_id): (i64, i64) = (r.get(0)?, r.get(1)?);
-        let m = align(ts, 60_000);
-        if m != minute {
-            minute = m;
-            seen.clear();
-        }
-        if seen.insert(series_id) {
-            out.push((m, series_id));
-        }
-    }
-    Ok(out)
-}
-
 pub fn mark_minutes(conn: &mut Connection, minutes: &[(i64, i64)]) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let generation = next_generation(&tx)?;
@@ -357,21 +326,6 @@ pub fn read(
         }
     }
     Ok(out)
-}
-
-/// Deletes one slice of raw samples older than `cutoff` (at most an hour of data per
-/// call, so the writer lock is held briefly); returns rows deleted and whether more
-/// remain.
-pub fn retention_raw_slice(conn: &mut Connection, cutoff: i64) -> rusqlite::Result<(u64, bool)> {
-    let oldest: Option<i64> = conn
-        .query_row("SELECT ts FROM server_metrics ORDER BY ts LIMIT 1", [], |r| r.get(0))
-        .optional()?;
-    let Some(oldest) = oldest.filter(|t| *t < cutoff) else {
-        return Ok((0, false));
-    };
-    let until = cutoff.min(oldest + 3_600_000);
-    let deleted = conn.execute("DELETE FROM server_metrics WHERE ts < ?1", [until])? as u64;
-    Ok((deleted, until < cutoff))
 }
 
 /// Deletes rollups of `level` older than `cutoff`, series by series, and the dirty marks
