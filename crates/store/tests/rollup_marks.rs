@@ -40,13 +40,19 @@ fn fold(input: &RollupInput) -> Option<BucketStats> {
     input.clone().fold(Kind::Histogram)
 }
 
-#[tokio::test]
-async fn stale_pass_does_not_overwrite_and_keeps_the_mark() {
+/// A fresh store holding server "s".
+async fn store_with_server() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("m.db"), &StoreOptions::default())
         .await
         .unwrap();
     store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    (dir, store)
+}
+
+#[tokio::test]
+async fn stale_pass_does_not_overwrite_and_keeps_the_mark() {
+    let (_dir, store) = store_with_server().await;
     let ts = (now_ms() / 60_000 - 2) * 60_000;
     store.write_batch(sample(10.0, ts)).await.unwrap();
 
@@ -77,11 +83,7 @@ async fn stale_pass_does_not_overwrite_and_keeps_the_mark() {
 
 #[tokio::test]
 async fn renewed_mark_survives_a_pass_that_read_it_before() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("m.db"), &StoreOptions::default())
-        .await
-        .unwrap();
-    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let (_dir, store) = store_with_server().await;
     let ts = (now_ms() / 60_000 - 2) * 60_000;
     store.write_batch(sample(10.0, ts)).await.unwrap();
     let stale = store.rollup_work(Level::Minute, 100).await.unwrap();
@@ -107,5 +109,55 @@ async fn renewed_mark_survives_a_pass_that_read_it_before() {
         .await
         .unwrap();
     assert_eq!(rows[0].stats.count, 2);
+    assert_eq!(store.dirty_backlog().await.unwrap()[0], 0);
+}
+
+/// One sample in each of `series` histogram series `m0`, `m1`, … at `ts`.
+fn many(series: usize, value: f64, ts: i64) -> WriteBatch {
+    let mut batch = sample(value, ts);
+    let request = &mut batch.requests[0];
+    request.new_series = (0..series)
+        .map(|i| NewSeries {
+            key: SeriesKey {
+                server_id: "s".into(),
+                name: format!("m{i}"),
+                tags: vec![],
+            },
+            kind: Kind::Histogram,
+        })
+        .collect();
+    request.samples = (0..series as u32)
+        .map(|i| PendingSample {
+            series: SeriesRef::New(i),
+            kind: Kind::Histogram,
+            timestamp: ts,
+            value,
+        })
+        .collect();
+    batch
+}
+
+/// A write's minute marks are set several per statement: a write of 130 series (two full
+/// statements and a remainder) marks every one, and a second write to them renews every
+/// mark, so a pass that read them before leaves all 130 dirty.
+#[tokio::test]
+async fn every_series_of_a_large_write_is_marked_and_renewed() {
+    let (_dir, store) = store_with_server().await;
+    let ts = (now_ms() / 60_000 - 2) * 60_000;
+    store.write_batch(many(130, 10.0, ts)).await.unwrap();
+    assert_eq!(store.dirty_backlog().await.unwrap()[0], 130);
+    let stale = store.rollup_work(Level::Minute, 1000).await.unwrap();
+    assert_eq!(stale.items.len(), 130);
+    store.write_batch(many(130, 20.0, ts + 1)).await.unwrap();
+    let results: Vec<_> = stale.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    assert_eq!(
+        store.dirty_backlog().await.unwrap()[0],
+        130,
+        "every renewed mark survives the stale pass"
+    );
+    let fresh = store.rollup_work(Level::Minute, 1000).await.unwrap();
+    let results: Vec<_> = fresh.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
     assert_eq!(store.dirty_backlog().await.unwrap()[0], 0);
 }

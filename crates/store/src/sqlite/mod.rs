@@ -452,14 +452,8 @@ fn write_batch_blocking(
             let held: bool = held_something.query_row(params![key.0, key.1], |r| r.get(0))?;
             was_empty.insert(key, !held);
         }
-        let mut mark = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
-        )?;
         generation = rollups::next_generation(&tx)?;
-        for (minute, series_id) in dirty {
-            mark.execute(params![minute, series_id, generation])?;
-        }
+        rollups::set_minute_marks(&tx, &dirty, generation)?;
     }
     let committed = tx.commit();
     let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());

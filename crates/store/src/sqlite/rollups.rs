@@ -274,17 +274,47 @@ pub fn drop_marks(conn: &mut Connection, marks: &[DirtyMark]) -> rusqlite::Resul
 pub fn mark_minutes(conn: &mut Connection, minutes: &[(i64, i64)]) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let generation = next_generation(&tx)?;
-    {
-        let mut mark = tx.prepare_cached(
-            "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
-             ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
-        )?;
-        for (minute, series_id) in minutes {
-            mark.execute(params![minute, series_id, generation])?;
-        }
-    }
+    set_minute_marks(&tx, minutes, generation)?;
     tx.commit()?;
     Ok(minutes.len() as u64)
+}
+
+/// Minute marks per multi-row upsert.
+const MARK_CHUNK: usize = 64;
+
+static MARK_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let rows = vec!["(0, ?, ?, ?)"; MARK_CHUNK].join(", ");
+    format!(
+        "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES {rows}
+         ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation"
+    )
+});
+
+/// Sets (or renews to `generation`) the minute marks of these distinct (minute, series)
+/// pairs, in `MARK_CHUNK` rows per statement: a write of 1,000 series sets 1,000 marks.
+pub fn set_minute_marks(
+    tx: &rusqlite::Transaction<'_>,
+    minutes: &[(i64, i64)],
+    generation: i64,
+) -> rusqlite::Result<()> {
+    let mut chunks = minutes.chunks_exact(MARK_CHUNK);
+    let mut many = tx.prepare_cached(&MARK_MANY_SQL)?;
+    for chunk in &mut chunks {
+        for (i, (minute, series_id)) in chunk.iter().enumerate() {
+            many.raw_bind_parameter(3 * i + 1, minute)?;
+            many.raw_bind_parameter(3 * i + 2, series_id)?;
+            many.raw_bind_parameter(3 * i + 3, generation)?;
+        }
+        many.raw_execute()?;
+    }
+    let mut one = tx.prepare_cached(
+        "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
+         ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
+    )?;
+    for (minute, series_id) in chunks.remainder() {
+        one.execute(params![minute, series_id, generation])?;
+    }
+    Ok(())
 }
 
 pub fn backlog(conn: &Connection) -> rusqlite::Result<[u64; 3]> {
