@@ -528,7 +528,7 @@ async fn copy_samples(
     progress: &mut impl FnMut(CopyProgress),
 ) -> StoreResult<(u64, u64)> {
     const TABLE: &str = "server_metrics";
-    let total = source.count(TABLE).await?;
+    let total = source.run(crate::sqlite::raw::count).await?;
     let mut after = client
         .query_opt("SELECT value FROM meta WHERE key = $1", &[&CHECKPOINT_KEY])
         .await

@@ -147,7 +147,21 @@ async fn every_series_of_a_large_write_is_marked_and_renewed() {
     store.write_batch(many(130, 10.0, ts)).await.unwrap();
     assert_eq!(store.dirty_backlog().await.unwrap()[0], 130);
     let stale = store.rollup_work(Level::Minute, 1000).await.unwrap();
-    assert_eq!(stale.items.len(), 130);
+    let mut ids: Vec<i64> = store
+        .series_of_server("s", None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    ids.sort_unstable();
+    let mut marked: Vec<(i64, i64)> = stale.items.iter().map(|(m, _)| (m.bucket, m.series_id)).collect();
+    marked.sort_unstable();
+    assert_eq!(
+        marked,
+        ids.iter().map(|&id| (ts, id)).collect::<Vec<_>>(),
+        "one mark per series, at its minute"
+    );
     store.write_batch(many(130, 20.0, ts + 1)).await.unwrap();
     let results: Vec<_> = stale.items.iter().map(|(m, i)| (*m, fold(i))).collect();
     store.apply_rollups(Level::Minute, results).await.unwrap();
@@ -160,4 +174,10 @@ async fn every_series_of_a_large_write_is_marked_and_renewed() {
     let results: Vec<_> = fresh.items.iter().map(|(m, i)| (*m, fold(i))).collect();
     store.apply_rollups(Level::Minute, results).await.unwrap();
     assert_eq!(store.dirty_backlog().await.unwrap()[0], 0);
+    let rows = store.read_rollups(Level::Minute, &ids, 0, i64::MAX).await.unwrap();
+    assert_eq!(rows.len(), 130);
+    assert!(
+        rows.iter().all(|r| r.stats.count == 2),
+        "every minute holds both writes"
+    );
 }

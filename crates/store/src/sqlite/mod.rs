@@ -10,7 +10,7 @@ mod migrations;
 pub(crate) mod raw;
 mod rollups;
 mod usage;
-pub(crate) mod value_codec;
+mod value_codec;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -274,6 +274,12 @@ pub(crate) fn delete_of_server(tx: &rusqlite::Transaction<'_>, server_id: &str) 
     )
 }
 
+/// How many raw samples there are: the copy command's total.
+pub(crate) fn count(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT count(*) FROM server_metrics", [], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
+}
+
 /// How many raw samples there are up to and including `cursor` (ts, series_id, seq): how
 /// far an interrupted copy had come.
 pub(crate) fn count_through(conn: &Connection, cursor: (i64, i64, i64)) -> rusqlite::Result<u64> {
