@@ -157,10 +157,29 @@ async fn gzip_bodies_as_telegraf_sends_them() {
 /// (PostgreSQL: the server's row; SQLite: the write lock) so the write waits behind it.
 #[tokio::test]
 async fn a_write_whose_server_is_deleted_before_its_commit_is_refused() {
+    a_write_waiting_while_its_server_goes("DELETE FROM servers WHERE id = 'gone'; COMMIT").await;
+}
+
+/// The same when the server is created again under the same id before the write commits:
+/// the new server has other keys, so the write authenticated with the old one is refused
+/// and lands in neither.
+#[tokio::test]
+async fn a_write_whose_server_is_deleted_and_created_again_before_its_commit_is_refused() {
+    a_write_waiting_while_its_server_goes(
+        "DELETE FROM servers WHERE id = 'gone';
+         INSERT INTO servers (id, created_at, updated_at) VALUES ('gone', 1, 1);
+         COMMIT",
+    )
+    .await;
+}
+
+/// A write of server "gone" waits for the writer behind a transaction that then runs
+/// `deletion` (which ends with COMMIT); the write must get 401 `unknown_key` and store
+/// nothing, and a write of another server must still be stored.
+async fn a_write_waiting_while_its_server_goes(deletion: &str) {
     let svc = TestService::start().await;
     let gone = svc.server_with_key("gone").await;
     let other = svc.server_with_key("other").await;
-    let deletion = "DELETE FROM servers WHERE id = 'gone'; COMMIT";
     let (pg, lite) = if svc.is_postgres() {
         let client = svc.pg_client().await;
         client

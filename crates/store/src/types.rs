@@ -56,6 +56,12 @@ pub struct WriteRequest {
     /// The server the request's key belongs to; everything it stores is under it.
     pub server_id: String,
     pub key_id: String,
+    /// Set when `key_id` authenticated the request (the HTTP layer always sets it): the
+    /// writer then stores nothing unless that credential still exists for `server_id`,
+    /// and answers [`RequestOutcome::ServerGone`]. A server deleted and re-created under
+    /// the same id between the key check and the commit has new keys, so the request does
+    /// not land in it. Store tests that name no real credential leave it unset.
+    pub require_credential: bool,
     /// The verified signature; a second request with it inside the window is a replay.
     pub signature: Option<[u8; 32]>,
     /// SHA-256 of the body; a second request from the same key with it inside the window

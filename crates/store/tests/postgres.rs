@@ -1826,6 +1826,80 @@ async fn a_deleted_servers_request_leaves_its_group_alone(store: &dyn Store) {
     assert!(matches!(outcomes[0], RequestOutcome::Stored { .. }), "{outcomes:?}");
 }
 
+/// A request authenticated with a key of a server deleted and created again under the
+/// same id (both between the key check and the commit) stores nothing: its key went with
+/// the old server. With a key the server still has, or without a credential to check
+/// (callers other than the HTTP layer), the same request is stored.
+async fn a_recreated_servers_old_key_stores_nothing(store: &dyn Store) {
+    let credential = |key_id: &str| StoredCredential {
+        key_id: key_id.into(),
+        server_id: "s".into(),
+        api_key_hash: [key_id.len() as u8; 32],
+        sealed_secret: vec![1],
+        created_at: 0,
+        revoked_at: None,
+        last_used_at: None,
+    };
+    let t = (now_ms() / 60_000 - 2) * 60_000;
+    let authenticated = |key_id: &str, value: f64| {
+        let mut r = request(
+            vec![NewSeries {
+                key: key("s", "x"),
+                kind: Kind::Gauge,
+            }],
+            vec![sample(SeriesRef::New(0), Kind::Gauge, t + value as i64, value)],
+        );
+        r.key_id = key_id.into();
+        r.require_credential = true;
+        r
+    };
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    store.insert_credential(&credential("old")).await.unwrap();
+    let outcome = store.write_batch(batch(vec![authenticated("old", 1.0)])).await.unwrap();
+    assert!(matches!(outcome[0], RequestOutcome::Stored { .. }), "{outcome:?}");
+    store.delete_server("s").await.unwrap();
+    store.create_server("s", &ServerFields::default(), 1).await.unwrap();
+    store.insert_credential(&credential("new-key")).await.unwrap();
+    let outcome = store
+        .write_batch(batch(vec![authenticated("old", 2.0), authenticated("new-key", 3.0)]))
+        .await
+        .unwrap();
+    assert!(matches!(outcome[0], RequestOutcome::ServerGone), "{outcome:?}");
+    assert!(matches!(outcome[1], RequestOutcome::Stored { .. }), "{outcome:?}");
+    let mut unchecked = authenticated("old", 4.0);
+    unchecked.require_credential = false;
+    let outcome = store.write_batch(batch(vec![unchecked])).await.unwrap();
+    assert!(matches!(outcome[0], RequestOutcome::Stored { .. }), "{outcome:?}");
+    let id = store.series_of_server("s", None).await.unwrap()[0].id;
+    let stored: Vec<f64> = store
+        .read_samples(&SampleQuery {
+            series_ids: vec![id],
+            from: 0,
+            to: i64::MAX,
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.value)
+        .collect();
+    assert_eq!(
+        stored,
+        vec![3.0, 4.0],
+        "the old key's request left nothing in the new server"
+    );
+}
+
+#[tokio::test]
+async fn a_recreated_servers_old_key_stores_nothing_on_both_backends() {
+    on_both_backends(
+        "a_recreated_servers_old_key_stores_nothing_on_both_backends",
+        async |store| a_recreated_servers_old_key_stores_nothing(store).await,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_deleted_servers_request_leaves_its_group_alone_on_both_backends() {
     on_both_backends(

@@ -94,6 +94,7 @@ async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Bod
     let request = WriteRequest {
         server_id: credential.server_id.clone(),
         key_id: credential.key_id.clone(),
+        require_credential: true,
         signature: Some(signature),
         body_digest: Some(body_digest(&body)),
         event: Some(event),

@@ -65,6 +65,7 @@ pub async fn commit_with_digest(
     let mut rejected = prepared.rejected;
     let mut request = prepared.request;
     request.key_id = credential.key_id.clone();
+    request.require_credential = true;
     request.signature = signature;
     request.body_digest = Some(digest);
     let mut accepted = request.samples.len();

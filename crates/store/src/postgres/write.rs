@@ -92,8 +92,9 @@ pub async fn write_batch(
 ) -> PgResult<Vec<RequestOutcome>> {
     let now = batch.now;
     let tx = client.transaction().await?;
-    let (lock_servers, guard_signature, guard_digest, insert_series, find_series, insert_event, touch_credential) = tokio::try_join!(
+    let (lock_servers, live_keys, guard_signature, guard_digest, insert_series, find_series, insert_event, touch_credential) = tokio::try_join!(
         tx.prepare_cached("SELECT id FROM servers WHERE id = ANY($1) ORDER BY id FOR KEY SHARE"),
+        tx.prepare_cached("SELECT key_id, server_id FROM credentials WHERE key_id = ANY($1)"),
         // A guard row that exists and has not expired makes the upsert a no-op, so zero
         // changed rows means "seen inside the window" — also when another node's
         // transaction inserted it: the upsert waits for that one and then sees its row.
@@ -129,22 +130,43 @@ pub async fn write_batch(
     let mut servers: Vec<&str> = batch.requests.iter().flat_map(|r| r.servers_written()).collect();
     servers.sort_unstable();
     servers.dedup();
-    let existing: std::collections::HashSet<String> = if servers.is_empty() {
-        Default::default()
-    } else {
-        tx.query(&lock_servers, &[&servers])
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect()
-    };
+    // A request whose key went with its server stores nothing either: the server may
+    // exist again under the same id, with other keys. Both queries go in one round trip;
+    // the server runs the second after the first has its locks, on a fresh snapshot.
+    let mut keys: Vec<&str> = batch
+        .requests
+        .iter()
+        .filter(|r| r.require_credential)
+        .map(|r| r.key_id.as_str())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (locked, key_rows) = tokio::try_join!(
+        async {
+            if servers.is_empty() {
+                Ok(Vec::new())
+            } else {
+                tx.query(&lock_servers, &[&servers]).await
+            }
+        },
+        async {
+            if keys.is_empty() {
+                Ok(Vec::new())
+            } else {
+                tx.query(&live_keys, &[&keys]).await
+            }
+        },
+    )?;
+    let existing: std::collections::HashSet<String> = locked.iter().map(|row| row.get(0)).collect();
+    let key_servers: HashMap<String, String> = key_rows.iter().map(|row| (row.get(0), row.get(1))).collect();
     // What becomes of each request, decided check by check; each check runs only for
     // the requests still to be stored.
     let mut verdicts: Vec<Verdict> = batch
         .requests
         .iter()
         .map(|r| {
-            if r.servers_written().all(|s| existing.contains(s)) {
+            let key_live = !r.require_credential || key_servers.get(&r.key_id) == Some(&r.server_id);
+            if key_live && r.servers_written().all(|s| existing.contains(s)) {
                 Verdict::Store
             } else {
                 Verdict::ServerGone

@@ -280,35 +280,56 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
-/// Which servers still exist, asked once per server per transaction: work queued for a
+/// Whether rows still exist, asked once per key per transaction: work queued for a
 /// server deleted meanwhile (a write, usage events) is dropped, instead of breaking a
 /// foreign key and with it the whole transaction.
-pub(crate) struct LiveServers<'t, 'a> {
-    exists: rusqlite::CachedStatement<'t>,
-    known: HashMap<&'a str, bool>,
+pub(crate) struct Exists<'t, K> {
+    query: rusqlite::CachedStatement<'t>,
+    known: HashMap<K, bool>,
 }
 
-impl<'t, 'a> LiveServers<'t, 'a> {
+/// Servers by id.
+pub(crate) type LiveServers<'t, 'a> = Exists<'t, [&'a str; 1]>;
+
+/// Credentials by (key id, server id): a server deleted and re-created under the same id
+/// has new keys, so a request authenticated with an old one finds its credential gone.
+pub(crate) type LiveCredentials<'t, 'a> = Exists<'t, [&'a str; 2]>;
+
+impl<'t> Exists<'t, [&str; 1]> {
     pub(crate) fn new(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
-        Ok(LiveServers {
-            exists: tx.prepare_cached("SELECT 1 FROM servers WHERE id = ?1")?,
+        Exists::asking(tx, "SELECT 1 FROM servers WHERE id = ?1")
+    }
+}
+
+impl<'t> Exists<'t, [&str; 2]> {
+    pub(crate) fn credentials(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        Exists::asking(tx, "SELECT 1 FROM credentials WHERE key_id = ?1 AND server_id = ?2")
+    }
+}
+
+impl<'t, K: Copy + Eq + std::hash::Hash + rusqlite::Params> Exists<'t, K> {
+    fn asking(tx: &'t rusqlite::Transaction<'_>, sql: &str) -> rusqlite::Result<Self> {
+        Ok(Exists {
+            query: tx.prepare_cached(sql)?,
             known: HashMap::new(),
         })
     }
 
-    pub(crate) fn contains(&mut self, id: &'a str) -> rusqlite::Result<bool> {
-        if let Some(&found) = self.known.get(id) {
+    pub(crate) fn contains(&mut self, key: K) -> rusqlite::Result<bool> {
+        if let Some(&found) = self.known.get(&key) {
             return Ok(found);
         }
-        let found = self.exists.exists([id])?;
-        self.known.insert(id, found);
+        let found = self.query.exists(key)?;
+        self.known.insert(key, found);
         Ok(found)
     }
+}
 
+impl<'t, 'a> LiveServers<'t, 'a> {
     /// Whether every one of these servers exists.
     pub(crate) fn all(&mut self, ids: impl IntoIterator<Item = &'a str>) -> rusqlite::Result<bool> {
         for id in ids {
-            if !self.contains(id)? {
+            if !self.contains([id])? {
                 return Ok(false);
             }
         }
@@ -362,10 +383,15 @@ fn write_batch_blocking(
 
         // A request for a deleted server stores nothing: its new series would break the
         // foreign key and with it the whole group's transaction, and its other samples
-        // would name series that are gone.
+        // would name series that are gone. Nor does one whose key went with its server
+        // (the server may exist again under the same id, with other keys).
         let mut live = LiveServers::new(&tx)?;
+        let mut credentials = LiveCredentials::credentials(&tx)?;
         for request in &batch.requests {
-            if !live.all(request.servers_written())? {
+            let gone = !live.all(request.servers_written())?
+                || (request.require_credential
+                    && !credentials.contains([request.key_id.as_str(), request.server_id.as_str()])?);
+            if gone {
                 outcomes.push(RequestOutcome::ServerGone);
                 continue;
             }

@@ -32,7 +32,7 @@ pub fn record(conn: &mut Connection, events: &[UsageRecord]) -> rusqlite::Result
         let mut live = super::LiveServers::new(&tx)?;
         let mut alive = Vec::with_capacity(events.len());
         for e in events {
-            alive.push(live.contains(&e.server_id)?);
+            alive.push(live.contains([&e.server_id])?);
         }
         let mut new_visitor = tx.prepare_cached(
             "INSERT INTO usage_visitors (day, server_id, visitor, flags) VALUES (?1, ?2, ?3, 0)
