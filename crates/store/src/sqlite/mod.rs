@@ -7,6 +7,7 @@
 
 mod kept_minutes;
 mod migrations;
+mod multi_row;
 pub(crate) mod raw;
 mod rollups;
 mod usage;

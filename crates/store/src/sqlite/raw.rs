@@ -7,69 +7,41 @@
 //! changes this module and not its callers.
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 
 use mcp_metrics_core::model::{Kind, RawSample};
 use mcp_metrics_core::rollup::align;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::multi_row::{self, bind_rows};
 use super::value_codec;
 use crate::SampleQuery;
 
 /// Gauge and counter rows per upsert statement.
 const UPSERT_CHUNK: usize = 64;
 
-static UPSERT_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let rows = vec!["(?, ?, 0, ?)"; UPSERT_CHUNK].join(", ");
-    format!(
-        "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES {rows}
-         ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value"
-    )
-});
+const UPSERT_HEAD: &str = "INSERT INTO server_metrics (series_id, ts, seq, value)";
+const UPSERT_ROW: &str = "(?, ?, 0, ?)";
+const UPSERT_TAIL: &str = "ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value";
+
+static UPSERT_MANY_SQL: LazyLock<String> =
+    LazyLock::new(|| multi_row::statement(UPSERT_HEAD, UPSERT_ROW, UPSERT_CHUNK, UPSERT_TAIL));
+static UPSERT_ONE_SQL: LazyLock<String> =
+    LazyLock::new(|| multi_row::statement(UPSERT_HEAD, UPSERT_ROW, 1, UPSERT_TAIL));
 
 /// Histogram observations per multi-row INSERT. Each gets its seq from its place in the
 /// write (0, 1, 2, … per (series, ts)); a chunk that collides with rows already stored
 /// fails as a whole and goes in row by row instead.
 const OBSERVATION_CHUNK: usize = 64;
 
-static INSERT_OBSERVATIONS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let rows = vec!["(?, ?, ?, ?)"; OBSERVATION_CHUNK].join(", ");
-    format!("INSERT INTO server_metrics (series_id, ts, seq, value) VALUES {rows}")
+static INSERT_OBSERVATIONS_SQL: LazyLock<String> = LazyLock::new(|| {
+    multi_row::statement(
+        "INSERT INTO server_metrics (series_id, ts, seq, value)",
+        "(?, ?, ?, ?)",
+        OBSERVATION_CHUNK,
+        "",
+    )
 });
-
-/// A raw row as a multi-row statement binds it: its parameters from `?first` on.
-trait BindRow {
-    const PARAMS: usize;
-    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()>;
-}
-
-/// A gauge or counter value: (series, ts, value) at seq 0.
-impl BindRow for (i64, i64, rusqlite::types::Value) {
-    const PARAMS: usize = 3;
-    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
-        statement.raw_bind_parameter(first, self.0)?;
-        statement.raw_bind_parameter(first + 1, self.1)?;
-        statement.raw_bind_parameter(first + 2, &self.2)
-    }
-}
-
-/// A histogram observation: (series, ts, seq, value).
-impl BindRow for (i64, i64, i64, rusqlite::types::Value) {
-    const PARAMS: usize = 4;
-    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
-        statement.raw_bind_parameter(first, self.0)?;
-        statement.raw_bind_parameter(first + 1, self.1)?;
-        statement.raw_bind_parameter(first + 2, self.2)?;
-        statement.raw_bind_parameter(first + 3, &self.3)
-    }
-}
-
-/// Binds a chunk of rows to a statement of as many `VALUES` rows.
-fn bind_rows<R: BindRow>(statement: &mut rusqlite::CachedStatement<'_>, rows: &[R]) -> rusqlite::Result<()> {
-    for (i, row) in rows.iter().enumerate() {
-        row.bind(statement, i * R::PARAMS + 1)?;
-    }
-    Ok(())
-}
 
 /// Inserts one write's raw rows, given in key order, in multi-row statements (one VM
 /// run per chunk instead of one per row). Gauge and counter values are upserted, so a
@@ -93,10 +65,7 @@ impl<'t> RawRows<'t> {
     pub(crate) fn new(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
         Ok(RawRows {
             upsert_chunk: tx.prepare_cached(&UPSERT_MANY_SQL)?,
-            upsert_one: tx.prepare_cached(
-                "INSERT INTO server_metrics (series_id, ts, seq, value) VALUES (?1, ?2, 0, ?3)
-                 ON CONFLICT (ts, series_id, seq) DO UPDATE SET value = excluded.value",
-            )?,
+            upsert_one: tx.prepare_cached(&UPSERT_ONE_SQL)?,
             values: Vec::with_capacity(UPSERT_CHUNK),
             insert_chunk: tx.prepare_cached(&INSERT_OBSERVATIONS_SQL)?,
             insert_at_zero: tx.prepare_cached(

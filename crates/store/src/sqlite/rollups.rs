@@ -2,7 +2,7 @@
 //! writing recomputed buckets and clearing marks with a generation check, retention.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
 use mcp_metrics_core::model::Kind;
 use mcp_metrics_core::rollup::{BucketStats, Level, align};
@@ -10,6 +10,7 @@ use mcp_metrics_core::sketch::Sketch;
 use rusqlite::{Connection, Row, TransactionBehavior, params};
 
 use super::kept_minutes::KeptMinutes;
+use super::multi_row;
 use crate::{DirtyMark, RollupInput, RollupRow, RollupWork};
 
 /// A value larger than every mark generation handed out before, by any process: a
@@ -282,13 +283,13 @@ pub fn mark_minutes(conn: &mut Connection, minutes: &[(i64, i64)]) -> rusqlite::
 /// Minute marks per multi-row upsert.
 const MARK_CHUNK: usize = 64;
 
-static MARK_MANY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let rows = vec!["(0, ?, ?, ?)"; MARK_CHUNK].join(", ");
-    format!(
-        "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES {rows}
-         ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation"
-    )
-});
+const MARK_HEAD: &str = "INSERT INTO rollup_dirty (level, bucket, series_id, generation)";
+const MARK_ROW: &str = "(0, ?, ?, ?)";
+const MARK_TAIL: &str = "ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation";
+
+static MARK_MANY_SQL: LazyLock<String> =
+    LazyLock::new(|| multi_row::statement(MARK_HEAD, MARK_ROW, MARK_CHUNK, MARK_TAIL));
+static MARK_ONE_SQL: LazyLock<String> = LazyLock::new(|| multi_row::statement(MARK_HEAD, MARK_ROW, 1, MARK_TAIL));
 
 /// Sets (or renews to `generation`) the minute marks of these distinct (minute, series)
 /// pairs, in `MARK_CHUNK` rows per statement: a write of 1,000 series sets 1,000 marks.
@@ -299,18 +300,14 @@ pub fn set_minute_marks(
 ) -> rusqlite::Result<()> {
     let mut chunks = minutes.chunks_exact(MARK_CHUNK);
     let mut many = tx.prepare_cached(&MARK_MANY_SQL)?;
+    let mut rows: Vec<(i64, i64, i64)> = Vec::with_capacity(MARK_CHUNK);
     for chunk in &mut chunks {
-        for (i, (minute, series_id)) in chunk.iter().enumerate() {
-            many.raw_bind_parameter(3 * i + 1, minute)?;
-            many.raw_bind_parameter(3 * i + 2, series_id)?;
-            many.raw_bind_parameter(3 * i + 3, generation)?;
-        }
+        rows.clear();
+        rows.extend(chunk.iter().map(|&(minute, series_id)| (minute, series_id, generation)));
+        multi_row::bind_rows(&mut many, &rows)?;
         many.raw_execute()?;
     }
-    let mut one = tx.prepare_cached(
-        "INSERT INTO rollup_dirty (level, bucket, series_id, generation) VALUES (0, ?1, ?2, ?3)
-         ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation",
-    )?;
+    let mut one = tx.prepare_cached(&MARK_ONE_SQL)?;
     for (minute, series_id) in chunks.remainder() {
         one.execute(params![minute, series_id, generation])?;
     }
