@@ -5,9 +5,12 @@
 //! Runs when `MCP_METRICS_TEST_POSTGRES` holds an admin URL; each test works in a fresh
 //! database of its own, dropped afterwards.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::series_ids;
 use mcp_metrics_core::model::{EventSource, Kind, NewEvent, SeriesKey, ServerFields, StoredCredential};
 use mcp_metrics_core::rollup::{BucketStats, Level};
 use mcp_metrics_core::time::now_ms;
@@ -103,6 +106,17 @@ fn stored_series(outcome: &RequestOutcome) -> Vec<i64> {
         RequestOutcome::Stored { series, .. } => series.iter().map(|s| s.id).collect(),
         other => panic!("expected Stored, got {other:?}"),
     }
+}
+
+/// A test named `$test` that runs `$check(&dyn Store)` on both backends (see
+/// [`on_both_backends`]).
+macro_rules! test_on_both_backends {
+    ($test:ident, $check:ident) => {
+        #[tokio::test]
+        async fn $test() {
+            on_both_backends(stringify!($test), async |store| $check(store).await).await;
+        }
+    };
 }
 
 /// Everything the trait answers after one fixed sequence of calls, with series ids
@@ -659,13 +673,7 @@ async fn writes_in_order_are_merged_and_the_rest_read() {
         matches!(&inputs[..], [RollupInput::Splice { tail, .. }] if tail.len() == 1),
         "{inputs:?}"
     );
-    let ids: Vec<i64> = store
-        .series_of_server("s", None)
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.id)
-        .collect();
+    let ids = series_ids(&store, "s").await;
     let rows = store.read_rollups(Level::Minute, &ids, 0, i64::MAX).await.unwrap();
     let a = BucketStats::fold(Kind::Gauge, [1, 2, 3, 4, 6, 7, 8, 9].map(|i| (m + i, i as f64))).unwrap();
     let b = BucketStats::fold(Kind::Gauge, [(m + 1, 10.0), (m + 2, 20.0), (m + 5, 50.0)]).unwrap();
@@ -785,13 +793,7 @@ async fn stale_pass_keeps_the_newer_result(store: &dyn Store) {
     assert_eq!(store.dirty_backlog().await.unwrap(), [0, 1, 0]);
 }
 
-#[tokio::test]
-async fn rollup_generations_on_both_backends() {
-    on_both_backends("rollup_generations_on_both_backends", async |store| {
-        stale_pass_keeps_the_newer_result(store).await
-    })
-    .await;
-}
+test_on_both_backends!(rollup_generations_on_both_backends, stale_pass_keeps_the_newer_result);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_guards_and_series() {
@@ -1754,14 +1756,10 @@ async fn first_kind_wins(store: &dyn Store) {
     assert_eq!((minute.count, minute.last, minute.sketch.is_some()), (1, 4.0, false));
 }
 
-#[tokio::test]
-async fn a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_on_both_backends() {
-    on_both_backends(
-        "a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_on_both_backends",
-        async |store| first_kind_wins(store).await,
-    )
-    .await;
-}
+test_on_both_backends!(
+    a_series_created_with_two_kinds_keeps_the_first_and_refuses_the_other_on_both_backends,
+    first_kind_wins
+);
 
 /// A request of a server deleted since it was authenticated (new series, an event, or
 /// samples of a series the node still knew) is answered `ServerGone` and stores nothing,
@@ -1891,23 +1889,15 @@ async fn a_recreated_servers_old_key_stores_nothing(store: &dyn Store) {
     );
 }
 
-#[tokio::test]
-async fn a_recreated_servers_old_key_stores_nothing_on_both_backends() {
-    on_both_backends(
-        "a_recreated_servers_old_key_stores_nothing_on_both_backends",
-        async |store| a_recreated_servers_old_key_stores_nothing(store).await,
-    )
-    .await;
-}
+test_on_both_backends!(
+    a_recreated_servers_old_key_stores_nothing_on_both_backends,
+    a_recreated_servers_old_key_stores_nothing
+);
 
-#[tokio::test]
-async fn a_deleted_servers_request_leaves_its_group_alone_on_both_backends() {
-    on_both_backends(
-        "a_deleted_servers_request_leaves_its_group_alone_on_both_backends",
-        async |store| a_deleted_servers_request_leaves_its_group_alone(store).await,
-    )
-    .await;
-}
+test_on_both_backends!(
+    a_deleted_servers_request_leaves_its_group_alone_on_both_backends,
+    a_deleted_servers_request_leaves_its_group_alone
+);
 
 /// `delete_server` locks the server's row before reading its series: a write that has
 /// created a series under it (holding the key-share lock every such write takes) and not
@@ -1977,14 +1967,7 @@ async fn a_rollup_apply_and_a_deletion_take_series_locks_in_one_order() {
         .write_batch(gauges(&[("a", t, 1.0), ("b", t, 2.0), ("c", t, 3.0), ("d", t, 4.0)]))
         .await
         .unwrap();
-    let mut ids: Vec<i64> = store
-        .series_of_server("s", None)
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.id)
-        .collect();
-    ids.sort_unstable();
+    let ids = series_ids(store.as_ref(), "s").await;
     let work = store.rollup_work(Level::Minute, 100).await.unwrap();
     let results = folded_gauges(&work);
     assert_eq!(results.len(), 4, "a bucket per series");
@@ -2064,10 +2047,7 @@ async fn deleted_servers_leave_no_rollups(store: &dyn Store) {
     assert_eq!(store.dirty_backlog().await.unwrap(), [0, 0, 0], "no mark left behind");
 }
 
-#[tokio::test]
-async fn deleted_servers_leave_no_rollups_on_both_backends() {
-    on_both_backends("deleted_servers_leave_no_rollups_on_both_backends", async |store| {
-        deleted_servers_leave_no_rollups(store).await
-    })
-    .await;
-}
+test_on_both_backends!(
+    deleted_servers_leave_no_rollups_on_both_backends,
+    deleted_servers_leave_no_rollups
+);

@@ -1,6 +1,9 @@
 //! The generation check of dirty marks: a pass whose inputs went stale while it
 //! computed must not overwrite the bucket, and must leave the mark for the next pass.
 
+mod common;
+
+use common::series_ids;
 use mcp_metrics_core::model::{Kind, SeriesKey, ServerFields};
 use mcp_metrics_core::rollup::{BucketStats, Level};
 use mcp_metrics_core::time::now_ms;
@@ -147,14 +150,7 @@ async fn every_series_of_a_large_write_is_marked_and_renewed() {
     store.write_batch(many(130, 10.0, ts)).await.unwrap();
     assert_eq!(store.dirty_backlog().await.unwrap()[0], 130);
     let stale = store.rollup_work(Level::Minute, 1000).await.unwrap();
-    let mut ids: Vec<i64> = store
-        .series_of_server("s", None)
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.id)
-        .collect();
-    ids.sort_unstable();
+    let ids = series_ids(&store, "s").await;
     let mut marked: Vec<(i64, i64)> = stale.items.iter().map(|(m, _)| (m.bucket, m.series_id)).collect();
     marked.sort_unstable();
     assert_eq!(

@@ -4,6 +4,9 @@
 //! share a millisecond must still all be kept in arrival order, also when an earlier
 //! write already used that millisecond.
 
+mod common;
+
+use common::series_ids;
 use mcp_metrics_core::model::{Kind, SeriesKey, ServerFields};
 use mcp_metrics_core::time::now_ms;
 use mcp_metrics_store::sqlite::SqliteStore;
@@ -56,13 +59,7 @@ fn write(samples: Vec<PendingSample>, new_series: Vec<NewSeries>) -> WriteBatch 
 }
 
 async fn stored(store: &SqliteStore, from: i64) -> (Vec<i64>, Vec<mcp_metrics_core::model::RawSample>) {
-    let ids: Vec<i64> = store
-        .series_of_server("s", None)
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.id)
-        .collect();
+    let ids = series_ids(store, "s").await;
     let samples = store
         .read_samples(&SampleQuery {
             series_ids: ids.clone(),
