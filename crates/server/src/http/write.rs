@@ -57,6 +57,7 @@ pub async fn commit_with_digest(
             ),
         ));
     }
+    let epoch = state.series.epoch();
     let prepared = prepare(batch, &credential.server_id, &state.series, now_ms(), &limits);
     for r in &prepared.rejected {
         state.telemetry.sample_rejected(r.code);
@@ -95,7 +96,7 @@ pub async fn commit_with_digest(
                 accepted -= kind_conflicts.len();
             }
             if !series.is_empty() {
-                state.series.insert_all(&series);
+                state.series.insert_created(epoch, &series);
                 state
                     .telemetry
                     .series_cached

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use mcp_metrics_core::model::{Kind, SeriesInfo};
 use mcp_metrics_core::names::write_series_key;
@@ -11,6 +12,8 @@ use mcp_metrics_core::names::write_series_key;
 #[derive(Default)]
 pub struct SeriesCache {
     map: RwLock<HashMap<String, (i64, Kind)>>,
+    /// How many times a server's series were forgotten (changed under the map's lock).
+    forgets: AtomicU64,
 }
 
 /// Writes the cache key of a series into `out` (cleared first).
@@ -31,27 +34,38 @@ impl SeriesCache {
         self.map.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Caches series read from the store (start-up).
     pub fn insert_all<'a>(&self, series: impl IntoIterator<Item = &'a SeriesInfo>) {
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        let mut key = String::new();
-        for s in series {
-            cache_key(
-                &mut key,
-                &s.key.server_id,
-                &s.key.name,
-                s.key.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            );
-            map.insert(key.clone(), (s.id, s.kind));
-        }
+        insert_into(&mut self.map.write().unwrap_or_else(|p| p.into_inner()), series);
     }
 
     /// Forgets every series of a server (after the server is deleted).
     pub fn remove_server(&self, server_id: &str) {
         let prefix = format!("{server_id}\0");
-        self.map
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| !k.starts_with(&prefix));
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|k, _| !k.starts_with(&prefix));
+        self.forgets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A mark to take before a request is prepared and hand to
+    /// [`SeriesCache::insert_created`] once its commit returns.
+    pub fn epoch(&self) -> u64 {
+        let _map = self.read();
+        self.forgets.load(Ordering::Relaxed)
+    }
+
+    /// Caches the series a commit created, unless some server's series were forgotten
+    /// since `epoch`: the commit may have landed just before that server was deleted,
+    /// and its ids must not come back (a server created again under the same id would
+    /// resolve to series that no longer exist, and its samples would be lost). Requests
+    /// then resolve those series through the writer once more. Returns whether it cached.
+    pub fn insert_created<'a>(&self, epoch: u64, series: impl IntoIterator<Item = &'a SeriesInfo>) -> bool {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if self.forgets.load(Ordering::Relaxed) != epoch {
+            return false;
+        }
+        insert_into(&mut map, series);
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -60,5 +74,51 @@ impl SeriesCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+fn insert_into<'a>(map: &mut HashMap<String, (i64, Kind)>, series: impl IntoIterator<Item = &'a SeriesInfo>) {
+    let mut key = String::new();
+    for s in series {
+        cache_key(
+            &mut key,
+            &s.key.server_id,
+            &s.key.name,
+            s.key.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        map.insert(key.clone(), (s.id, s.kind));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcp_metrics_core::model::SeriesKey;
+
+    fn info(server: &str, id: i64) -> SeriesInfo {
+        SeriesInfo {
+            id,
+            key: SeriesKey {
+                server_id: server.into(),
+                name: "m".into(),
+                tags: vec![],
+            },
+            kind: Kind::Gauge,
+        }
+    }
+
+    /// A commit's series are cached only if no server was forgotten since the request
+    /// took its epoch: one that committed just before its server's deletion must not put
+    /// the deleted ids back.
+    #[test]
+    fn series_of_a_commit_older_than_a_deletion_are_not_cached() {
+        let cache = SeriesCache::default();
+        let before = cache.epoch();
+        cache.remove_server("s");
+        assert!(!cache.insert_created(before, &[info("s", 1)]));
+        assert!(cache.is_empty(), "the deleted server's series stay forgotten");
+        let now = cache.epoch();
+        assert!(cache.insert_created(now, &[info("s", 2)]));
+        assert_eq!(cache.len(), 1);
     }
 }
