@@ -1832,7 +1832,11 @@ async fn a_recreated_servers_old_key_stores_nothing(store: &dyn Store) {
     let credential = |key_id: &str| StoredCredential {
         key_id: key_id.into(),
         server_id: "s".into(),
-        api_key_hash: [key_id.len() as u8; 32],
+        api_key_hash: {
+            let mut hash = [0u8; 32];
+            hash[..key_id.len()].copy_from_slice(key_id.as_bytes());
+            hash
+        },
         sealed_secret: vec![1],
         created_at: 0,
         revoked_at: None,

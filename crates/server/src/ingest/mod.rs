@@ -157,6 +157,10 @@ mod tests {
         assert!(p.rejected.iter().all(|r| r.code == Code::KindMismatch));
     }
 
+    /// The run shortcut must resolve exactly as the cache lookup would (a sample of
+    /// another name, kind or tags ends the run). This checks the answers, not that the
+    /// shortcut fires: it is a performance path, measured by the remote-write and OTLP
+    /// A/B runs in docs/METRICS.md.
     #[test]
     fn runs_of_lent_tags_resolve_like_single_samples() {
         let cache = SeriesCache::default();

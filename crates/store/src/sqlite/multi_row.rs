@@ -45,11 +45,21 @@ impl BindRow for (i64, i64, i64, rusqlite::types::Value) {
 }
 
 /// Binds a chunk of rows to a statement of as many `VALUES` rows.
-pub(crate) fn bind_rows<R: BindRow>(statement: &mut rusqlite::CachedStatement<'_>, rows: &[R]) -> rusqlite::Result<()> {
-    for (i, row) in rows.iter().enumerate() {
+pub(crate) fn bind_rows<R: BindRow>(
+    statement: &mut rusqlite::CachedStatement<'_>,
+    rows: impl IntoIterator<Item = R>,
+) -> rusqlite::Result<()> {
+    for (i, row) in rows.into_iter().enumerate() {
         row.bind(statement, i * R::PARAMS + 1)?;
     }
     Ok(())
+}
+
+impl<T: BindRow> BindRow for &T {
+    const PARAMS: usize = T::PARAMS;
+    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
+        (**self).bind(statement, first)
+    }
 }
 
 #[cfg(test)]

@@ -300,11 +300,11 @@ pub fn set_minute_marks(
 ) -> rusqlite::Result<()> {
     let mut chunks = minutes.chunks_exact(MARK_CHUNK);
     let mut many = tx.prepare_cached(&MARK_MANY_SQL)?;
-    let mut rows: Vec<(i64, i64, i64)> = Vec::with_capacity(MARK_CHUNK);
     for chunk in &mut chunks {
-        rows.clear();
-        rows.extend(chunk.iter().map(|&(minute, series_id)| (minute, series_id, generation)));
-        multi_row::bind_rows(&mut many, &rows)?;
+        multi_row::bind_rows(
+            &mut many,
+            chunk.iter().map(|&(minute, series_id)| (minute, series_id, generation)),
+        )?;
         many.raw_execute()?;
     }
     let mut one = tx.prepare_cached(&MARK_ONE_SQL)?;
