@@ -5,6 +5,7 @@ mod common;
 
 use common::{ADMIN_TOKEN, TestService, batch};
 use mcp_metrics_core::time::now_ms;
+use mcp_metrics_store::sqlite::run_codec::{self, RunSample};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -277,12 +278,30 @@ async fn retention_deletes_exactly_what_is_older_than_each_limit() {
         }
     }
     for (age, tag) in [(2 * day + 60_000, 1), (2 * day - 60_000, 2)] {
-        svc.sql_execute(&format!(
-            "INSERT INTO server_metrics (ts, series_id, seq, value) VALUES ({}, {id}, 0, {})",
-            now - age,
-            tag * 2
-        ))
-        .await;
+        let ts = now - age;
+        if svc.is_postgres() {
+            svc.sql_execute(&format!(
+                "INSERT INTO server_metrics (ts, series_id, seq, value) VALUES ({ts}, {id}, 0, {})",
+                tag * 2
+            ))
+            .await;
+        } else {
+            // SQLite keeps raw samples as runs: one run of one sample.
+            let minute = ts - ts.rem_euclid(60_000);
+            let sample = RunSample {
+                ts,
+                series_id: id,
+                observation: false,
+                value: (tag * 2) as f64,
+            };
+            let mut run = Vec::new();
+            run_codec::encode(minute, [sample], &mut run);
+            let hex: String = run.iter().map(|b| format!("{b:02x}")).collect();
+            svc.sql_execute(&format!(
+                "INSERT INTO sample_runs (minute, server_id, samples) VALUES ({minute}, 'acme', X'{hex}')"
+            ))
+            .await;
+        }
     }
     for (table, limit) in [("rollups_1m", 2), ("rollups_1h", 3), ("server_metrics_daily", 4)] {
         for age in [limit * day + 60_000, limit * day - 60_000] {
@@ -300,7 +319,12 @@ async fn retention_deletes_exactly_what_is_older_than_each_limit() {
         json!({"raw": 1, "minute": 1, "hour": 1, "day": 1}),
         "{report}"
     );
-    assert!(now - svc.sql_i64("SELECT min(ts) FROM server_metrics").await < 2 * day);
+    let oldest_raw = if svc.is_postgres() {
+        "SELECT min(ts) FROM server_metrics"
+    } else {
+        "SELECT min(minute) FROM sample_runs"
+    };
+    assert!(now - svc.sql_i64(oldest_raw).await < 2 * day);
     assert!(now - svc.sql_i64("SELECT min(bucket) FROM rollups_1m").await < 2 * day);
     assert!(now - svc.sql_i64("SELECT min(bucket) FROM rollups_1h").await < 3 * day);
     assert!(now - svc.sql_i64("SELECT min(bucket) FROM server_metrics_daily").await < 4 * day);

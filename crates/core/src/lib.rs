@@ -21,3 +21,4 @@ pub mod signature;
 pub mod sketch;
 pub mod time;
 pub mod usage;
+pub mod varint;

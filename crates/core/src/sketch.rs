@@ -10,6 +10,8 @@
 //! delta-encoded varints (a typical latency minute is 100–300 bytes instead of 8 bytes
 //! per bin of a dense range through serde), and exposes its bins for that encoding.
 
+use crate::varint;
+
 /// α: the relative accuracy of every quantile.
 pub const RELATIVE_ACCURACY: f64 = 0.01;
 /// Magnitudes below this count as zero.
@@ -218,14 +220,14 @@ impl Sketch {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + 3 * (self.positive.counts.len() + self.negative.counts.len()));
         out.push(FORMAT_VERSION);
-        put_varint(&mut out, self.zero);
+        varint::put(&mut out, self.zero);
         for bins in [&self.positive, &self.negative] {
             let nonzero: Vec<(i32, u64)> = bins.nonzero().collect();
-            put_varint(&mut out, nonzero.len() as u64);
+            varint::put(&mut out, nonzero.len() as u64);
             let mut previous = 0i64;
             for (index, n) in nonzero {
-                put_varint(&mut out, zigzag(i64::from(index) - previous));
-                put_varint(&mut out, n);
+                varint::put(&mut out, varint::zigzag(i64::from(index) - previous));
+                varint::put(&mut out, n);
                 previous = i64::from(index);
             }
         }
@@ -252,7 +254,7 @@ impl Sketch {
             pairs.clear();
             let mut index = 0i64;
             for _ in 0..bins {
-                index += unzigzag(get_varint(&mut input)?);
+                index += varint::unzigzag(get_varint(&mut input)?);
                 let n = get_varint(&mut input)?;
                 let i = i32::try_from(index).map_err(|_| CorruptSketch)?;
                 // Bins are written in ascending order; anything else is corrupt.
@@ -283,33 +285,8 @@ impl Sketch {
     }
 }
 
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 fn get_varint(input: &mut &[u8]) -> Result<u64, CorruptSketch> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = input.split_first().ok_or(CorruptSketch)?;
-        *input = rest;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte < 0x80 {
-            return Ok(v);
-        }
-    }
-    Err(CorruptSketch)
+    varint::get(input).ok_or(CorruptSketch)
 }
 
 #[cfg(test)]

@@ -186,12 +186,17 @@ impl KeptMinutes {
         keys.iter().filter(|k| !self.entries.contains_key(k)).copied().collect()
     }
 
-    /// After a commit: records the write's samples, stably sorted by timestamp, as
-    /// `(series, ts, kind, value)`. `was_empty` answers, for each minute
+    /// After a commit: records the write's samples as `(series, ts, kind, value)`, each
+    /// series' stably sorted by timestamp. `was_empty` answers, for each minute
     /// [`unknown`](Self::unknown) returned, whether it held nothing before.
-    pub fn record(&mut self, generation: i64, was_empty: &MinuteMap<bool>, rows: &[(i64, i64, Kind, f64)]) {
+    pub fn record(
+        &mut self,
+        generation: i64,
+        was_empty: &MinuteMap<bool>,
+        rows: impl IntoIterator<Item = (i64, i64, Kind, f64)>,
+    ) {
         let newest_before = self.newest_minute;
-        for &(series_id, ts, kind, value) in rows {
+        for (series_id, ts, kind, value) in rows {
             let key = (align(ts, MINUTE), series_id);
             self.newest_minute = self.newest_minute.max(key.0);
             let entry = match self.entries.entry(key) {
@@ -305,7 +310,7 @@ mod tests {
             .map(|k| (k, !table.0.contains_key(&k)))
             .collect();
         table.write(&rows);
-        kept.record(generation, &was_empty, &rows);
+        kept.record(generation, &was_empty, rows.iter().copied());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Versioned SQLite migrations. Each entry runs once, in order, inside a transaction,
 //! and is recorded in `schema_migrations`. Never edit an applied entry: add a new one.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction};
 
 /// (version, description, SQL)
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -218,7 +218,34 @@ ALTER TABLE rollups_1h ADD COLUMN generation INTEGER;
 ALTER TABLE server_metrics_daily ADD COLUMN generation INTEGER;
 "#,
     ),
+    (
+        5,
+        "raw samples as runs: one row per write, server and minute",
+        r#"
+-- A write's samples of one server and minute, packed in (ts, series) order (format in
+-- run_codec.rs; raw.rs says why). id is the write order that reading resolves
+-- overwritten values and observation seqs by. Time leads the index: retention deletes a
+-- prefix and rollups read a time range of every series. server_id is not a foreign key:
+-- deleting a server deletes its runs explicitly, like its rollups.
+CREATE TABLE sample_runs (
+    id        INTEGER PRIMARY KEY,
+    minute    INTEGER NOT NULL,
+    server_id TEXT NOT NULL,
+    samples   BLOB NOT NULL
+);
+CREATE INDEX sample_runs_by_minute ON sample_runs(minute, server_id);
+"#,
+    ),
 ];
+
+/// Work a migration does beyond its SQL, run after it in the same transaction.
+fn after_sql(version: i64, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    if version == 5 {
+        super::raw::migrate_rows_into_runs(tx)?;
+        tx.execute_batch("DROP TABLE server_metrics")?;
+    }
+    Ok(())
+}
 
 /// The version a fully migrated database has.
 pub fn latest_version() -> i64 {
@@ -245,6 +272,7 @@ pub fn run(conn: &mut Connection, now_ms: i64) -> rusqlite::Result<Vec<i64>> {
     for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        after_sql(*version, &tx)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?1, ?2, ?3)",
             rusqlite::params![version, description, now_ms],

@@ -10,6 +10,7 @@ mod migrations;
 mod multi_row;
 pub(crate) mod raw;
 mod rollups;
+pub mod run_codec;
 mod usage;
 mod value_codec;
 
@@ -22,7 +23,7 @@ use mcp_metrics_core::model::{
     CredentialInfo, EventSource, Kind, NewEvent, RawSample, SeriesInfo, SeriesKey, Server, ServerFields,
     StoredCredential, StoredEvent, Tags,
 };
-use mcp_metrics_core::rollup::{BucketStats, Level, align};
+use mcp_metrics_core::rollup::{BucketStats, Level};
 use mcp_metrics_core::time::now_ms;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
 
@@ -352,10 +353,10 @@ fn write_batch_blocking(
         .unwrap_or_else(|p| p.into_inner())
         .observe_data_version(data_version);
     let mut outcomes = Vec::with_capacity(batch.requests.len());
-    let mut dirty: Vec<(i64, i64)> = Vec::new();
     let mut was_empty = kept_minutes::MinuteMap::default();
     let generation;
-    let mut rows: Vec<(i64, i64, Kind, f64)> = Vec::with_capacity(batch.requests.iter().map(|r| r.samples.len()).sum());
+    let sample_count = batch.requests.iter().map(|r| r.samples.len()).sum();
+    let mut runs = raw::PendingRuns::with_capacity(sample_count);
     {
         // A guard row that exists and has not expired makes the upsert a no-op, so
         // `execute` reporting 0 changed rows means "seen inside the window".
@@ -428,11 +429,14 @@ fn write_batch_blocking(
             let mut kind_conflicts = Vec::new();
             for (position, sample) in request.samples.iter().enumerate() {
                 match sample.series {
-                    SeriesRef::Known(id) => rows.push((id, sample.timestamp, sample.kind, sample.value)),
+                    SeriesRef::Known(id) => {
+                        runs.push(&request.server_id, id, sample.timestamp, sample.kind, sample.value);
+                    }
                     SeriesRef::New(i) => {
                         let created = &series[i as usize];
                         if created.kind == sample.kind {
-                            rows.push((created.id, sample.timestamp, created.kind, sample.value));
+                            let server = request.new_series[i as usize].key.server_id.as_str();
+                            runs.push(server, created.id, sample.timestamp, created.kind, sample.value);
                         } else {
                             kind_conflicts.push((position as u32, created.kind));
                         }
@@ -453,21 +457,10 @@ fn write_batch_blocking(
                 kind_conflicts,
             });
         }
-        // Inserting in key order walks the B-tree once instead of jumping around it. The
-        // sort is stable, so for one (series, ts) the later write still wins and
-        // observations keep their arrival order.
-        rows.sort_by_key(|&(series_id, ts, _, _)| (ts, series_id));
-        let mut raw = raw::RawRows::new(&tx)?;
-        for &(series_id, ts, kind, value) in &rows {
-            raw.push(series_id, ts, kind, value)?;
-            if dirty.last() != Some(&(align(ts, MINUTE), series_id)) {
-                dirty.push((align(ts, MINUTE), series_id));
-            }
-        }
-        raw.finish()?;
+        runs.sort();
+        runs.insert(&tx)?;
+        let dirty = runs.minutes();
         // Every minute that received a sample is recomputed by the rollup job.
-        dirty.sort_unstable();
-        dirty.dedup();
         // A minute the kept buckets have not seen yet can be kept only if it held
         // nothing before this write: no mark waiting and no bucket stored.
         let unknown = kept.lock().unwrap_or_else(|p| p.into_inner()).unknown(&dirty);
@@ -485,7 +478,7 @@ fn write_batch_blocking(
     let committed = tx.commit();
     let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
     match committed {
-        Ok(()) => kept.record(generation, &was_empty, &rows),
+        Ok(()) => kept.record(generation, &was_empty, runs.rows()),
         // A failed commit may still have reached the file: nothing kept can be vouched for.
         Err(_) => kept.forget_all(),
     }

@@ -1,35 +1,55 @@
-//! Compact, exact storage of sample values.
+//! Compact, exact coding of sample values.
 //!
 //! Most metric values are integers (counts) or short decimals (milliseconds like
-//! 123.45). An f64 costs 8 bytes in a SQLite record, while SQLite stores integers in 1
-//! to 8 bytes by magnitude. So a value that is exactly an integer, or exactly a number
-//! of thousandths, is stored as an integer with a tag bit: `2k` for the integer `k`,
-//! `2m + 1` for `m / 1000`. Everything else (and -0.0) is stored as a REAL. Decoding is
-//! exact: a value is only stored as an integer when the round trip gives the same bits.
+//! 123.45). An f64 costs 8 bytes, while a small integer takes one to three. So a value
+//! that is exactly an integer, or exactly a number of thousandths, is coded as an integer
+//! with a tag bit: `2k` for the integer `k`, `2m + 1` for `m / 1000`. Everything else
+//! (and -0.0) stays an f64. Decoding is exact: a value is only coded as an integer when
+//! the round trip gives the same bits. Sample runs store the tagged integer as a varint
+//! (`run_codec`); the one-row-per-sample table before them stored it as a SQLite INTEGER,
+//! which the migration to runs still reads (`decode`).
 
-use rusqlite::types::{Value, ValueRef};
+#[cfg(test)]
+use rusqlite::types::Value;
+use rusqlite::types::ValueRef;
 
 /// Largest magnitude stored as a tagged integer (the doubled value stays below 2^53).
 const LIMIT: f64 = (1u64 << 52) as f64;
 
-pub fn encode(v: f64) -> Value {
+/// The tagged integer that stands for `v` exactly, if there is one.
+pub fn tagged(v: f64) -> Option<i64> {
     if v.abs() < LIMIT && v.fract() == 0.0 && !(v == 0.0 && v.is_sign_negative()) {
-        return Value::Integer((v as i64) * 2);
+        return Some((v as i64) * 2);
     }
     let milli = v * 1000.0;
     if milli.abs() < LIMIT && milli.fract() == 0.0 {
         let m = milli as i64;
         if ((m as f64) / 1000.0).to_bits() == v.to_bits() {
-            return Value::Integer(m * 2 + 1);
+            return Some(m * 2 + 1);
         }
     }
-    Value::Real(v)
+    None
+}
+
+/// The value a tagged integer stands for.
+pub fn untagged(n: i64) -> f64 {
+    if n & 1 == 0 {
+        (n >> 1) as f64
+    } else {
+        ((n - 1) >> 1) as f64 / 1000.0
+    }
+}
+
+/// The SQLite value a sample's value was stored as in the one-row-per-sample table
+/// (before runs; the migration to runs and its tests still read and write it).
+#[cfg(test)]
+pub fn encode(v: f64) -> Value {
+    tagged(v).map_or(Value::Real(v), Value::Integer)
 }
 
 pub fn decode(stored: ValueRef<'_>) -> f64 {
     match stored {
-        ValueRef::Integer(n) if n & 1 == 0 => (n >> 1) as f64,
-        ValueRef::Integer(n) => ((n - 1) >> 1) as f64 / 1000.0,
+        ValueRef::Integer(n) => untagged(n),
         ValueRef::Real(v) => v,
         _ => f64::NAN,
     }
