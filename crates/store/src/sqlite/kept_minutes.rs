@@ -187,7 +187,7 @@ impl KeptMinutes {
     }
 
     /// After a commit: records the write's samples as `(series, ts, kind, value)`, each
-    /// series' stably sorted by timestamp. `was_empty` answers, for each minute
+    /// series' in arrival order. `was_empty` answers, for each minute
     /// [`unknown`](Self::unknown) returned, whether it held nothing before.
     pub fn record(
         &mut self,
@@ -196,7 +196,8 @@ impl KeptMinutes {
         rows: impl IntoIterator<Item = (i64, i64, Kind, f64)>,
     ) {
         let newest_before = self.newest_minute;
-        for (series_id, ts, kind, value) in rows {
+        let mut rows = rows.into_iter().peekable();
+        while let Some((series_id, ts, kind, value)) = rows.next() {
             let key = (align(ts, MINUTE), series_id);
             self.newest_minute = self.newest_minute.max(key.0);
             let entry = match self.entries.entry(key) {
@@ -211,14 +212,21 @@ impl KeptMinutes {
                 }),
             };
             entry.generation = generation;
-            if entry.trusted && entry.kind != kind {
-                // Rows of two kinds in one series (the store prevents it): fold nothing.
-                entry.distrust();
-            }
-            if entry.trusted {
-                entry.add(ts, value, self.tail_max);
-                entry.new_samples += 1;
-                self.buffered += 1;
+            let mut sample = Some((kind, ts, value));
+            // Samples of one series and minute mostly come together: one lookup for them.
+            while let Some((kind, ts, value)) = sample.take() {
+                if entry.trusted && entry.kind != kind {
+                    // Rows of two kinds in one series (the store prevents it): fold nothing.
+                    entry.distrust();
+                }
+                if entry.trusted {
+                    entry.add(ts, value, self.tail_max);
+                    entry.new_samples += 1;
+                    self.buffered += 1;
+                }
+                sample = rows
+                    .next_if(|&(s, t, _, _)| s == series_id && align(t, MINUTE) == key.0)
+                    .map(|(_, t, k, v)| (k, t, v));
             }
         }
         if self.newest_minute > newest_before {

@@ -355,8 +355,7 @@ fn write_batch_blocking(
     let mut outcomes = Vec::with_capacity(batch.requests.len());
     let mut was_empty = kept_minutes::MinuteMap::default();
     let generation;
-    let sample_count = batch.requests.iter().map(|r| r.samples.len()).sum();
-    let mut runs = raw::PendingRuns::with_capacity(sample_count);
+    let mut runs = raw::PendingRuns::default();
     {
         // A guard row that exists and has not expired makes the upsert a no-op, so
         // `execute` reporting 0 changed rows means "seen inside the window".
@@ -457,7 +456,6 @@ fn write_batch_blocking(
                 kind_conflicts,
             });
         }
-        runs.sort();
         runs.insert(&tx)?;
         let dirty = runs.minutes();
         // Every minute that received a sample is recomputed by the rollup job.

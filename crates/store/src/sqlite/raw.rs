@@ -39,67 +39,76 @@ fn minute_of(ts: i64) -> i64 {
 /// A sample the writer accepted, before it is stored.
 #[derive(Clone, Copy)]
 struct Pending {
-    slot: u32,
-    /// Arrival order: keeps a later write later among samples of one (series, ts).
-    position: u32,
-    ts: i64,
     series_id: i64,
+    ts: i64,
     kind: Kind,
     value: f64,
 }
 
-/// One write's samples, gathered per server as the writer accepts them and stored as
-/// one run per (server, minute). Sorted once, and that order serves the runs, the
-/// minute marks and the kept minutes alike.
-#[derive(Default)]
-pub(crate) struct PendingRuns<'a> {
-    servers: Vec<&'a str>,
+/// The samples of one run to be: one server's in one minute, in arrival order.
+struct Bucket {
+    slot: u32,
+    minute: i64,
     samples: Vec<Pending>,
 }
 
-impl<'a> PendingRuns<'a> {
-    pub(crate) fn with_capacity(samples: usize) -> Self {
-        PendingRuns {
-            servers: Vec::new(),
-            samples: Vec::with_capacity(samples),
-        }
-    }
+/// One write's samples, gathered per (server, minute) as the writer accepts them and
+/// stored as one run each. Nothing is sorted: a run keeps arrival order (resolving on
+/// read orders it), so a later write's sample stays later among those of its (series,
+/// ts), and a series' samples, which requests mostly send together, stay together.
+#[derive(Default)]
+pub(crate) struct PendingRuns<'a> {
+    servers: Vec<&'a str>,
+    buckets: Vec<Bucket>,
+    /// The bucket the last sample went to: the next one usually goes there too.
+    last: usize,
+}
 
+impl<'a> PendingRuns<'a> {
     pub(crate) fn push(&mut self, server_id: &'a str, series_id: i64, ts: i64, kind: Kind, value: f64) {
-        // A group holds a handful of servers, and consecutive samples share one.
-        let slot = match self.servers.iter().rposition(|s| *s == server_id) {
+        let minute = minute_of(ts);
+        let sample = Pending {
+            series_id,
+            ts,
+            kind,
+            value,
+        };
+        if let Some(b) = self.buckets.get_mut(self.last)
+            && b.minute == minute
+            && self.servers[b.slot as usize] == server_id
+        {
+            b.samples.push(sample);
+            return;
+        }
+        let slot = match self.servers.iter().position(|s| *s == server_id) {
             Some(i) => i,
             None => {
                 self.servers.push(server_id);
                 self.servers.len() - 1
             }
         } as u32;
-        self.samples.push(Pending {
-            slot,
-            position: self.samples.len() as u32,
-            ts,
-            series_id,
-            kind,
-            value,
-        });
-    }
-
-    /// Puts the samples in (server, ts, series) order, arrival order within each; the
-    /// position makes every key unique, so an unstable sort keeps that.
-    pub(crate) fn sort(&mut self) {
-        let key = |s: &Pending| (s.slot, s.ts, s.series_id, s.position);
-        if !self.samples.is_sorted_by_key(key) {
-            self.samples.sort_unstable_by_key(key);
-        }
+        self.last = match self.buckets.iter().position(|b| b.slot == slot && b.minute == minute) {
+            Some(i) => i,
+            None => {
+                self.buckets.push(Bucket {
+                    slot,
+                    minute,
+                    samples: Vec::new(),
+                });
+                self.buckets.len() - 1
+            }
+        };
+        self.buckets[self.last].samples.push(sample);
     }
 
     /// The distinct (minute, series) pairs written, sorted: the minutes to mark.
     pub(crate) fn minutes(&self) -> Vec<(i64, i64)> {
-        let mut minutes: Vec<(i64, i64)> = Vec::with_capacity(self.samples.len() / 4);
-        for s in &self.samples {
-            let key = (minute_of(s.ts), s.series_id);
-            if minutes.last() != Some(&key) {
-                minutes.push(key);
+        let mut minutes: Vec<(i64, i64)> = Vec::new();
+        for b in &self.buckets {
+            for s in &b.samples {
+                if minutes.last() != Some(&(b.minute, s.series_id)) {
+                    minutes.push((b.minute, s.series_id));
+                }
             }
         }
         minutes.sort_unstable();
@@ -107,30 +116,28 @@ impl<'a> PendingRuns<'a> {
         minutes
     }
 
-    /// The samples as (series_id, ts, kind, value), each series' in time order.
+    /// The samples as (series_id, ts, kind, value), each series' in arrival order.
     pub(crate) fn rows(&self) -> impl Iterator<Item = (i64, i64, Kind, f64)> + '_ {
-        self.samples.iter().map(|s| (s.series_id, s.ts, s.kind, s.value))
+        self.buckets
+            .iter()
+            .flat_map(|b| b.samples.iter().map(|s| (s.series_id, s.ts, s.kind, s.value)))
     }
 
-    /// Inserts one run per (server, minute); call [`sort`](Self::sort) first.
+    /// Inserts one run per (server, minute).
     pub(crate) fn insert(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
         let mut insert =
             tx.prepare_cached("INSERT INTO sample_runs (minute, server_id, samples) VALUES (?1, ?2, ?3)")?;
-        let mut blob = Vec::with_capacity(self.samples.len() * 6 + 1);
-        for run in self
-            .samples
-            .chunk_by(|a, b| a.slot == b.slot && minute_of(a.ts) == minute_of(b.ts))
-        {
-            let minute = minute_of(run[0].ts);
+        let mut blob = Vec::new();
+        for b in &self.buckets {
             blob.clear();
-            let samples = run.iter().map(|s| RunSample {
+            let samples = b.samples.iter().map(|s| RunSample {
                 ts: s.ts,
                 series_id: s.series_id,
                 observation: s.kind == Kind::Histogram,
                 value: s.value,
             });
-            run_codec::encode(minute, samples, &mut blob);
-            insert.execute(params![minute, self.servers[run[0].slot as usize], blob])?;
+            run_codec::encode(b.minute, samples, &mut blob);
+            insert.execute(params![b.minute, self.servers[b.slot as usize], blob])?;
         }
         Ok(())
     }
@@ -500,7 +507,6 @@ mod tests {
         for &(series, off, value) in samples {
             runs.push(server(series), series, M + off, kind(series), value);
         }
-        runs.sort();
         runs.insert(&tx).unwrap();
         tx.commit().unwrap();
     }

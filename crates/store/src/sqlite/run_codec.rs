@@ -10,11 +10,12 @@
 //! millisecond are numbered 0, 1, 2, … in arrival order. Pure, so it is unit- and
 //! property-tested apart from SQLite.
 //!
-//! Layout: a version byte, then per sample, in (ts, series) order:
-//! - a varint header: the ts delta from the previous sample (from the run's minute for
-//!   the first), shifted left 2, with bit 1 set for a histogram observation and bit 0 for a
-//!   value stored as 8 bytes;
-//! - the series id as a zigzag varint delta from the previous sample's;
+//! Layout: a version byte, then per sample, in the order written (a run keeps arrival
+//! order; the writer does not sort, and samples of one series usually come together):
+//! - a varint header: the zigzag ts delta from the previous sample (from the run's minute
+//!   for the first), shifted left 3; bit 2 set when the series differs from the previous
+//!   sample's, bit 1 for a histogram observation, bit 0 for a value stored as 8 bytes;
+//! - when bit 2 is set, the series id as a zigzag varint delta from the previous one's;
 //! - the value: a zigzag varint of `2k` for the integer `k` or `2m + 1` for `m / 1000`
 //!   (the same exact coding as `value_codec`), or the f64's 8 bytes, little-endian.
 
@@ -25,8 +26,9 @@ use mcp_metrics_core::varint::{self, unzigzag, zigzag};
 use super::value_codec;
 
 const VERSION: u8 = 1;
-const OBSERVATION: u64 = 0b10;
-const REAL: u64 = 0b01;
+const NEW_SERIES: u64 = 0b100;
+const OBSERVATION: u64 = 0b010;
+const REAL: u64 = 0b001;
 
 /// One sample as a run holds it, before [`resolve`] settles overwrites and seqs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,26 +46,31 @@ pub struct RunSample {
 #[error("sample run is corrupt at byte {0}")]
 pub struct Corrupt(pub usize);
 
-/// Appends the run of `samples` (sorted by (ts, series_id), arrival order kept within
-/// each pair, every ts inside the minute starting at `minute`) to `out`.
+/// Appends the run of `samples` (in arrival order, every ts inside the minute starting
+/// at `minute`) to `out`.
 pub fn encode(minute: i64, samples: impl IntoIterator<Item = RunSample>, out: &mut Vec<u8>) {
     out.push(VERSION);
-    let (mut ts, mut series) = (minute, 0i64);
+    let (mut ts, mut series) = (minute, None);
     for s in samples {
-        debug_assert!(s.ts >= ts, "run samples must be in time order");
         let (value_tag, int) = match value_codec::tagged(s.value) {
             Some(n) => (0, n),
             None => (REAL, 0),
         };
-        let header = ((s.ts - ts) as u64) << 2 | if s.observation { OBSERVATION } else { 0 } | value_tag;
+        let new_series = series != Some(s.series_id);
+        let header = zigzag(s.ts - ts) << 3
+            | if new_series { NEW_SERIES } else { 0 }
+            | if s.observation { OBSERVATION } else { 0 }
+            | value_tag;
         varint::put(out, header);
-        varint::put(out, zigzag(s.series_id.wrapping_sub(series)));
+        if new_series {
+            varint::put(out, zigzag(s.series_id.wrapping_sub(series.unwrap_or(0))));
+        }
         if value_tag == REAL {
             out.extend_from_slice(&s.value.to_le_bytes());
         } else {
             varint::put(out, zigzag(int));
         }
-        (ts, series) = (s.ts, s.series_id);
+        (ts, series) = (s.ts, Some(s.series_id));
     }
 }
 
@@ -73,11 +80,16 @@ pub fn decode(minute: i64, run: &[u8], mut each: impl FnMut(RunSample)) -> Resul
         return Err(Corrupt(0));
     };
     let at = |rest: &[u8]| run.len() - rest.len();
-    let (mut ts, mut series) = (minute, 0i64);
+    let (mut ts, mut series) = (minute, None::<i64>);
     while !rest.is_empty() {
         let header = varint::get(&mut rest).ok_or(Corrupt(at(rest)))?;
-        ts = ts.checked_add_unsigned(header >> 2).ok_or(Corrupt(at(rest)))?;
-        series = series.wrapping_add(unzigzag(varint::get(&mut rest).ok_or(Corrupt(at(rest)))?));
+        ts = ts.checked_add(unzigzag(header >> 3)).ok_or(Corrupt(at(rest)))?;
+        if header & NEW_SERIES != 0 {
+            let delta = unzigzag(varint::get(&mut rest).ok_or(Corrupt(at(rest)))?);
+            series = Some(series.unwrap_or(0).wrapping_add(delta));
+        }
+        // The first sample names its series.
+        let series_id = series.ok_or(Corrupt(1))?;
         let value = if header & REAL != 0 {
             let (bytes, after) = rest.split_first_chunk::<8>().ok_or(Corrupt(at(rest)))?;
             rest = after;
@@ -87,7 +99,7 @@ pub fn decode(minute: i64, run: &[u8], mut each: impl FnMut(RunSample)) -> Resul
         };
         each(RunSample {
             ts,
-            series_id: series,
+            series_id,
             observation: header & OBSERVATION != 0,
             value,
         });
@@ -96,12 +108,11 @@ pub fn decode(minute: i64, run: &[u8], mut each: impl FnMut(RunSample)) -> Resul
 }
 
 /// Turns the samples of one minute, gathered from its runs in the order they were
-/// written, into what the store shows, sorted by (ts, series_id, seq): of values at one
+/// written (each run in arrival order, runs in write order), into what the store shows, sorted by (ts, series_id, seq): of values at one
 /// (series, ts) the last written, at seq 0; observations at one (series, ts) each, at
 /// seq 0, 1, 2, … in arrival order.
 pub fn resolve(mut gathered: Vec<RunSample>, out: &mut Vec<RawSample>) {
-    // Stable: arrival order survives within each (ts, series). Runs arrive sorted, so
-    // this mostly merges presorted stretches.
+    // Stable: arrival order survives within each (ts, series).
     gathered.sort_by_key(|s| (s.ts, s.series_id));
     let mut i = 0;
     while i < gathered.len() {
@@ -187,11 +198,12 @@ mod tests {
     #[test]
     fn whole_numbers_and_thousandths_take_few_bytes() {
         let mut blob = Vec::new();
-        let samples = (0..100).map(|i| sample(MINUTE + i * 10, 1 + i % 4, false, 12.5 + i as f64));
+        // Four series of 25 samples each, 10 ms apart, as a remote-write request sends them.
+        let samples = (0..100).map(|i| sample(MINUTE + (i % 25) * 10, 1 + i / 25, false, 12.5 + i as f64));
         encode(MINUTE, samples, &mut blob);
-        // Per sample: a 1-byte header, a 1-byte series delta and a 3-byte value, half
-        // of the f64's 8 bytes alone.
-        assert!(blob.len() <= 1 + 100 * 5, "{} bytes", blob.len());
+        // Per sample: a 2-byte header and a 3-byte value, less than the f64's 8 bytes
+        // alone; the series is written only when it changes.
+        assert!(blob.len() <= 1 + 100 * 5 + 4, "{} bytes", blob.len());
     }
 
     #[test]
@@ -235,6 +247,8 @@ mod tests {
             assert!(decode(MINUTE, &blob[..cut], |_| {}).is_err(), "cut at {cut}");
         }
         assert_eq!(decode(MINUTE, &[2, 0, 0, 0], |_| {}), Err(Corrupt(0)));
+        // A first sample that does not name its series.
+        assert_eq!(decode(MINUTE, &[1, 0, 0], |_| {}), Err(Corrupt(1)));
     }
 
     fn run_strategy() -> impl Strategy<Value = Vec<RunSample>> {
@@ -243,8 +257,9 @@ mod tests {
             (-1_000_000i64..1_000_000).prop_map(|n| n as f64 / 1000.0),
             any::<f64>(),
         ];
-        prop::collection::vec((0i64..60_000, 1i64..1 << 40, any::<bool>(), value), 0..200).prop_map(|mut v| {
-            v.sort_by_key(|s| (s.0, s.1));
+        // Series from a few, so that neighbours often share one.
+        let series = prop_oneof![1i64..4, 1i64..1 << 40];
+        prop::collection::vec((0i64..60_000, series, any::<bool>(), value), 0..200).prop_map(|v| {
             v.into_iter()
                 .map(|(off, series, obs, value)| sample(MINUTE + off, series, obs, value))
                 .collect()
@@ -288,15 +303,14 @@ mod tests {
                     expected.insert((w.ts, w.series_id, 0), w.value);
                 }
             }
-            // Split the writes into runs at the cuts, each run sorted as the writer sorts it.
+            // Split the writes into runs at the cuts, each in arrival order as the writer
+            // stores it.
             let mut bounds: Vec<usize> = cuts.into_iter().filter(|&c| c < writes.len()).collect();
             bounds.extend([0, writes.len()]);
             bounds.sort_unstable();
             let mut gathered = Vec::new();
             for w in bounds.windows(2) {
-                let mut run = writes[w[0]..w[1]].to_vec();
-                run.sort_by_key(|s| (s.ts, s.series_id));
-                gathered.extend(round_trip(&run));
+                gathered.extend(round_trip(&writes[w[0]..w[1]]));
             }
             let mut out = Vec::new();
             resolve(gathered, &mut out);
