@@ -23,6 +23,12 @@ use mcp_metrics_core::model::{
 };
 use mcp_metrics_core::rollup::{BucketStats, Level};
 
+/// A group commit run on the caller's thread; see [`Store::blocking_commit`].
+pub trait BlockingCommit: Send + Sync {
+    /// What [`Store::write_batch`] does, blocking until the commit is durable.
+    fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>>;
+}
+
 /// Everything the service persists. Implementations must be safe to share between
 /// tasks; [`Store::write_batch`] is called by at most [`Store::write_concurrency`]
 /// writer tasks at a time.
@@ -77,6 +83,12 @@ pub trait Store: Send + Sync + 'static {
     /// checked for replay and retry inside the transaction, so the checks hold for every
     /// process sharing the database.
     async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>>;
+    /// The same group commit as blocking work, for a store whose commit is blocking work
+    /// anyway (SQLite): the writer then runs on a thread of its own and calls it there,
+    /// instead of handing each group to the blocking pool and waiting to be woken.
+    fn blocking_commit(&self) -> Option<Arc<dyn BlockingCommit>> {
+        None
+    }
     /// Raw samples of the given series, ordered by (timestamp, series, seq).
     async fn read_samples(&self, query: &SampleQuery) -> StoreResult<Vec<mcp_metrics_core::model::RawSample>>;
     /// Deletes replay and retry records that have expired; returns how many.

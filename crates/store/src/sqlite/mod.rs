@@ -28,8 +28,8 @@ use mcp_metrics_core::time::now_ms;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::{
-    DirtyMark, RequestOutcome, RetentionCutoffs, RetentionReport, RollupRow, RollupWork, SampleQuery, SeriesRef, Store,
-    StoreError, StoreOptions, StoreResult, UsageDay, UsageRecord, WriteBatch,
+    BlockingCommit, DirtyMark, RequestOutcome, RetentionCutoffs, RetentionReport, RollupRow, RollupWork, SampleQuery,
+    SeriesRef, Store, StoreError, StoreOptions, StoreResult, UsageDay, UsageRecord, WriteBatch,
 };
 
 use kept_minutes::KeptMinutes;
@@ -484,6 +484,17 @@ fn write_batch_blocking(
     Ok(outcomes)
 }
 
+impl BlockingCommit for SqliteStore {
+    fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
+        let mut conn = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        write_batch_blocking(&mut conn, &batch, &self.inner.kept).map_err(map_err)
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -739,9 +750,14 @@ impl Store for SqliteStore {
     }
 
     async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
-        let kept = self.inner.kept.clone();
-        self.write(move |c| write_batch_blocking(c, &batch, &kept).map_err(map_err))
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || BlockingCommit::write_batch(&store, batch))
             .await
+            .map_err(join_err)?
+    }
+
+    fn blocking_commit(&self) -> Option<Arc<dyn BlockingCommit>> {
+        Some(Arc::new(self.clone()))
     }
 
     async fn read_samples(&self, query: &SampleQuery) -> StoreResult<Vec<RawSample>> {
