@@ -77,22 +77,25 @@ impl Precision {
     }
 }
 
-/// Splits `s` at the first unescaped occurrence of any of `stops`, outside double
-/// quotes when `quotes` is set. Returns (head, rest starting at the stop) .
-fn split_unescaped<'a>(s: &'a str, stops: &[u8], quotes: bool) -> (&'a str, &'a str) {
+/// Splits `s` at the first unescaped `stop`, outside double quotes when `quotes` is
+/// set. Returns (head, rest starting at the stop). One byte loop: the parser's hot path.
+fn split_unescaped(s: &str, stop: u8, quotes: bool) -> (&str, &str) {
     let b = s.as_bytes();
     let mut i = 0;
     let mut in_quotes = false;
     while i < b.len() {
-        match b[i] {
-            b'\\' => i += 2,
-            b'"' if quotes => {
-                in_quotes = !in_quotes;
-                i += 1;
-            }
-            c if !in_quotes && stops.contains(&c) => return (&s[..i], &s[i..]),
-            _ => i += 1,
+        let c = b[i];
+        if c == stop && !in_quotes {
+            return (&s[..i], &s[i..]);
         }
+        if c == b'\\' {
+            i += 2;
+            continue;
+        }
+        if quotes && c == b'"' {
+            in_quotes = !in_quotes;
+        }
+        i += 1;
     }
     (s, "")
 }
@@ -100,7 +103,7 @@ fn split_unescaped<'a>(s: &'a str, stops: &[u8], quotes: bool) -> (&'a str, &'a 
 /// Removes the escaping backslash before any of `escapable` (others stay literal);
 /// borrows when there is nothing to remove.
 fn unescape<'a>(s: &'a str, escapable: &[char]) -> Cow<'a, str> {
-    if !s.contains('\\') {
+    if !s.as_bytes().contains(&b'\\') {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len());
@@ -158,9 +161,9 @@ fn parse_field_value(raw: &str) -> Result<FieldValue, String> {
 
 fn parse_line<'a>(n: usize, line: &'a str, precision: Precision, out: &mut Lines<'a>) -> Result<(), String> {
     // measurement and tags up to the first unescaped space.
-    let (series, rest) = split_unescaped(line, b" ", false);
+    let (series, rest) = split_unescaped(line, b' ', false);
     let rest = rest.trim_start_matches(' ');
-    let (measurement_raw, tag_part) = split_unescaped(series, b",", false);
+    let (measurement_raw, tag_part) = split_unescaped(series, b',', false);
     if measurement_raw.is_empty() {
         return Err("missing measurement".into());
     }
@@ -188,8 +191,8 @@ fn parse_tags_and_fields<'a>(
 ) -> Result<(), String> {
     let tags_start = out.tags.len();
     while let Some(stripped) = tag_part.strip_prefix(',') {
-        let (pair, next) = split_unescaped(stripped, b",", false);
-        let (k, v) = split_unescaped(pair, b"=", false);
+        let (pair, next) = split_unescaped(stripped, b',', false);
+        let (k, v) = split_unescaped(pair, b'=', false);
         let v = v.strip_prefix('=').ok_or_else(|| format!("tag {pair:?} has no '='"))?;
         if k.is_empty() || v.is_empty() {
             return Err(format!("tag {pair:?} has an empty key or value"));
@@ -206,11 +209,11 @@ fn parse_tags_and_fields<'a>(
     }
     let tags = tags_start..out.tags.len();
     // fields up to the next unescaped space outside quotes, then an optional timestamp.
-    let (fields, ts_part) = split_unescaped(rest, b" ", true);
+    let (fields, ts_part) = split_unescaped(rest, b' ', true);
     if fields.is_empty() {
         return Err("missing fields".into());
     }
-    let ts_text = ts_part.trim();
+    let ts_text = ts_part.trim_ascii();
     let timestamp_ms = if ts_text.is_empty() {
         None
     } else {
@@ -219,8 +222,8 @@ fn parse_tags_and_fields<'a>(
     };
     let mut remaining = fields;
     loop {
-        let (pair, next) = split_unescaped(remaining, b",", true);
-        let (k, v) = split_unescaped(pair, b"=", false);
+        let (pair, next) = split_unescaped(remaining, b',', true);
+        let (k, v) = split_unescaped(pair, b'=', false);
         let Some(v) = v.strip_prefix('=') else {
             return Err(format!("field {pair:?} has no '='"));
         };
@@ -257,9 +260,15 @@ fn parse_tags_and_fields<'a>(
 
 /// Parses a whole body. A bad line is reported and skipped; the others are kept.
 pub fn parse(body: &str, precision: Precision) -> Lines<'_> {
-    let mut lines = Lines::default();
+    // A line is rarely shorter than this: room for the points up front instead of
+    // growing (and faulting in) the vector as it fills.
+    let mut lines = Lines {
+        points: Vec::with_capacity(body.len() / 40),
+        errors: Vec::new(),
+        tags: Vec::with_capacity(body.len() / 40),
+    };
     for (i, line) in body.lines().enumerate() {
-        let line = line.trim();
+        let line = line.trim_ascii();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }

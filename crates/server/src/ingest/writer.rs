@@ -154,7 +154,11 @@ impl Writer {
         loop {
             // Once stopped, no handler is running any more: commit what is left, in
             // groups, and end.
-            let message = if stopping { rx.try_recv().ok() } else { rx.blocking_recv() };
+            let message = if stopping {
+                rx.try_recv().ok()
+            } else {
+                rx.blocking_recv()
+            };
             let first = match first_of_group(message, &mut stopping) {
                 Next::Group(job) => *job,
                 Next::Receive => continue,

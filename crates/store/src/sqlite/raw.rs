@@ -21,6 +21,7 @@ use std::ops::ControlFlow;
 use mcp_metrics_core::model::{Kind, RawSample};
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, ToSql, params};
+use rustc_hash::FxHashMap;
 
 use super::run_codec::{self, RunSample};
 use crate::SampleQuery;
@@ -43,19 +44,72 @@ struct Pending {
     ts: i64,
     kind: Kind,
     value: f64,
+    /// Its series' place among the bucket's series, in order of first arrival.
+    group: u32,
 }
 
-/// The samples of one run to be: one server's in one minute, in arrival order.
+/// The samples of one run to be: one server's in one minute.
 struct Bucket {
     slot: u32,
     minute: i64,
     samples: Vec<Pending>,
+    /// Series id → group, for series seen before that are not the last one.
+    groups: FxHashMap<i64, u32>,
+    /// Whether every series' samples are together already (a remote-write request sends
+    /// them so); otherwise [`Bucket::group_by_series`] brings them together.
+    grouped: bool,
+}
+
+impl Bucket {
+    fn push(&mut self, series_id: i64, ts: i64, kind: Kind, value: f64) {
+        let group = match self.samples.last() {
+            Some(last) if last.series_id == series_id => last.group,
+            _ => {
+                let next = self.groups.len() as u32;
+                let group = *self.groups.entry(series_id).or_insert(next);
+                self.grouped &= group == next;
+                group
+            }
+        };
+        self.samples.push(Pending {
+            series_id,
+            ts,
+            kind,
+            value,
+            group,
+        });
+    }
+
+    /// Puts each series' samples together, in arrival order, series in order of first
+    /// arrival: a stable counting sort by group.
+    fn group_by_series(&mut self) {
+        if self.grouped {
+            return;
+        }
+        let mut start = vec![0usize; self.groups.len() + 1];
+        for s in &self.samples {
+            start[s.group as usize + 1] += 1;
+        }
+        for g in 1..start.len() {
+            start[g] += start[g - 1];
+        }
+        let mut grouped = self.samples.clone();
+        for s in &self.samples {
+            let at = &mut start[s.group as usize];
+            grouped[*at] = *s;
+            *at += 1;
+        }
+        self.samples = grouped;
+        self.grouped = true;
+    }
 }
 
 /// One write's samples, gathered per (server, minute) as the writer accepts them and
-/// stored as one run each. Nothing is sorted: a run keeps arrival order (resolving on
-/// read orders it), so a later write's sample stays later among those of its (series,
-/// ts), and a series' samples, which requests mostly send together, stay together.
+/// stored as one run each, each series' samples together and in arrival order (so a
+/// later write's sample stays later among those of its (series, ts); resolving on read
+/// sorts the rest). Grouping by series, rather than sorting, costs a hash lookup per
+/// change of series and makes the run name each series once; the minute marks and the
+/// kept minutes then deal with a series once per group, not once per sample.
 #[derive(Default)]
 pub(crate) struct PendingRuns<'a> {
     servers: Vec<&'a str>,
@@ -67,18 +121,11 @@ pub(crate) struct PendingRuns<'a> {
 impl<'a> PendingRuns<'a> {
     pub(crate) fn push(&mut self, server_id: &'a str, series_id: i64, ts: i64, kind: Kind, value: f64) {
         let minute = minute_of(ts);
-        let sample = Pending {
-            series_id,
-            ts,
-            kind,
-            value,
-        };
         if let Some(b) = self.buckets.get_mut(self.last)
             && b.minute == minute
             && self.servers[b.slot as usize] == server_id
         {
-            b.samples.push(sample);
-            return;
+            return b.push(series_id, ts, kind, value);
         }
         let slot = match self.servers.iter().position(|s| *s == server_id) {
             Some(i) => i,
@@ -94,11 +141,13 @@ impl<'a> PendingRuns<'a> {
                     slot,
                     minute,
                     samples: Vec::new(),
+                    groups: FxHashMap::default(),
+                    grouped: true,
                 });
                 self.buckets.len() - 1
             }
         };
-        self.buckets[self.last].samples.push(sample);
+        self.buckets[self.last].push(series_id, ts, kind, value);
     }
 
     /// The distinct (minute, series) pairs written, sorted: the minutes to mark.
@@ -116,19 +165,21 @@ impl<'a> PendingRuns<'a> {
         minutes
     }
 
-    /// The samples as (series_id, ts, kind, value), each series' in arrival order.
+    /// The samples as (series_id, ts, kind, value), each series' in arrival order (and
+    /// together, once inserted).
     pub(crate) fn rows(&self) -> impl Iterator<Item = (i64, i64, Kind, f64)> + '_ {
         self.buckets
             .iter()
             .flat_map(|b| b.samples.iter().map(|s| (s.series_id, s.ts, s.kind, s.value)))
     }
 
-    /// Inserts one run per (server, minute).
-    pub(crate) fn insert(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    /// Inserts one run per (server, minute), each series' samples together.
+    pub(crate) fn insert(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
         let mut insert =
             tx.prepare_cached("INSERT INTO sample_runs (minute, server_id, samples) VALUES (?1, ?2, ?3)")?;
         let mut blob = Vec::new();
-        for b in &self.buckets {
+        for b in &mut self.buckets {
+            b.group_by_series();
             blob.clear();
             let samples = b.samples.iter().map(|s| RunSample {
                 ts: s.ts,
@@ -605,6 +656,26 @@ mod tests {
         assert_eq!(
             minutes_with_samples(&conn, M - 60_000, M + 120_000).unwrap(),
             vec![(M - 60_000, 3), (M, 1), (M, 2), (M, 3), (M + 60_000, 1)]
+        );
+    }
+
+    #[test]
+    fn interleaved_series_are_stored_together_in_arrival_order() {
+        let mut conn = database();
+        write(
+            &mut conn,
+            &[(1, 0, 1.0), (2, 10, 5.0), (1, 0, 2.0), (2, 10, 6.0), (1, 0, 3.0)],
+        );
+        let blob: Vec<u8> = conn
+            .query_row("SELECT samples FROM sample_runs", [], |r| r.get(0))
+            .unwrap();
+        let mut stored = Vec::new();
+        run_codec::decode(M, &blob, |s| stored.push((s.series_id, s.value))).unwrap();
+        assert_eq!(stored, vec![(1, 1.0), (1, 2.0), (1, 3.0), (2, 5.0), (2, 6.0)]);
+        let read_back = read(&conn, &query(&[1, 2], None, 100)).unwrap();
+        assert_eq!(
+            shown(&read_back),
+            vec![(0, 1, 0, 3.0), (10, 2, 0, 5.0), (10, 2, 1, 6.0)]
         );
     }
 
