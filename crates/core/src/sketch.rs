@@ -254,7 +254,9 @@ impl Sketch {
             pairs.clear();
             let mut index = 0i64;
             for _ in 0..bins {
-                index += varint::unzigzag(get_varint(&mut input)?);
+                index = index
+                    .checked_add(varint::unzigzag(get_varint(&mut input)?))
+                    .ok_or(CorruptSketch)?;
                 let n = get_varint(&mut input)?;
                 let i = i32::try_from(index).map_err(|_| CorruptSketch)?;
                 // Bins are written in ascending order; anything else is corrupt.

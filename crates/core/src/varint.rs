@@ -27,6 +27,10 @@ pub fn get(input: &mut &[u8]) -> Option<u64> {
     for shift in (0..64).step_by(7) {
         let (&byte, rest) = input.split_first()?;
         *input = rest;
+        // The tenth byte holds bit 63 only.
+        if shift == 63 && byte > 1 {
+            return None;
+        }
         v |= u64::from(byte & 0x7f) << shift;
         if byte < 0x80 {
             return Some(v);
@@ -49,6 +53,12 @@ mod tests {
         }
         assert_eq!(get(&mut &[0x80u8][..]), None);
         assert_eq!(get(&mut &[0xffu8; 10][..]), None);
+        let mut max = [0xffu8; 10];
+        max[9] = 0x01;
+        assert_eq!(get(&mut &max[..]), Some(u64::MAX));
+        // Bits past the 64th are refused, not dropped.
+        max[9] = 0x7f;
+        assert_eq!(get(&mut &max[..]), None);
     }
 
     proptest! {

@@ -166,7 +166,7 @@ impl Writer {
             };
             let jobs = self.gather(&mut rx, first, &mut stopping);
             let (batch, group) = self.group(jobs);
-            group.answer(store.write_batch(batch));
+            group.answer(commit_catching_panics(store, batch));
         }
     }
 
@@ -246,6 +246,20 @@ impl Writer {
     }
 }
 
+/// A panic inside a commit fails that group, not the writer: on the blocking pool it
+/// used to end one task, and on the writer's thread it would stop ingest for good while
+/// the service still looked healthy. The transaction rolls back as it unwinds.
+fn commit_catching_panics(store: &dyn BlockingCommit, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.write_batch(batch))).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(StoreError::Database(format!("the commit panicked: {what}")))
+    })
+}
+
 /// What a writer does with the message it received between groups.
 enum Next {
     Group(Box<Job>),
@@ -303,8 +317,6 @@ impl Group {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use mcp_metrics_core::model::{Kind, SeriesKey, ServerFields};
     use mcp_metrics_store::sqlite::SqliteStore;
     use mcp_metrics_store::{NewSeries, PendingSample, SampleQuery, SeriesRef, StoreOptions};
@@ -350,24 +362,20 @@ mod tests {
             queue.submit(request(1.0)).await,
             Ok(RequestOutcome::Stored { .. })
         ));
-        let queued: Vec<_> = (2..=20)
-            .map(|v| {
-                let queue = queue.clone();
-                tokio::spawn(async move { queue.submit(request(f64::from(v))).await })
-            })
+        // Each request is in the queue once its submit has been polled once (it sends,
+        // then waits for the answer), so all are queued before the stop.
+        let mut queued: Vec<_> = (2..=20)
+            .map(|v| Box::pin(queue.submit(request(f64::from(v)))))
             .collect();
-        // Every request is in the queue (or committed) before the stop is sent.
-        for _ in 0..500 {
-            let answered = queued.iter().filter(|t| t.is_finished()).count();
-            let waiting = telemetry.queue_samples.load(Ordering::Relaxed) as usize;
-            if answered + waiting >= queued.len() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        let mut answers = Vec::new();
+        for submit in &mut queued {
+            answers.extend(futures_util::FutureExt::now_or_never(submit.as_mut()));
         }
         handle.drain_and_stop().await;
-        for answer in queued {
-            assert!(matches!(answer.await.unwrap(), Ok(RequestOutcome::Stored { .. })));
+        answers.extend(futures_util::future::join_all(queued).await);
+        assert_eq!(answers.len(), 19);
+        for answer in answers {
+            assert!(matches!(answer, Ok(RequestOutcome::Stored { .. })), "{answer:?}");
         }
         let series = store.series_of_server("s", None).await.unwrap();
         let samples = store
@@ -383,5 +391,48 @@ mod tests {
         assert_eq!(samples.len(), 20);
         // Stopped: nothing more is taken.
         assert!(matches!(queue.submit(request(0.0)).await, Err(SubmitError::Closed)));
+    }
+
+    /// Panics on its first commit, then commits nothing and answers each request.
+    struct PanicsOnce(std::sync::atomic::AtomicBool);
+
+    impl BlockingCommit for PanicsOnce {
+        fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
+            if !self.0.swap(true, Ordering::SeqCst) {
+                panic!("a bug in the commit");
+            }
+            Ok(batch.requests.iter().map(|_| RequestOutcome::Duplicate).collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_commit_fails_its_group_and_the_writer_goes_on() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let telemetry = Arc::new(Telemetry::default());
+        let writer = Writer {
+            telemetry: telemetry.clone(),
+            max_batch_samples: 1,
+            replay_window_ms: 0,
+            retry_window_ms: 0,
+        };
+        let thread = std::thread::spawn(move || writer.run_on_thread(rx, &PanicsOnce(Default::default())));
+        let queue = WriteQueue {
+            tx: tx.clone(),
+            permits: Arc::new(Semaphore::new(100)),
+            capacity: 100,
+            telemetry: telemetry.clone(),
+        };
+        let failed = queue.submit(request(1.0)).await;
+        assert!(
+            matches!(failed, Err(SubmitError::Store(StoreError::Database(ref m))) if m.contains("a bug in the commit")),
+            "{failed:?}"
+        );
+        assert!(matches!(
+            queue.submit(request(2.0)).await,
+            Ok(RequestOutcome::Duplicate)
+        ));
+        assert_eq!(telemetry.commit_failures.load(Ordering::Relaxed), 1);
+        tx.send(Message::Stop).unwrap();
+        thread.join().unwrap();
     }
 }

@@ -222,7 +222,7 @@ ALTER TABLE server_metrics_daily ADD COLUMN generation INTEGER;
         5,
         "raw samples as runs: one row per write, server and minute",
         r#"
--- A write's samples of one server and minute, packed in (ts, series) order (format in
+-- A write's samples of one server and minute, packed grouped by series (format in
 -- run_codec.rs; raw.rs says why). id is the write order that reading resolves
 -- overwritten values and observation seqs by. Time leads the index: retention deletes a
 -- prefix and rollups read a time range of every series. server_id is not a foreign key:

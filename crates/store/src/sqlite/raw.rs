@@ -1,6 +1,6 @@
 //! The raw samples of the SQLite store, kept as sample runs (`sample_runs`): one row per
-//! write, server and minute, whose blob holds that write's samples in (ts, series)
-//! order (format and read rules in `run_codec`). Every statement that writes or reads
+//! write, server and minute, whose blob holds that write's samples grouped by series,
+//! in arrival order within each (format and read rules in `run_codec`). Every statement that writes or reads
 //! raw samples is here — the writer's inserts, the sample API's reads, the rollup pass's
 //! scans, retention, deletion and copying to PostgreSQL — so callers see samples, never
 //! runs.
@@ -114,6 +114,8 @@ impl Bucket {
 pub(crate) struct PendingRuns<'a> {
     servers: Vec<&'a str>,
     buckets: Vec<Bucket>,
+    /// (server slot, minute) → bucket: a backfill may span thousands of minutes.
+    bucket_of: FxHashMap<(u32, i64), usize>,
     /// The bucket the last sample went to: the next one usually goes there too.
     last: usize,
 }
@@ -134,19 +136,17 @@ impl<'a> PendingRuns<'a> {
                 self.servers.len() - 1
             }
         } as u32;
-        self.last = match self.buckets.iter().position(|b| b.slot == slot && b.minute == minute) {
-            Some(i) => i,
-            None => {
-                self.buckets.push(Bucket {
-                    slot,
-                    minute,
-                    samples: Vec::new(),
-                    groups: FxHashMap::default(),
-                    grouped: true,
-                });
-                self.buckets.len() - 1
-            }
-        };
+        let buckets = &mut self.buckets;
+        self.last = *self.bucket_of.entry((slot, minute)).or_insert_with(|| {
+            buckets.push(Bucket {
+                slot,
+                minute,
+                samples: Vec::new(),
+                groups: FxHashMap::default(),
+                grouped: true,
+            });
+            buckets.len() - 1
+        });
         self.buckets[self.last].push(series_id, ts, kind, value);
     }
 

@@ -74,7 +74,8 @@ pub fn encode(minute: i64, samples: impl IntoIterator<Item = RunSample>, out: &m
     }
 }
 
-/// Calls `each` for every sample of a run, in stored order.
+/// Calls `each` for every sample of a run, in stored order. A sample outside the run's
+/// minute makes the run corrupt, like bytes that do not decode.
 pub fn decode(minute: i64, run: &[u8], mut each: impl FnMut(RunSample)) -> Result<(), Corrupt> {
     let Some((&VERSION, mut rest)) = run.split_first() else {
         return Err(Corrupt(0));
@@ -83,7 +84,10 @@ pub fn decode(minute: i64, run: &[u8], mut each: impl FnMut(RunSample)) -> Resul
     let (mut ts, mut series) = (minute, None::<i64>);
     while !rest.is_empty() {
         let header = varint::get(&mut rest).ok_or(Corrupt(at(rest)))?;
-        ts = ts.checked_add(unzigzag(header >> 3)).ok_or(Corrupt(at(rest)))?;
+        ts = ts
+            .checked_add(unzigzag(header >> 3))
+            .filter(|ts| (minute..minute.saturating_add(60_000)).contains(ts))
+            .ok_or(Corrupt(at(rest)))?;
         if header & NEW_SERIES != 0 {
             let delta = unzigzag(varint::get(&mut rest).ok_or(Corrupt(at(rest)))?);
             series = Some(series.unwrap_or(0).wrapping_add(delta));
@@ -249,6 +253,13 @@ mod tests {
         assert_eq!(decode(MINUTE, &[2, 0, 0, 0], |_| {}), Err(Corrupt(0)));
         // A first sample that does not name its series.
         assert_eq!(decode(MINUTE, &[1, 0, 0], |_| {}), Err(Corrupt(1)));
+        // A sample outside the run's minute.
+        let mut outside = Vec::new();
+        encode(MINUTE, [sample(MINUTE + 60_000, 9, false, 1.0)], &mut outside);
+        assert!(decode(MINUTE, &outside, |_| {}).is_err());
+        let mut last_ms = Vec::new();
+        encode(MINUTE, [sample(MINUTE + 59_999, 9, false, 1.0)], &mut last_ms);
+        assert!(decode(MINUTE, &last_ms, |_| {}).is_ok());
     }
 
     fn run_strategy() -> impl Strategy<Value = Vec<RunSample>> {
