@@ -57,8 +57,8 @@ pub struct WriteRequest {
     pub server_id: String,
     pub key_id: String,
     /// Set when `key_id` authenticated the request (the HTTP layer always sets it): the
-    /// writer then stores nothing unless that credential still exists for `server_id`,
-    /// and answers [`RequestOutcome::ServerGone`]. A server deleted and re-created under
+    /// writer then stores nothing unless that credential still exists, unrevoked, for
+    /// `server_id`, and answers [`RequestOutcome::ServerGone`]. A server deleted and re-created under
     /// the same id between the key check and the commit has new keys, so the request does
     /// not land in it. Store tests that name no real credential leave it unset.
     pub require_credential: bool,

@@ -1826,8 +1826,9 @@ async fn a_deleted_servers_request_leaves_its_group_alone(store: &dyn Store) {
 
 /// A request authenticated with a key of a server deleted and created again under the
 /// same id (both between the key check and the commit) stores nothing: its key went with
-/// the old server. With a key the server still has, or without a credential to check
-/// (callers other than the HTTP layer), the same request is stored.
+/// the old server. Nor does one whose key was revoked between the check and the commit.
+/// With a key the server still has, or without a credential to check (callers other than
+/// the HTTP layer), the same request is stored.
 async fn a_recreated_servers_old_key_stores_nothing(store: &dyn Store) {
     let credential = |key_id: &str| StoredCredential {
         key_id: key_id.into(),
@@ -1872,6 +1873,12 @@ async fn a_recreated_servers_old_key_stores_nothing(store: &dyn Store) {
     unchecked.require_credential = false;
     let outcome = store.write_batch(batch(vec![unchecked])).await.unwrap();
     assert!(matches!(outcome[0], RequestOutcome::Stored { .. }), "{outcome:?}");
+    assert!(store.revoke_credential("s", "new-key", 2).await.unwrap());
+    let outcome = store
+        .write_batch(batch(vec![authenticated("new-key", 5.0)]))
+        .await
+        .unwrap();
+    assert!(matches!(outcome[0], RequestOutcome::ServerGone), "{outcome:?}");
     let id = store.series_of_server("s", None).await.unwrap()[0].id;
     let stored: Vec<f64> = store
         .read_samples(&SampleQuery {
@@ -1889,7 +1896,7 @@ async fn a_recreated_servers_old_key_stores_nothing(store: &dyn Store) {
     assert_eq!(
         stored,
         vec![3.0, 4.0],
-        "the old key's request left nothing in the new server"
+        "neither the old key's request nor the revoked key's left anything"
     );
 }
 

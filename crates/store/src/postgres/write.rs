@@ -94,7 +94,7 @@ pub async fn write_batch(
     let tx = client.transaction().await?;
     let (lock_servers, live_keys, guard_signature, guard_digest, insert_series, find_series, insert_event, touch_credential) = tokio::try_join!(
         tx.prepare_cached("SELECT id FROM servers WHERE id = ANY($1) ORDER BY id FOR KEY SHARE"),
-        tx.prepare_cached("SELECT key_id, server_id FROM credentials WHERE key_id = ANY($1)"),
+        tx.prepare_cached("SELECT key_id, server_id FROM credentials WHERE key_id = ANY($1) AND revoked_at IS NULL"),
         // A guard row that exists and has not expired makes the upsert a no-op, so zero
         // changed rows means "seen inside the window" — also when another node's
         // transaction inserted it: the upsert waits for that one and then sees its row.

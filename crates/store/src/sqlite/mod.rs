@@ -305,7 +305,10 @@ impl<'t> Exists<'t, [&str; 1]> {
 
 impl<'t> Exists<'t, [&str; 2]> {
     pub(crate) fn credentials(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
-        Exists::asking(tx, "SELECT 1 FROM credentials WHERE key_id = ?1 AND server_id = ?2")
+        Exists::asking(
+            tx,
+            "SELECT 1 FROM credentials WHERE key_id = ?1 AND server_id = ?2 AND revoked_at IS NULL",
+        )
     }
 }
 
