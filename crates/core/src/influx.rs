@@ -160,36 +160,16 @@ fn parse_field_value(raw: &str) -> Result<FieldValue, String> {
     }
 }
 
+/// Parses one line into `out`: its tags into the shared list, one point per numeric field.
+/// On an error [`parse_lines`] takes back what the line added.
 fn parse_line<'a>(n: usize, line: &'a str, precision: Precision, out: &mut Lines<'a>) -> Result<(), String> {
     let b = line.as_bytes();
     // The measurement runs to the first unescaped comma (tags follow) or space (fields).
-    let (end, escaped) = scan(b, 0, |c| c == b',' || c == b' ');
-    if end == 0 {
+    let (mut at, escaped) = scan(b, 0, |c| c == b',' || c == b' ');
+    if at == 0 {
         return Err("missing measurement".into());
     }
-    let measurement = unescape(&line[..end], escaped, &[',', ' ']);
-    // Tags go straight into the shared list (a bad line takes them back out).
-    let tags_start = out.tags.len();
-    let points_start = out.points.len();
-    let result = parse_tags_and_fields(n, line, end, measurement, precision, out);
-    if result.is_err() {
-        out.tags.truncate(tags_start);
-        out.points.truncate(points_start);
-    }
-    result
-}
-
-/// The rest of [`parse_line`]: tags from `at` (a comma before each), then the fields
-/// and the timestamp.
-fn parse_tags_and_fields<'a>(
-    n: usize,
-    line: &'a str,
-    mut at: usize,
-    measurement: Cow<'a, str>,
-    precision: Precision,
-    out: &mut Lines<'a>,
-) -> Result<(), String> {
-    let b = line.as_bytes();
+    let measurement = unescape(&line[..at], escaped, &[',', ' ']);
     let tags_start = out.tags.len();
     while b.get(at) == Some(&b',') {
         let start = at + 1;
@@ -242,23 +222,10 @@ fn parse_tags_and_fields<'a>(
             return Err("a field has an empty key".into());
         }
         let key = &line[start..key_end];
-        let value = match parse_field_value(&line[key_end + 1..end])? {
-            FieldValue::Number(value) => value,
-            FieldValue::Text => {
-                let key = unescape(key, key_escaped, KEY_ESCAPES);
-                return Err(format!(
-                    "string field {key:?} is not stored: only numbers and booleans are"
-                ));
-            }
-        };
-        let name = if key == "value" {
-            measurement.clone()
-        } else {
-            Cow::Owned(format!("{measurement}_{}", unescape(key, key_escaped, KEY_ESCAPES)))
-        };
+        let value = field_value(&line[key_end + 1..end], key, key_escaped)?;
         out.points.push(Point {
             line: n,
-            name,
+            name: point_name(&measurement, key, key_escaped),
             tags: tags.clone(),
             value,
             timestamp_ms,
@@ -283,8 +250,39 @@ fn end_outside_quotes(b: &[u8], from: usize, stop: u8) -> usize {
     .0
 }
 
+/// The value of the field `key=raw`: a number, or the error that refuses a string.
+fn field_value(raw: &str, key: &str, key_escaped: bool) -> Result<f64, String> {
+    match parse_field_value(raw)? {
+        FieldValue::Number(value) => Ok(value),
+        FieldValue::Text => {
+            let key = unescape(key, key_escaped, KEY_ESCAPES);
+            Err(format!(
+                "string field {key:?} is not stored: only numbers and booleans are"
+            ))
+        }
+    }
+}
+
+/// `measurement` for a field called `value`, `measurement_field` for any other.
+fn point_name<'a>(measurement: &Cow<'a, str>, key: &'a str, key_escaped: bool) -> Cow<'a, str> {
+    if key == "value" {
+        measurement.clone()
+    } else {
+        Cow::Owned(format!("{measurement}_{}", unescape(key, key_escaped, KEY_ESCAPES)))
+    }
+}
+
 /// Parses a whole body. A bad line is reported and skipped; the others are kept.
 pub fn parse(body: &str, precision: Precision) -> Lines<'_> {
+    parse_lines(body, precision, parse_line)
+}
+
+/// One line's parser: what [`parse_lines`] runs on each line.
+type LineParser = for<'a> fn(usize, &'a str, Precision, &mut Lines<'a>) -> Result<(), String>;
+
+/// The body loop: comments and blank lines skipped, each other line parsed, and a bad
+/// line's tags and points taken back out so that it leaves nothing behind.
+fn parse_lines(body: &str, precision: Precision, parse_line: LineParser) -> Lines<'_> {
     // A line is rarely shorter than this: room for the points up front instead of
     // growing (and faulting in) the vector as it fills.
     let mut lines = Lines {
@@ -297,7 +295,10 @@ pub fn parse(body: &str, precision: Precision) -> Lines<'_> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let (tags, points) = (lines.tags.len(), lines.points.len());
         if let Err(message) = parse_line(i + 1, line, precision, &mut lines) {
+            lines.tags.truncate(tags);
+            lines.points.truncate(points);
             lines.errors.push(LineError { line: i + 1, message });
         }
     }
@@ -312,7 +313,7 @@ mod tests {
     /// The parser as it was before it scanned each piece once: the reference the fast
     /// one must agree with on every input.
     mod reference {
-        use super::super::{FieldValue, LineError, Lines, Point, Precision, parse_field_value};
+        use super::super::{Lines, Point, Precision, field_value, parse_lines, point_name};
         use std::borrow::Cow;
 
         /// Splits `s` at the first unescaped `stop`, outside double quotes when
@@ -338,8 +339,6 @@ mod tests {
             (s, "")
         }
 
-        /// Removes the escaping backslash before any of `escapable` (others stay literal);
-        /// borrows when there is nothing to remove.
         /// Unescaping itself did not change; only when it is asked for did.
         pub(super) fn unescape<'a>(s: &'a str, escapable: &[char]) -> Cow<'a, str> {
             super::super::unescape(s, s.contains('\\'), escapable)
@@ -359,15 +358,7 @@ mod tests {
                 return Err("missing measurement".into());
             }
             let measurement = unescape(measurement_raw, &[',', ' ']);
-            // Tags go straight into the shared list (a bad line takes them back out).
-            let tags_start = out.tags.len();
-            let points_start = out.points.len();
-            let result = parse_tags_and_fields(n, tag_part, rest, measurement, precision, out);
-            if result.is_err() {
-                out.tags.truncate(tags_start);
-                out.points.truncate(points_start);
-            }
-            result
+            parse_tags_and_fields(n, tag_part, rest, measurement, precision, out)
         }
 
         /// The rest of [`parse_line`]: `tag_part` is `,k=v,...` after the measurement, `rest`
@@ -421,23 +412,10 @@ mod tests {
                 if k.is_empty() {
                     return Err("a field has an empty key".into());
                 }
-                let value = match parse_field_value(v)? {
-                    FieldValue::Number(value) => value,
-                    FieldValue::Text => {
-                        let key = unescape(k, &[',', '=', ' ']);
-                        return Err(format!(
-                            "string field {key:?} is not stored: only numbers and booleans are"
-                        ));
-                    }
-                };
-                let name = if k == "value" {
-                    measurement.clone()
-                } else {
-                    Cow::Owned(format!("{measurement}_{}", unescape(k, &[',', '=', ' '])))
-                };
+                let value = field_value(v, k, k.contains('\\'))?;
                 out.points.push(Point {
                     line: n,
-                    name,
+                    name: point_name(&measurement, k, k.contains('\\')),
                     tags: tags.clone(),
                     value,
                     timestamp_ms,
@@ -450,17 +428,7 @@ mod tests {
         }
 
         pub(super) fn parse(body: &str, precision: Precision) -> Lines<'_> {
-            let mut lines = Lines::default();
-            for (i, line) in body.lines().enumerate() {
-                let line = line.trim_ascii();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                if let Err(message) = parse_line(i + 1, line, precision, &mut lines) {
-                    lines.errors.push(LineError { line: i + 1, message });
-                }
-            }
-            lines
+            parse_lines(body, precision, parse_line)
         }
     }
 
