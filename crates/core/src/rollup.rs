@@ -68,8 +68,9 @@ impl Level {
 }
 
 /// Start of the bucket of width `step` that contains `ts` (epoch-aligned, UTC).
+/// Saturates at `i64::MIN`, so an open lower bound aligns to itself.
 pub fn align(ts: i64, step: i64) -> i64 {
-    ts.div_euclid(step) * step
+    ts.saturating_sub(ts.rem_euclid(step))
 }
 
 /// The increase from `previous` to `next` of a cumulative counter: a drop is a restart.

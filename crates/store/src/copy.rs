@@ -553,9 +553,11 @@ async fn copy_samples(
         let rows = source
             .run(move |c| crate::sqlite::raw::page_after(c, from, SAMPLE_CHUNK))
             .await?;
-        let Some(&(ts, id, seq, _)) = rows.last() else { break };
+        let Some((ts, id, seq)) = rows.last().map(|r| (r.timestamp, r.series_id, r.seq)) else {
+            break;
+        };
         let n = rows.len();
-        let mut days: Vec<i64> = rows.iter().map(|r| r.0.div_euclid(86_400_000)).collect();
+        let mut days: Vec<i64> = rows.iter().map(|r| r.timestamp.div_euclid(86_400_000)).collect();
         days.dedup();
         store.ensure_days(days).await?;
 
@@ -568,9 +570,13 @@ async fn copy_samples(
             sink,
             &[Type::INT8, Type::INT8, Type::INT4, Type::FLOAT8]
         ));
-        for (ts, id, seq, value) in rows {
-            let seq = seq as i32;
-            writer.as_mut().write(&[&ts, &id, &seq, &value]).await.map_err(pg_err)?;
+        for r in rows {
+            let seq = r.seq as i32;
+            writer
+                .as_mut()
+                .write(&[&r.timestamp, &r.series_id, &seq, &r.value])
+                .await
+                .map_err(pg_err)?;
         }
         writer.finish().await.map_err(pg_err)?;
         // The checkpoint commits with the chunk: a rerun never copies a row twice.

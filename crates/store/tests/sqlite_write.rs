@@ -1,8 +1,9 @@
-//! The SQLite write path stores gauge and counter values many rows per statement:
-//! within one write, a later value for the same (series, timestamp) must still replace
-//! an earlier one, whichever statement each lands in, and histogram observations that
-//! share a millisecond must still all be kept in arrival order, also when an earlier
-//! write already used that millisecond.
+//! The SQLite write path stores a write's samples as runs and settles them when they are
+//! read: within one write, a later value for the same (series, timestamp) must still
+//! replace an earlier one, and histogram observations that share a millisecond must
+//! still all be kept in arrival order, also when an earlier write already used that
+//! millisecond. (The tests were written when values went in many rows per statement;
+//! their sizes still cross what those statements held.)
 
 mod common;
 

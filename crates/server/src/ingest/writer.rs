@@ -106,12 +106,12 @@ pub fn start(store: Arc<dyn Store>, telemetry: Arc<Telemetry>, config: &IngestCo
         .queue_capacity_samples
         .store(capacity as u64, Ordering::Relaxed);
     let (done, stopped) = oneshot::channel();
-    let writer = Arc::new(Writer {
+    let writer = Writer {
         telemetry: telemetry.clone(),
         max_batch_samples: config.max_batch_samples,
         replay_window_ms: config.replay_window_secs * 1000,
         retry_window_ms: config.retry_window_secs * 1000,
-    });
+    };
     match store.blocking_commit() {
         Some(commit) => {
             std::thread::Builder::new()
@@ -171,7 +171,7 @@ impl Writer {
     }
 
     /// The writer of an async store, as a task.
-    async fn run_as_task(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Message>, store: Arc<dyn Store>) {
+    async fn run_as_task(&self, mut rx: mpsc::UnboundedReceiver<Message>, store: Arc<dyn Store>) {
         let slots = store.write_concurrency().max(1);
         let in_flight = Arc::new(Semaphore::new(slots));
         let mut stopping = false;

@@ -212,9 +212,10 @@ impl KeptMinutes {
                 }),
             };
             entry.generation = generation;
-            let mut sample = Some((kind, ts, value));
             // Samples of one series and minute mostly come together: one lookup for them.
-            while let Some((kind, ts, value)) = sample.take() {
+            let same_entry =
+                std::iter::from_fn(|| rows.next_if(|&(s, t, _, _)| s == series_id && align(t, MINUTE) == key.0));
+            for (_, ts, kind, value) in std::iter::once((series_id, ts, kind, value)).chain(same_entry) {
                 if entry.trusted && entry.kind != kind {
                     // Rows of two kinds in one series (the store prevents it): fold nothing.
                     entry.distrust();
@@ -224,9 +225,6 @@ impl KeptMinutes {
                     entry.new_samples += 1;
                     self.buffered += 1;
                 }
-                sample = rows
-                    .next_if(|&(s, t, _, _)| s == series_id && align(t, MINUTE) == key.0)
-                    .map(|(_, t, k, v)| (k, t, v));
             }
         }
         if self.newest_minute > newest_before {

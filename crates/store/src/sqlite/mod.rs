@@ -460,8 +460,8 @@ fn write_batch_blocking(
             });
         }
         runs.insert(&tx)?;
-        let dirty = runs.minutes();
         // Every minute that received a sample is recomputed by the rollup job.
+        let dirty = runs.minutes();
         // A minute the kept buckets have not seen yet can be kept only if it held
         // nothing before this write: no mark waiting and no bucket stored.
         let unknown = kept.lock().unwrap_or_else(|p| p.into_inner()).unknown(&dirty);
@@ -753,10 +753,9 @@ impl Store for SqliteStore {
     }
 
     async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || BlockingCommit::write_batch(&store, batch))
+        let kept = self.inner.kept.clone();
+        self.write(move |c| write_batch_blocking(c, &batch, &kept).map_err(map_err))
             .await
-            .map_err(join_err)?
     }
 
     fn blocking_commit(&self) -> Option<Arc<dyn BlockingCommit>> {

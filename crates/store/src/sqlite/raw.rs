@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use mcp_metrics_core::model::{Kind, RawSample};
+use mcp_metrics_core::rollup::align;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use rustc_hash::FxHashMap;
@@ -28,13 +29,13 @@ use crate::SampleQuery;
 
 const MINUTE: i64 = 60_000;
 
-fn corrupt(e: run_codec::Corrupt) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(1, Type::Blob, Box::new(e))
+/// Start of the minute holding `ts` (`i64::MIN` for the open lower bound).
+fn minute_of(ts: i64) -> i64 {
+    align(ts, MINUTE)
 }
 
-/// Start of the minute holding `ts`; saturates for the open lower bound `i64::MIN`.
-fn minute_of(ts: i64) -> i64 {
-    ts.saturating_sub(ts.rem_euclid(MINUTE))
+fn corrupt(e: run_codec::Corrupt) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(1, Type::Blob, Box::new(e))
 }
 
 /// A sample the writer accepted, before it is stored.
@@ -53,7 +54,7 @@ struct Bucket {
     slot: u32,
     minute: i64,
     samples: Vec<Pending>,
-    /// Series id → group, for series seen before that are not the last one.
+    /// Series id → group, for every series the bucket has.
     groups: FxHashMap<i64, u32>,
     /// Whether every series' samples are together already (a remote-write request sends
     /// them so); otherwise [`Bucket::group_by_series`] brings them together.
@@ -208,7 +209,7 @@ fn for_each_minute(
     conn: &Connection,
     scan: Scan<'_>,
     keep: impl Fn(&RunSample) -> bool,
-    mut each: impl FnMut(i64, &[RawSample]) -> ControlFlow<()>,
+    mut each: impl FnMut(&[RawSample]) -> ControlFlow<()>,
 ) -> rusqlite::Result<()> {
     // Within a minute, runs come per server in insertion (id) order: a series' samples
     // are all in its server's runs, so that is their write order.
@@ -230,17 +231,14 @@ fn for_each_minute(
     let mut gathered: Vec<RunSample> = Vec::new();
     let mut resolved: Vec<RawSample> = Vec::new();
     let mut current = None;
-    let mut flush = |minute: i64, gathered: &mut Vec<RunSample>| {
+    let mut flush = |gathered: &mut Vec<RunSample>| {
         resolved.clear();
         run_codec::resolve(std::mem::take(gathered), &mut resolved);
-        each(minute, &resolved)
+        each(&resolved)
     };
     while let Some(row) = rows.next()? {
         let minute: i64 = row.get(0)?;
-        if let Some(done) = current
-            && done != minute
-            && flush(done, &mut gathered).is_break()
-        {
+        if current.is_some_and(|done| done != minute) && flush(&mut gathered).is_break() {
             return Ok(());
         }
         current = Some(minute);
@@ -252,8 +250,8 @@ fn for_each_minute(
         })
         .map_err(corrupt)?;
     }
-    if let Some(minute) = current {
-        let _ = flush(minute, &mut gathered);
+    if current.is_some() {
+        let _ = flush(&mut gathered);
     }
     Ok(())
 }
@@ -268,30 +266,43 @@ pub(crate) fn read(conn: &Connection, q: &SampleQuery) -> rusqlite::Result<Vec<R
     let servers = serde_json::to_string(&servers).unwrap_or_else(|_| "[]".into());
     let wanted: HashSet<i64> = q.series_ids.iter().copied().collect();
     let after = q.after.unwrap_or((i64::MIN, i64::MIN, i64::MIN));
-    let mut out = Vec::new();
-    if q.limit == 0 {
-        return Ok(out);
-    }
     let scan = Scan {
         from_minute: minute_of(q.from.max(after.0)),
         to: q.to,
         servers: Some(&servers),
     };
     let (from, to) = (q.from, q.to);
-    for_each_minute(
+    page(
         conn,
         scan,
         |s| s.ts >= from && s.ts < to && wanted.contains(&s.series_id),
-        |_, samples| {
-            for s in samples.iter().filter(|s| (s.timestamp, s.series_id, s.seq) > after) {
-                out.push(s.clone());
-                if out.len() == q.limit {
-                    return ControlFlow::Break(());
-                }
+        after,
+        q.limit,
+    )
+}
+
+/// The first `limit` samples of `scan` that `keep` keeps, in key order after `after`:
+/// a page of the sample API or of a copy.
+fn page(
+    conn: &Connection,
+    scan: Scan<'_>,
+    keep: impl Fn(&RunSample) -> bool,
+    after: (i64, i64, i64),
+    limit: usize,
+) -> rusqlite::Result<Vec<RawSample>> {
+    let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
+    for_each_minute(conn, scan, keep, |samples| {
+        for s in samples.iter().filter(|s| (s.timestamp, s.series_id, s.seq) > after) {
+            out.push(s.clone());
+            if out.len() == limit {
+                return ControlFlow::Break(());
             }
-            ControlFlow::Continue(())
-        },
-    )?;
+        }
+        ControlFlow::Continue(())
+    })?;
     Ok(out)
 }
 
@@ -341,7 +352,7 @@ pub(crate) fn delete_older_slice(conn: &mut Connection, cutoff: i64) -> rusqlite
         &tx,
         scan,
         |s| s.ts < until,
-        |_, samples| {
+        |samples| {
             deleted += samples.len() as u64;
             ControlFlow::Continue(())
         },
@@ -399,7 +410,7 @@ pub(crate) fn for_each_in(
         conn,
         scan,
         |s| s.ts >= from && s.ts < to,
-        |_, samples| {
+        |samples| {
             for s in samples {
                 each(s.series_id, s.timestamp, s.value);
             }
@@ -431,7 +442,7 @@ pub(crate) fn count_through(conn: &Connection, cursor: (i64, i64, i64)) -> rusql
         conn,
         scan,
         |s| s.ts <= cursor.0,
-        |_, samples| {
+        |samples| {
             n += samples
                 .iter()
                 .filter(|s| (s.timestamp, s.series_id, s.seq) <= cursor)
@@ -442,37 +453,15 @@ pub(crate) fn count_through(conn: &Connection, cursor: (i64, i64, i64)) -> rusql
     Ok(n)
 }
 
-/// The next `limit` raw samples after `cursor`, in key order, as (ts, series_id, seq,
-/// value): a copy's page.
-pub(crate) fn page_after(
-    conn: &Connection,
-    cursor: (i64, i64, i64),
-    limit: usize,
-) -> rusqlite::Result<Vec<(i64, i64, i64, f64)>> {
-    let mut out = Vec::new();
-    if limit == 0 {
-        return Ok(out);
-    }
+/// The next `limit` raw samples after `cursor` (ts, series_id, seq), in key order: a
+/// copy's page.
+pub(crate) fn page_after(conn: &Connection, cursor: (i64, i64, i64), limit: usize) -> rusqlite::Result<Vec<RawSample>> {
     let scan = Scan {
         from_minute: minute_of(cursor.0),
         to: i64::MAX,
         servers: None,
     };
-    for_each_minute(
-        conn,
-        scan,
-        |s| s.ts >= cursor.0,
-        |_, samples| {
-            for s in samples.iter().filter(|s| (s.timestamp, s.series_id, s.seq) > cursor) {
-                out.push((s.timestamp, s.series_id, s.seq, s.value));
-                if out.len() == limit {
-                    return ControlFlow::Break(());
-                }
-            }
-            ControlFlow::Continue(())
-        },
-    )?;
-    Ok(out)
+    page(conn, scan, |s| s.ts >= cursor.0, cursor, limit)
 }
 
 /// Moves the rows of the old one-row-per-sample table into runs, one per (server,
@@ -631,13 +620,12 @@ mod tests {
         let mut cursor = (i64::MIN, i64::MIN, i64::MIN);
         loop {
             let page = page_after(&conn, cursor, 2).unwrap();
-            let Some(&(ts, id, seq, _)) = page.last() else { break };
-            cursor = (ts, id, seq);
+            let Some(last) = page.last() else { break };
+            cursor = (last.timestamp, last.series_id, last.seq);
             copied.extend(page);
             assert_eq!(count_through(&conn, cursor).unwrap(), copied.len() as u64);
         }
-        let expected: Vec<_> = all.iter().map(|s| (s.timestamp, s.series_id, s.seq, s.value)).collect();
-        assert_eq!(copied, expected);
+        assert_eq!(copied, all);
         assert_eq!(count(&conn).unwrap(), 9);
         // The rollup scan and the minute marks.
         let mut scanned = Vec::new();

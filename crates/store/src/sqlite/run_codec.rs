@@ -10,8 +10,8 @@
 //! millisecond are numbered 0, 1, 2, … in arrival order. Pure, so it is unit- and
 //! property-tested apart from SQLite.
 //!
-//! Layout: a version byte, then per sample, in the order written (a run keeps arrival
-//! order; the writer does not sort, and samples of one series usually come together):
+//! Layout: a version byte, then per sample, in the order written (the writer puts each
+//! series' samples together, in arrival order, and does not sort them by time):
 //! - a varint header: the zigzag ts delta from the previous sample (from the run's minute
 //!   for the first), shifted left 3; bit 2 set when the series differs from the previous
 //!   sample's, bit 1 for a histogram observation, bit 0 for a value stored as 8 bytes;
