@@ -186,6 +186,79 @@ async fn revoked_key_is_refused_and_rotation_keeps_other_keys_working() {
     svc.stop().await;
 }
 
+/// A key revoked elsewhere (by another node, or the CLI in another process) after this
+/// node cached it for writes: the next write of each kind is refused by the writer's
+/// check at commit with `revoked_key` and stores nothing, and the raw read, which no
+/// commit checks, refuses it at once.
+#[tokio::test]
+async fn a_key_revoked_elsewhere_after_this_node_cached_it_writes_and_reads_nothing() {
+    let svc = TestService::start().await;
+    let key = svc.server_with_key("s1").await;
+    let reader = svc.issue_key("s1").await;
+    let revoke = format!("UPDATE credentials SET revoked_at = 1 WHERE key_id = '{}'", key.key_id);
+    let restore = format!(
+        "UPDATE credentials SET revoked_at = NULL WHERE key_id = '{}'",
+        key.key_id
+    );
+    let refused = |status: StatusCode, answer: &Value| {
+        assert_eq!(
+            (status.as_u16(), answer["code"].as_str()),
+            (401, Some("revoked_key")),
+            "{answer}"
+        );
+    };
+    let influx = |line: String| {
+        svc.client
+            .post(svc.url("/api/v1/write?precision=ms"))
+            .header("authorization", format!("Token {}", key.api_key))
+            .body(line)
+            .send()
+    };
+
+    // Signed JSON, and the raw read.
+    let (status, _, _) = svc.push(&key, &body_for("s1")).await;
+    assert_eq!(status, StatusCode::OK);
+    svc.sql_execute(&revoke).await;
+    let read = svc
+        .client
+        .get(svc.url("/api/v1/servers/s1/samples"))
+        .header("x-api-key", &key.api_key)
+        .send()
+        .await
+        .unwrap();
+    refused(read.status(), &read.json().await.unwrap());
+    let (status, _, answer) = svc.push(&key, &body_for("s1")).await;
+    refused(status, &answer);
+    assert_eq!(svc.samples(&reader, "").await.len(), 1);
+
+    // An event.
+    svc.sql_execute(&restore).await;
+    let event = json!({"server_id": "s1", "kind": "deploy", "title": "v1"}).to_string();
+    assert_eq!(svc.post_event(&key, &event).await.status(), StatusCode::CREATED);
+    svc.sql_execute(&revoke).await;
+    let event = json!({"server_id": "s1", "kind": "deploy", "title": "v2"}).to_string();
+    let response = svc.post_event(&key, &event).await;
+    refused(response.status(), &response.json().await.unwrap());
+    assert_eq!(
+        svc.sql_i64("SELECT COUNT(*) FROM server_events WHERE source = 'author'")
+            .await,
+        1
+    );
+
+    // Line protocol.
+    svc.sql_execute(&restore).await;
+    let now = now_ms();
+    let response = influx(format!("lines value=1 {now}")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    svc.sql_execute(&revoke).await;
+    let response = influx(format!("lines value=2 {now}")).await.unwrap();
+    refused(response.status(), &response.json().await.unwrap());
+    let lines = svc.samples(&reader, "name=lines").await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["value"], 1.0);
+    svc.stop().await;
+}
+
 #[tokio::test]
 async fn several_v1_entries_allow_secret_rotation() {
     let svc = TestService::start().await;

@@ -157,7 +157,17 @@ async fn gzip_bodies_as_telegraf_sends_them() {
 /// (PostgreSQL: the server's row; SQLite: the write lock) so the write waits behind it.
 #[tokio::test]
 async fn a_write_whose_server_is_deleted_before_its_commit_is_refused() {
-    a_write_waiting_while_its_server_goes("DELETE FROM servers WHERE id = 'gone'; COMMIT").await;
+    a_write_waiting_while_its_server_goes("DELETE FROM servers WHERE id = 'gone'; COMMIT", "unknown_key").await;
+}
+
+/// The same when the key is revoked meanwhile: the answer says so.
+#[tokio::test]
+async fn a_write_whose_key_is_revoked_before_its_commit_is_refused() {
+    a_write_waiting_while_its_server_goes(
+        "UPDATE credentials SET revoked_at = 1 WHERE server_id = 'gone'; COMMIT",
+        "revoked_key",
+    )
+    .await;
 }
 
 /// The same when the server is created again under the same id before the write commits:
@@ -169,14 +179,15 @@ async fn a_write_whose_server_is_deleted_and_created_again_before_its_commit_is_
         "DELETE FROM servers WHERE id = 'gone';
          INSERT INTO servers (id, created_at, updated_at) VALUES ('gone', 1, 1);
          COMMIT",
+        "unknown_key",
     )
     .await;
 }
 
 /// A write of server "gone" waits for the writer behind a transaction that then runs
-/// `deletion` (which ends with COMMIT); the write must get 401 `unknown_key` and store
+/// `deletion` (which ends with COMMIT); the write must get 401 with `code` and store
 /// nothing, and a write of another server must still be stored.
-async fn a_write_waiting_while_its_server_goes(deletion: &str) {
+async fn a_write_waiting_while_its_server_goes(deletion: &str, code: &str) {
     let svc = TestService::start().await;
     let gone = svc.server_with_key("gone").await;
     let other = svc.server_with_key("other").await;
@@ -221,7 +232,7 @@ async fn a_write_waiting_while_its_server_goes(deletion: &str) {
     }
     let (status, answer) = pending.await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
-    assert_eq!(answer["code"], "unknown_key", "{answer}");
+    assert_eq!(answer["code"], code, "{answer}");
     assert_eq!(svc.sql_i64("SELECT COUNT(*) FROM series").await, 0);
     let (status, answer) = write(&svc, Some(("x-api-key", &other.api_key)), "", "m value=2".into()).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");

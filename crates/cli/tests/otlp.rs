@@ -347,6 +347,52 @@ async fn auth_failures_and_oversize_bodies() {
     svc.stop().await;
 }
 
+/// A key revoked elsewhere (another node, the CLI) after this node cached it: an export
+/// of a cumulative stream with nothing new stores its state outside any commit, so it
+/// confirms the key first and stores no state.
+#[tokio::test]
+async fn an_export_with_a_key_revoked_elsewhere_stores_no_stream_state() {
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("acme").await;
+    let bearer = format!("Bearer {}", cred.api_key);
+    let t = now_ms() - 60_000;
+    let gauge = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+        {"name": "active_sessions", "gauge": {"dataPoints": [{"timeUnixNano": ns(t), "asInt": "3"}]}}]}]}]});
+    let (status, _, body) = export(&svc, Some(&bearer), "application/json", false, gauge.to_string().into()).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    svc.sql_execute(&format!(
+        "UPDATE credentials SET revoked_at = 1 WHERE key_id = '{}'",
+        cred.key_id
+    ))
+    .await;
+    // No observation yet: nothing to commit, only the stream's state to store.
+    let empty_histogram = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+        {"name": "payload_bytes", "histogram": {"aggregationTemporality": 2, "dataPoints": [{
+            "startTimeUnixNano": ns(t - 60_000), "timeUnixNano": ns(t),
+            "count": "0", "sum": 0.0, "bucketCounts": ["0", "0"], "explicitBounds": [100]}]}}]}]}]});
+    let (status, _, body) = export(
+        &svc,
+        Some(&bearer),
+        "application/json",
+        false,
+        empty_histogram.to_string().into(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("revoked"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(
+        svc.sql_i64("SELECT COUNT(*) FROM meta WHERE key LIKE 'otlp.stream.%'")
+            .await,
+        0
+    );
+    assert_eq!(svc.sql_i64("SELECT COUNT(*) FROM series").await, 1);
+    svc.stop().await;
+}
+
 /// Exports of one delta sum sent at once: each builds on the total the one before
 /// stored, so no increment is lost (the running totals are 2, 4, …, 2n).
 #[tokio::test]

@@ -113,6 +113,10 @@ pub async fn run(
             .max_capacity(100_000)
             .time_to_live(Duration::from_secs(30))
             .build(),
+        credentials: moka::sync::Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(state::CREDENTIAL_TTL)
+            .build(),
         otlp_exports: Default::default(),
     });
 

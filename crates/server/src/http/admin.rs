@@ -198,6 +198,9 @@ async fn revoke_key(
             StoreError::NotFound => ApiError::not_found("credential"),
             other => other.into(),
         })?;
+    // Writes would be refused at commit anyway; this node's reads of the cache answer
+    // `revoked_key` at once instead. Rare enough to forget every cached key.
+    state.credentials.invalidate_all();
     tracing::info!(server_id = %id, key_id = %key_id, "revoked a credential");
     Ok(StatusCode::NO_CONTENT)
 }

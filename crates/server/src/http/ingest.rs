@@ -116,8 +116,8 @@ async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Bod
             return Ok(response);
         }
         RequestOutcome::Replayed => return Err(super::write::replayed()),
-        // Deleted after its key was checked: the key went with it, as a retry would hear.
-        RequestOutcome::ServerGone => return Err(super::auth::unknown_key()),
+        // Revoked, or deleted with its server, after the key was checked.
+        RequestOutcome::ServerGone => return Err(super::auth::refused_at_commit(&state, &credential).await),
     };
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))).into_response())
 }

@@ -194,6 +194,8 @@ async fn export_inner(
             .store
             .cluster_lock(&format!("otlp.streams.{}", credential.server_id))
             .await?;
+        // Stream state is stored outside the commits that check the key again.
+        auth::confirm(state, &credential).await?;
         Some((node, cluster))
     };
 

@@ -47,7 +47,7 @@ async fn samples(
     headers: HeaderMap,
     query: Result<Query<SamplesQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
-    let credential = auth::author(&state, &headers).await?;
+    let credential = auth::reader(&state, &headers).await?;
     auth::require_server(&credential, &id)?;
     let Query(q) = query?;
     let time = |value: &Option<String>, default: i64, what: &str| -> ApiResult<i64> {

@@ -113,8 +113,8 @@ pub async fn commit_with_digest(
             true
         }
         RequestOutcome::Replayed => return Err(replayed()),
-        // Deleted after its key was checked: the key went with it, as a retry would hear.
-        RequestOutcome::ServerGone => return Err(super::auth::unknown_key()),
+        // Revoked, or deleted with its server, after the key was checked.
+        RequestOutcome::ServerGone => return Err(super::auth::refused_at_commit(state, credential).await),
     };
     Ok(Stored {
         accepted,
