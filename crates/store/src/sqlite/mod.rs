@@ -358,7 +358,7 @@ fn write_batch_blocking(
     let mut outcomes = Vec::with_capacity(batch.requests.len());
     let mut was_empty = kept_minutes::MinuteMap::default();
     let generation;
-    let mut runs = raw::PendingRuns::default();
+    let mut runs = raw::PendingRuns::with_expected(batch.requests.iter().map(|r| r.samples.len()).sum());
     {
         // A guard row that exists and has not expired makes the upsert a no-op, so
         // `execute` reporting 0 changed rows means "seen inside the window".

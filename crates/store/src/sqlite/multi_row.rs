@@ -1,6 +1,6 @@
 //! Multi-row statements for the SQLite writer's hot path: one `INSERT … VALUES (…), (…),
-//! …` runs SQLite's VM once for a chunk of rows instead of once per row (raw sample rows,
-//! rollup marks), which was a measurable share of every commit.
+//! …` runs SQLite's VM once for a chunk of rows instead of once per row (the rollup
+//! marks every commit sets), which was a measurable share of every commit.
 
 /// `{head} VALUES {row}, {row}, … {tail}` with `rows` copies of `row`.
 pub(crate) fn statement(head: &str, row: &str, rows: usize, tail: &str) -> String {
@@ -23,27 +23,6 @@ impl BindRow for (i64, i64, i64) {
     }
 }
 
-/// A gauge or counter value: (series, ts, value) at seq 0.
-impl BindRow for (i64, i64, rusqlite::types::Value) {
-    const PARAMS: usize = 3;
-    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
-        statement.raw_bind_parameter(first, self.0)?;
-        statement.raw_bind_parameter(first + 1, self.1)?;
-        statement.raw_bind_parameter(first + 2, &self.2)
-    }
-}
-
-/// A histogram observation: (series, ts, seq, value).
-impl BindRow for (i64, i64, i64, rusqlite::types::Value) {
-    const PARAMS: usize = 4;
-    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
-        statement.raw_bind_parameter(first, self.0)?;
-        statement.raw_bind_parameter(first + 1, self.1)?;
-        statement.raw_bind_parameter(first + 2, self.2)?;
-        statement.raw_bind_parameter(first + 3, &self.3)
-    }
-}
-
 /// Binds a chunk of rows to a statement of as many `VALUES` rows.
 pub(crate) fn bind_rows<R: BindRow>(
     statement: &mut rusqlite::CachedStatement<'_>,
@@ -53,13 +32,6 @@ pub(crate) fn bind_rows<R: BindRow>(
         row.bind(statement, i * R::PARAMS + 1)?;
     }
     Ok(())
-}
-
-impl<T: BindRow> BindRow for &T {
-    const PARAMS: usize = T::PARAMS;
-    fn bind(&self, statement: &mut rusqlite::CachedStatement<'_>, first: usize) -> rusqlite::Result<()> {
-        (**self).bind(statement, first)
-    }
 }
 
 #[cfg(test)]

@@ -119,9 +119,20 @@ pub(crate) struct PendingRuns<'a> {
     bucket_of: FxHashMap<(u32, i64), usize>,
     /// The bucket the last sample went to: the next one usually goes there too.
     last: usize,
+    /// Samples expected in all: the first bucket reserves room for them (a write rarely
+    /// spans two minutes), instead of growing a sample at a time.
+    expected: usize,
 }
 
 impl<'a> PendingRuns<'a> {
+    /// Runs to be of about `expected` samples.
+    pub(crate) fn with_expected(expected: usize) -> Self {
+        PendingRuns {
+            expected,
+            ..Default::default()
+        }
+    }
+
     pub(crate) fn push(&mut self, server_id: &'a str, series_id: i64, ts: i64, kind: Kind, value: f64) {
         let minute = minute_of(ts);
         if let Some(b) = self.buckets.get_mut(self.last)
@@ -138,11 +149,12 @@ impl<'a> PendingRuns<'a> {
             }
         } as u32;
         let buckets = &mut self.buckets;
+        let room = std::mem::take(&mut self.expected);
         self.last = *self.bucket_of.entry((slot, minute)).or_insert_with(|| {
             buckets.push(Bucket {
                 slot,
                 minute,
-                samples: Vec::new(),
+                samples: Vec::with_capacity(room),
                 groups: FxHashMap::default(),
                 grouped: true,
             });
@@ -182,6 +194,8 @@ impl<'a> PendingRuns<'a> {
         for b in &mut self.buckets {
             b.group_by_series();
             blob.clear();
+            // Most samples take 3 to 5 bytes.
+            blob.reserve(b.samples.len() * 5 + 1);
             let samples = b.samples.iter().map(|s| RunSample {
                 ts: s.ts,
                 series_id: s.series_id,

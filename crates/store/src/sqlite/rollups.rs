@@ -280,36 +280,40 @@ pub fn mark_minutes(conn: &mut Connection, minutes: &[(i64, i64)]) -> rusqlite::
     Ok(minutes.len() as u64)
 }
 
-/// Minute marks per multi-row upsert.
-const MARK_CHUNK: usize = 64;
+/// Rows per multi-row upsert of minute marks, largest first: any count of marks is set
+/// by at most one statement of each size (100 marks: 64 + 32 + 4), where a remainder
+/// set one row at a time took 36 statements.
+const MARK_CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
 
 const MARK_HEAD: &str = "INSERT INTO rollup_dirty (level, bucket, series_id, generation)";
 const MARK_ROW: &str = "(0, ?, ?, ?)";
 const MARK_TAIL: &str = "ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation";
 
-static MARK_MANY_SQL: LazyLock<String> =
-    LazyLock::new(|| multi_row::statement(MARK_HEAD, MARK_ROW, MARK_CHUNK, MARK_TAIL));
-static MARK_ONE_SQL: LazyLock<String> = LazyLock::new(|| multi_row::statement(MARK_HEAD, MARK_ROW, 1, MARK_TAIL));
+static MARK_SQL: LazyLock<[String; MARK_CHUNKS.len()]> =
+    LazyLock::new(|| MARK_CHUNKS.map(|rows| multi_row::statement(MARK_HEAD, MARK_ROW, rows, MARK_TAIL)));
 
 /// Sets (or renews to `generation`) the minute marks of these distinct (minute, series)
-/// pairs, in `MARK_CHUNK` rows per statement: a write of 1,000 series sets 1,000 marks.
+/// pairs, many rows per statement: a write of 1,000 series sets 1,000 marks.
 pub fn set_minute_marks(
     tx: &rusqlite::Transaction<'_>,
     minutes: &[(i64, i64)],
     generation: i64,
 ) -> rusqlite::Result<()> {
-    let mut chunks = minutes.chunks_exact(MARK_CHUNK);
-    let mut many = tx.prepare_cached(&MARK_MANY_SQL)?;
-    for chunk in &mut chunks {
-        multi_row::bind_rows(
-            &mut many,
-            chunk.iter().map(|&(minute, series_id)| (minute, series_id, generation)),
-        )?;
-        many.raw_execute()?;
-    }
-    let mut one = tx.prepare_cached(&MARK_ONE_SQL)?;
-    for (minute, series_id) in chunks.remainder() {
-        one.execute(params![minute, series_id, generation])?;
+    let mut rest = minutes;
+    for (&rows, sql) in MARK_CHUNKS.iter().zip(MARK_SQL.iter()) {
+        if rest.len() < rows {
+            continue;
+        }
+        let mut statement = tx.prepare_cached(sql)?;
+        while rest.len() >= rows {
+            let (chunk, after) = rest.split_at(rows);
+            multi_row::bind_rows(
+                &mut statement,
+                chunk.iter().map(|&(minute, series_id)| (minute, series_id, generation)),
+            )?;
+            statement.raw_execute()?;
+            rest = after;
+        }
     }
     Ok(())
 }
