@@ -329,9 +329,31 @@ pub fn validate_sample(
     now_ms: i64,
     limits: &SampleLimits,
 ) -> Result<ValidSample, Rejection> {
+    // In the order clients have always been told: name, type, value, tags, time.
     let reject = |code: Code, detail: String| Rejection { index, code, detail };
+    check_name(sample).map_err(|(code, detail)| reject(code, detail))?;
+    let (kind, value) = check_kind_and_value(sample).map_err(|(code, detail)| reject(code, detail))?;
+    check_tags(sample).map_err(|(code, detail)| reject(code, detail))?;
+    check_time(index, sample, kind, value, now_ms, limits)
+}
+
+/// [`validate_sample`] for a sample whose name and tags are those of a sample that
+/// passed it: only what is its own (type, value, time) is checked, with the same result.
+pub fn validate_point(
+    index: usize,
+    sample: &WireSample<'_>,
+    now_ms: i64,
+    limits: &SampleLimits,
+) -> Result<ValidSample, Rejection> {
+    let (kind, value) = check_kind_and_value(sample).map_err(|(code, detail)| Rejection { index, code, detail })?;
+    check_time(index, sample, kind, value, now_ms, limits)
+}
+
+type Refusal = (Code, String);
+
+fn check_name(sample: &WireSample<'_>) -> Result<(), Refusal> {
     if !names::is_valid_metric_name(&sample.name) {
-        return Err(reject(
+        return Err((
             Code::InvalidName,
             format!(
                 "metric names match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes",
@@ -339,33 +361,40 @@ pub fn validate_sample(
             ),
         ));
     }
+    Ok(())
+}
+
+fn check_kind_and_value(sample: &WireSample<'_>) -> Result<(Kind, f64), Refusal> {
     let kind = match sample.kind.as_deref() {
         None => Kind::Gauge,
-        Some(text) => Kind::parse(text)
-            .ok_or_else(|| reject(Code::InvalidType, "type must be gauge, counter or histogram".into()))?,
+        Some(text) => {
+            Kind::parse(text).ok_or((Code::InvalidType, "type must be gauge, counter or histogram".into()))?
+        }
     };
     let value = match sample.value {
         WireValue::Number(v) if v.is_finite() => v,
-        _ => {
-            return Err(reject(Code::InvalidValue, "value must be a finite number".into()));
-        }
+        _ => return Err((Code::InvalidValue, "value must be a finite number".into())),
     };
     if kind == Kind::Counter && value < 0.0 {
-        return Err(reject(
+        return Err((
             Code::InvalidValue,
             "counter values are cumulative totals and cannot be negative".into(),
         ));
     }
+    Ok((kind, value))
+}
+
+fn check_tags(sample: &WireSample<'_>) -> Result<(), Refusal> {
     let tags = &sample.tags;
     if tags.len() > names::MAX_TAGS {
-        return Err(reject(
+        return Err((
             Code::TooManyTags,
             format!("at most {} tags per sample, got {}", names::MAX_TAGS, tags.len()),
         ));
     }
     for (k, v) in tags.iter() {
         if !names::is_valid_tag_key(k) {
-            return Err(reject(
+            return Err((
                 Code::InvalidTag,
                 format!(
                     "tag keys match [a-zA-Z_][a-zA-Z0-9_.:]* and have at most {} bytes",
@@ -374,7 +403,7 @@ pub fn validate_sample(
             ));
         }
         if !names::is_valid_tag_value(v) {
-            return Err(reject(
+            return Err((
                 Code::InvalidTag,
                 format!(
                     "tag values have at most {} bytes and no control characters",
@@ -383,6 +412,18 @@ pub fn validate_sample(
             ));
         }
     }
+    Ok(())
+}
+
+fn check_time(
+    index: usize,
+    sample: &WireSample<'_>,
+    kind: Kind,
+    value: f64,
+    now_ms: i64,
+    limits: &SampleLimits,
+) -> Result<ValidSample, Rejection> {
+    let reject = |code: Code, detail: String| Rejection { index, code, detail };
     let timestamp = match &sample.timestamp {
         None => now_ms,
         Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => *ms as i64,
@@ -669,6 +710,31 @@ mod tests {
             prop_assert_eq!(v.value, value);
             prop_assert_eq!(v.timestamp, NOW + offset);
             prop_assert_eq!(batch.metrics[0].name.as_ref(), name.as_str());
+        }
+
+        /// Once a sample's name and tags passed, checking only its type, value and time
+        /// gives exactly the full check's answer, refusals included.
+        #[test]
+        fn the_point_check_answers_as_the_full_check_does(
+            kind in proptest::option::of(prop_oneof![Just("gauge"), Just("counter"), Just("histogram"), Just("summary")]),
+            value in prop_oneof![any::<f64>(), -10.0f64..10.0, Just(f64::NAN)],
+            timestamp in proptest::option::of(prop_oneof![
+                (-100_000_000_000i64..20_000_000).prop_map(|d| WireTime::Millis((NOW + d) as f64)),
+                Just(WireTime::Millis(f64::INFINITY)),
+                Just(WireTime::Text("2026-01-01T00:00:00Z".into())),
+                Just(WireTime::Text("yesterday".into())),
+            ]),
+        ) {
+            let tags = [("tool".to_string(), "search".to_string())];
+            let sample = WireSample {
+                name: "latency".into(),
+                value: WireValue::Number(value),
+                kind: kind.map(Into::into),
+                timestamp,
+                tags: WireTags::Strings(&tags),
+            };
+            let limits = SampleLimits::default();
+            prop_assert_eq!(validate_point(3, &sample, NOW, &limits), validate_sample(3, &sample, NOW, &limits));
         }
     }
 }

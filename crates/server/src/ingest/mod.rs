@@ -10,7 +10,7 @@ pub mod writer;
 use std::collections::HashMap;
 
 use mcp_metrics_core::codes::Code;
-use mcp_metrics_core::ingest::{Rejection, SampleLimits, WireBatch, validate_sample};
+use mcp_metrics_core::ingest::{Rejection, SampleLimits, WireBatch, validate_point, validate_sample};
 use mcp_metrics_core::model::{Kind, SeriesKey};
 use mcp_metrics_store::{NewSeries, PendingSample, SeriesRef, WriteRequest};
 
@@ -20,6 +20,12 @@ use series_cache::{SeriesCache, cache_key};
 pub struct Prepared {
     pub request: WriteRequest,
     pub rejected: Vec<Rejection>,
+}
+
+/// Equal texts, at once when both are borrowed from the same bytes (a remote-write
+/// series' name, lent to each of its samples).
+fn same_text(a: &str, b: &str) -> bool {
+    (std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len()) || a == b
 }
 
 /// Validates every sample and resolves its series: known series by id from the cache,
@@ -42,19 +48,26 @@ pub fn prepare(
     let known = cache.read();
     let mut run: Option<(usize, SeriesRef, Kind)> = None;
     for (index, sample) in batch.metrics.iter().enumerate() {
-        let valid = match validate_sample(index, sample, now, limits) {
+        // Samples of one series usually come in a run sharing lent tags (remote-write,
+        // OTLP, line protocol fields): the run's name and tags are checked and resolved
+        // once, not once per sample.
+        let continues = run.and_then(|(previous, series, kind)| {
+            let first = &batch.metrics[previous];
+            (sample.tags.lent_from_same(&first.tags) && same_text(&sample.name, &first.name)).then_some((series, kind))
+        });
+        let checked = match continues {
+            Some(_) => validate_point(index, sample, now, limits),
+            None => validate_sample(index, sample, now, limits),
+        };
+        let valid = match checked {
             Ok(valid) => valid,
             Err(rejection) => {
                 rejected.push(rejection);
                 continue;
             }
         };
-        // Samples of one series usually come in a run sharing lent tags (remote-write,
-        // OTLP, line protocol fields): the run resolves once, not once per sample.
-        if let Some((previous, series, kind)) = run
+        if let Some((series, kind)) = continues
             && kind == valid.kind
-            && sample.tags.lent_from_same(&batch.metrics[previous].tags)
-            && sample.name == batch.metrics[previous].name
         {
             request.samples.push(PendingSample {
                 series,
@@ -219,5 +232,48 @@ mod tests {
         assert_eq!(rejected, vec![(3, Code::KindMismatch)]);
         let values: Vec<f64> = p.request.samples.iter().map(|s| s.value).collect();
         assert_eq!(values, vec![0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 7.0]);
+    }
+
+    /// Inside a run only a point's own fields are checked again: a refused point is named
+    /// with its code, and the run goes on after it.
+    #[test]
+    fn a_runs_refused_points_are_named_and_the_run_goes_on() {
+        use mcp_metrics_core::ingest::{WireTime, WireValue};
+        let cache = SeriesCache::default();
+        let now = mcp_metrics_core::time::now_ms();
+        let tags = [("host".to_string(), "a".to_string())];
+        let point = |value: f64, kind: Option<&'static str>, ts: i64| WireSample {
+            name: "up".into(),
+            value: WireValue::Number(value),
+            kind: kind.map(Into::into),
+            timestamp: Some(WireTime::Millis(ts as f64)),
+            tags: WireTags::Strings(&tags),
+        };
+        let batch = WireBatch {
+            server_id: "s".into(),
+            metrics: vec![
+                point(1.0, Some("counter"), now - 3),
+                point(f64::NAN, Some("counter"), now - 2),
+                point(-1.0, Some("counter"), now - 2),
+                point(2.0, Some("counter"), now - 400 * 86_400_000),
+                point(3.0, Some("counter"), now + 3_600_000),
+                point(4.0, Some("sum"), now - 1),
+                point(5.0, Some("counter"), now),
+            ],
+        };
+        let p = prepare(&batch, "s", &cache, now, &SampleLimits::default());
+        let rejected: Vec<(usize, Code)> = p.rejected.iter().map(|r| (r.index, r.code)).collect();
+        assert_eq!(
+            rejected,
+            vec![
+                (1, Code::InvalidValue),
+                (2, Code::InvalidValue),
+                (3, Code::TooOld),
+                (4, Code::TooFarAhead),
+                (5, Code::InvalidType),
+            ]
+        );
+        let stored: Vec<(SeriesRef, f64)> = p.request.samples.iter().map(|s| (s.series, s.value)).collect();
+        assert_eq!(stored, vec![(SeriesRef::New(0), 1.0), (SeriesRef::New(0), 5.0)]);
     }
 }
