@@ -7,14 +7,12 @@
 pub mod series_cache;
 pub mod writer;
 
-use std::collections::HashMap;
-
 use mcp_metrics_core::codes::Code;
 use mcp_metrics_core::ingest::{Rejection, SampleLimits, WireBatch, validate_point, validate_sample};
 use mcp_metrics_core::model::{Kind, SeriesKey};
 use mcp_metrics_store::{NewSeries, PendingSample, SeriesRef, WriteRequest};
 
-use series_cache::{SeriesCache, cache_key};
+use series_cache::{KeyMap, SeriesCache, cache_key};
 
 /// A request ready for the writer, plus what to tell the client.
 pub struct Prepared {
@@ -43,7 +41,7 @@ pub fn prepare(
         ..Default::default()
     };
     let mut rejected = Vec::new();
-    let mut new_index: HashMap<String, u32> = HashMap::new();
+    let mut new_index: KeyMap<u32> = KeyMap::default();
     let mut key = String::with_capacity(128);
     let known = cache.read();
     let mut run: Option<(usize, SeriesRef, Kind)> = None;
