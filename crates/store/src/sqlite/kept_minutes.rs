@@ -108,7 +108,10 @@ impl Entry {
     /// Sorts the tail by timestamp, keeping arrival order among equal ones (a
     /// histogram's `seq`), and keeps only the last gauge or counter value of a timestamp.
     fn normalize_tail(&mut self) {
-        self.tail.sort_by_key(|s| s.0);
+        // Mostly in order already (one connection's samples of a series are).
+        if !self.tail.is_sorted_by_key(|s| s.0) {
+            self.tail.sort_by_key(|s| s.0);
+        }
         if self.kind != Kind::Histogram {
             let mut kept = 0;
             for i in 0..self.tail.len() {
@@ -213,8 +216,8 @@ impl KeptMinutes {
             };
             entry.generation = generation;
             // Samples of one series and minute mostly come together: one lookup for them.
-            let same_entry =
-                std::iter::from_fn(|| rows.next_if(|&(s, t, _, _)| s == series_id && align(t, MINUTE) == key.0));
+            let minute = key.0..key.0.saturating_add(MINUTE);
+            let same_entry = std::iter::from_fn(|| rows.next_if(|&(s, t, _, _)| s == series_id && minute.contains(&t)));
             for (_, ts, kind, value) in std::iter::once((series_id, ts, kind, value)).chain(same_entry) {
                 if entry.trusted && entry.kind != kind {
                     // Rows of two kinds in one series (the store prevents it): fold nothing.

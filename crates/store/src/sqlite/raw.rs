@@ -134,13 +134,14 @@ impl<'a> PendingRuns<'a> {
     }
 
     pub(crate) fn push(&mut self, server_id: &'a str, series_id: i64, ts: i64, kind: Kind, value: f64) {
-        let minute = minute_of(ts);
+        // A range check, not a division per sample, while samples stay in one minute.
         if let Some(b) = self.buckets.get_mut(self.last)
-            && b.minute == minute
+            && (b.minute..b.minute.saturating_add(MINUTE)).contains(&ts)
             && self.servers[b.slot as usize] == server_id
         {
             return b.push(series_id, ts, kind, value);
         }
+        let minute = minute_of(ts);
         let slot = match self.servers.iter().position(|s| *s == server_id) {
             Some(i) => i,
             None => {

@@ -18,11 +18,13 @@ const LIMIT: f64 = (1u64 << 52) as f64;
 
 /// The tagged integer that stands for `v` exactly, if there is one.
 pub fn tagged(v: f64) -> Option<i64> {
-    if v.abs() < LIMIT && v.fract() == 0.0 && !(v == 0.0 && v.is_sign_negative()) {
+    // `(x as i64) as f64 == x` tells a whole number below LIMIT as `fract` does, without
+    // the call to libm's `trunc` that `fract` makes on baseline x86-64.
+    if v.abs() < LIMIT && (v as i64) as f64 == v && !(v == 0.0 && v.is_sign_negative()) {
         return Some((v as i64) * 2);
     }
     let milli = v * 1000.0;
-    if milli.abs() < LIMIT && milli.fract() == 0.0 {
+    if milli.abs() < LIMIT && (milli as i64) as f64 == milli {
         let m = milli as i64;
         if ((m as f64) / 1000.0).to_bits() == v.to_bits() {
             return Some(m * 2 + 1);
