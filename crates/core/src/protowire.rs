@@ -73,7 +73,19 @@ impl<'a> Reader<'a> {
     }
 
     /// A base-128 varint of at most ten bytes, the tenth holding only the top bit.
+    #[inline]
     pub fn varint(&mut self) -> Result<u64, WireError> {
+        // Keys and short lengths, most of what a message holds, take one byte.
+        if let Some((&byte, rest)) = self.buf.split_first()
+            && byte < 0x80
+        {
+            self.buf = rest;
+            return Ok(u64::from(byte));
+        }
+        self.long_varint()
+    }
+
+    fn long_varint(&mut self) -> Result<u64, WireError> {
         let mut value = 0u64;
         for (i, &byte) in self.buf.iter().enumerate().take(10) {
             if i == 9 && byte > 1 {
