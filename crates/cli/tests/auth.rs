@@ -5,6 +5,7 @@
 mod common;
 
 use common::{ADMIN_TOKEN, Credential, TestService, batch};
+use mcp_metrics_core::promwrite::{STALE_NAN_BITS, TimeSeries, WriteRequest, encode};
 use mcp_metrics_core::signature::{compute, sign};
 use mcp_metrics_core::time::now_ms;
 use reqwest::{Method, StatusCode};
@@ -256,6 +257,49 @@ async fn a_key_revoked_elsewhere_after_this_node_cached_it_writes_and_reads_noth
     let lines = svc.samples(&reader, "name=lines").await;
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["value"], 1.0);
+
+    // Writes with nothing to commit look at the key again before answering: a
+    // remote-write body of stale markers only, and an empty OTLP export.
+    let post = |path: &'static str, content_type: &'static str, body: Vec<u8>| {
+        svc.client
+            .post(svc.url(path))
+            .header("authorization", format!("Bearer {}", key.api_key))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let stale_only = || {
+        encode(&WriteRequest {
+            timeseries: vec![TimeSeries::named("up", &[], &[(f64::from_bits(STALE_NAN_BITS), now)])],
+        })
+    };
+    for (path, content_type, body) in [
+        ("/api/v1/prom/write", "application/x-protobuf", stale_only()),
+        ("/otlp/v1/metrics", "application/json", b"{}".to_vec()),
+    ] {
+        svc.sql_execute(&restore).await;
+        let response = post(path, content_type, body.clone()).await.unwrap();
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        svc.sql_execute(&revoke).await;
+        let response = post(path, content_type, body).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{path}");
+        assert!(response.text().await.unwrap().contains("revoked"), "{path}");
+    }
+
+    // A refused write counts none of its rejected samples, here or on the dashboard.
+    svc.sql_execute(&restore).await;
+    let bad = batch("s1", json!([{"name":"9bad","value":1}]));
+    let (status, _, answer) = svc.push(&key, &bad).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    svc.sql_execute(&revoke).await;
+    let bad = batch("s1", json!([{"name":"9bad","value":2}]));
+    let (status, _, answer) = svc.push(&key, &bad).await;
+    refused(status, &answer);
+    let text = svc.metrics_text().await;
+    assert!(
+        text.contains("mcp_metrics_ingest_samples_rejected_total{code=\"invalid_name\"} 1\n"),
+        "{text}"
+    );
     svc.stop().await;
 }
 

@@ -58,10 +58,20 @@ pub async fn reader(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCr
 }
 
 /// Checks again, from the database, that a credential found in the cache is still
-/// active: for work that no commit confirms (an OTLP export's stream state).
+/// active: for what no commit confirms (an OTLP export's stream state, a write that
+/// turned out to have nothing to store).
 pub async fn confirm(state: &AppState, credential: &StoredCredential) -> ApiResult<()> {
-    state.credentials.invalidate(&credential.api_key_hash);
-    active(state.store.credential_by_hash(&credential.api_key_hash).await?).map(|_| ())
+    let hash = credential.api_key_hash;
+    match active(state.store.credential_by_hash(&hash).await?) {
+        Ok(fresh) => {
+            state.credentials.insert(hash, fresh);
+            Ok(())
+        }
+        Err(e) => {
+            state.credentials.invalidate(&hash);
+            Err(e)
+        }
+    }
 }
 
 /// The answer to a write the writer refused because its key is no longer its server's

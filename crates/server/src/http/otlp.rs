@@ -298,6 +298,11 @@ async fn export_inner(
             refused.add(point.data_point, || format!("{}: {}", point.name, r.detail));
         }
     }
+    // Nothing committed and no stream state (whose turn confirmed the key): no commit
+    // checked the key again, so a key revoked elsewhere is told so here.
+    if points.is_empty() && turn.is_none() {
+        auth::confirm(state, &credential).await?;
+    }
     // Every part is committed (or was, by an earlier try of this body). A stream whose
     // samples were refused keeps no state: nothing of it was stored.
     let refused_points = refused.points();

@@ -87,6 +87,8 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
     };
     // Nothing left to store (all stale markers, or every series refused): no commit.
     let (accepted, rejected) = if batch.metrics.is_empty() {
+        // No commit checks the key again: a key revoked elsewhere is told so here.
+        auth::confirm(state, &credential).await?;
         (0, Vec::new())
     } else {
         let stored = super::write::commit(state, &credential, &batch, &body, None).await?;

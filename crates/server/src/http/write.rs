@@ -59,10 +59,6 @@ pub async fn commit_with_digest(
     }
     let epoch = state.series.epoch();
     let prepared = prepare(batch, &credential.server_id, &state.series, now_ms(), &limits);
-    for r in &prepared.rejected {
-        state.telemetry.sample_rejected(r.code);
-        state.telemetry.server_sample_rejected(&credential.server_id, r.code);
-    }
     let mut rejected = prepared.rejected;
     let mut request = prepared.request;
     request.key_id = credential.key_id.clone();
@@ -74,6 +70,12 @@ pub async fn commit_with_digest(
         RequestOutcome::Stored {
             series, kind_conflicts, ..
         } => {
+            // Counted once the writer has confirmed the key (the server's counts are on
+            // its dashboard) and only for the try that was stored, not for its retries.
+            for r in &rejected {
+                state.telemetry.sample_rejected(r.code);
+                state.telemetry.server_sample_rejected(&credential.server_id, r.code);
+            }
             if !kind_conflicts.is_empty() {
                 let positions: Vec<u32> = kind_conflicts.iter().map(|&(p, _)| p).collect();
                 let indices = indices_of_positions(batch.metrics.len(), &rejected, &positions);

@@ -274,4 +274,55 @@ mod tests {
         let stored: Vec<(SeriesRef, f64)> = p.request.samples.iter().map(|s| (s.series, s.value)).collect();
         assert_eq!(stored, vec![(SeriesRef::New(0), 1.0), (SeriesRef::New(0), 5.0)]);
     }
+
+    proptest::proptest! {
+        /// Whatever the runs, each sample is refused exactly when, and with the code that,
+        /// the full check alone gives it (kind conflicts between samples aside): checking
+        /// only the points of a run changes no answer.
+        #[test]
+        fn runs_refuse_exactly_what_the_full_check_refuses(
+            picks in proptest::collection::vec((0usize..3, 0usize..3, 0usize..3, 0usize..3, 0usize..3), 0..40)
+        ) {
+            use mcp_metrics_core::ingest::{WireTime, WireValue, validate_sample};
+            let now = 1_800_000_000_000;
+            let tag_sets = [
+                vec![("host".to_string(), "a".to_string())],
+                vec![("host".to_string(), "b".to_string())],
+                vec![("1host".to_string(), "a".to_string())],
+            ];
+            let names = ["up", "down", "9up"];
+            let kinds = [None, Some("counter"), Some("summary")];
+            let values = [1.0, -1.0, f64::NAN];
+            let times = [now - 1_000, now - 400 * 86_400_000, now + 3_600_000];
+            let batch = WireBatch {
+                server_id: "s".into(),
+                metrics: picks
+                    .iter()
+                    .map(|&(name, tags, kind, value, time)| WireSample {
+                        name: names[name].into(),
+                        value: WireValue::Number(values[value]),
+                        kind: kinds[kind].map(Into::into),
+                        timestamp: Some(WireTime::Millis(times[time] as f64)),
+                        tags: WireTags::Strings(&tag_sets[tags]),
+                    })
+                    .collect(),
+            };
+            let limits = SampleLimits::default();
+            let p = prepare(&batch, "s", &SeriesCache::default(), now, &limits);
+            let refused: Vec<(usize, Code)> = p
+                .rejected
+                .iter()
+                .filter(|r| r.code != Code::KindMismatch)
+                .map(|r| (r.index, r.code))
+                .collect();
+            let alone: Vec<(usize, Code)> = batch
+                .metrics
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| validate_sample(i, s, now, &limits).err().map(|r| (r.index, r.code)))
+                .collect();
+            proptest::prop_assert_eq!(refused, alone);
+            proptest::prop_assert_eq!(p.request.samples.len() + p.rejected.len(), batch.metrics.len());
+        }
+    }
 }
