@@ -29,8 +29,6 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-use std::collections::BTreeMap;
-
 use crate::model::Kind;
 use crate::names;
 
@@ -274,16 +272,27 @@ fn point_tags(resource: &[(String, String)], attributes: &[KeyValue]) -> Result<
     if resource.len() > names::MAX_TAGS || attributes.len() > 4 * names::MAX_TAGS {
         return Err(too_many());
     }
-    let mut tags: BTreeMap<&str, String> = resource.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    // Resource tags first, then attributes: a stable sort keeps that order among equal
+    // keys, so the last of a key (an attribute over the resource) is the one kept.
+    let mut pairs: Vec<(&str, String)> = Vec::with_capacity(resource.len() + attributes.len());
+    pairs.extend(resource.iter().map(|(k, v)| (k.as_str(), v.clone())));
     for kv in attributes {
         if let Some(text) = kv.value.as_ref().and_then(any_value_text) {
-            tags.insert(kv.key.as_str(), text);
+            pairs.push((kv.key.as_str(), text));
+        }
+    }
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    let mut tags: Vec<(String, String)> = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        match tags.last_mut() {
+            Some(last) if last.0 == key => last.1 = value,
+            _ => tags.push((key.to_owned(), value)),
         }
     }
     if tags.len() > names::MAX_TAGS {
         return Err(too_many());
     }
-    Ok(tags.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    Ok(tags)
 }
 
 /// The `tool` and `method` tags of a duration point, and its unit's factor to ms;
@@ -565,6 +574,33 @@ struct Mapper {
 }
 
 type Tags = Result<Vec<(String, String)>, String>;
+type SharedTags = Result<Arc<[(String, String)]>, String>;
+
+/// The tags of a metric's data points, made once per run of points with equal attributes
+/// (a sender that puts several points of one series in an export repeats them) and
+/// shared: each point then costs no copies of its tags, and the ingest path sees one
+/// series run instead of a new series key per point.
+struct PointTags<'r, 'a> {
+    resource: &'r [(String, String)],
+    last: Option<(&'a [KeyValue], SharedTags)>,
+}
+
+impl<'r, 'a> PointTags<'r, 'a> {
+    fn new(resource: &'r [(String, String)]) -> Self {
+        PointTags { resource, last: None }
+    }
+
+    fn of(&mut self, attributes: &'a [KeyValue]) -> SharedTags {
+        match &self.last {
+            Some((previous, tags)) if *previous == attributes => tags.clone(),
+            _ => {
+                let tags = point_tags(self.resource, attributes).map(Arc::from);
+                self.last = Some((attributes, tags.clone()));
+                tags
+            }
+        }
+    }
+}
 
 impl Mapper {
     fn refuse(&mut self, index: usize, name: &str, reason: impl std::fmt::Display) {
@@ -588,7 +624,7 @@ impl Mapper {
         );
     }
 
-    fn number(&mut self, name: &str, kind: Kind, tags: Tags, point: &NumberDataPoint) {
+    fn number(&mut self, name: &Arc<str>, kind: Kind, tags: SharedTags, point: &NumberDataPoint) {
         let index = self.next_index();
         let parsed = tags.and_then(|tags| {
             let ts = timestamp_ms(point.time_unix_nano)?;
@@ -597,8 +633,8 @@ impl Mapper {
         match parsed {
             Ok(_) if !self.spend(1) => self.over_budget(index, name),
             Ok((tags, timestamp_ms, value)) => self.mapped.points.push(Point {
-                name: name.into(),
-                tags: tags.into(),
+                name: name.clone(),
+                tags,
                 kind,
                 timestamp_ms,
                 value,
@@ -756,6 +792,8 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
         for scope in &resource_metrics.scope_metrics {
             for metric in &scope.metrics {
                 let name = metric.name.as_str();
+                // One copy of the name for all the metric's points.
+                let shared_name: Arc<str> = Arc::from(name);
                 let Some(data) = &metric.data else {
                     let index = m.next_index();
                     m.refuse(index, name, "the metric has no data");
@@ -763,19 +801,20 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                 };
                 match data {
                     metric::Data::Gauge(gauge) => {
+                        let mut tags = PointTags::new(&resource);
                         for p in &gauge.data_points {
-                            m.number(name, Kind::Gauge, point_tags(&resource, &p.attributes), p);
+                            m.number(&shared_name, Kind::Gauge, tags.of(&p.attributes), p);
                         }
                     }
                     metric::Data::Sum(sum) => {
                         let kind = if sum.is_monotonic { Kind::Counter } else { Kind::Gauge };
                         let delta = sum.aggregation_temporality == AggregationTemporality::Delta as i32;
+                        let mut tags = PointTags::new(&resource);
                         for p in &sum.data_points {
-                            let tags = point_tags(&resource, &p.attributes);
                             if delta {
-                                m.delta_sum(name, kind, tags, p);
+                                m.delta_sum(name, kind, point_tags(&resource, &p.attributes), p);
                             } else {
-                                m.number(name, kind, tags, p);
+                                m.number(&shared_name, kind, tags.of(&p.attributes), p);
                             }
                         }
                     }
@@ -915,6 +954,49 @@ mod tests {
         // scale 0: index 2 covers (4, 8], clamped to max 5.
         assert!((exponential.iter().sum::<f64>() - 10.0).abs() < 1e-9);
         assert!(exponential[1] > 4.0 && exponential[1] <= 5.0);
+    }
+
+    /// Points of a metric share one copy of its name, and a run of points with equal
+    /// attributes one copy of their tags (an attribute over a resource tag of the same key).
+    #[test]
+    fn points_share_their_name_and_equal_tags() {
+        use proto::metrics::v1::{Gauge, Metric, NumberDataPoint, metric, number_data_point};
+        let point = |tool: &str, value: f64| NumberDataPoint {
+            time_unix_nano: 1_700_000_000_000_000_000,
+            value: Some(number_data_point::Value::AsDouble(value)),
+            attributes: vec![string_attribute("tool", tool), string_attribute("host", "b")],
+            ..Default::default()
+        };
+        let request = export_of(
+            vec![
+                string_attribute("host", "a"),
+                string_attribute("service.name", "weather"),
+            ],
+            vec![Metric {
+                name: "latency".into(),
+                data: Some(metric::Data::Gauge(Gauge {
+                    data_points: vec![point("x", 1.0), point("x", 2.0), point("y", 3.0), point("x", 4.0)],
+                })),
+                ..Default::default()
+            }],
+        );
+        let points = map_request(&request).points;
+        assert_eq!(points.len(), 4);
+        assert!(points.windows(2).all(|w| Arc::ptr_eq(&w[0].name, &w[1].name)));
+        assert!(Arc::ptr_eq(&points[0].tags, &points[1].tags));
+        assert!(!Arc::ptr_eq(&points[1].tags, &points[2].tags));
+        let tags = |tool: &str| {
+            vec![
+                ("host".to_string(), "b".to_string()),
+                ("service".to_string(), "weather".to_string()),
+                ("tool".to_string(), tool.to_string()),
+            ]
+        };
+        let got: Vec<_> = points.iter().map(|p| (p.tags.to_vec(), p.value)).collect();
+        assert_eq!(
+            got,
+            vec![(tags("x"), 1.0), (tags("x"), 2.0), (tags("y"), 3.0), (tags("x"), 4.0)]
+        );
     }
 
     #[test]
