@@ -4,7 +4,8 @@
 //! Writes find their key in a short-lived cache of this node's recent lookups: the
 //! group-commit writer checks the key again inside the commit's transaction, so a key
 //! revoked (on any node, or by the CLI) since it was cached still stores nothing, and the
-//! answer then says why from a fresh lookup. A database read per write was a tenth of the
+//! answer then says why from a fresh lookup. Every write therefore ends in a commit, even
+//! one with nothing to store. A database read per write was a tenth of the
 //! service's CPU under remote-write load. Reads (the sample API, the dashboard login) are
 //! not checked again later, so they always look the key up.
 
@@ -55,23 +56,6 @@ pub async fn exporter(state: &AppState, headers: &HeaderMap) -> ApiResult<Stored
 /// reads belongs to, from the database: nothing checks it again.
 pub async fn reader(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCredential> {
     credential_for(state, api_key(headers, false), Lookup::Fresh).await
-}
-
-/// Checks again, from the database, that a credential found in the cache is still
-/// active: for what no commit confirms (an OTLP export's stream state, a write that
-/// turned out to have nothing to store).
-pub async fn confirm(state: &AppState, credential: &StoredCredential) -> ApiResult<()> {
-    let hash = credential.api_key_hash;
-    match active(state.store.credential_by_hash(&hash).await?) {
-        Ok(fresh) => {
-            state.credentials.insert(hash, fresh);
-            Ok(())
-        }
-        Err(e) => {
-            state.credentials.invalidate(&hash);
-            Err(e)
-        }
-    }
 }
 
 /// The answer to a write the writer refused because its key is no longer its server's

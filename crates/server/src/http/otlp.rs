@@ -194,8 +194,6 @@ async fn export_inner(
             .store
             .cluster_lock(&format!("otlp.streams.{}", credential.server_id))
             .await?;
-        // Stream state is stored outside the commits that check the key again.
-        auth::confirm(state, &credential).await?;
         Some((node, cluster))
     };
 
@@ -260,10 +258,17 @@ async fn export_inner(
     }
 
     // Written in parts of at most the per-request sample limit, each with its own retry
-    // digest: a retried export skips the parts that were already committed.
+    // digest: a retried export skips the parts that were already committed. An export
+    // with no samples still commits one empty part: the commit is where the writer
+    // confirms the key, before any stream state is stored below.
     let chunk = state.sample_limits().max_samples.max(1);
+    let parts: Vec<&[otlp::Point]> = if points.is_empty() {
+        vec![&[]]
+    } else {
+        points.chunks(chunk).collect()
+    };
     let mut accepted = 0;
-    for (part, slice) in points.chunks(chunk).enumerate() {
+    for (part, slice) in parts.into_iter().enumerate() {
         let batch = WireBatch {
             server_id: Cow::Borrowed(&credential.server_id),
             metrics: slice
@@ -297,11 +302,6 @@ async fn export_inner(
             let point = &slice[r.index];
             refused.add(point.data_point, || format!("{}: {}", point.name, r.detail));
         }
-    }
-    // Nothing committed and no stream state (whose turn confirmed the key): no commit
-    // checked the key again, so a key revoked elsewhere is told so here.
-    if points.is_empty() && turn.is_none() {
-        auth::confirm(state, &credential).await?;
     }
     // Every part is committed (or was, by an earlier try of this body). A stream whose
     // samples were refused keeps no state: nothing of it was stored.

@@ -85,15 +85,10 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
             })
             .collect(),
     };
-    // Nothing left to store (all stale markers, or every series refused): no commit.
-    let (accepted, rejected) = if batch.metrics.is_empty() {
-        // No commit checks the key again: a key revoked elsewhere is told so here.
-        auth::confirm(state, &credential).await?;
-        (0, Vec::new())
-    } else {
-        let stored = super::write::commit(state, &credential, &batch, &body, None).await?;
-        (stored.accepted, stored.rejected)
-    };
+    // Committed even with nothing left to store (all stale markers, or every series
+    // refused): the commit is where the writer confirms the key.
+    let stored = super::write::commit(state, &credential, &batch, &body, None).await?;
+    let (accepted, rejected) = (stored.accepted, stored.rejected);
     if rejected.is_empty() && refused_repeating == 0 {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
