@@ -75,33 +75,16 @@ impl<'a> Reader<'a> {
     /// A base-128 varint of at most ten bytes, the tenth holding only the top bit.
     #[inline]
     pub fn varint(&mut self) -> Result<u64, WireError> {
-        // Keys and short lengths, most of what a message holds, take one byte.
-        if let Some((&byte, rest)) = self.buf.split_first()
-            && byte < 0x80
-        {
-            self.buf = rest;
-            return Ok(u64::from(byte));
-        }
-        self.long_varint()
-    }
-
-    fn long_varint(&mut self) -> Result<u64, WireError> {
-        let mut value = 0u64;
-        for (i, &byte) in self.buf.iter().enumerate().take(10) {
-            if i == 9 && byte > 1 {
-                return Err(WireError::Varint);
+        let mut rest = self.buf;
+        match crate::varint::get(&mut rest) {
+            Some(v) => {
+                self.buf = rest;
+                Ok(v)
             }
-            value |= u64::from(byte & 0x7f) << (7 * i);
-            if byte < 0x80 {
-                self.buf = &self.buf[i + 1..];
-                return Ok(value);
-            }
+            // Ten bytes were there, so the varint itself is bad; else the input ended.
+            None if self.buf.len() >= 10 => Err(WireError::Varint),
+            None => Err(WireError::Truncated),
         }
-        Err(if self.buf.len() >= 10 {
-            WireError::Varint
-        } else {
-            WireError::Truncated
-        })
     }
 
     /// A field key: (field number, wire type).

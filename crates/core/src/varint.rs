@@ -22,7 +22,19 @@ pub fn put(out: &mut Vec<u8>, mut v: u64) {
 
 /// Reads one varint from the front of `input` and advances past it; `None` when the
 /// input ends inside it or it runs past 64 bits.
+#[inline]
 pub fn get(input: &mut &[u8]) -> Option<u64> {
+    // Most varints (keys, short lengths, small deltas) take one byte.
+    if let Some((&byte, rest)) = input.split_first()
+        && byte < 0x80
+    {
+        *input = rest;
+        return Some(u64::from(byte));
+    }
+    get_long(input)
+}
+
+fn get_long(input: &mut &[u8]) -> Option<u64> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let (&byte, rest) = input.split_first()?;

@@ -2,8 +2,7 @@
 //! read: within one write, a later value for the same (series, timestamp) must still
 //! replace an earlier one, and histogram observations that share a millisecond must
 //! still all be kept in arrival order, also when an earlier write already used that
-//! millisecond. (The tests were written when values went in many rows per statement;
-//! their sizes still cross what those statements held.)
+//! millisecond.
 
 mod common;
 
@@ -98,8 +97,8 @@ async fn observations_at_a_millisecond_an_earlier_write_used_take_the_next_seqs(
         .await
         .unwrap();
     let (ids, _) = stored(&store, m).await;
-    // Second write: 300 observations over m .. m + 4, several statements' worth, the
-    // first chunks colliding with the first write's rows, the later ones not.
+    // Second write: 300 observations over m .. m + 4, the first colliding with the first
+    // write's samples, the later ones not.
     let second: Vec<PendingSample> = (0..300)
         .map(|i| PendingSample {
             series: SeriesRef::Known(ids[0]),
@@ -135,8 +134,8 @@ async fn observations_at_a_millisecond_an_earlier_write_used_take_the_next_seqs(
 async fn repeated_values_in_one_write_keep_the_last_and_observations_all() {
     let (_dir, store) = store_with_server().await;
     let m = (now_ms() / 60_000 - 2) * 60_000;
-    // 1,000 gauge values over 37 timestamps (more than a statement's worth each round),
-    // interleaved with 300 histogram observations over 7 timestamps.
+    // 1,000 gauge values over 37 timestamps, interleaved with 300 histogram observations
+    // over 7 timestamps.
     let mut samples = Vec::new();
     for i in 0..1000 {
         samples.push(sample(0, Kind::Gauge, m + (i % 37), i as f64));

@@ -12,7 +12,7 @@
 //! - Samples of several connections arrive slightly out of order, so an entry keeps its
 //!   newest samples unsorted (up to [`TAIL_MAX`]) and folds the oldest half, in
 //!   (timestamp, arrival) order, into its bucket when the tail is full; a gauge or
-//!   counter value at a timestamp already in the tail replaces it, as the table's upsert
+//!   counter value at a timestamp already in the tail replaces it, as reading runs
 //!   does. A sample older than the folded part (or a rewrite of its last value) makes
 //!   the entry untrusted for good, and the job reads that minute.
 //! - The job uses an entry only when its generation equals the mark's: the mark was set

@@ -81,6 +81,12 @@ struct Inner {
 }
 
 impl Inner {
+    /// The write connection. A panic while it was held rolled its transaction back, so a
+    /// poisoned lock still guards a usable connection.
+    fn writer(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn open_reader(&self) -> rusqlite::Result<Connection> {
         let conn = Connection::open(&self.path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -187,12 +193,9 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = inner.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&mut conn)
-        })
-        .await
-        .map_err(join_err)?
+        tokio::task::spawn_blocking(move || f(&mut inner.writer()))
+            .await
+            .map_err(join_err)?
     }
 }
 
@@ -426,8 +429,8 @@ fn write_batch_blocking(
                 });
             }
             // A series another request created first as another kind keeps it; the
-            // samples meant for the other kind are refused, so a series never holds rows
-            // of two kinds (the multi-row upserts below and the kept minutes rely on it).
+            // samples meant for the other kind are refused, so a series never holds
+            // samples of two kinds (reading runs and the kept minutes rely on it).
             let mut kind_conflicts = Vec::new();
             for (position, sample) in request.samples.iter().enumerate() {
                 match sample.series {
@@ -489,12 +492,7 @@ fn write_batch_blocking(
 
 impl BlockingCommit for SqliteStore {
     fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
-        let mut conn = self
-            .inner
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        write_batch_blocking(&mut conn, &batch, &self.inner.kept).map_err(map_err)
+        write_batch_blocking(&mut self.inner.writer(), &batch, &self.inner.kept).map_err(map_err)
     }
 }
 

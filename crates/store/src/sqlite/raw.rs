@@ -24,10 +24,9 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use rustc_hash::FxHashMap;
 
+use super::MINUTE;
 use super::run_codec::{self, RunSample};
 use crate::SampleQuery;
-
-const MINUTE: i64 = 60_000;
 
 /// Start of the minute holding `ts` (`i64::MIN` for the open lower bound).
 fn minute_of(ts: i64) -> i64 {
@@ -166,16 +165,14 @@ impl<'a> PendingRuns<'a> {
 
     /// The distinct (minute, series) pairs written, sorted: the minutes to mark.
     pub(crate) fn minutes(&self) -> Vec<(i64, i64)> {
-        let mut minutes: Vec<(i64, i64)> = Vec::new();
-        for b in &self.buckets {
-            for s in &b.samples {
-                if minutes.last() != Some(&(b.minute, s.series_id)) {
-                    minutes.push((b.minute, s.series_id));
-                }
-            }
-        }
+        // A bucket's groups are its distinct series, and buckets are distinct (server,
+        // minute) pairs; two servers' series are distinct too, so nothing repeats.
+        let mut minutes: Vec<(i64, i64)> = self
+            .buckets
+            .iter()
+            .flat_map(|b| b.groups.keys().map(|&series_id| (b.minute, series_id)))
+            .collect();
         minutes.sort_unstable();
-        minutes.dedup();
         minutes
     }
 
@@ -210,11 +207,12 @@ impl<'a> PendingRuns<'a> {
     }
 }
 
-/// Which runs a scan reads: a range of minutes, optionally of some servers only.
+/// Which runs a scan reads: a range of minutes, optionally only the servers of some
+/// series (a JSON array of series ids).
 struct Scan<'q> {
     from_minute: i64,
     to: i64,
-    servers: Option<&'q str>,
+    servers_of_series: Option<&'q str>,
 }
 
 /// Reads the runs of `scan` in minute order and hands each minute's samples, resolved
@@ -228,17 +226,17 @@ fn for_each_minute(
 ) -> rusqlite::Result<()> {
     // Within a minute, runs come per server in insertion (id) order: a series' samples
     // are all in its server's runs, so that is their write order.
-    let (sql, args): (&str, Vec<&dyn ToSql>) = match &scan.servers {
+    let (sql, args): (&str, Vec<&dyn ToSql>) = match &scan.servers_of_series {
         None => (
             "SELECT minute, samples FROM sample_runs WHERE minute >= ?1 AND minute < ?2
              ORDER BY minute, server_id, id",
             vec![&scan.from_minute, &scan.to],
         ),
-        Some(servers) => (
+        Some(series) => (
             "SELECT minute, samples FROM sample_runs WHERE minute >= ?1 AND minute < ?2
-               AND server_id IN (SELECT value FROM json_each(?3))
+               AND server_id IN (SELECT server_id FROM series WHERE id IN (SELECT value FROM json_each(?3)))
              ORDER BY minute, server_id, id",
-            vec![&scan.from_minute, &scan.to, servers],
+            vec![&scan.from_minute, &scan.to, series],
         ),
     };
     let mut stmt = conn.prepare_cached(sql)?;
@@ -274,17 +272,12 @@ fn for_each_minute(
 /// Raw samples of some series in [from, to), in key order after a cursor, at most `limit`.
 pub(crate) fn read(conn: &Connection, q: &SampleQuery) -> rusqlite::Result<Vec<RawSample>> {
     let ids = serde_json::to_string(&q.series_ids).unwrap_or_else(|_| "[]".into());
-    let servers: Vec<String> = conn
-        .prepare_cached("SELECT DISTINCT server_id FROM series WHERE id IN (SELECT value FROM json_each(?1))")?
-        .query_map([&ids], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    let servers = serde_json::to_string(&servers).unwrap_or_else(|_| "[]".into());
     let wanted: HashSet<i64> = q.series_ids.iter().copied().collect();
     let after = q.after.unwrap_or((i64::MIN, i64::MIN, i64::MIN));
     let scan = Scan {
         from_minute: minute_of(q.from.max(after.0)),
         to: q.to,
-        servers: Some(&servers),
+        servers_of_series: Some(&ids),
     };
     let (from, to) = (q.from, q.to);
     page(
@@ -365,7 +358,7 @@ pub(crate) fn delete_older_slice(conn: &mut Connection, cutoff: i64) -> rusqlite
     let scan = Scan {
         from_minute: oldest,
         to: until,
-        servers: None,
+        servers_of_series: None,
     };
     for_each_minute(
         &tx,
@@ -418,17 +411,19 @@ pub(crate) fn for_each_in(
     conn: &Connection,
     from: i64,
     to: i64,
+    wanted: impl Fn(i64) -> bool,
     mut each: impl FnMut(i64, i64, f64),
 ) -> rusqlite::Result<()> {
     let scan = Scan {
         from_minute: minute_of(from),
         to,
-        servers: None,
+        servers_of_series: None,
     };
     for_each_minute(
         conn,
         scan,
-        |s| s.ts >= from && s.ts < to,
+        // Other series are dropped before the minute is resolved and sorted.
+        |s| s.ts >= from && s.ts < to && wanted(s.series_id),
         |samples| {
             for s in samples {
                 each(s.series_id, s.timestamp, s.value);
@@ -455,7 +450,7 @@ pub(crate) fn count_through(conn: &Connection, cursor: (i64, i64, i64)) -> rusql
     let scan = Scan {
         from_minute: i64::MIN,
         to: cursor.0.saturating_add(1),
-        servers: None,
+        servers_of_series: None,
     };
     for_each_minute(
         conn,
@@ -478,7 +473,7 @@ pub(crate) fn page_after(conn: &Connection, cursor: (i64, i64, i64), limit: usiz
     let scan = Scan {
         from_minute: minute_of(cursor.0),
         to: i64::MAX,
-        servers: None,
+        servers_of_series: None,
     };
     page(conn, scan, |_| true, cursor, limit)
 }
@@ -648,7 +643,14 @@ mod tests {
         assert_eq!(count(&conn).unwrap(), 9);
         // The rollup scan and the minute marks.
         let mut scanned = Vec::new();
-        for_each_in(&conn, M, M + 60_000, |id, ts, v| scanned.push((ts - M, id, v))).unwrap();
+        for_each_in(
+            &conn,
+            M,
+            M + 60_000,
+            |_| true,
+            |id, ts, v| scanned.push((ts - M, id, v)),
+        )
+        .unwrap();
         assert_eq!(
             scanned,
             vec![

@@ -112,11 +112,13 @@ pub fn work(
                     .collect();
                 let mut by_series: HashMap<i64, Vec<(i64, f64)>> = HashMap::new();
                 if !wanted.is_empty() {
-                    super::raw::for_each_in(&tx, bucket, bucket + level.bucket_ms(), |series_id, ts, value| {
-                        if wanted.contains(&series_id) {
-                            by_series.entry(series_id).or_default().push((ts, value));
-                        }
-                    })?;
+                    super::raw::for_each_in(
+                        &tx,
+                        bucket,
+                        bucket + level.bucket_ms(),
+                        |series_id| wanted.contains(&series_id),
+                        |series_id, ts, value| by_series.entry(series_id).or_default().push((ts, value)),
+                    )?;
                 }
                 for j in i..end {
                     let input = match taken[j].take() {
@@ -307,10 +309,11 @@ pub fn set_minute_marks(
         let mut statement = tx.prepare_cached(sql)?;
         while rest.len() >= rows {
             let (chunk, after) = rest.split_at(rows);
-            multi_row::bind_rows(
-                &mut statement,
-                chunk.iter().map(|&(minute, series_id)| (minute, series_id, generation)),
-            )?;
+            for (i, &(minute, series_id)) in chunk.iter().enumerate() {
+                statement.raw_bind_parameter(3 * i + 1, minute)?;
+                statement.raw_bind_parameter(3 * i + 2, series_id)?;
+                statement.raw_bind_parameter(3 * i + 3, generation)?;
+            }
             statement.raw_execute()?;
             rest = after;
         }

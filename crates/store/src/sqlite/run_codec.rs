@@ -86,7 +86,7 @@ pub fn decode(minute: i64, run: &[u8], mut each: impl FnMut(RunSample)) -> Resul
         let header = varint::get(&mut rest).ok_or(Corrupt(at(rest)))?;
         ts = ts
             .checked_add(unzigzag(header >> 3))
-            .filter(|ts| (minute..minute.saturating_add(60_000)).contains(ts))
+            .filter(|ts| (minute..minute.saturating_add(super::MINUTE)).contains(ts))
             .ok_or(Corrupt(at(rest)))?;
         if header & NEW_SERIES != 0 {
             let delta = unzigzag(varint::get(&mut rest).ok_or(Corrupt(at(rest)))?);
@@ -118,14 +118,7 @@ pub fn decode(minute: i64, run: &[u8], mut each: impl FnMut(RunSample)) -> Resul
 pub fn resolve(mut gathered: Vec<RunSample>, out: &mut Vec<RawSample>) {
     // Stable: arrival order survives within each (ts, series).
     gathered.sort_by_key(|s| (s.ts, s.series_id));
-    let mut i = 0;
-    while i < gathered.len() {
-        let first = gathered[i];
-        let end = gathered[i..]
-            .iter()
-            .position(|s| (s.ts, s.series_id) != (first.ts, first.series_id))
-            .map_or(gathered.len(), |n| i + n);
-        let group = &gathered[i..end];
+    for group in gathered.chunk_by(|a, b| (a.ts, a.series_id) == (b.ts, b.series_id)) {
         if group.iter().any(|s| s.observation) {
             out.extend(group.iter().enumerate().map(|(seq, s)| RawSample {
                 series_id: s.series_id,
@@ -142,7 +135,6 @@ pub fn resolve(mut gathered: Vec<RunSample>, out: &mut Vec<RawSample>) {
                 value: last.value,
             });
         }
-        i = end;
     }
 }
 
@@ -194,6 +186,7 @@ mod tests {
             .map(|(i, &v)| sample(MINUTE + i as i64, 5, false, v))
             .collect();
         let back = round_trip(&samples);
+        assert_eq!(back.len(), samples.len());
         for (a, b) in samples.iter().zip(&back) {
             assert_eq!(a.value.to_bits(), b.value.to_bits(), "{}", a.value);
         }
