@@ -187,10 +187,12 @@ async fn revoked_key_is_refused_and_rotation_keeps_other_keys_working() {
     svc.stop().await;
 }
 
-/// A key revoked elsewhere (by another node, or the CLI in another process) after this
-/// node cached it for writes: the next write of each kind is refused by the writer's
-/// check at commit with `revoked_key` and stores nothing, and the raw read, which no
-/// commit checks, refuses it at once.
+/// A key revoked elsewhere (by another node, or the CLI in another process) after a write
+/// on this node looked it up: the next write of each kind gets `revoked_key` and stores
+/// nothing, and the raw read, which no commit checks, refuses it at once. (With the cache
+/// it is the writer's check at commit that refuses the writes; this test holds either
+/// way, `a_write_whose_key_is_revoked_before_its_commit_is_refused` in influx.rs pins
+/// that check.)
 #[tokio::test]
 async fn a_key_revoked_elsewhere_after_this_node_cached_it_writes_and_reads_nothing() {
     let svc = TestService::start().await;
@@ -258,15 +260,20 @@ async fn a_key_revoked_elsewhere_after_this_node_cached_it_writes_and_reads_noth
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["value"], 1.0);
 
-    // Writes with nothing to commit look at the key again before answering: a
+    // Writes with nothing to store still commit, so the writer refuses the key: a
     // remote-write body of stale markers only, and an empty OTLP export.
     let post = |path: &'static str, content_type: &'static str, body: Vec<u8>| {
-        svc.client
+        let mut request = svc
+            .client
             .post(svc.url(path))
             .header("authorization", format!("Bearer {}", key.api_key))
-            .header("content-type", content_type)
-            .body(body)
-            .send()
+            .header("content-type", content_type);
+        if path.contains("prom") {
+            request = request
+                .header("content-encoding", "snappy")
+                .header("x-prometheus-remote-write-version", "0.1.0");
+        }
+        request.body(body).send()
     };
     let stale_only = || {
         encode(&WriteRequest {

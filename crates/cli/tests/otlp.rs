@@ -348,8 +348,8 @@ async fn auth_failures_and_oversize_bodies() {
 }
 
 /// A key revoked elsewhere (another node, the CLI) after this node cached it: an export
-/// of a cumulative stream with nothing new stores its state outside any commit, so it
-/// confirms the key first and stores no state.
+/// of a cumulative stream with nothing new has no sample to store, yet it still commits
+/// (an empty part), so the writer refuses the key before any stream state is stored.
 #[tokio::test]
 async fn an_export_with_a_key_revoked_elsewhere_stores_no_stream_state() {
     let svc = TestService::start().await;

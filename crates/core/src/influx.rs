@@ -284,11 +284,13 @@ type LineParser = for<'a> fn(usize, &'a str, Precision, &mut Lines<'a>) -> Resul
 /// line's tags and points taken back out so that it leaves nothing behind.
 fn parse_lines(body: &str, precision: Precision, parse_line: LineParser) -> Lines<'_> {
     // A line is rarely shorter than this: room for the points up front instead of
-    // growing (and faulting in) the vector as it fills.
+    // growing the vector as it fills. Capped: a body can be 20 MiB, and most lines of a
+    // large body are refused beyond the per-request sample limit anyway.
+    let expected = (body.len() / 40).min(1 << 16);
     let mut lines = Lines {
-        points: Vec::with_capacity(body.len() / 40),
+        points: Vec::with_capacity(expected),
         errors: Vec::new(),
-        tags: Vec::with_capacity(body.len() / 40),
+        tags: Vec::with_capacity(expected),
     };
     for (i, line) in body.lines().enumerate() {
         let line = line.trim_ascii();

@@ -329,12 +329,7 @@ pub fn validate_sample(
     now_ms: i64,
     limits: &SampleLimits,
 ) -> Result<ValidSample, Rejection> {
-    // In the order clients have always been told: name, type, value, tags, time.
-    let reject = |code: Code, detail: String| Rejection { index, code, detail };
-    check_name(sample).map_err(|(code, detail)| reject(code, detail))?;
-    let (kind, value) = check_kind_and_value(sample).map_err(|(code, detail)| reject(code, detail))?;
-    check_tags(sample).map_err(|(code, detail)| reject(code, detail))?;
-    check_time(index, sample, kind, value, now_ms, limits)
+    validate(index, sample, now_ms, limits, Checks::All)
 }
 
 /// [`validate_sample`] for a sample whose name and tags are those of a sample that
@@ -345,8 +340,41 @@ pub fn validate_point(
     now_ms: i64,
     limits: &SampleLimits,
 ) -> Result<ValidSample, Rejection> {
-    let (kind, value) = check_kind_and_value(sample).map_err(|(code, detail)| Rejection { index, code, detail })?;
-    check_time(index, sample, kind, value, now_ms, limits)
+    validate(index, sample, now_ms, limits, Checks::PointOnly)
+}
+
+#[derive(PartialEq)]
+enum Checks {
+    All,
+    /// Name and tags are known to pass.
+    PointOnly,
+}
+
+fn validate(
+    index: usize,
+    sample: &WireSample<'_>,
+    now_ms: i64,
+    limits: &SampleLimits,
+    checks: Checks,
+) -> Result<ValidSample, Rejection> {
+    // In the order clients have always been told: name, type, value, tags, time.
+    let checked = (|| {
+        if checks == Checks::All {
+            check_name(sample)?;
+        }
+        let (kind, value) = check_kind_and_value(sample)?;
+        if checks == Checks::All {
+            check_tags(sample)?;
+        }
+        let timestamp = check_time(sample, now_ms, limits)?;
+        Ok(ValidSample {
+            index,
+            kind,
+            timestamp,
+            value,
+        })
+    })();
+    checked.map_err(|(code, detail)| Rejection { index, code, detail })
 }
 
 type Refusal = (Code, String);
@@ -415,33 +443,15 @@ fn check_tags(sample: &WireSample<'_>) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn check_time(
-    index: usize,
-    sample: &WireSample<'_>,
-    kind: Kind,
-    value: f64,
-    now_ms: i64,
-    limits: &SampleLimits,
-) -> Result<ValidSample, Rejection> {
-    let reject = |code: Code, detail: String| Rejection { index, code, detail };
+fn check_time(sample: &WireSample<'_>, now_ms: i64, limits: &SampleLimits) -> Result<i64, Refusal> {
     let timestamp = match &sample.timestamp {
         None => now_ms,
         Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => *ms as i64,
-        Some(WireTime::Text(text)) => parse_rfc3339_ms(text).ok_or_else(|| {
-            reject(
-                Code::InvalidTimestamp,
-                "timestamp must be unix milliseconds or RFC 3339".into(),
-            )
-        })?,
-        Some(_) => {
-            return Err(reject(
-                Code::InvalidTimestamp,
-                "timestamp must be unix milliseconds or RFC 3339".into(),
-            ));
-        }
+        Some(WireTime::Text(text)) => parse_rfc3339_ms(text).ok_or_else(bad_timestamp)?,
+        Some(_) => return Err(bad_timestamp()),
     };
     if timestamp < now_ms - limits.max_age_ms {
-        return Err(reject(
+        return Err((
             Code::TooOld,
             format!(
                 "timestamp is older than the raw retention of {} days",
@@ -450,17 +460,19 @@ fn check_time(
         ));
     }
     if timestamp > now_ms + MAX_FUTURE_MS {
-        return Err(reject(
+        return Err((
             Code::TooFarAhead,
             "timestamp is more than 5 minutes ahead of the server clock".into(),
         ));
     }
-    Ok(ValidSample {
-        index,
-        kind,
-        timestamp,
-        value,
-    })
+    Ok(timestamp)
+}
+
+fn bad_timestamp() -> Refusal {
+    (
+        Code::InvalidTimestamp,
+        "timestamp must be unix milliseconds or RFC 3339".into(),
+    )
 }
 
 /// The body of `POST /api/v1/events`.

@@ -792,8 +792,6 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
         for scope in &resource_metrics.scope_metrics {
             for metric in &scope.metrics {
                 let name = metric.name.as_str();
-                // One copy of the name for all the metric's points.
-                let shared_name: Arc<str> = Arc::from(name);
                 let Some(data) = &metric.data else {
                     let index = m.next_index();
                     m.refuse(index, name, "the metric has no data");
@@ -801,6 +799,8 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                 };
                 match data {
                     metric::Data::Gauge(gauge) => {
+                        // One copy of the name and of each run's tags for the points.
+                        let shared_name: Arc<str> = Arc::from(name);
                         let mut tags = PointTags::new(&resource);
                         for p in &gauge.data_points {
                             m.number(&shared_name, Kind::Gauge, tags.of(&p.attributes), p);
@@ -809,6 +809,7 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                     metric::Data::Sum(sum) => {
                         let kind = if sum.is_monotonic { Kind::Counter } else { Kind::Gauge };
                         let delta = sum.aggregation_temporality == AggregationTemporality::Delta as i32;
+                        let shared_name: Arc<str> = Arc::from(name);
                         let mut tags = PointTags::new(&resource);
                         for p in &sum.data_points {
                             if delta {

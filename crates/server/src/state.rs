@@ -38,7 +38,7 @@ pub struct Shared {
     pub known_servers: moka::sync::Cache<String, ()>,
     /// Active credentials by API-key hash, looked up recently by writes (see
     /// `http::auth`): positive answers only, for [`CREDENTIAL_TTL`] at most.
-    pub credentials: moka::sync::Cache<[u8; 32], StoredCredential>,
+    pub credentials: moka::sync::Cache<[u8; 32], Arc<StoredCredential>>,
     /// One lock per server for OTLP exports: an export reads its streams' state, commits
     /// samples computed from it and stores the next state, so two exports of one server
     /// at once would both build on the same state and one delta would be lost. Across

@@ -9,6 +9,8 @@
 //! service's CPU under remote-write load. Reads (the sample API, the dashboard login) are
 //! not checked again later, so they always look the key up.
 
+use std::sync::Arc;
+
 use axum::http::HeaderMap;
 use mcp_metrics_core::codes::Code;
 use mcp_metrics_core::model::StoredCredential;
@@ -42,19 +44,19 @@ fn api_key(headers: &HeaderMap, allow_authorization: bool) -> Option<&str> {
 
 /// Finds the active credential the API key (in `X-API-Key`) of a request that writes
 /// belongs to; the writer confirms it at commit (see the module doc).
-pub async fn author(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCredential> {
+pub async fn author(state: &AppState, headers: &HeaderMap) -> ApiResult<Arc<StoredCredential>> {
     credential_for(state, api_key(headers, false), Lookup::Cached).await
 }
 
 /// Like [`author`], also accepting `Authorization: Bearer|Token <key>`, for standard
 /// exporters that cannot send custom headers or sign (DESIGN.md §4.1 ecosystem).
-pub async fn exporter(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCredential> {
+pub async fn exporter(state: &AppState, headers: &HeaderMap) -> ApiResult<Arc<StoredCredential>> {
     credential_for(state, api_key(headers, true), Lookup::Cached).await
 }
 
 /// Finds the active credential the API key (in `X-API-Key`) of a request that only
 /// reads belongs to, from the database: nothing checks it again.
-pub async fn reader(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCredential> {
+pub async fn reader(state: &AppState, headers: &HeaderMap) -> ApiResult<Arc<StoredCredential>> {
     credential_for(state, api_key(headers, false), Lookup::Fresh).await
 }
 
@@ -64,8 +66,8 @@ pub async fn reader(state: &AppState, headers: &HeaderMap) -> ApiResult<StoredCr
 pub async fn refused_at_commit(state: &AppState, credential: &StoredCredential) -> ApiError {
     state.credentials.invalidate(&credential.api_key_hash);
     match state.store.credential_by_hash(&credential.api_key_hash).await {
-        Ok(Some(c)) if c.revoked_at.is_some() => revoked_key(),
-        Ok(_) => unknown_key(),
+        // Still active means it went and came back between the commit and this look.
+        Ok(found) => active(found).err().unwrap_or_else(unknown_key),
         Err(e) => e.into(),
     }
 }
@@ -87,7 +89,7 @@ enum Lookup {
     Fresh,
 }
 
-async fn credential_for(state: &AppState, key: Option<&str>, lookup: Lookup) -> ApiResult<StoredCredential> {
+async fn credential_for(state: &AppState, key: Option<&str>, lookup: Lookup) -> ApiResult<Arc<StoredCredential>> {
     let key = key.ok_or_else(|| {
         ApiError::new(
             Code::MissingKey,
@@ -100,7 +102,7 @@ async fn credential_for(state: &AppState, key: Option<&str>, lookup: Lookup) -> 
     {
         return Ok(credential);
     }
-    let credential = active(state.store.credential_by_hash(&hash).await?)?;
+    let credential = Arc::new(active(state.store.credential_by_hash(&hash).await?)?);
     // Only active keys are cached: unknown keys cannot fill the cache, and a revoked key
     // is refused from the database every time.
     state.credentials.insert(hash, credential.clone());

@@ -20,12 +20,6 @@ pub struct Prepared {
     pub rejected: Vec<Rejection>,
 }
 
-/// Equal texts, at once when both are borrowed from the same bytes (a remote-write
-/// series' name, lent to each of its samples).
-fn same_text(a: &str, b: &str) -> bool {
-    (std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len()) || a == b
-}
-
 /// Validates every sample and resolves its series: known series by id from the cache,
 /// unseen ones as [`SeriesRef::New`] for the writer to create.
 pub fn prepare(
@@ -51,7 +45,7 @@ pub fn prepare(
         // once, not once per sample.
         let continues = run.and_then(|(previous, series, kind)| {
             let first = &batch.metrics[previous];
-            (sample.tags.lent_from_same(&first.tags) && same_text(&sample.name, &first.name)).then_some((series, kind))
+            (sample.tags.lent_from_same(&first.tags) && sample.name == first.name).then_some((series, kind))
         });
         let checked = match continues {
             Some(_) => validate_point(index, sample, now, limits),

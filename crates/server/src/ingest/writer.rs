@@ -11,7 +11,7 @@
 //!   writer on an OS thread of its own, which calls the commit directly. As a task, each
 //!   commit cost two hand-offs: to the blocking pool and back to a runtime worker, where
 //!   the writer's wake-up queued behind request handlers decoding bodies; together
-//!   100–160 µs of a 600–900 µs commit (docs/METRICS.md, "Beside VictoriaMetrics").
+//!   100–160 µs of an 850–950 µs commit (docs/METRICS.md, "Beside VictoriaMetrics").
 //! - Otherwise a task, and a store that allows it ([`Store::write_concurrency`],
 //!   PostgreSQL) gets several groups in flight: the next group is gathered and sent while
 //!   the previous one waits for its commit.
