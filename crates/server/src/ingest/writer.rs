@@ -150,21 +150,12 @@ struct Writer {
 impl Writer {
     /// The writer of a blocking store, on its own thread.
     fn run_on_thread(&self, mut rx: mpsc::UnboundedReceiver<Message>, store: &dyn BlockingCommit) {
-        let mut stopping = false;
-        loop {
-            // Once stopped, no handler is running any more: commit what is left, in
-            // groups, and end.
-            let message = if stopping {
-                rx.try_recv().ok()
-            } else {
-                rx.blocking_recv()
+        // After a stop the queue is closed: what is left comes out, in groups, then `None`.
+        while let Some(message) = rx.blocking_recv() {
+            let Some(first) = first_of_group(message, &mut rx) else {
+                continue;
             };
-            let first = match first_of_group(message, &mut stopping) {
-                Next::Group(job) => *job,
-                Next::Receive => continue,
-                Next::End => break,
-            };
-            let jobs = self.gather(&mut rx, first, &mut stopping);
+            let jobs = self.gather(&mut rx, first);
             let (batch, group) = self.group(jobs);
             group.answer(commit_catching_panics(store, batch));
         }
@@ -174,18 +165,14 @@ impl Writer {
     async fn run_as_task(&self, mut rx: mpsc::UnboundedReceiver<Message>, store: Arc<dyn Store>) {
         let slots = store.write_concurrency().max(1);
         let in_flight = Arc::new(Semaphore::new(slots));
-        let mut stopping = false;
-        loop {
-            let message = if stopping { rx.try_recv().ok() } else { rx.recv().await };
-            let first = match first_of_group(message, &mut stopping) {
-                Next::Group(job) => *job,
-                Next::Receive => continue,
-                Next::End => break,
+        while let Some(message) = rx.recv().await {
+            let Some(first) = first_of_group(message, &mut rx) else {
+                continue;
             };
             // Wait for a free slot before gathering the group: what arrives meanwhile
             // joins it.
             let slot = in_flight.clone().acquire_owned().await.expect("never closed");
-            let jobs = self.gather(&mut rx, first, &mut stopping);
+            let jobs = self.gather(&mut rx, first);
             let (batch, group) = self.group(jobs);
             if slots == 1 {
                 group.answer(store.write_batch(batch).await);
@@ -203,7 +190,7 @@ impl Writer {
     }
 
     /// `first` and what is queued behind it, up to the batch limit.
-    fn gather(&self, rx: &mut mpsc::UnboundedReceiver<Message>, first: Job, stopping: &mut bool) -> Vec<Job> {
+    fn gather(&self, rx: &mut mpsc::UnboundedReceiver<Message>, first: Job) -> Vec<Job> {
         let mut samples = first.samples;
         let mut jobs = vec![first];
         while samples < self.max_batch_samples {
@@ -212,7 +199,7 @@ impl Writer {
                     samples += job.samples;
                     jobs.push(*job);
                 }
-                Ok(Message::Stop) => *stopping = true,
+                Ok(Message::Stop) => rx.close(),
                 Err(_) => break,
             }
         }
@@ -260,23 +247,15 @@ fn commit_catching_panics(store: &dyn BlockingCommit, batch: WriteBatch) -> Stor
     })
 }
 
-/// What a writer does with the message it received between groups.
-enum Next {
-    Group(Box<Job>),
-    Receive,
-    End,
-}
-
-/// A request starts a group; a stop turns the writer to committing what is left; an
-/// empty queue after the stop (or a closed one) ends it.
-fn first_of_group(message: Option<Message>, stopping: &mut bool) -> Next {
+/// A request starts a group. A stop closes the queue: no handler can submit any more,
+/// and the writer receives what is already queued, then the end.
+fn first_of_group(message: Message, rx: &mut mpsc::UnboundedReceiver<Message>) -> Option<Job> {
     match message {
-        Some(Message::Write(job)) => Next::Group(job),
-        Some(Message::Stop) => {
-            *stopping = true;
-            Next::Receive
+        Message::Write(job) => Some(*job),
+        Message::Stop => {
+            rx.close();
+            None
         }
-        None => Next::End,
     }
 }
 

@@ -311,7 +311,16 @@ mod tests {
     /// Writes like the store does: rows stably sorted by time, checked minutes empty
     /// unless the table already has them.
     fn write(kept: &mut KeptMinutes, table: &mut Table, generation: i64, mut rows: Vec<(i64, i64, Kind, f64)>) {
-        rows.sort_by_key(|&(series, ts, _, _)| (ts, series));
+        // As the writer's runs hand them over: per minute, each series' samples together
+        // in arrival order, series in order of first arrival.
+        let mut first_seen: MinuteMap<usize> = MinuteMap::default();
+        for (i, r) in rows.iter().enumerate() {
+            first_seen.entry((align(r.1, MINUTE), r.0)).or_insert(i);
+        }
+        rows.sort_by_key(|r| {
+            let minute = align(r.1, MINUTE);
+            (minute, first_seen[&(minute, r.0)])
+        });
         let keys: Vec<MinuteKey> = rows.iter().map(|r| (align(r.1, MINUTE), r.0)).collect();
         let was_empty = kept
             .unknown(&keys)

@@ -246,7 +246,8 @@ fn for_each_minute(
     let mut current = None;
     let mut flush = |gathered: &mut Vec<RunSample>| {
         resolved.clear();
-        run_codec::resolve(std::mem::take(gathered), &mut resolved);
+        run_codec::resolve(gathered, &mut resolved);
+        gathered.clear();
         each(&resolved)
     };
     while let Some(row) = rows.next()? {

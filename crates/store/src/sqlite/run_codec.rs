@@ -115,7 +115,8 @@ pub fn decode(minute: i64, run: &[u8], mut each: impl FnMut(RunSample)) -> Resul
 /// written (each run in arrival order, runs in write order), into what the store shows, sorted by (ts, series_id, seq): of values at one
 /// (series, ts) the last written, at seq 0; observations at one (series, ts) each, at
 /// seq 0, 1, 2, … in arrival order.
-pub fn resolve(mut gathered: Vec<RunSample>, out: &mut Vec<RawSample>) {
+/// Sorts `gathered` in place (the caller reuses it).
+pub fn resolve(gathered: &mut [RunSample], out: &mut Vec<RawSample>) {
     // Stable: arrival order survives within each (ts, series).
     gathered.sort_by_key(|s| (s.ts, s.series_id));
     for group in gathered.chunk_by(|a, b| (a.ts, a.series_id) == (b.ts, b.series_id)) {
@@ -205,7 +206,7 @@ mod tests {
 
     #[test]
     fn later_values_replace_earlier_ones_and_observations_are_numbered() {
-        let gathered = vec![
+        let mut gathered = vec![
             // first run
             sample(MINUTE + 5, 1, false, 1.0),
             sample(MINUTE + 5, 2, true, 10.0),
@@ -216,7 +217,7 @@ mod tests {
             sample(MINUTE + 5, 2, true, 12.0),
         ];
         let mut out = Vec::new();
-        resolve(gathered, &mut out);
+        resolve(&mut gathered, &mut out);
         let got: Vec<_> = out
             .iter()
             .map(|s| (s.timestamp - MINUTE, s.series_id, s.seq, s.value))
@@ -317,7 +318,7 @@ mod tests {
                 gathered.extend(round_trip(&writes[w[0]..w[1]]));
             }
             let mut out = Vec::new();
-            resolve(gathered, &mut out);
+            resolve(&mut gathered, &mut out);
             let got: Vec<_> = out.iter().map(|s| ((s.timestamp, s.series_id, s.seq), s.value)).collect();
             prop_assert_eq!(got, expected.into_iter().collect::<Vec<_>>());
         }
