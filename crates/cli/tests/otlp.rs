@@ -349,7 +349,8 @@ async fn auth_failures_and_oversize_bodies() {
 
 /// A key revoked elsewhere (another node, the CLI) after this node cached it: an export
 /// of a cumulative stream with nothing new has no sample to store, yet it still commits
-/// (an empty part), so the writer refuses the key before any stream state is stored.
+/// (an empty part), so the writer refuses the key before any stream state is stored. On
+/// PostgreSQL the refused export still releases its stream lock.
 #[tokio::test]
 async fn an_export_with_a_key_revoked_elsewhere_stores_no_stream_state() {
     let svc = TestService::start().await;
@@ -390,6 +391,19 @@ async fn an_export_with_a_key_revoked_elsewhere_stores_no_stream_state() {
         0
     );
     assert_eq!(svc.sql_i64("SELECT COUNT(*) FROM series").await, 1);
+    if svc.is_postgres() {
+        // The refused export released its stream lock rather than dropping it: the lock's
+        // session was unlocked and kept for the next lock, not closed (a sender retrying
+        // a refused export used to open a session per try).
+        assert_eq!(
+            svc.sql_i64(
+                "SELECT COUNT(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND query LIKE 'SELECT pg_advisory_unlock%'"
+            )
+            .await,
+            1
+        );
+    }
     svc.stop().await;
 }
 

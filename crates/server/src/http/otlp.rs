@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use mcp_metrics_core::codes::Code;
 use mcp_metrics_core::ingest::{WireBatch, WireSample, WireTags, WireTime, WireValue};
+use mcp_metrics_core::model::StoredCredential;
 use mcp_metrics_core::otlp::{self, ExportMetricsPartialSuccess, ExportMetricsServiceResponse, StreamState};
 use mcp_metrics_core::secrets::body_digest;
 use prost::Message;
@@ -167,7 +168,7 @@ async fn export_inner(
     let body = super::problem::decoded_body(headers, body, MAX_BYTES)?;
     let digest = body_digest(&body);
     // Decoding and mapping up to 20 MiB is CPU work: off the async workers.
-    let mapped = tokio::task::spawn_blocking(move || {
+    let mut mapped = tokio::task::spawn_blocking(move || {
         let request = match encoding {
             Encoding::Protobuf => otlp::decode_protobuf(&body),
             Encoding::Json => otlp::decode_json(&body),
@@ -178,9 +179,6 @@ async fn export_inner(
     .await
     .map_err(|e| ApiError::new(Code::Internal, format!("decoding failed: {e}")))?
     .map_err(ApiError::invalid)?;
-    let mut points = mapped.points;
-    let mut refused = mapped.refused;
-    let mut budget = mapped.budget_left;
     // Held from reading the streams' state to storing the next one: first this node's
     // turn (see `otlp_exports`), then the cluster's, so two nodes never continue one
     // stream from the same state. Exports without such streams (gauges, delta
@@ -197,13 +195,66 @@ async fn export_inner(
         Some((node, cluster))
     };
 
+    // Released however the storing ends: a dropped lock ends its session (PostgreSQL),
+    // and a sender retrying a refused export would open a session per try.
+    let stored = store_export(state, &credential, &mut mapped, digest).await;
+    if let Some((_node, cluster)) = turn
+        && let Err(e) = cluster.release().await
+    {
+        // The lock goes with its session.
+        tracing::warn!(error = %e, "releasing an OTLP stream lock");
+    }
+    let (accepted, refused_points) = stored?;
+
+    let message = mapped.refused.examples().join("; ");
+    if !refused_points.is_empty() && refused_points.len() == mapped.data_points && accepted == 0 {
+        return Err(ApiError::invalid(format!(
+            "all {} data points were refused, e.g. {message}",
+            mapped.data_points
+        )));
+    }
+    let partial = (!refused_points.is_empty()).then(|| ExportMetricsPartialSuccess {
+        rejected_data_points: refused_points.len() as i64,
+        error_message: format!("{} data points refused, e.g. {message}", refused_points.len()),
+    });
+    // OTLP/JSON writes 64-bit integers as strings, which the generated serializer does not.
+    let json = match &partial {
+        Some(p) => serde_json::json!({"partialSuccess": {
+            "rejectedDataPoints": p.rejected_data_points.to_string(),
+            "errorMessage": p.error_message,
+        }})
+        .to_string(),
+        None => "{}".to_string(),
+    };
+    let response = ExportMetricsServiceResponse {
+        partial_success: partial,
+    };
+    Ok(encoded(encoding, StatusCode::OK, response.encode_to_vec(), json))
+}
+
+/// Continues the export's streams from their stored state, commits all its samples in
+/// parts, then stores the streams' next state; returns the samples accepted and the data
+/// points refused. Called holding the streams' lock, if the export has streams.
+async fn store_export(
+    state: &AppState,
+    credential: &StoredCredential,
+    mapped: &mut otlp::Mapped,
+    digest: [u8; 32],
+) -> ApiResult<(usize, Vec<usize>)> {
+    let otlp::Mapped {
+        points,
+        streams,
+        refused,
+        budget_left: budget,
+        ..
+    } = mapped;
     // Streams continue from their stored state. The record keeps the state before the
     // export that produced it and that export's digest, so a retry of it (whose parts
     // are all duplicates) computes the same state again instead of applying it twice,
     // and a retry after a lost state write still writes it.
     let digest_hex = hex::encode(digest);
-    let mut new_states = Vec::with_capacity(mapped.streams.len());
-    for stream in &mapped.streams {
+    let mut new_states = Vec::with_capacity(streams.len());
+    for stream in streams.iter() {
         let key = state_key(&credential.server_id, &stream.name, &stream.tags);
         let stored = state
             .store
@@ -224,7 +275,7 @@ async fn export_inner(
             }
         };
         let copies = if stream.response_time.is_some() { 2 } else { 1 };
-        if values.len() * copies > budget {
+        if values.len() * copies > *budget {
             refused.add(stream.data_point, || {
                 format!(
                     "{}: the request maps to more than {} samples; send fewer points per export",
@@ -234,10 +285,10 @@ async fn export_inner(
             });
             continue;
         }
-        budget -= values.len() * copies;
+        *budget -= values.len() * copies;
         if stream.kind == mcp_metrics_core::model::Kind::Histogram {
             otlp::push_observations(
-                &mut points,
+                points,
                 &stream.name,
                 &stream.tags,
                 stream.response_time.as_ref(),
@@ -247,7 +298,7 @@ async fn export_inner(
             );
         } else {
             let at = (stream.timestamp_ms, stream.data_point);
-            otlp::push_values(&mut points, &stream.name, &stream.tags, stream.kind, at, values);
+            otlp::push_values(points, &stream.name, &stream.tags, stream.kind, at, values);
         }
         let record = StreamRecord {
             before: base,
@@ -294,7 +345,7 @@ async fn export_inner(
             hasher.update((part as u64).to_le_bytes());
             hasher.finalize().into()
         };
-        let stored = super::write::commit_with_digest(state, &credential, &batch, part_digest, None).await?;
+        let stored = super::write::commit_with_digest(state, credential, &batch, part_digest, None).await?;
         if !stored.duplicate {
             accepted += stored.accepted;
         }
@@ -313,35 +364,5 @@ async fn export_inner(
         let text = serde_json::to_string(&record).map_err(|e| ApiError::invalid(e.to_string()))?;
         state.store.meta_set(&key, &text).await?;
     }
-    if let Some((_node, cluster)) = turn
-        && let Err(e) = cluster.release().await
-    {
-        // The export is stored; the lock goes with its session.
-        tracing::warn!(error = %e, "releasing an OTLP stream lock");
-    }
-
-    let message = refused.examples().join("; ");
-    if !refused_points.is_empty() && refused_points.len() == mapped.data_points && accepted == 0 {
-        return Err(ApiError::invalid(format!(
-            "all {} data points were refused, e.g. {message}",
-            mapped.data_points
-        )));
-    }
-    let partial = (!refused_points.is_empty()).then(|| ExportMetricsPartialSuccess {
-        rejected_data_points: refused_points.len() as i64,
-        error_message: format!("{} data points refused, e.g. {message}", refused_points.len()),
-    });
-    // OTLP/JSON writes 64-bit integers as strings, which the generated serializer does not.
-    let json = match &partial {
-        Some(p) => serde_json::json!({"partialSuccess": {
-            "rejectedDataPoints": p.rejected_data_points.to_string(),
-            "errorMessage": p.error_message,
-        }})
-        .to_string(),
-        None => "{}".to_string(),
-    };
-    let response = ExportMetricsServiceResponse {
-        partial_success: partial,
-    };
-    Ok(encoded(encoding, StatusCode::OK, response.encode_to_vec(), json))
+    Ok((accepted, refused_points))
 }
