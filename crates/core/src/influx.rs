@@ -207,11 +207,11 @@ const EXACT_POWERS_OF_TEN: [f64; 23] = [
     1e21, 1e22,
 ];
 
-/// The common field value, `-?digits(.digits)?` in at most 16 characters, read without
-/// the general float parser, which took a tenth of the parser's time. Both the
-/// digits and the power of ten are exact in an `f64`, so one correctly rounded division
-/// gives the correctly rounded value, exactly what `str::parse` returns (Clinger's fast
-/// path). Anything else is `None` and goes the general way.
+/// The common field value, `-?digits(.digits)?` of at most 16 characters after the sign,
+/// read without the general float parser, which took a tenth of the parser's time. Both
+/// the digits and the power of ten are exact in an `f64`, so one correctly rounded
+/// division gives the correctly rounded value, exactly what `str::parse` returns
+/// (Clinger's fast path). Anything else is `None` and goes the general way.
 fn plain_decimal(raw: &[u8]) -> Option<f64> {
     let (negative, digits) = match raw.split_first() {
         Some((b'-', rest)) => (true, rest),
