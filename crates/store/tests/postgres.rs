@@ -1960,6 +1960,89 @@ async fn a_deletion_waits_for_a_write_creating_series_and_takes_its_rows() {
     );
 }
 
+/// A server "s" with the live key "k", and a request authenticated with it.
+async fn server_with_live_key(store: &PostgresStore) -> WriteRequest {
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    store
+        .insert_credential(&StoredCredential {
+            key_id: "k".into(),
+            server_id: "s".into(),
+            api_key_hash: [3; 32],
+            sealed_secret: vec![1],
+            created_at: 0,
+            revoked_at: None,
+            last_used_at: None,
+        })
+        .await
+        .unwrap();
+    let t = (now_ms() / 60_000 - 2) * 60_000;
+    let mut request = request(
+        vec![NewSeries {
+            key: key("s", "x"),
+            kind: Kind::Gauge,
+        }],
+        vec![sample(SeriesRef::New(0), Kind::Gauge, t, 1.0)],
+    );
+    request.key_id = "k".into();
+    request.require_credential = true;
+    request
+}
+
+/// A revocation waits for a write that found the key live and has not committed (here a
+/// transaction taking the key-share lock the write path takes): once `revoke_credential`
+/// returns, no write of that key is still to commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_waits_for_a_write_that_found_the_key_live() {
+    let Some(db) = Db::new("a_revocation_waits_for_a_write_that_found_the_key_live").await else {
+        return;
+    };
+    let store = Arc::new(db.open().await);
+    server_with_live_key(&store).await;
+    let writer = db.admin_client().await;
+    writer
+        .batch_execute("BEGIN; SELECT key_id FROM credentials WHERE key_id = 'k' AND revoked_at IS NULL FOR KEY SHARE")
+        .await
+        .unwrap();
+    let revoking = {
+        let store = store.clone();
+        tokio::spawn(async move { store.revoke_credential("s", "k", 5).await })
+    };
+    until_waiting(&db, LOCK_WAITS, 1, "the revocation never waited for the write").await;
+    assert!(!revoking.is_finished());
+    writer.batch_execute("COMMIT").await.unwrap();
+    assert!(revoking.await.unwrap().unwrap());
+    assert!(!store.revoke_credential("s", "k", 6).await.unwrap(), "already revoked");
+}
+
+/// A write whose key is being revoked (the revocation holds the key's row and has not
+/// committed) waits for it, then stores nothing: without the write's key-share lock it
+/// would read the key as live from its snapshot and store after the revocation returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_checking_a_key_being_revoked_waits_and_stores_nothing() {
+    let Some(db) = Db::new("a_write_checking_a_key_being_revoked_waits_and_stores_nothing").await else {
+        return;
+    };
+    let store = Arc::new(db.open().await);
+    let request = server_with_live_key(&store).await;
+    let revoker = db.admin_client().await;
+    revoker
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM credentials WHERE key_id = 'k' FOR UPDATE;
+             UPDATE credentials SET revoked_at = 5 WHERE key_id = 'k'",
+        )
+        .await
+        .unwrap();
+    let writing = {
+        let store = store.clone();
+        tokio::spawn(async move { store.write_batch(batch(vec![request])).await })
+    };
+    until_waiting(&db, LOCK_WAITS, 1, "the write never waited for the revocation").await;
+    revoker.batch_execute("COMMIT").await.unwrap();
+    let outcome = writing.await.unwrap().unwrap();
+    assert!(matches!(outcome[0], RequestOutcome::ServerGone), "{outcome:?}");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM series").await, 0, "nothing stored");
+}
+
 /// A rollup apply and a server's deletion lock the server's series in one order (by id),
 /// so they cannot deadlock. Here the apply holds the lowest series and waits (behind a
 /// third transaction) for the next one when the deletion starts; the deletion's cascade

@@ -540,28 +540,33 @@ impl Store for PostgresStore {
     }
 
     async fn revoke_credential(&self, server_id: &str, key_id: &str, now: i64) -> StoreResult<bool> {
-        let client = self.client().await?;
-        let changed = client
-            .execute(
-                "UPDATE credentials SET revoked_at = $3 WHERE server_id = $1 AND key_id = $2 AND revoked_at IS NULL",
-                &[&server_id, &key_id, &now],
-            )
-            .await
-            .map_err(pg_err)?;
-        if changed == 1 {
-            return Ok(true);
-        }
-        let exists = client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        // The row first, exclusively: a write that found the key live holds a key-share
+        // lock on it until it commits (see the write path), so this waits for every such
+        // write, and writes that check the key after it wait, then find it revoked. The
+        // update alone would not wait: it takes a lock key-share does not conflict with.
+        let revoked_at: Option<Option<i64>> = tx
             .query_opt(
-                "SELECT 1 FROM credentials WHERE server_id = $1 AND key_id = $2",
+                "SELECT revoked_at FROM credentials WHERE server_id = $1 AND key_id = $2 FOR UPDATE",
                 &[&server_id, &key_id],
             )
             .await
-            .map_err(pg_err)?;
-        if exists.is_some() {
-            Ok(false)
-        } else {
-            Err(StoreError::NotFound)
+            .map_err(pg_err)?
+            .map(|row| row.get(0));
+        match revoked_at {
+            None => Err(StoreError::NotFound),
+            Some(Some(_)) => Ok(false),
+            Some(None) => {
+                tx.execute(
+                    "UPDATE credentials SET revoked_at = $3 WHERE server_id = $1 AND key_id = $2",
+                    &[&server_id, &key_id, &now],
+                )
+                .await
+                .map_err(pg_err)?;
+                tx.commit().await.map_err(pg_err)?;
+                Ok(true)
+            }
         }
     }
 

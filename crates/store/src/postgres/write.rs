@@ -94,7 +94,10 @@ pub async fn write_batch(
     let tx = client.transaction().await?;
     let (lock_servers, live_keys, guard_signature, guard_digest, insert_series, find_series, insert_event, touch_credential) = tokio::try_join!(
         tx.prepare_cached("SELECT id FROM servers WHERE id = ANY($1) ORDER BY id FOR KEY SHARE"),
-        tx.prepare_cached("SELECT key_id, server_id FROM credentials WHERE key_id = ANY($1) AND revoked_at IS NULL"),
+        tx.prepare_cached(
+            "SELECT key_id, server_id FROM credentials WHERE key_id = ANY($1) AND revoked_at IS NULL
+             ORDER BY key_id FOR KEY SHARE",
+        ),
         // A guard row that exists and has not expired makes the upsert a no-op, so zero
         // changed rows means "seen inside the window" — also when another node's
         // transaction inserted it: the upsert waits for that one and then sees its row.
@@ -130,9 +133,12 @@ pub async fn write_batch(
     let mut servers: Vec<&str> = batch.requests.iter().flat_map(|r| r.servers_written()).collect();
     servers.sort_unstable();
     servers.dedup();
-    // A request whose key went with its server stores nothing either: the server may
-    // exist again under the same id, with other keys. Both queries go in one round trip;
-    // the server runs the second after the first has its locks, on a fresh snapshot.
+    // A request whose key went with its server, or was revoked, stores nothing either:
+    // the server may exist again under the same id, with other keys. The key-share lock
+    // keeps a live key from being revoked until this commits (`revoke_credential` locks
+    // the row first, so a revocation that returned has no write of that key after it). Both
+    // queries go in one round trip; the server runs the second after the first has its
+    // locks, on a fresh snapshot.
     let mut keys: Vec<&str> = batch
         .requests
         .iter()
