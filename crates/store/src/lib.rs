@@ -156,10 +156,27 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// A held [`Store::cluster_lock`]. Release it with [`ClusterLock::release`]; dropping it
-/// also frees the lock (PostgreSQL: by closing the session that holds it).
+/// A held [`Store::cluster_lock`]. Release it with [`ClusterLock::release`] to know the
+/// outcome; dropping it releases it in the background (PostgreSQL keeps the session for
+/// the next lock), or, outside a runtime, frees it by closing its session.
 #[derive(Default)]
 pub struct ClusterLock(Option<Box<dyn ReleaseLock>>);
+
+impl Drop for ClusterLock {
+    fn drop(&mut self) {
+        let Some(lock) = self.0.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = lock.release().await {
+                    // The lock goes with its session.
+                    tracing::warn!(error = %e, "releasing a dropped cluster lock");
+                }
+            });
+        }
+    }
+}
 
 #[async_trait]
 pub(crate) trait ReleaseLock: Send {

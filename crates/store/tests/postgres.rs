@@ -1117,7 +1117,7 @@ async fn cluster_locks_serialize_work_across_nodes() {
         .unwrap();
 
     // A guard dropped without release (an error path, a cancelled request) frees the
-    // lock with its session.
+    // lock: released in the background, its session kept for the next lock.
     let waiting = {
         let a = a.clone();
         tokio::spawn(async move { a.cluster_lock("otlp.streams.s").await })
@@ -1131,6 +1131,18 @@ async fn cluster_locks_serialize_work_across_nodes() {
         .unwrap()
         .unwrap();
     again.release().await.unwrap();
+    // Every lock session is still open, each last used to unlock: A's, and B's two (the
+    // one that held "t", and the dropped guard's, which a drop used to close).
+    eventually("the dropped guard's session was not kept", || async {
+        scalar(
+            &db,
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'SELECT pg_advisory_unlock%'",
+        )
+        .await
+            == 3
+    })
+    .await;
 
     let (_dir, lite) = sqlite().await;
     let first = lite.cluster_lock("x").await.unwrap();

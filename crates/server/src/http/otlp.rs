@@ -195,8 +195,8 @@ async fn export_inner(
         Some((node, cluster))
     };
 
-    // Released however the storing ends: a dropped lock ends its session (PostgreSQL),
-    // and a sender retrying a refused export would open a session per try.
+    // Released whatever the storing returns, so a failed release is logged; a lock
+    // dropped instead (a panic) is released in the background.
     let stored = store_export(state, &credential, &mut mapped, digest).await;
     if let Some((_node, cluster)) = turn
         && let Err(e) = cluster.release().await
