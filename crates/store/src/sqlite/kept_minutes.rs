@@ -308,8 +308,8 @@ mod tests {
         }
     }
 
-    /// Writes like the store does: rows stably sorted by time, checked minutes empty
-    /// unless the table already has them.
+    /// Writes like the store does: rows in the order the writer's runs hand them over
+    /// (below), checked minutes empty unless the table already has them.
     fn write(kept: &mut KeptMinutes, table: &mut Table, generation: i64, mut rows: Vec<(i64, i64, Kind, f64)>) {
         // As the writer's runs hand them over: per minute, each series' samples together
         // in arrival order, series in order of first arrival.

@@ -7,7 +7,6 @@
 
 mod kept_minutes;
 mod migrations;
-mod multi_row;
 pub(crate) mod raw;
 mod rollups;
 pub mod run_codec;
@@ -123,6 +122,18 @@ fn configure_writer(conn: &Connection, options: &StoreOptions) -> rusqlite::Resu
     conn.pragma_update(None, "cache_size", -32_768)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(())
+}
+
+/// The kept minutes. A panic while they were locked may have left an entry half
+/// recorded (its generation renewed, samples missing), which the rollup job would then
+/// take as complete: a poisoned lock forgets every entry (the job reads those minutes).
+pub(crate) fn lock_kept(kept: &Mutex<KeptMinutes>) -> std::sync::MutexGuard<'_, KeptMinutes> {
+    kept.lock().unwrap_or_else(|poisoned| {
+        kept.clear_poison();
+        let mut entries = poisoned.into_inner();
+        entries.forget_all();
+        entries
+    })
 }
 
 /// Prepared statements kept per connection: the writer alone uses more than rusqlite's
@@ -355,13 +366,11 @@ fn write_batch_blocking(
     // Read under the write lock: no other connection can commit until this one does.
     // Cached like every statement of a write: `query_row` would parse it again each time.
     let data_version: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
-    kept.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .observe_data_version(data_version);
+    lock_kept(kept).observe_data_version(data_version);
     let mut outcomes = Vec::with_capacity(batch.requests.len());
     let mut was_empty = kept_minutes::MinuteMap::default();
     let generation;
-    let mut runs = raw::PendingRuns::with_expected(batch.requests.iter().map(|r| r.samples.len()).sum());
+    let mut runs = raw::PendingRuns::default();
     {
         // A guard row that exists and has not expired makes the upsert a no-op, so
         // `execute` reporting 0 changed rows means "seen inside the window".
@@ -432,6 +441,7 @@ fn write_batch_blocking(
             // samples meant for the other kind are refused, so a series never holds
             // samples of two kinds (reading runs and the kept minutes rely on it).
             let mut kind_conflicts = Vec::new();
+            runs.expect(request.samples.len());
             for (position, sample) in request.samples.iter().enumerate() {
                 match sample.series {
                     SeriesRef::Known(id) => {
@@ -467,7 +477,7 @@ fn write_batch_blocking(
         let dirty = runs.minutes();
         // A minute the kept buckets have not seen yet can be kept only if it held
         // nothing before this write: no mark waiting and no bucket stored.
-        let unknown = kept.lock().unwrap_or_else(|p| p.into_inner()).unknown(&dirty);
+        let unknown = lock_kept(kept).unknown(&dirty);
         let mut held_something = tx.prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM rollup_dirty WHERE level = 0 AND bucket = ?1 AND series_id = ?2)
                  OR EXISTS (SELECT 1 FROM rollups_1m WHERE series_id = ?2 AND bucket = ?1)",
@@ -480,7 +490,7 @@ fn write_batch_blocking(
         rollups::set_minute_marks(&tx, &dirty, generation)?;
     }
     let committed = tx.commit();
-    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    let mut kept = lock_kept(kept);
     match committed {
         Ok(()) => kept.record(generation, &was_empty, runs.rows()),
         // A failed commit may still have reached the file: nothing kept can be vouched for.

@@ -118,22 +118,19 @@ pub(crate) struct PendingRuns<'a> {
     bucket_of: FxHashMap<(u32, i64), usize>,
     /// The bucket the last sample went to: the next one usually goes there too.
     last: usize,
-    /// Samples expected in all: the first bucket reserves room for them (a write rarely
-    /// spans two minutes), instead of growing a sample at a time.
+    /// Samples of the request being pushed: the first bucket it opens reserves room for
+    /// them (a request rarely spans two minutes), instead of growing a sample at a time.
     expected: usize,
 }
 
 impl<'a> PendingRuns<'a> {
-    /// Runs to be of about `expected` samples.
-    pub(crate) fn with_expected(expected: usize) -> Self {
-        PendingRuns {
-            expected,
-            ..Default::default()
-        }
+    /// The next request's samples are about to be pushed.
+    pub(crate) fn expect(&mut self, samples: usize) {
+        self.expected = samples;
     }
 
     pub(crate) fn push(&mut self, server_id: &'a str, series_id: i64, ts: i64, kind: Kind, value: f64) {
-        // A range check, not a division per sample, while samples stay in one minute.
+        // A range check instead of aligning each sample, while samples stay in one minute.
         if let Some(b) = self.buckets.get_mut(self.last)
             && (b.minute..b.minute.saturating_add(MINUTE)).contains(&ts)
             && self.servers[b.slot as usize] == server_id
@@ -165,14 +162,15 @@ impl<'a> PendingRuns<'a> {
 
     /// The distinct (minute, series) pairs written, sorted: the minutes to mark.
     pub(crate) fn minutes(&self) -> Vec<(i64, i64)> {
-        // A bucket's groups are its distinct series, and buckets are distinct (server,
-        // minute) pairs; two servers' series are distinct too, so nothing repeats.
+        // A bucket's groups are its distinct series; a series named under two servers
+        // (which the HTTP layer never sends) would repeat.
         let mut minutes: Vec<(i64, i64)> = self
             .buckets
             .iter()
             .flat_map(|b| b.groups.keys().map(|&series_id| (b.minute, series_id)))
             .collect();
         minutes.sort_unstable();
+        minutes.dedup();
         minutes
     }
 
@@ -192,7 +190,8 @@ impl<'a> PendingRuns<'a> {
         for b in &mut self.buckets {
             b.group_by_series();
             blob.clear();
-            // Most samples take 3 to 5 bytes.
+            // Remote-write-shaped runs take 3 to 5 bytes a sample (integers and short
+            // decimals); arbitrary floats up to about 10: the vector grows for those.
             blob.reserve(b.samples.len() * 5 + 1);
             let samples = b.samples.iter().map(|s| RunSample {
                 ts: s.ts,
