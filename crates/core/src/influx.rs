@@ -201,10 +201,10 @@ fn parse_field_value(raw: &str) -> Result<FieldValue, String> {
     }
 }
 
-/// Powers of ten that are exact as `f64`.
-const EXACT_POWERS_OF_TEN: [f64; 23] = [
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
-    1e21, 1e22,
+/// The powers of ten a plain decimal divides by: at most 16 characters with a digit
+/// before the point leave at most 14 after it.
+const EXACT_POWERS_OF_TEN: [f64; 15] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14,
 ];
 
 /// The common field value, `-?digits(.digits)?` of at most 16 characters after the sign,
@@ -354,20 +354,13 @@ fn point_name<'a>(measurement: &Cow<'a, str>, key: &'a str, key_escaped: bool) -
     }
 }
 
-/// Parses a whole body. A bad line is reported and skipped; the others are kept.
+/// Parses a whole body: comments and blank lines skipped, each other line parsed, and a
+/// bad line reported and its tags and points taken back out, so that it leaves nothing
+/// behind; the other lines are kept.
 pub fn parse(body: &str, precision: Precision) -> Lines<'_> {
-    parse_lines(body, precision, parse_line)
-}
-
-/// One line's parser: what [`parse_lines`] runs on each line.
-type LineParser = for<'a> fn(usize, &'a str, Precision, &mut Lines<'a>) -> Result<(), String>;
-
-/// The body loop: comments and blank lines skipped, each other line parsed, and a bad
-/// line's tags and points taken back out so that it leaves nothing behind.
-fn parse_lines(body: &str, precision: Precision, parse_line: LineParser) -> Lines<'_> {
     // A line is rarely shorter than this: room for the points up front instead of
-    // growing the vector as it fills. Capped: a body can be 20 MiB, and most lines of a
-    // large body are refused beyond the per-request sample limit anyway.
+    // growing the vector as it fills. Capped: a body can be 20 MiB, and one with more
+    // points than a request may carry is refused whole anyway.
     let expected = (body.len() / 40).min(1 << 16);
     let mut lines = Lines {
         points: Vec::with_capacity(expected),
@@ -394,10 +387,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The parser as it was before it scanned each piece once: the reference the fast
-    /// one must agree with on every input.
+    /// A parser written plainly, as the parser was before it scanned each piece once
+    /// (its body loop, field values and names too): the reference the fast one must agree
+    /// with on every input. Only unescaping is shared.
     mod reference {
-        use super::super::{Lines, Point, Precision, field_value, parse_lines, point_name};
+        use super::super::{KEY_ESCAPES, LineError, Lines, Point, Precision};
         use std::borrow::Cow;
 
         /// Splits `s` at the first unescaped `stop`, outside double quotes when
@@ -496,10 +490,14 @@ mod tests {
                 if k.is_empty() {
                     return Err("a field has an empty key".into());
                 }
-                let value = field_value(v, k, k.contains('\\'))?;
+                let value = field_value(v, k)?;
                 out.points.push(Point {
                     line: n,
-                    name: point_name(&measurement, k, k.contains('\\')),
+                    name: if k == "value" {
+                        measurement.clone()
+                    } else {
+                        Cow::Owned(format!("{measurement}_{}", unescape(k, KEY_ESCAPES)))
+                    },
                     tags: tags.clone(),
                     value,
                     timestamp_ms,
@@ -511,8 +509,53 @@ mod tests {
             }
         }
 
+        fn field_value(raw: &str, key: &str) -> Result<f64, String> {
+            if let Some(quoted) = raw.strip_prefix('"') {
+                return Err(if quoted.ends_with('"') {
+                    let key = unescape(key, KEY_ESCAPES);
+                    format!("string field {key:?} is not stored: only numbers and booleans are")
+                } else {
+                    "unterminated string field".into()
+                });
+            }
+            match raw {
+                "t" | "T" | "true" | "True" | "TRUE" => return Ok(1.0),
+                "f" | "F" | "false" | "False" | "FALSE" => return Ok(0.0),
+                _ => {}
+            }
+            if let Some(int) = raw.strip_suffix('i') {
+                return int
+                    .parse::<i64>()
+                    .map(|v| v as f64)
+                    .map_err(|_| format!("bad integer {raw:?}"));
+            }
+            if let Some(uint) = raw.strip_suffix('u') {
+                return uint
+                    .parse::<u64>()
+                    .map(|v| v as f64)
+                    .map_err(|_| format!("bad unsigned integer {raw:?}"));
+            }
+            match raw.parse::<f64>() {
+                Ok(v) if v.is_finite() => Ok(v),
+                _ => Err(format!("bad field value {raw:?}")),
+            }
+        }
+
         pub(super) fn parse(body: &str, precision: Precision) -> Lines<'_> {
-            parse_lines(body, precision, parse_line)
+            let mut lines = Lines::default();
+            for (i, line) in body.lines().enumerate() {
+                let line = line.trim_ascii();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let (tags, points) = (lines.tags.len(), lines.points.len());
+                if let Err(message) = parse_line(i + 1, line, precision, &mut lines) {
+                    lines.tags.truncate(tags);
+                    lines.points.truncate(points);
+                    lines.errors.push(LineError { line: i + 1, message });
+                }
+            }
+            lines
         }
     }
 

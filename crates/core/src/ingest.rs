@@ -396,7 +396,7 @@ fn check_kind_and_value(sample: &WireSample<'_>) -> Result<(Kind, f64), Refusal>
     let kind = match sample.kind.as_deref() {
         None => Kind::Gauge,
         Some(text) => {
-            Kind::parse(text).ok_or((Code::InvalidType, "type must be gauge, counter or histogram".into()))?
+            Kind::parse(text).ok_or_else(|| (Code::InvalidType, "type must be gauge, counter or histogram".into()))?
         }
     };
     let value = match sample.value {

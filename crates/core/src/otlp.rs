@@ -272,8 +272,8 @@ fn point_tags(resource: &[(String, String)], attributes: &[KeyValue]) -> Result<
     if resource.len() > names::MAX_TAGS || attributes.len() > 4 * names::MAX_TAGS {
         return Err(too_many());
     }
-    // Resource tags first, then attributes: a stable sort keeps that order among equal
-    // keys, so the last of a key (an attribute over the resource) is the one kept.
+    // Resource tags first, then attributes: the last of a key (an attribute over the
+    // resource) is the one kept.
     let mut pairs: Vec<(&str, String)> = Vec::with_capacity(resource.len() + attributes.len());
     pairs.extend(resource.iter().map(|(k, v)| (k.as_str(), v.clone())));
     for kv in attributes {
@@ -281,14 +281,8 @@ fn point_tags(resource: &[(String, String)], attributes: &[KeyValue]) -> Result<
             pairs.push((kv.key.as_str(), text));
         }
     }
-    pairs.sort_by(|a, b| a.0.cmp(b.0));
-    let mut tags: Vec<(String, String)> = Vec::with_capacity(pairs.len());
-    for (key, value) in pairs {
-        match tags.last_mut() {
-            Some(last) if last.0 == key => last.1 = value,
-            _ => tags.push((key.to_owned(), value)),
-        }
-    }
+    names::sort_and_dedup_tags(&mut pairs);
+    let tags: Vec<(String, String)> = pairs.into_iter().map(|(key, value)| (key.to_owned(), value)).collect();
     if tags.len() > names::MAX_TAGS {
         return Err(too_many());
     }

@@ -36,8 +36,9 @@ pub struct Shared {
     pub live: Arc<LiveHub>,
     /// Ids of registered servers seen recently (positive answers only).
     pub known_servers: moka::sync::Cache<String, ()>,
-    /// Active credentials by API-key hash, looked up recently by writes (see
-    /// `http::auth`): positive answers only, for [`CREDENTIAL_TTL`] at most.
+    /// Active credentials by API-key hash, looked up recently (see `http::auth`): writes
+    /// use them, reads only refresh them; positive answers only, for [`CREDENTIAL_TTL`]
+    /// at most.
     pub credentials: moka::sync::Cache<[u8; 32], Arc<StoredCredential>>,
     /// One lock per server for OTLP exports: an export reads its streams' state, commits
     /// samples computed from it and stores the next state, so two exports of one server

@@ -69,9 +69,9 @@ impl WriteQueue {
             .clone()
             .try_acquire_many_owned(wanted)
             .map_err(|_| SubmitError::Overloaded)?;
-        self.telemetry
-            .queue_samples
-            .fetch_add(samples as u64, Ordering::Relaxed);
+        // Counted before the send: the writer may take the job and uncount it at once.
+        let queued = &self.telemetry.queue_samples;
+        queued.fetch_add(samples as u64, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Message::Write(Box::new(Job {
@@ -80,7 +80,10 @@ impl WriteQueue {
                 reply,
                 permit,
             })))
-            .map_err(|_| SubmitError::Closed)?;
+            .map_err(|_| {
+                queued.fetch_sub(samples as u64, Ordering::Relaxed);
+                SubmitError::Closed
+            })?;
         Ok(answer.await.map_err(|_| SubmitError::Closed)??)
     }
 }
