@@ -358,7 +358,12 @@ fn validate(
     checks: Checks,
 ) -> Result<ValidSample, Rejection> {
     // In the order clients have always been told: name, type, value, tags, time.
-    let checked = (|| {
+    fn checked(
+        sample: &WireSample<'_>,
+        now_ms: i64,
+        limits: &SampleLimits,
+        checks: Checks,
+    ) -> Result<(Kind, f64, i64), Refusal> {
         if checks == Checks::All {
             check_name(sample)?;
         }
@@ -366,15 +371,16 @@ fn validate(
         if checks == Checks::All {
             check_tags(sample)?;
         }
-        let timestamp = check_time(sample, now_ms, limits)?;
-        Ok(ValidSample {
-            index,
-            kind,
-            timestamp,
-            value,
-        })
-    })();
-    checked.map_err(|(code, detail)| Rejection { index, code, detail })
+        Ok((kind, value, check_time(sample, now_ms, limits)?))
+    }
+    let (kind, value, timestamp) =
+        checked(sample, now_ms, limits, checks).map_err(|(code, detail)| Rejection { index, code, detail })?;
+    Ok(ValidSample {
+        index,
+        kind,
+        timestamp,
+        value,
+    })
 }
 
 type Refusal = (Code, String);

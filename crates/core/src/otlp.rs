@@ -802,13 +802,15 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                     }
                     metric::Data::Sum(sum) => {
                         let kind = if sum.is_monotonic { Kind::Counter } else { Kind::Gauge };
-                        let delta = sum.aggregation_temporality == AggregationTemporality::Delta as i32;
-                        let shared_name: Arc<str> = Arc::from(name);
-                        let mut tags = PointTags::new(&resource);
-                        for p in &sum.data_points {
-                            if delta {
+                        if sum.aggregation_temporality == AggregationTemporality::Delta as i32 {
+                            // Each point becomes a stream of its own, with its own tags.
+                            for p in &sum.data_points {
                                 m.delta_sum(name, kind, point_tags(&resource, &p.attributes), p);
-                            } else {
+                            }
+                        } else {
+                            let shared_name: Arc<str> = Arc::from(name);
+                            let mut tags = PointTags::new(&resource);
+                            for p in &sum.data_points {
                                 m.number(&shared_name, kind, tags.of(&p.attributes), p);
                             }
                         }
