@@ -222,13 +222,7 @@ async fn a_key_revoked_elsewhere_after_this_node_cached_it_writes_and_reads_noth
     let (status, _, _) = svc.push(&key, &body_for("s1")).await;
     assert_eq!(status, StatusCode::OK);
     svc.sql_execute(&revoke).await;
-    let read = svc
-        .client
-        .get(svc.url("/api/v1/servers/s1/samples"))
-        .header("x-api-key", &key.api_key)
-        .send()
-        .await
-        .unwrap();
+    let read = svc.read_samples("s1", Some(&key.api_key), "").await;
     refused(read.status(), &read.json().await.unwrap());
     let (status, _, answer) = svc.push(&key, &body_for("s1")).await;
     refused(status, &answer);
@@ -339,19 +333,10 @@ async fn raw_read_requires_that_servers_key() {
     let svc = TestService::start().await;
     let a = svc.server_with_key("server-a").await;
     let b = svc.server_with_key("server-b").await;
-    let get = |key: Option<String>| {
-        let mut r = svc.client.get(svc.url("/api/v1/servers/server-a/samples"));
-        if let Some(k) = key {
-            r = r.header("x-api-key", k);
-        }
-        r.send()
-    };
-    assert_eq!(get(None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(
-        get(Some(b.api_key.clone())).await.unwrap().status(),
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(get(Some(a.api_key.clone())).await.unwrap().status(), StatusCode::OK);
+    let status = async |key: Option<&str>| svc.read_samples("server-a", key, "").await.status();
+    assert_eq!(status(None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(Some(&b.api_key)).await, StatusCode::FORBIDDEN);
+    assert_eq!(status(Some(&a.api_key)).await, StatusCode::OK);
     svc.stop().await;
 }
 

@@ -446,21 +446,9 @@ async fn raw_read_pages_without_gaps_or_repeats() {
     let timestamps: Vec<i64> = all.iter().map(|s| s["timestamp"].as_i64().unwrap()).collect();
     assert!(timestamps.windows(2).all(|w| w[0] <= w[1]), "oldest first");
     // Bad parameters are 400s.
-    let r = svc
-        .client
-        .get(svc.url("/api/v1/servers/s1/samples?limit=0"))
-        .header("x-api-key", &cred.api_key)
-        .send()
-        .await
-        .unwrap();
+    let r = svc.read_samples("s1", Some(&cred.api_key), "limit=0").await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let r = svc
-        .client
-        .get(svc.url("/api/v1/servers/s1/samples?cursor=zz"))
-        .header("x-api-key", &cred.api_key)
-        .send()
-        .await
-        .unwrap();
+    let r = svc.read_samples("s1", Some(&cred.api_key), "cursor=zz").await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     svc.stop().await;
 }

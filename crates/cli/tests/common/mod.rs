@@ -331,22 +331,28 @@ impl TestService {
         (status, headers, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// One raw-read request (`GET /api/v1/servers/{id}/samples?{query}`), with the key
+    /// in `X-API-Key` when one is given.
+    pub async fn read_samples(&self, server_id: &str, api_key: Option<&str>, query: &str) -> reqwest::Response {
+        let mut request = self
+            .client
+            .get(self.url(&format!("/api/v1/servers/{server_id}/samples?{query}")));
+        if let Some(key) = api_key {
+            request = request.header("x-api-key", key);
+        }
+        request.send().await.unwrap()
+    }
+
     /// All raw samples of a server, following `next` links.
     pub async fn samples(&self, cred: &Credential, query: &str) -> Vec<Value> {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let mut url = format!("/api/v1/servers/{}/samples?{query}", cred.server_id);
-            if let Some(c) = &cursor {
-                url.push_str(&format!("&cursor={c}"));
-            }
-            let response = self
-                .client
-                .get(self.url(&url))
-                .header("x-api-key", &cred.api_key)
-                .send()
-                .await
-                .unwrap();
+            let query = match &cursor {
+                Some(c) => format!("{query}&cursor={c}"),
+                None => query.to_owned(),
+            };
+            let response = self.read_samples(&cred.server_id, Some(&cred.api_key), &query).await;
             assert_eq!(response.status(), StatusCode::OK);
             let page: Value = response.json().await.unwrap();
             out.extend(page["samples"].as_array().unwrap().iter().cloned());

@@ -308,27 +308,24 @@ mod tests {
         }
     }
 
-    /// Writes like the store does: rows in the order the writer's runs hand them over
-    /// (below), checked minutes empty unless the table already has them.
-    fn write(kept: &mut KeptMinutes, table: &mut Table, generation: i64, mut rows: Vec<(i64, i64, Kind, f64)>) {
-        // As the writer's runs hand them over: per minute, each series' samples together
-        // in arrival order, series in order of first arrival.
-        let mut first_seen: MinuteMap<usize> = MinuteMap::default();
-        for (i, r) in rows.iter().enumerate() {
-            first_seen.entry((align(r.1, MINUTE), r.0)).or_insert(i);
+    /// Writes like the store does: the rows go through the writer's runs, which hand
+    /// them over grouped by series; checked minutes are empty unless the table already
+    /// has them.
+    fn write(kept: &mut KeptMinutes, table: &mut Table, generation: i64, rows: Vec<(i64, i64, Kind, f64)>) {
+        let mut runs = crate::sqlite::raw::PendingRuns::default();
+        runs.expect(rows.len());
+        for &(series, ts, kind, value) in &rows {
+            runs.push("s", series, ts, kind, value);
         }
-        rows.sort_by_key(|r| {
-            let minute = align(r.1, MINUTE);
-            (minute, first_seen[&(minute, r.0)])
-        });
-        let keys: Vec<MinuteKey> = rows.iter().map(|r| (align(r.1, MINUTE), r.0)).collect();
+        runs.group_by_series();
         let was_empty = kept
-            .unknown(&keys)
+            .unknown(&runs.minutes())
             .into_iter()
             .map(|k| (k, !table.0.contains_key(&k)))
             .collect();
+        let rows: Vec<_> = runs.rows().collect();
         table.write(&rows);
-        kept.record(generation, &was_empty, rows.iter().copied());
+        kept.record(generation, &was_empty, rows);
     }
 
     #[test]

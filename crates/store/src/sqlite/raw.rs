@@ -182,13 +182,21 @@ impl<'a> PendingRuns<'a> {
             .flat_map(|b| b.samples.iter().map(|s| (s.series_id, s.ts, s.kind, s.value)))
     }
 
+    /// Puts each run's series' samples together (see [`Bucket::group_by_series`]), as
+    /// [`PendingRuns::insert`] stores them and [`PendingRuns::rows`] then hands them over.
+    pub(crate) fn group_by_series(&mut self) {
+        for b in &mut self.buckets {
+            b.group_by_series();
+        }
+    }
+
     /// Inserts one run per (server, minute), each series' samples together.
     pub(crate) fn insert(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        self.group_by_series();
         let mut insert =
             tx.prepare_cached("INSERT INTO sample_runs (minute, server_id, samples) VALUES (?1, ?2, ?3)")?;
         let mut blob = Vec::new();
         for b in &mut self.buckets {
-            b.group_by_series();
             blob.clear();
             // Remote-write-shaped runs take 3 to 5 bytes a sample (integers and short
             // decimals); arbitrary floats up to about 10: the vector grows for those.
