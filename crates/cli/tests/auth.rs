@@ -189,10 +189,11 @@ async fn revoked_key_is_refused_and_rotation_keeps_other_keys_working() {
 
 /// A key revoked elsewhere (by another node, or the CLI in another process) after a write
 /// on this node looked it up: the next write of each kind gets `revoked_key` and stores
-/// nothing, and the raw read, which no commit checks, refuses it at once. (With the cache
-/// it is the writer's check at commit that refuses the writes; this test holds either
-/// way, `a_write_whose_key_is_revoked_before_its_commit_is_refused` in influx.rs pins
-/// that check.)
+/// nothing, and the raw read, which no commit checks, refuses it at once and makes the
+/// node forget the key, so the write after it is refused before reaching the writer.
+/// Writes with nothing to store reach the writer, whose check refuses them
+/// (`a_write_whose_key_is_revoked_before_its_commit_is_refused` in influx.rs pins that
+/// check for a write with samples).
 #[tokio::test]
 async fn a_key_revoked_elsewhere_after_this_node_cached_it_writes_and_reads_nothing() {
     let svc = TestService::start().await;
@@ -224,8 +225,10 @@ async fn a_key_revoked_elsewhere_after_this_node_cached_it_writes_and_reads_noth
     svc.sql_execute(&revoke).await;
     let read = svc.read_samples("s1", Some(&key.api_key), "").await;
     refused(read.status(), &read.json().await.unwrap());
+    let committed = svc.committed_requests().await;
     let (status, _, answer) = svc.push(&key, &body_for("s1")).await;
     refused(status, &answer);
+    assert_eq!(svc.committed_requests().await, committed, "refused at the first check");
     assert_eq!(svc.samples(&reader, "").await.len(), 1);
 
     // An event.
@@ -282,7 +285,13 @@ async fn a_key_revoked_elsewhere_after_this_node_cached_it_writes_and_reads_noth
         let response = post(path, content_type, body.clone()).await.unwrap();
         assert!(response.status().is_success(), "{path}: {}", response.status());
         svc.sql_execute(&revoke).await;
+        let committed = svc.committed_requests().await;
         let response = post(path, content_type, body).await.unwrap();
+        assert_eq!(
+            svc.committed_requests().await,
+            committed + 1.0,
+            "{path}: refused by the writer"
+        );
         let status = response.status();
         let answer: Value = response.json().await.unwrap();
         // Remote-write answers problem+json; OTLP a `google.rpc.Status` whose message
@@ -293,7 +302,7 @@ async fn a_key_revoked_elsewhere_after_this_node_cached_it_writes_and_reads_noth
         assert_eq!((status.as_u16(), code), (401, Some("revoked_key")), "{path}: {answer}");
     }
 
-    // A refused write counts none of its rejected samples, here or on the dashboard.
+    // A refused write counts none of its rejected samples.
     svc.sql_execute(&restore).await;
     let bad = batch("s1", json!([{"name":"9bad","value":1}]));
     let (status, _, answer) = svc.push(&key, &bad).await;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod ingest;
+pub mod key_cache;
 pub mod keyring;
 pub mod live;
 pub mod rollup;
@@ -113,10 +114,7 @@ pub async fn run(
             .max_capacity(100_000)
             .time_to_live(Duration::from_secs(30))
             .build(),
-        credentials: moka::sync::Cache::builder()
-            .max_capacity(10_000)
-            .time_to_live(state::CREDENTIAL_TTL)
-            .build(),
+        credentials: key_cache::KeyCache::new(10_000, key_cache::CREDENTIAL_TTL),
         otlp_exports: Default::default(),
     });
 

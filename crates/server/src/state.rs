@@ -4,7 +4,6 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use mcp_metrics_core::ingest::SampleLimits;
-use mcp_metrics_core::model::StoredCredential;
 use mcp_metrics_core::secrets::MasterKey;
 use mcp_metrics_store::Store;
 
@@ -13,12 +12,10 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::ingest::series_cache::SeriesCache;
 use crate::ingest::writer::WriteQueue;
+use crate::key_cache::KeyCache;
 use crate::live::LiveHub;
 use crate::telemetry::Telemetry;
 use crate::usage::UsageService;
-
-/// How long a write's key lookup is reused by later writes with the same key.
-pub const CREDENTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
@@ -36,10 +33,9 @@ pub struct Shared {
     pub live: Arc<LiveHub>,
     /// Ids of registered servers seen recently (positive answers only).
     pub known_servers: moka::sync::Cache<String, ()>,
-    /// Active credentials by API-key hash, looked up recently (see `http::auth`): writes
-    /// use them, reads only refresh them; positive answers only, for [`CREDENTIAL_TTL`]
-    /// at most.
-    pub credentials: moka::sync::Cache<[u8; 32], Arc<StoredCredential>>,
+    /// Active credentials by API-key hash, looked up recently: writes use them, reads
+    /// only refresh them.
+    pub credentials: KeyCache,
     /// One lock per server for OTLP exports: an export reads its streams' state, commits
     /// samples computed from it and stores the next state, so two exports of one server
     /// at once would both build on the same state and one delta would be lost. Across
@@ -98,7 +94,7 @@ impl AppState {
         self.known_servers.invalidate(id);
         // Its keys went with it. Deleting a server is rare: forgetting every cached key
         // is simpler than finding its own, and costs one lookup per key.
-        self.credentials.invalidate_all();
+        self.credentials.forget_all();
         self.cache.invalidate_server(id);
         self.live.close_server(id);
     }

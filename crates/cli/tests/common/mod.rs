@@ -363,6 +363,19 @@ impl TestService {
         }
     }
 
+    /// The value of an unlabelled series of `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Requests the writer has taken into a commit, stored or refused.
+    pub async fn committed_requests(&self) -> f64 {
+        self.metric("mcp_metrics_commit_batch_requests_sum").await
+    }
+
     pub async fn metrics_text(&self) -> String {
         self.client
             .get(self.url("/metrics"))

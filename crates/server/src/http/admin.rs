@@ -199,10 +199,8 @@ async fn revoke_key(
             other => other.into(),
         })?;
     // Writes would be refused at commit anyway; this node's next writes answer
-    // `revoked_key` from the first check instead (a lookup that read the key before the
-    // revocation may still cache it, for at most the cache's lifetime). Rare enough to
-    // forget every cached key.
-    state.credentials.invalidate_all();
+    // `revoked_key` from the first check instead. Rare enough to forget every cached key.
+    state.credentials.forget_all();
     tracing::info!(server_id = %id, key_id = %key_id, "revoked a credential");
     Ok(StatusCode::NO_CONTENT)
 }

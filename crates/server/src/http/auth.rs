@@ -5,9 +5,8 @@
 //! group-commit writer checks the key again inside the commit's transaction, so a key
 //! revoked (on any node, or by the CLI) since it was cached still stores nothing, and the
 //! answer then says why from a fresh lookup. Every write therefore ends in a commit, even
-//! one with nothing to store. A database read per write was a tenth of the
-//! service's CPU under remote-write load. Reads (the sample API, the dashboard login) are
-//! not checked again later, so they always look the key up.
+//! one with nothing to store (see `crate::key_cache`). Reads (the sample API, the
+//! dashboard login) are not checked again later, so they always look the key up.
 
 use std::sync::Arc;
 
@@ -64,7 +63,7 @@ pub async fn reader(state: &AppState, headers: &HeaderMap) -> ApiResult<Arc<Stor
 /// active credential: `revoked_key` if it was revoked, else `unknown_key` (the key
 /// went with its deleted server).
 pub async fn refused_at_commit(state: &AppState, credential: &StoredCredential) -> ApiError {
-    state.credentials.invalidate(&credential.api_key_hash);
+    state.credentials.forget(&credential.api_key_hash);
     match state.store.credential_by_hash(&credential.api_key_hash).await {
         // Still active means it went and came back between the commit and this look.
         Ok(found) => active(found).err().unwrap_or_else(unknown_key),
@@ -102,10 +101,17 @@ async fn credential_for(state: &AppState, key: Option<&str>, lookup: Lookup) -> 
     {
         return Ok(credential);
     }
-    let credential = Arc::new(active(state.store.credential_by_hash(&hash).await?)?);
+    let epoch = state.credentials.epoch();
     // Only active keys are cached: unknown keys cannot fill the cache, and a revoked key
-    // is refused from the database every time.
-    state.credentials.insert(hash, credential.clone());
+    // is refused from the database every time, and forgotten if this node cached it.
+    let credential = match active(state.store.credential_by_hash(&hash).await?) {
+        Ok(credential) => Arc::new(credential),
+        Err(refused) => {
+            state.credentials.forget(&hash);
+            return Err(refused);
+        }
+    };
+    state.credentials.insert(epoch, hash, credential.clone());
     Ok(credential)
 }
 
@@ -137,8 +143,10 @@ pub fn verify_signature(
         .master_key
         .open(&credential.key_id, &credential.sealed_secret)
         .map_err(|e| {
-            tracing::error!(key_id = %credential.key_id, error = %e, "cannot open a signing secret");
-            ApiError::new(Code::Internal, "an internal error occurred; it has been logged")
+            ApiError::internal(
+                &format!("cannot open the signing secret of key {}", credential.key_id),
+                e,
+            )
         })?;
     parsed
         .verify(secret.as_bytes(), body, now_ms() / 1000, tolerance)

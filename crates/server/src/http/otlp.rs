@@ -116,10 +116,9 @@ async fn export(State(state): State<AppState>, headers: HeaderMap, body: Body) -
         let state = state.clone();
         tokio::spawn(async move { export_inner(&state, &headers, encoding, body).await })
     };
-    let result = exporting.await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "an OTLP export task failed");
-        Err(ApiError::new(Code::Internal, "the export could not be processed"))
-    });
+    let result = exporting
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal("an OTLP export task failed", e)));
     match result {
         Ok(response) => response,
         Err(error) => {
@@ -177,7 +176,7 @@ async fn export_inner(
         Ok::<_, String>(otlp::map_request(&request))
     })
     .await
-    .map_err(|e| ApiError::new(Code::Internal, format!("decoding failed: {e}")))?
+    .map_err(|e| ApiError::internal("decoding an OTLP export failed", e))?
     .map_err(ApiError::invalid)?;
     // Held from reading the streams' state to storing the next one: first this node's
     // turn (see `otlp_exports`), then the cluster's, so two nodes never continue one
@@ -195,8 +194,9 @@ async fn export_inner(
         Some((node, cluster))
     };
 
-    // Released whatever the storing returns, so a failed release is logged; a lock
-    // dropped instead (a panic) is released in the background.
+    // Released here whatever the storing returns: before the answer and while this
+    // node's turn is still held, so the next export of the server finds the cluster's
+    // lock free. A lock dropped instead (a panic) is released in the background.
     let stored = store_export(state, &credential, &mut mapped, digest).await;
     if let Some((_node, cluster)) = turn
         && let Err(e) = cluster.release().await
@@ -361,7 +361,8 @@ async fn store_export(
         if refused_points.binary_search(&data_point).is_ok() {
             continue;
         }
-        let text = serde_json::to_string(&record).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let text =
+            serde_json::to_string(&record).map_err(|e| ApiError::internal("encoding an OTLP stream state", e))?;
         state.store.meta_set(&key, &text).await?;
     }
     Ok((accepted, refused_points))

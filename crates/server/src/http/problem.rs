@@ -40,6 +40,13 @@ impl ApiError {
     pub fn invalid(detail: impl Into<String>) -> Self {
         ApiError::new(Code::InvalidPayload, detail)
     }
+
+    /// A failure of ours: `error` is logged with `what` went wrong, and the client hears
+    /// only that something did.
+    pub fn internal(what: &str, error: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %error, "{what}");
+        ApiError::new(Code::Internal, "an internal error occurred; it has been logged")
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -52,10 +59,7 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(error = %internal, "database unavailable");
                 ApiError::new(Code::Unavailable, "the database is unavailable; retry shortly").retry_after(2)
             }
-            StoreError::Database(internal) => {
-                tracing::error!(error = %internal, "database error");
-                ApiError::new(Code::Internal, "an internal error occurred; it has been logged")
-            }
+            StoreError::Database(internal) => ApiError::internal("database error", internal),
         }
     }
 }
