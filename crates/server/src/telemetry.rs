@@ -133,16 +133,22 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
-    pub fn sample_rejected(&self, code: Code) {
-        self.samples_rejected[code as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn server_sample_rejected(&self, server_id: &str, code: Code) {
+    /// Counts a stored request's refused samples by code, in the service's counts and in
+    /// its server's; the server's map is locked once per request, not once per sample.
+    pub fn samples_rejected(&self, server_id: &str, codes: impl IntoIterator<Item = Code>) {
+        let mut codes = codes.into_iter().peekable();
+        if codes.peek().is_none() {
+            return;
+        }
         let mut map = self.rejected_by_server.lock().expect("telemetry lock");
-        *map.entry(server_id.to_owned())
-            .or_default()
-            .entry(code.as_str())
-            .or_default() += 1;
+        if !map.contains_key(server_id) {
+            map.insert(server_id.to_owned(), BTreeMap::new());
+        }
+        let of_server = map.get_mut(server_id).expect("inserted above");
+        for code in codes {
+            self.samples_rejected[code as usize].fetch_add(1, Ordering::Relaxed);
+            *of_server.entry(code.as_str()).or_default() += 1;
+        }
     }
 
     /// Rejected samples of one server by code, since the service started.
@@ -379,13 +385,14 @@ mod tests {
     fn renders_counters_and_histograms() {
         let t = Telemetry::default();
         t.samples_accepted.fetch_add(5, Ordering::Relaxed);
-        t.sample_rejected(Code::TooOld);
+        t.samples_rejected("s1", [Code::TooOld, Code::TooOld, Code::InvalidName]);
+        assert_eq!(t.rejected_of("s1"), vec![("invalid_name", 1), ("too_old", 2)]);
         t.request_rejected(Code::InvalidSignature);
         t.commit_duration.observe(0.003);
         t.http_request("/api/v1/metrics", "POST", 200, Duration::from_millis(2));
         let text = t.render();
         assert!(text.contains("mcp_metrics_ingest_samples_accepted_total 5\n"));
-        assert!(text.contains("mcp_metrics_ingest_samples_rejected_total{code=\"too_old\"} 1\n"));
+        assert!(text.contains("mcp_metrics_ingest_samples_rejected_total{code=\"too_old\"} 2\n"));
         assert!(text.contains("mcp_metrics_ingest_requests_rejected_total{code=\"invalid_signature\"} 1\n"));
         assert!(text.contains("mcp_metrics_commit_duration_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("mcp_metrics_commit_duration_seconds_bucket{le=\"0.005\"} 1\n"));

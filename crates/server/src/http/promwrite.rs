@@ -87,8 +87,8 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
     };
     // Committed even with nothing left to store (all stale markers, or every series
     // refused): the commit is where the writer confirms the key.
-    let stored = super::write::commit(state, &credential, &batch, &body, None).await?;
-    let (accepted, rejected) = (stored.accepted, stored.rejected);
+    let super::write::Stored { accepted, rejected, .. } =
+        super::write::commit(state, &credential, &batch, &body, None).await?;
     if rejected.is_empty() && refused_repeating == 0 {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }

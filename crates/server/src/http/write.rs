@@ -70,21 +70,11 @@ pub async fn commit_with_digest(
         RequestOutcome::Stored {
             series, kind_conflicts, ..
         } => {
-            // Counted once the writer has confirmed the key (the server's counts are on
-            // its dashboard) and only for the try that was stored, not for its retries.
-            for r in &rejected {
-                state.telemetry.sample_rejected(r.code);
-                state.telemetry.server_sample_rejected(&credential.server_id, r.code);
-            }
             if !kind_conflicts.is_empty() {
                 let positions: Vec<u32> = kind_conflicts.iter().map(|&(p, _)| p).collect();
                 let indices = indices_of_positions(batch.metrics.len(), &rejected, &positions);
                 debug_assert_eq!(indices.len(), positions.len(), "every conflict names a prepared sample");
                 for (index, (_, kind)) in indices.into_iter().zip(&kind_conflicts) {
-                    state.telemetry.sample_rejected(Code::KindMismatch);
-                    state
-                        .telemetry
-                        .server_sample_rejected(&credential.server_id, Code::KindMismatch);
                     rejected.push(Rejection {
                         index,
                         code: Code::KindMismatch,
@@ -97,6 +87,11 @@ pub async fn commit_with_digest(
                 rejected.sort_by_key(|r| r.index);
                 accepted -= kind_conflicts.len();
             }
+            // Counted once the writer has confirmed the key (the server's counts are on
+            // its dashboard) and only for the try that was stored, not for its retries.
+            state
+                .telemetry
+                .samples_rejected(&credential.server_id, rejected.iter().map(|r| r.code));
             if !series.is_empty() {
                 state.series.insert_created(epoch, &series);
                 state
