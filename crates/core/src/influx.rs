@@ -109,7 +109,7 @@ const QUOTE: Stops = Stops::new(b"\"");
 
 /// Finds the first byte at or after `from` in `stops` that no backslash escapes; returns
 /// its index (the length when there is none) and whether a backslash was passed on the
-/// way (so unescaping is needed). Each piece of a line is scanned once.
+/// way (so unescaping is needed).
 fn scan(b: &[u8], from: usize, stops: &Stops) -> (usize, bool) {
     let mut i = from;
     let mut escaped = false;
@@ -208,7 +208,7 @@ const EXACT_POWERS_OF_TEN: [f64; 15] = [
 ];
 
 /// The common field value, `-?digits(.digits)?` of at most 16 characters after the sign,
-/// read without the general float parser, which took a tenth of the parser's time. Both
+/// read without the general float parser. Both
 /// the digits and the power of ten are exact in an `f64`, so one correctly rounded
 /// division gives the correctly rounded value, exactly what `str::parse` returns
 /// (Clinger's fast path). Anything else is `None` and goes the general way.
@@ -242,7 +242,7 @@ fn plain_decimal(raw: &[u8]) -> Option<f64> {
 }
 
 /// Parses one line into `out`: its tags into the shared list, one point per numeric field.
-/// On an error [`parse_lines`] takes back what the line added.
+/// On an error [`parse`] takes back what the line added.
 fn parse_line<'a>(n: usize, line: &'a str, precision: Precision, out: &mut Lines<'a>) -> Result<(), String> {
     let b = line.as_bytes();
     // The measurement runs to the first unescaped comma (tags follow) or space (fields).
@@ -389,7 +389,8 @@ mod tests {
 
     /// A parser written plainly, as the parser was before it scanned each piece once
     /// (its body loop, field values and names too): the reference the fast one must agree
-    /// with on every input. Only unescaping is shared.
+    /// with on every input. It shares unescaping, tag sorting, precision conversion and
+    /// the output types with the parser, nothing of its scanning or value reading.
     mod reference {
         use super::super::{KEY_ESCAPES, LineError, Lines, Point, Precision};
         use std::borrow::Cow;

@@ -357,24 +357,16 @@ fn validate(
     limits: &SampleLimits,
     checks: Checks,
 ) -> Result<ValidSample, Rejection> {
+    let refused = move |(code, detail): Refusal| Rejection { index, code, detail };
     // In the order clients have always been told: name, type, value, tags, time.
-    fn checked(
-        sample: &WireSample<'_>,
-        now_ms: i64,
-        limits: &SampleLimits,
-        checks: Checks,
-    ) -> Result<(Kind, f64, i64), Refusal> {
-        if checks == Checks::All {
-            check_name(sample)?;
-        }
-        let (kind, value) = check_kind_and_value(sample)?;
-        if checks == Checks::All {
-            check_tags(sample)?;
-        }
-        Ok((kind, value, check_time(sample, now_ms, limits)?))
+    if checks == Checks::All {
+        check_name(sample).map_err(refused)?;
     }
-    let (kind, value, timestamp) =
-        checked(sample, now_ms, limits, checks).map_err(|(code, detail)| Rejection { index, code, detail })?;
+    let (kind, value) = check_kind_and_value(sample).map_err(refused)?;
+    if checks == Checks::All {
+        check_tags(sample).map_err(refused)?;
+    }
+    let timestamp = check_time(sample, now_ms, limits).map_err(refused)?;
     Ok(ValidSample {
         index,
         kind,
@@ -450,12 +442,7 @@ fn check_tags(sample: &WireSample<'_>) -> Result<(), Refusal> {
 }
 
 fn check_time(sample: &WireSample<'_>, now_ms: i64, limits: &SampleLimits) -> Result<i64, Refusal> {
-    let timestamp = match &sample.timestamp {
-        None => now_ms,
-        Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => *ms as i64,
-        Some(WireTime::Text(text)) => parse_rfc3339_ms(text).ok_or_else(bad_timestamp)?,
-        Some(_) => return Err(bad_timestamp()),
-    };
+    let timestamp = wire_time_ms(sample.timestamp.as_ref(), now_ms).ok_or_else(bad_timestamp)?;
     if timestamp < now_ms - limits.max_age_ms {
         return Err((
             Code::TooOld,
@@ -472,6 +459,17 @@ fn check_time(sample: &WireSample<'_>, now_ms: i64, limits: &SampleLimits) -> Re
         ));
     }
     Ok(timestamp)
+}
+
+/// A sample's or an event's time in ms: `now_ms` when none is given, `None` when it is
+/// neither plausible unix milliseconds nor RFC 3339.
+fn wire_time_ms(time: Option<&WireTime>, now_ms: i64) -> Option<i64> {
+    match time {
+        None => Some(now_ms),
+        Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => Some(*ms as i64),
+        Some(WireTime::Text(text)) => parse_rfc3339_ms(text),
+        Some(_) => None,
+    }
 }
 
 fn bad_timestamp() -> Refusal {
@@ -508,16 +506,8 @@ pub fn decode_event(body: &[u8], now_ms: i64) -> Result<NewEvent, DecodeError> {
     if wire.detail.as_ref().is_some_and(|d| d.chars().count() > 4000) {
         return Err(DecodeError::Invalid("detail must be at most 4000 characters".into()));
     }
-    let at = match wire.at {
-        None => now_ms,
-        Some(WireTime::Millis(ms)) if ms.is_finite() && ms.abs() < 1e15 => ms as i64,
-        Some(WireTime::Text(t)) => {
-            parse_rfc3339_ms(&t).ok_or_else(|| DecodeError::Invalid("at must be RFC 3339 or unix ms".into()))?
-        }
-        Some(_) => {
-            return Err(DecodeError::Invalid("at must be RFC 3339 or unix ms".into()));
-        }
-    };
+    let at = wire_time_ms(wire.at.as_ref(), now_ms)
+        .ok_or_else(|| DecodeError::Invalid("at must be RFC 3339 or unix ms".into()))?;
     Ok(NewEvent {
         server_id: wire.server_id,
         kind: wire.kind,

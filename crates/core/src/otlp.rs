@@ -618,6 +618,16 @@ impl Mapper {
         );
     }
 
+    /// A metric's number points (a gauge's, a cumulative sum's), sharing one copy of the
+    /// name and of each run's tags.
+    fn numbers(&mut self, name: &str, kind: Kind, resource: &[(String, String)], points: &[NumberDataPoint]) {
+        let shared_name: Arc<str> = Arc::from(name);
+        let mut tags = PointTags::new(resource);
+        for point in points {
+            self.number(&shared_name, kind, tags.of(&point.attributes), point);
+        }
+    }
+
     fn number(&mut self, name: &Arc<str>, kind: Kind, tags: SharedTags, point: &NumberDataPoint) {
         let index = self.next_index();
         let parsed = tags.and_then(|tags| {
@@ -792,14 +802,7 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                     continue;
                 };
                 match data {
-                    metric::Data::Gauge(gauge) => {
-                        // One copy of the name and of each run's tags for the points.
-                        let shared_name: Arc<str> = Arc::from(name);
-                        let mut tags = PointTags::new(&resource);
-                        for p in &gauge.data_points {
-                            m.number(&shared_name, Kind::Gauge, tags.of(&p.attributes), p);
-                        }
-                    }
+                    metric::Data::Gauge(gauge) => m.numbers(name, Kind::Gauge, &resource, &gauge.data_points),
                     metric::Data::Sum(sum) => {
                         let kind = if sum.is_monotonic { Kind::Counter } else { Kind::Gauge };
                         if sum.aggregation_temporality == AggregationTemporality::Delta as i32 {
@@ -808,11 +811,7 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                                 m.delta_sum(name, kind, point_tags(&resource, &p.attributes), p);
                             }
                         } else {
-                            let shared_name: Arc<str> = Arc::from(name);
-                            let mut tags = PointTags::new(&resource);
-                            for p in &sum.data_points {
-                                m.number(&shared_name, kind, tags.of(&p.attributes), p);
-                            }
+                            m.numbers(name, kind, &resource, &sum.data_points);
                         }
                     }
                     metric::Data::Histogram(h) => {

@@ -56,11 +56,11 @@ pub fn hash_api_key(api_key: &str) -> [u8; 32] {
     Sha256::digest(api_key.as_bytes()).into()
 }
 
-/// BLAKE3 of a request body, the identity of a retried request. Every write hashes its
-/// whole body (53 KB for 1,000 lines of line protocol): BLAKE3 takes 8 µs for that where
-/// SHA-256 took 30 with the CPU's SHA extensions (`cargo bench -p mcp-metrics-core
-/// --bench digest`), and it is as hard to collide, so a sender cannot make one body pass
-/// for another.
+/// BLAKE3 of a body: the identity of a retried request, and the read cache's ETag of an
+/// answer. Every write hashes its whole body (53 KB for 1,000 lines of line protocol):
+/// BLAKE3 takes 8 µs for that where SHA-256 took 30 with the CPU's SHA extensions
+/// (`cargo bench -p mcp-metrics-core --bench digest`), and it is as hard to collide, so a
+/// sender cannot make one body pass for another.
 pub fn body_digest(body: &[u8]) -> [u8; 32] {
     blake3::hash(body).into()
 }

@@ -1,6 +1,7 @@
 //! LEB128 varints and zigzag coding for the compact binary formats the store keeps
-//! (histogram sketches, sample runs): small numbers, and small differences of either
-//! sign, take one byte.
+//! (histogram sketches, sample runs), whose small numbers, and small differences of
+//! either sign, take one byte; the protobuf reader (`protowire`) reads its varints here
+//! too.
 
 /// Maps small negative and positive numbers alike to small unsigned ones.
 pub fn zigzag(v: i64) -> u64 {
