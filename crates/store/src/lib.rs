@@ -72,7 +72,9 @@ pub trait Store: Send + Sync + 'static {
         fingerprint: &str,
     ) -> StoreResult<()>;
     /// Marks a credential revoked. Returns `false` when it already was;
-    /// [`StoreError::NotFound`] if the server has no such credential.
+    /// [`StoreError::NotFound`] if the server has no such credential. Once it returns, no
+    /// write that found the key live is still to commit (SQLite's one writer gives that
+    /// for free; PostgreSQL waits for such writes).
     async fn revoke_credential(&self, server_id: &str, key_id: &str, now: i64) -> StoreResult<bool>;
 
     /// Every known series, to warm the in-memory series cache at start-up.

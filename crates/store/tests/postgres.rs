@@ -2001,15 +2001,18 @@ async fn server_with_live_key(store: &PostgresStore) -> WriteRequest {
 }
 
 /// A revocation waits for a write that found the key live and has not committed (here a
-/// transaction taking the key-share lock the write path takes): once `revoke_credential`
-/// returns, no write of that key is still to commit.
+/// transaction taking the key-share lock the write path's key check takes, in
+/// `postgres/write.rs`): once `revoke_credential` returns, no write of that key is still
+/// to commit. Meanwhile the key is already revoked for writes that check it later: they
+/// store nothing and do not wait, so writes whose locks overlap cannot keep a revocation
+/// waiting (they could when it locked the row before revoking it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_waits_for_a_write_that_found_the_key_live() {
     let Some(db) = Db::new("a_revocation_waits_for_a_write_that_found_the_key_live").await else {
         return;
     };
     let store = Arc::new(db.open().await);
-    server_with_live_key(&store).await;
+    let request = server_with_live_key(&store).await;
     let writer = db.admin_client().await;
     writer
         .batch_execute("BEGIN; SELECT key_id FROM credentials WHERE key_id = 'k' AND revoked_at IS NULL FOR KEY SHARE")
@@ -2020,15 +2023,27 @@ async fn a_revocation_waits_for_a_write_that_found_the_key_live() {
         tokio::spawn(async move { store.revoke_credential("s", "k", 5).await })
     };
     until_waiting(&db, LOCK_WAITS, 1, "the revocation never waited for the write").await;
+    let later = tokio::time::timeout(Duration::from_secs(10), store.write_batch(batch(vec![request])))
+        .await
+        .expect("a write checking the key while the revocation waits must not wait")
+        .unwrap();
+    assert!(matches!(later[0], RequestOutcome::ServerGone), "{later:?}");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM series").await, 0, "nothing stored");
     assert!(!revoking.is_finished());
     writer.batch_execute("COMMIT").await.unwrap();
     assert!(revoking.await.unwrap().unwrap());
     assert!(!store.revoke_credential("s", "k", 6).await.unwrap(), "already revoked");
+    assert!(matches!(
+        store.revoke_credential("s", "nope", 7).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
-/// A write whose key is being revoked (the revocation holds the key's row and has not
-/// committed) waits for it, then stores nothing: without the write's key-share lock it
-/// would read the key as live from its snapshot and store after the revocation returned.
+/// A write's key check takes a lock on the key's row that the revocation's exclusive
+/// lock waits for (here a transaction holding the row `FOR UPDATE`, as
+/// `revoke_credential`'s second statement does, and revoking the key before it commits):
+/// the write waits, then stores nothing. Without that lock the revocation would not wait
+/// for a write that found the key live, which would then store after it returned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_checking_a_key_being_revoked_waits_and_stores_nothing() {
     let Some(db) = Db::new("a_write_checking_a_key_being_revoked_waits_and_stores_nothing").await else {

@@ -540,34 +540,36 @@ impl Store for PostgresStore {
     }
 
     async fn revoke_credential(&self, server_id: &str, key_id: &str, now: i64) -> StoreResult<bool> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        // The row first, exclusively: a write that found the key live holds a key-share
-        // lock on it until it commits (see the write path), so this waits for every such
-        // write, and writes that check the key after it wait, then find it revoked. The
-        // update alone would not wait: it takes a lock key-share does not conflict with.
-        let revoked_at: Option<Option<i64>> = tx
+        let client = self.client().await?;
+        // Revoked first, and committed: a write's key check locks only live keys, so
+        // every check that starts afterwards finds it revoked and locks nothing. The
+        // update does not wait for writes that found the key live before: its lock does
+        // not conflict with their key-share locks.
+        let revoked = client
+            .execute(
+                "UPDATE credentials SET revoked_at = $3 WHERE server_id = $1 AND key_id = $2 AND revoked_at IS NULL",
+                &[&server_id, &key_id, &now],
+            )
+            .await
+            .map_err(pg_err)?
+            == 1;
+        // Then the row, exclusively, for the length of the statement: this waits for each
+        // write that found the key live, which holds its key-share lock until it commits,
+        // and for no other, since none can join them now. (Taking this lock before the
+        // update could wait without end behind writes whose key-share locks overlap: a
+        // new key-share lock does not queue behind a waiting exclusive one.)
+        let exists = client
             .query_opt(
-                "SELECT revoked_at FROM credentials WHERE server_id = $1 AND key_id = $2 FOR UPDATE",
+                "SELECT 1 FROM credentials WHERE server_id = $1 AND key_id = $2 FOR UPDATE",
                 &[&server_id, &key_id],
             )
             .await
             .map_err(pg_err)?
-            .map(|row| row.get(0));
-        match revoked_at {
-            None => Err(StoreError::NotFound),
-            Some(Some(_)) => Ok(false),
-            Some(None) => {
-                tx.execute(
-                    "UPDATE credentials SET revoked_at = $3 WHERE server_id = $1 AND key_id = $2",
-                    &[&server_id, &key_id, &now],
-                )
-                .await
-                .map_err(pg_err)?;
-                tx.commit().await.map_err(pg_err)?;
-                Ok(true)
-            }
+            .is_some();
+        if !revoked && !exists {
+            return Err(StoreError::NotFound);
         }
+        Ok(revoked)
     }
 
     async fn all_series(&self) -> StoreResult<Vec<SeriesInfo>> {
