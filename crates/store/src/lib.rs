@@ -17,6 +17,9 @@ use std::sync::Arc;
 pub use error::{StoreError, StoreResult};
 pub use types::*;
 
+/// A minute in ms: raw samples are kept, and rollups marked, per minute.
+pub(crate) const MINUTE: i64 = 60_000;
+
 use async_trait::async_trait;
 use mcp_metrics_core::model::{
     CredentialInfo, NewEvent, SeriesInfo, Server, ServerFields, StoredCredential, StoredEvent,

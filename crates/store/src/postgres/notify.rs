@@ -237,9 +237,10 @@ async fn lock_session(config: &Config, purpose: &str) -> StoreResult<Client> {
 }
 
 /// Session advisory locks held for one piece of work and then released
-/// (`Store::cluster_lock`). A released session is kept for the next lock; a lock whose
-/// release is not confirmed, or whose guard is dropped unreleased (an error path, a
-/// cancelled request), ends its session, which frees it on the server.
+/// (`Store::cluster_lock`). A released session is kept for the next lock (up to
+/// [`IDLE_LOCK_SESSIONS`]); a guard dropped unreleased (an error path, a cancelled
+/// request) is released in the background the same way; a lock whose release is not
+/// confirmed ends its session, which frees it on the server.
 pub struct HeldLocks {
     config: Config,
     idle: std::sync::Mutex<Vec<Client>>,

@@ -22,9 +22,7 @@ use tokio_postgres::types::Type;
 use super::rollups::BucketColumns;
 use super::{PgResult, PoolClient, pipeline};
 use crate::sqlite::tags_to_json;
-use crate::{RequestOutcome, SampleQuery, SeriesRef, WriteBatch};
-
-const MINUTE: i64 = 60_000;
+use crate::{MINUTE, RequestOutcome, SampleQuery, SeriesRef, WriteBatch};
 
 /// Batches of fewer rows go in by one INSERT from arrays instead of COPY. PostgreSQL
 /// before 17 keeps a resource-owner entry per COPY buffer slot (up to 1,000 a statement)

@@ -308,12 +308,12 @@ mod tests {
         }
     }
 
-    /// Writes like the store does: the rows go through the writer's runs, which hand
-    /// them over grouped by series; checked minutes are empty unless the table already
-    /// has them.
+    /// Writes like the store does: the kept minutes get the rows as the writer's runs
+    /// hand them over (grouped by series), the model table in arrival order, so a
+    /// grouping that reordered a series' samples would show; checked minutes are empty
+    /// unless the table already has them.
     fn write(kept: &mut KeptMinutes, table: &mut Table, generation: i64, rows: Vec<(i64, i64, Kind, f64)>) {
         let mut runs = crate::sqlite::raw::PendingRuns::default();
-        runs.expect(rows.len());
         for &(series, ts, kind, value) in &rows {
             runs.push("s", series, ts, kind, value);
         }
@@ -323,9 +323,8 @@ mod tests {
             .into_iter()
             .map(|k| (k, !table.0.contains_key(&k)))
             .collect();
-        let rows: Vec<_> = runs.rows().collect();
         table.write(&rows);
-        kept.record(generation, &was_empty, rows);
+        kept.record(generation, &was_empty, runs.rows());
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::{
 use kept_minutes::KeptMinutes;
 pub use migrations::latest_version;
 
-const MINUTE: i64 = 60_000;
+use crate::MINUTE;
 
 /// Extracts the file path from `sqlite://path`, `sqlite:path` or a bare path.
 pub fn path_from_url(url: &str) -> StoreResult<PathBuf> {

@@ -118,8 +118,9 @@ pub(crate) struct PendingRuns<'a> {
     bucket_of: FxHashMap<(u32, i64), usize>,
     /// The bucket the last sample went to: the next one usually goes there too.
     last: usize,
-    /// Samples of the request being pushed: the first bucket it opens reserves room for
-    /// them (a request rarely spans two minutes), instead of growing a sample at a time.
+    /// Samples of the request being pushed: the bucket its first sample goes to reserves
+    /// room for them (a request rarely spans two minutes), instead of growing a sample at
+    /// a time.
     expected: usize,
 }
 
@@ -135,6 +136,8 @@ impl<'a> PendingRuns<'a> {
             && (b.minute..b.minute.saturating_add(MINUTE)).contains(&ts)
             && self.servers[b.slot as usize] == server_id
         {
+            // A request that continues the last bucket reserves its room there.
+            b.samples.reserve(std::mem::take(&mut self.expected));
             return b.push(series_id, ts, kind, value);
         }
         let minute = minute_of(ts);

@@ -112,9 +112,10 @@ pub fn decode(minute: i64, run: &[u8], mut each: impl FnMut(RunSample)) -> Resul
 }
 
 /// Turns the samples of one minute, gathered from its runs in the order they were
-/// written (each run in arrival order, runs in write order), into what the store shows, sorted by (ts, series_id, seq): of values at one
-/// (series, ts) the last written, at seq 0; observations at one (series, ts) each, at
-/// seq 0, 1, 2, … in arrival order.
+/// written (each run in arrival order, runs in write order), into what the store shows,
+/// sorted by (ts, series_id, seq): of values at one (series, ts) the last written, at
+/// seq 0; observations at one (series, ts) each, at seq 0, 1, 2, … in arrival order.
+///
 /// Sorts `gathered` in place (the caller reuses it).
 pub fn resolve(gathered: &mut [RunSample], out: &mut Vec<RawSample>) {
     // Stable: arrival order survives within each (ts, series).
