@@ -392,9 +392,11 @@ async fn an_export_with_a_key_revoked_elsewhere_stores_no_stream_state() {
     );
     assert_eq!(svc.sql_i64("SELECT COUNT(*) FROM series").await, 1);
     if svc.is_postgres() {
-        // The refused export released its stream lock rather than dropping it: the lock's
-        // session was unlocked and kept for the next lock, not closed (a sender retrying
-        // a refused export used to open a session per try).
+        // The refused export's stream lock was released, and its session kept for the
+        // next lock, not closed (a sender retrying a refused export used to open a
+        // session per try). The handler releases it before answering, so the unlock has
+        // run by now; were it only dropped, it would be released in the background, and
+        // this count could race the answer.
         assert_eq!(
             svc.sql_i64(
                 "SELECT COUNT(*) FROM pg_stat_activity

@@ -771,6 +771,11 @@ mod tests {
             .collect();
         let expected: Vec<_> = rows[..7].iter().map(|r| (r.0, r.1, r.2, r.3.to_bits())).collect();
         assert_eq!(got, expected);
+        assert_eq!(
+            count(&conn).unwrap(),
+            7,
+            "the row of the series that is gone was dropped"
+        );
         let old_table: i64 = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE name = 'server_metrics'",
