@@ -272,7 +272,9 @@ mod tests {
     proptest::proptest! {
         /// Whatever the runs, each sample is refused exactly when, and with the code that,
         /// the full check alone gives it (kind conflicts between samples aside): checking
-        /// only the points of a run changes no answer.
+        /// only the points of a run changes no answer. And the request is the one
+        /// prepared when no sample lends another's tags (each its own copy, so no run
+        /// forms): a run resolves each sample to the series the full path would.
         #[test]
         fn runs_refuse_exactly_what_the_full_check_refuses(
             picks in proptest::collection::vec((0usize..3, 0usize..3, 0usize..3, 0usize..3, 0usize..3), 0..40)
@@ -288,18 +290,16 @@ mod tests {
             let kinds = [None, Some("counter"), Some("summary")];
             let values = [1.0, -1.0, f64::NAN];
             let times = [now - 1_000, now - 400 * 86_400_000, now + 3_600_000];
+            let sample = |(name, _, kind, value, time): (usize, usize, usize, usize, usize), tags| WireSample {
+                name: names[name].into(),
+                value: WireValue::Number(values[value]),
+                kind: kinds[kind].map(Into::into),
+                timestamp: Some(WireTime::Millis(times[time] as f64)),
+                tags: WireTags::Strings(tags),
+            };
             let batch = WireBatch {
                 server_id: "s".into(),
-                metrics: picks
-                    .iter()
-                    .map(|&(name, tags, kind, value, time)| WireSample {
-                        name: names[name].into(),
-                        value: WireValue::Number(values[value]),
-                        kind: kinds[kind].map(Into::into),
-                        timestamp: Some(WireTime::Millis(times[time] as f64)),
-                        tags: WireTags::Strings(&tag_sets[tags]),
-                    })
-                    .collect(),
+                metrics: picks.iter().map(|&pick| sample(pick, &tag_sets[pick.1])).collect(),
             };
             let limits = SampleLimits::default();
             let p = prepare(&batch, "s", &SeriesCache::default(), now, &limits);
@@ -317,6 +317,16 @@ mod tests {
                 .collect();
             proptest::prop_assert_eq!(refused, alone);
             proptest::prop_assert_eq!(p.request.samples.len() + p.rejected.len(), batch.metrics.len());
+
+            let own_tags: Vec<Vec<(String, String)>> = picks.iter().map(|&(_, tags, ..)| tag_sets[tags].clone()).collect();
+            let unshared = WireBatch {
+                server_id: "s".into(),
+                metrics: picks.iter().zip(&own_tags).map(|(&pick, tags)| sample(pick, tags)).collect(),
+            };
+            let full = prepare(&unshared, "s", &SeriesCache::default(), now, &limits);
+            proptest::prop_assert_eq!(&p.request.samples, &full.request.samples);
+            proptest::prop_assert_eq!(&p.request.new_series, &full.request.new_series);
+            proptest::prop_assert_eq!(&p.rejected, &full.rejected);
         }
     }
 }
