@@ -20,17 +20,17 @@ rounds=${3:-3}
 samples=${4:-2000000}
 . scripts/lib.sh
 bench_setup
-printf '[rollup]\ninterval_secs = 3600\n' >"$dir/norollup.toml"
+{ cat "$bench_config"; printf '[rollup]\ninterval_secs = 3600\n'; } >"$dir/norollup.toml"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for round in $(seq "$rounds"); do
   for mode in $modes; do
     for variant in "${variants[@]}"; do
       label=${variant%%=*}
       variant_bin=${variant#*=}
-      config=()
-      case $label in *-norollup) config=(--config "$dir/norollup.toml") ;; esac
+      config=$dir/bench.toml
+      case $label in *-norollup) config=$dir/norollup.toml ;; esac
       rm -f "$dir"/ab.db*
-      service_bin=$variant_bin start_service "sqlite://$dir/ab.db" "${config[@]}"
+      service_bin=$variant_bin bench_config=$config start_service "sqlite://$dir/ab.db"
       pid=$service_pid
       before=$(ticks "$pid")
       result=$("${LOADGEN:-$bin}" bench --url "$service_url" --mode "$mode" --batch 1000 --samples "$samples" \

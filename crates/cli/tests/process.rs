@@ -446,3 +446,34 @@ async fn no_raw_client_address_reaches_the_database_or_the_logs() {
         assert!(!contains(&octets), "{ip} found in binary form");
     }
 }
+
+/// `mcp-metrics bench` against a service whose write allowance it outruns says so, and
+/// how to measure the pipeline instead, rather than reporting bare errors.
+#[tokio::test]
+async fn bench_past_the_write_allowance_says_how_to_raise_it() {
+    let svc = common::TestService::start_with(|c| {
+        c.ingest.samples_per_second_per_server = 1;
+        c.ingest.burst_samples_per_server = 2_000;
+        c.ingest.max_samples_per_request = 1_000;
+    })
+    .await;
+    let base = svc.url("");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["bench", "--url", base.trim_end_matches('/'), "--mode", "influx"])
+            .args(["--samples", "5000", "--batch", "1000", "--connections", "1"])
+            .env("MCP_METRICS_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("3 requests failed, 3 of them refused by the server's write allowance (429)")
+            && stderr.contains("samples_per_second_per_server"),
+        "{stderr}"
+    );
+    svc.stop().await;
+}

@@ -40,11 +40,12 @@ pub enum Code {
     TooOld,
     TooFarAhead,
     KindMismatch,
+    TooManySeries,
 }
 
 impl Code {
     /// Every code, for exhaustive metrics exposition and documentation tests.
-    pub const ALL: [Code; 29] = [
+    pub const ALL: [Code; 30] = [
         Code::MissingKey,
         Code::UnknownKey,
         Code::RevokedKey,
@@ -74,6 +75,7 @@ impl Code {
         Code::TooOld,
         Code::TooFarAhead,
         Code::KindMismatch,
+        Code::TooManySeries,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +109,7 @@ impl Code {
             Code::TooOld => "too_old",
             Code::TooFarAhead => "too_far_ahead",
             Code::KindMismatch => "kind_mismatch",
+            Code::TooManySeries => "too_many_series",
         }
     }
 
@@ -164,6 +167,7 @@ impl Code {
             Code::TooOld => "Timestamp older than raw retention",
             Code::TooFarAhead => "Timestamp too far in the future",
             Code::KindMismatch => "Metric type differs from the series' type",
+            Code::TooManySeries => "Server's series limit reached",
         }
     }
 }

@@ -99,6 +99,7 @@ pub async fn run(
         &config.trusted_proxies,
         live.clone(),
     );
+    let write_rate = ingest::rate_limit::WriteRateLimit::new(&config.ingest);
     let state = AppState::new(Shared {
         store: store.clone(),
         config,
@@ -116,6 +117,7 @@ pub async fn run(
             .build(),
         credentials: key_cache::KeyCache::new(10_000, key_cache::CREDENTIAL_TTL),
         otlp_exports: Default::default(),
+        write_rate,
     });
 
     let address = listener.local_addr()?;

@@ -10,6 +10,7 @@ use mcp_metrics_store::Store;
 use crate::cache::ReadCache;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::ingest::rate_limit::WriteRateLimit;
 use crate::ingest::series_cache::SeriesCache;
 use crate::ingest::writer::WriteQueue;
 use crate::key_cache::KeyCache;
@@ -42,6 +43,8 @@ pub struct Shared {
     /// nodes the store's `cluster_lock` does the same; this one keeps a node's waiting
     /// exports from each holding a database session.
     pub otlp_exports: KeyedLocks,
+    /// Each server's write allowance on this node.
+    pub write_rate: WriteRateLimit,
 }
 
 /// Async locks by key, made on first use. Locks nobody holds or waits for are dropped

@@ -103,6 +103,9 @@ pub struct WriteBatch {
     /// How long signatures and body digests are remembered, in ms.
     pub replay_window_ms: i64,
     pub retry_window_ms: i64,
+    /// Most series one server may have; a request's new series beyond it are not created
+    /// and their samples are refused (`series_refused`). 0: no limit.
+    pub max_series_per_server: u64,
 }
 
 /// What happened to one request of a batch.
@@ -118,6 +121,11 @@ pub enum RequestOutcome {
         /// this group, or another node), so they get the same answer as a sample sent to
         /// a series already known as another kind.
         kind_conflicts: Vec<(u32, Kind)>,
+        /// Samples not stored (positions in the request's samples, ascending) because
+        /// their series was new and its server already had
+        /// [`WriteBatch::max_series_per_server`] series. Series that exist already are
+        /// never refused, so known series keep flowing at the limit.
+        series_refused: Vec<u32>,
     },
     /// Same key and body seen inside the retry window: nothing stored.
     Duplicate,

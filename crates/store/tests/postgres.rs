@@ -89,6 +89,7 @@ fn batch(requests: Vec<WriteRequest>) -> WriteBatch {
         now: now_ms(),
         replay_window_ms: 600_000,
         retry_window_ms: 600_000,
+        max_series_per_server: 0,
     }
 }
 
@@ -2172,3 +2173,136 @@ test_on_both_backends!(
     deleted_servers_leave_no_rollups_on_both_backends,
     deleted_servers_leave_no_rollups
 );
+
+fn named(server: &str, name: &str) -> NewSeries {
+    NewSeries {
+        key: key(server, name),
+        kind: Kind::Gauge,
+    }
+}
+
+/// The series each request's samples were refused for by the series limit.
+fn refused_by_limit(outcomes: &[RequestOutcome]) -> Vec<Vec<u32>> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            RequestOutcome::Stored { series_refused, .. } => series_refused.clone(),
+            other => panic!("not stored: {other:?}"),
+        })
+        .collect()
+}
+
+fn series_names(outcome: &RequestOutcome) -> Vec<String> {
+    match outcome {
+        RequestOutcome::Stored { series, .. } => series.iter().map(|s| s.key.name.clone()).collect(),
+        other => panic!("not stored: {other:?}"),
+    }
+}
+
+/// The per-server series limit: a server at it keeps its series (also ones it names as
+/// new, as a node that has not cached them does), its series past the limit are not
+/// created and their samples are listed as refused, a series two requests of one batch
+/// create counts once, and other servers have their own count.
+async fn series_limit(store: &dyn Store) {
+    for server in ["s", "t"] {
+        store.create_server(server, &ServerFields::default(), 1).await.unwrap();
+    }
+    let ts = now_ms();
+    let gauge = |n: u32, value: f64| sample(SeriesRef::New(n), Kind::Gauge, ts, value);
+    // "a" exists before the limit is set.
+    store
+        .write_batch(batch(vec![request(vec![named("s", "a")], vec![gauge(0, 1.0)])]))
+        .await
+        .unwrap();
+
+    let mut limited = batch(vec![
+        // a exists; b and c reach the limit of 3; d is one too many (samples 3 and 5).
+        request(
+            vec![named("s", "a"), named("s", "b"), named("s", "c"), named("s", "d")],
+            vec![
+                gauge(0, 1.0),
+                gauge(1, 2.0),
+                gauge(2, 3.0),
+                gauge(3, 4.0),
+                gauge(1, 5.0),
+                gauge(3, 6.0),
+            ],
+        ),
+        // c was just created by the request before; e does not fit.
+        request(
+            vec![named("s", "c"), named("s", "e")],
+            vec![gauge(0, 7.0), gauge(1, 8.0)],
+        ),
+        // t has a limit of its own.
+        request(
+            vec![named("t", "x"), named("t", "y"), named("t", "z"), named("t", "w")],
+            vec![gauge(3, 9.0), gauge(0, 10.0), gauge(1, 11.0), gauge(2, 12.0)],
+        ),
+    ]);
+    limited.max_series_per_server = 3;
+    let outcomes = store.write_batch(limited.clone()).await.unwrap();
+    assert_eq!(refused_by_limit(&outcomes), vec![vec![3, 5], vec![1], vec![0]]);
+    assert_eq!(series_names(&outcomes[0]), ["a", "b", "c"]);
+    assert_eq!(series_names(&outcomes[1]), ["c"]);
+    assert_eq!(series_names(&outcomes[2]), ["x", "y", "z"]);
+    for server in ["s", "t"] {
+        assert_eq!(series_ids(store, server).await.len(), 3, "{server}");
+    }
+    let ids = series_ids(store, "s").await;
+    let stored = store
+        .read_samples(&SampleQuery {
+            series_ids: ids,
+            from: ts,
+            to: ts + 1,
+            after: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    let mut values: Vec<f64> = stored.iter().map(|s| s.value).collect();
+    values.sort_by(f64::total_cmp);
+    // a's 1.0 then again 1.0 (the same gauge point), b's 5.0 replacing 2.0, c's 7.0.
+    assert_eq!(values, vec![1.0, 5.0, 7.0], "{stored:?}");
+
+    // At the limit nothing new is made, later either; a higher limit makes d.
+    limited.requests.truncate(1);
+    let outcomes = store.write_batch(limited.clone()).await.unwrap();
+    assert_eq!(refused_by_limit(&outcomes), vec![vec![3, 5]]);
+    limited.max_series_per_server = 4;
+    let outcomes = store.write_batch(limited).await.unwrap();
+    assert_eq!(refused_by_limit(&outcomes), vec![Vec::<u32>::new()]);
+    assert_eq!(series_names(&outcomes[0]), ["a", "b", "c", "d"]);
+}
+
+test_on_both_backends!(the_series_limit_refuses_only_new_series_on_both_backends, series_limit);
+
+/// Two nodes creating series of one server at the same moment stay within its limit
+/// together: each counts the server's series only after the other's creation committed.
+#[tokio::test]
+async fn two_nodes_share_the_series_limit() {
+    let Some(db) = Db::new("two_nodes_share_the_series_limit").await else {
+        return;
+    };
+    let (one, two) = (db.open().await, db.open().await);
+    one.create_server("s", &ServerFields::default(), 1).await.unwrap();
+    let ts = now_ms();
+    let limited = |node: usize| {
+        let series: Vec<NewSeries> = (0..5).map(|i| named("s", &format!("node{node}-{i}"))).collect();
+        let samples = (0..5)
+            .map(|i| sample(SeriesRef::New(i), Kind::Gauge, ts, 1.0))
+            .collect();
+        let mut b = batch(vec![request(series, samples)]);
+        b.max_series_per_server = 6;
+        b
+    };
+    for round in 0..5 {
+        let (a, b) = tokio::join!(
+            one.write_batch(limited(2 * round)),
+            two.write_batch(limited(2 * round + 1))
+        );
+        let refused = refused_by_limit(&a.unwrap())[0].len() + refused_by_limit(&b.unwrap())[0].len();
+        let held = series_ids(&one, "s").await.len();
+        assert_eq!(held, 6, "round {round}: the limit of 6 held across nodes");
+        assert_eq!(refused, if round == 0 { 4 } else { 10 }, "round {round}");
+    }
+}

@@ -36,6 +36,7 @@ fn sample(value: f64, ts: i64) -> WriteBatch {
         now: now_ms(),
         replay_window_ms: 600_000,
         retry_window_ms: 600_000,
+        max_series_per_server: 0,
     }
 }
 

@@ -45,6 +45,7 @@ fn batch(samples: &[(&str, Kind, i64, f64)]) -> WriteBatch {
         now: now_ms(),
         replay_window_ms: 600_000,
         retry_window_ms: 600_000,
+        max_series_per_server: 0,
     }
 }
 

@@ -55,6 +55,7 @@ fn write(samples: Vec<PendingSample>, new_series: Vec<NewSeries>) -> WriteBatch 
         now: now_ms(),
         replay_window_ms: 600_000,
         retry_window_ms: 600_000,
+        max_series_per_server: 0,
     }
 }
 

@@ -302,6 +302,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let mut latencies = Vec::new();
             let mut accepted = 0u64;
             let mut errors = 0u64;
+            let mut rate_limited = 0u64;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(p) = prepared.get(i) else { break };
@@ -347,20 +348,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         accepted += answer["accepted"].as_u64().unwrap_or(0);
                         latencies.push(sent.elapsed());
                     }
+                    Ok(r) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                        rate_limited += 1;
+                        errors += 1;
+                    }
                     _ => errors += 1,
                 }
                 progress.inc(1);
             }
-            (latencies, accepted, errors)
+            (latencies, accepted, errors, rate_limited)
         }));
     }
     let mut latencies = Vec::new();
-    let (mut accepted, mut errors) = (0u64, 0u64);
+    let (mut accepted, mut errors, mut rate_limited) = (0u64, 0u64, 0u64);
     for worker in workers {
-        let (l, a, e) = worker.await?;
+        let (l, a, e, r) = worker.await?;
         latencies.extend(l);
         accepted += a;
         errors += e;
+        rate_limited += r;
     }
     let elapsed = started.elapsed();
     progress.finish_and_clear();
@@ -393,6 +399,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             result["ack_p50_ms"].as_f64().unwrap_or(0.0),
             result["ack_p99_ms"].as_f64().unwrap_or(0.0),
             errors
+        );
+    }
+    if rate_limited > 0 {
+        bail!(
+            "{errors} requests failed, {rate_limited} of them refused by the server's write allowance (429): \
+             to measure the pipeline, start the service with a higher [ingest] samples_per_second_per_server \
+             and burst_samples_per_server (scripts/lib.sh does), or 0 to turn the limit off"
         );
     }
     if errors > 0 {

@@ -14,6 +14,7 @@ use mcp_metrics_store::RequestOutcome;
 
 use super::problem::{ApiError, ApiResult};
 use crate::ingest::prepare;
+use crate::ingest::rate_limit::retry_after_secs;
 use crate::state::AppState;
 
 /// What became of a batch: samples stored, the ones refused (by index), and whether
@@ -57,6 +58,28 @@ pub async fn commit_with_digest(
             ),
         ));
     }
+    if let Err(wait) = state.write_rate.admit(&credential.server_id, batch.metrics.len()) {
+        let limit = &state.config.ingest;
+        let error = ApiError::new(
+            Code::RateLimited,
+            format!(
+                "this server may write {} samples a second (bursts of {}); slow down or send fewer, larger exports",
+                limit.samples_per_second_per_server, limit.burst_samples_per_server
+            ),
+        );
+        return Err(match wait {
+            Some(wait) => error.retry_after(retry_after_secs(wait)),
+            // Configuration keeps every request within a burst; if not, waiting will not help.
+            None => ApiError::new(
+                Code::TooManySamples,
+                format!(
+                    "a request may carry at most {} samples (this server's burst); this one has {}",
+                    limit.burst_samples_per_server,
+                    batch.metrics.len()
+                ),
+            ),
+        });
+    }
     let epoch = state.series.epoch();
     let prepared = prepare(batch, &credential.server_id, &state.series, now_ms(), &limits);
     let mut rejected = prepared.rejected;
@@ -68,24 +91,39 @@ pub async fn commit_with_digest(
     let mut accepted = request.samples.len();
     let duplicate = match state.queue.submit(request).await.map_err(super::ingest::submit_error)? {
         RequestOutcome::Stored {
-            series, kind_conflicts, ..
+            series,
+            kind_conflicts,
+            series_refused,
+            ..
         } => {
-            if !kind_conflicts.is_empty() {
-                let positions: Vec<u32> = kind_conflicts.iter().map(|&(p, _)| p).collect();
-                let indices = indices_of_positions(batch.metrics.len(), &rejected, &positions);
-                debug_assert_eq!(indices.len(), positions.len(), "every conflict names a prepared sample");
-                for (index, (_, kind)) in indices.into_iter().zip(&kind_conflicts) {
-                    rejected.push(Rejection {
-                        index,
-                        code: Code::KindMismatch,
-                        detail: format!(
+            if !kind_conflicts.is_empty() || !series_refused.is_empty() {
+                // What the writer refused, by position in the prepared request.
+                let mut refusals: Vec<(u32, Code, String)> = kind_conflicts
+                    .iter()
+                    .map(|&(position, kind)| {
+                        let detail = format!(
                             "this series is a {}: another request or node created it as one first",
                             kind.as_str()
-                        ),
-                    });
+                        );
+                        (position, Code::KindMismatch, detail)
+                    })
+                    .chain(series_refused.iter().map(|&position| {
+                        let detail = format!(
+                            "this server has reached its limit of {} series; samples of the series it has are still stored",
+                            state.config.ingest.max_series_per_server
+                        );
+                        (position, Code::TooManySeries, detail)
+                    }))
+                    .collect();
+                refusals.sort_unstable_by_key(|r| r.0);
+                let positions: Vec<u32> = refusals.iter().map(|r| r.0).collect();
+                let indices = indices_of_positions(batch.metrics.len(), &rejected, &positions);
+                debug_assert_eq!(indices.len(), positions.len(), "every refusal names a prepared sample");
+                accepted -= refusals.len();
+                for (index, (_, code, detail)) in indices.into_iter().zip(refusals) {
+                    rejected.push(Rejection { index, code, detail });
                 }
                 rejected.sort_by_key(|r| r.index);
-                accepted -= kind_conflicts.len();
             }
             // Counted once the writer has confirmed the key (the server's counts are on
             // its dashboard) and only for the try that was stored, not for its retries.

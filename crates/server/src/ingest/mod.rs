@@ -4,6 +4,7 @@
 //! [`prepare`] turns a decoded batch into a store request, resolving series through
 //! the in-memory cache; [`writer`] commits requests in groups.
 
+pub mod rate_limit;
 pub mod series_cache;
 pub mod writer;
 

@@ -114,6 +114,7 @@ pub fn start(store: Arc<dyn Store>, telemetry: Arc<Telemetry>, config: &IngestCo
         max_batch_samples: config.max_batch_samples,
         replay_window_ms: config.replay_window_secs * 1000,
         retry_window_ms: config.retry_window_secs * 1000,
+        max_series_per_server: config.max_series_per_server,
     };
     match store.blocking_commit() {
         Some(commit) => {
@@ -148,6 +149,7 @@ struct Writer {
     max_batch_samples: usize,
     replay_window_ms: i64,
     retry_window_ms: i64,
+    max_series_per_server: u64,
 }
 
 impl Writer {
@@ -224,6 +226,7 @@ impl Writer {
             now: now_ms(),
             replay_window_ms: self.replay_window_ms,
             retry_window_ms: self.retry_window_ms,
+            max_series_per_server: self.max_series_per_server,
         };
         let group = Group {
             started: Instant::now(),
@@ -396,6 +399,7 @@ mod tests {
             max_batch_samples: 1,
             replay_window_ms: 0,
             retry_window_ms: 0,
+            max_series_per_server: 0,
         };
         let thread = std::thread::spawn(move || writer.run_on_thread(rx, &PanicsOnce(Default::default())));
         let queue = WriteQueue {

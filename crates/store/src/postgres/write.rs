@@ -226,36 +226,55 @@ pub async fn write_batch(
         .flat_map(|(i, r)| r.new_series.iter().map(move |n| (i, n)))
         .collect();
     let tags: Vec<String> = wanted.iter().map(|(_, n)| tags_to_json(&n.key.tags)).collect();
-    let inserted = pipeline(wanted.iter().zip(&tags).map(|((_, n), tags)| {
+    let plans = plan_new_series(&tx, batch.max_series_per_server, &wanted, &tags, &find_series).await?;
+    let inserted = pipeline(wanted.iter().zip(&tags).zip(&plans).map(|(((_, n), tags), plan)| {
         let (tx, insert_series) = (&tx, &insert_series);
         async move {
+            if *plan != Plan::Make {
+                return Ok(None);
+            }
             let kind = n.kind.to_i64() as i16;
             tx.query_opt(insert_series, &[&n.key.server_id, &n.key.name, tags, &kind, &now])
                 .await
         }
     }))
     .await?;
-    let found = pipeline(wanted.iter().zip(&tags).zip(&inserted).map(|(((_, n), tags), row)| {
-        let tx = &tx;
-        let find = &find_series;
-        async move {
-            match row {
-                Some(r) => Ok((r.get::<_, i64>(0), r.get::<_, i16>(1))),
-                None => tx
-                    .query_one(find, &[&n.key.server_id, &n.key.name, tags])
-                    .await
-                    .map(|r| (r.get::<_, i64>(0), r.get::<_, i16>(1))),
-            }
-        }
-    }))
+    let found = pipeline(
+        wanted
+            .iter()
+            .zip(&tags)
+            .zip(&inserted)
+            .zip(&plans)
+            .map(|((((_, n), tags), row), plan)| {
+                let tx = &tx;
+                let find = &find_series;
+                async move {
+                    match (plan, row) {
+                        (Plan::Refused, _) => Ok(None),
+                        (Plan::Found(id, kind), _) => Ok(Some((*id, *kind))),
+                        (Plan::Make, Some(r)) => Ok(Some((r.get::<_, i64>(0), r.get::<_, i16>(1)))),
+                        (Plan::Make, None) => tx
+                            .query_one(find, &[&n.key.server_id, &n.key.name, tags])
+                            .await
+                            .map(|r| Some((r.get::<_, i64>(0), r.get::<_, i16>(1)))),
+                    }
+                }
+            }),
+    )
     .await?;
     let mut series: Vec<Vec<SeriesInfo>> = vec![Vec::new(); batch.requests.len()];
-    for ((i, n), (id, kind)) in wanted.iter().zip(found) {
-        series[*i].push(SeriesInfo {
-            id,
-            key: n.key.clone(),
-            kind: Kind::from_i64(kind.into()).unwrap_or(n.kind),
+    // Where each request's n-th new series went in its `series`; `None` when refused.
+    let mut slots: Vec<Vec<Option<usize>>> = vec![Vec::new(); batch.requests.len()];
+    for ((i, n), found) in wanted.iter().zip(found) {
+        let slot = found.map(|(id, kind)| {
+            series[*i].push(SeriesInfo {
+                id,
+                key: n.key.clone(),
+                kind: Kind::from_i64(kind.into()).unwrap_or(n.kind),
+            });
+            series[*i].len() - 1
         });
+        slots[*i].push(slot);
     }
 
     // Events of stored requests.
@@ -299,20 +318,27 @@ pub async fn write_batch(
     // created first as another kind keeps it; the samples meant for the other kind are
     // refused, so a series never holds rows of two kinds.
     let mut kind_conflicts: Vec<Vec<(u32, Kind)>> = vec![Vec::new(); batch.requests.len()];
+    let mut series_refused: Vec<Vec<u32>> = vec![Vec::new(); batch.requests.len()];
     let mut samples: Vec<(i64, i64, i32, bool, f64)> = rows
         .iter()
         .filter(|r| stored[r.request as usize])
         .filter_map(|r| match r.series {
             SeriesRef::Known(id) => Some((r.ts, id, 0, r.kind == Kind::Histogram, r.value)),
-            SeriesRef::New(n) => {
-                let created = &series[r.request as usize][n as usize];
-                if created.kind == r.kind {
-                    Some((r.ts, created.id, 0, r.kind == Kind::Histogram, r.value))
-                } else {
-                    kind_conflicts[r.request as usize].push((r.position, created.kind));
+            SeriesRef::New(n) => match slots[r.request as usize][n as usize] {
+                Some(slot) => {
+                    let created = &series[r.request as usize][slot];
+                    if created.kind == r.kind {
+                        Some((r.ts, created.id, 0, r.kind == Kind::Histogram, r.value))
+                    } else {
+                        kind_conflicts[r.request as usize].push((r.position, created.kind));
+                        None
+                    }
+                }
+                None => {
+                    series_refused[r.request as usize].push(r.position);
                     None
                 }
-            }
+            },
         })
         .collect();
     // A stable sort keeps arrival order within one (ts, series): the last gauge write wins
@@ -405,8 +431,12 @@ pub async fn write_batch(
     tx.commit().await?;
 
     let mut outcomes = Vec::with_capacity(batch.requests.len());
-    for (((verdict, series), event_id), kind_conflicts) in
-        verdicts.into_iter().zip(series).zip(event_ids).zip(kind_conflicts)
+    for ((((verdict, series), event_id), kind_conflicts), series_refused) in verdicts
+        .into_iter()
+        .zip(series)
+        .zip(event_ids)
+        .zip(kind_conflicts)
+        .zip(series_refused)
     {
         outcomes.push(match verdict {
             Verdict::ServerGone => RequestOutcome::ServerGone,
@@ -416,10 +446,103 @@ pub async fn write_batch(
                 series,
                 event_id,
                 kind_conflicts,
+                series_refused,
             },
         });
     }
     Ok(outcomes)
+}
+
+/// What becomes of one new series of a batch under the per-server series limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Insert it (or find it, when it exists by then).
+    Make,
+    /// It exists already: (id, kind).
+    Found(i64, i16),
+    /// It does not exist and its server is at the limit.
+    Refused,
+}
+
+/// Decides which of a batch's new series (in request order) may be created. Without a
+/// limit every one is made. With one, the servers that create series are locked for it
+/// (a transaction-scoped advisory lock per server, taken in sorted order, so nodes take
+/// turns and the count read after it is exact), their series are counted, and a server
+/// that would pass the limit keeps its series that exist and gets new ones only while it
+/// is below the limit.
+///
+/// The lock is taken after the guards and before anything else this transaction may
+/// wait on (series, samples, the credential touch), and every holder of it is past its
+/// guards too, so waiting for it closes no cycle.
+async fn plan_new_series(
+    tx: &deadpool_postgres::Transaction<'_>,
+    limit: u64,
+    wanted: &[(usize, &crate::NewSeries)],
+    tags: &[String],
+    find_series: &tokio_postgres::Statement,
+) -> PgResult<Vec<Plan>> {
+    if limit == 0 || wanted.is_empty() {
+        return Ok(vec![Plan::Make; wanted.len()]);
+    }
+    let mut servers: Vec<&str> = wanted.iter().map(|(_, n)| n.key.server_id.as_str()).collect();
+    servers.sort_unstable();
+    servers.dedup();
+    let (lock, count) = tokio::try_join!(
+        tx.prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"),
+        tx.prepare_cached("SELECT server_id, count(*) FROM series WHERE server_id = ANY($1) GROUP BY server_id"),
+    )?;
+    for server in &servers {
+        tx.execute(&lock, &[server]).await?;
+    }
+    let mut held: HashMap<&str, u64> = servers.iter().map(|s| (*s, 0)).collect();
+    for row in tx.query(&count, &[&servers]).await? {
+        let server: String = row.get(0);
+        let count: i64 = row.get(1);
+        if let Some(h) = servers.iter().find(|s| **s == server).and_then(|s| held.get_mut(s)) {
+            *h = count as u64;
+        }
+    }
+    let mut asked: HashMap<&str, u64> = HashMap::new();
+    for (_, n) in wanted {
+        *asked.entry(n.key.server_id.as_str()).or_default() += 1;
+    }
+    // Servers whose new series could take them past the limit: only theirs are checked
+    // one by one.
+    let tight: std::collections::HashSet<&str> =
+        servers.iter().copied().filter(|s| held[s] + asked[s] > limit).collect();
+    let existing = pipeline(wanted.iter().zip(tags).map(|((_, n), tags)| {
+        let server = n.key.server_id.as_str();
+        let check = tight.contains(server);
+        async move {
+            if check {
+                tx.query_opt(find_series, &[&server, &n.key.name, tags]).await
+            } else {
+                Ok(None)
+            }
+        }
+    }))
+    .await?;
+    let mut made: std::collections::HashSet<(&str, &str, &str)> = std::collections::HashSet::new();
+    let mut plans = Vec::with_capacity(wanted.len());
+    for (((_, n), tags), row) in wanted.iter().zip(tags).zip(existing) {
+        let server = n.key.server_id.as_str();
+        let plan = if !tight.contains(server) {
+            Plan::Make
+        } else if let Some(row) = row {
+            Plan::Found(row.get(0), row.get(1))
+        } else if made.contains(&(server, n.key.name.as_str(), tags.as_str())) {
+            // Asked for twice in this batch: made once, counted once.
+            Plan::Make
+        } else if held[server] < limit {
+            *held.get_mut(server).expect("every server is counted") += 1;
+            made.insert((server, n.key.name.as_str(), tags.as_str()));
+            Plan::Make
+        } else {
+            Plan::Refused
+        };
+        plans.push(plan);
+    }
+    Ok(plans)
 }
 
 /// Stores deduplicated samples (ts, series_id, rank, histogram, value).

@@ -27,8 +27,8 @@ use mcp_metrics_core::time::now_ms;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::{
-    BlockingCommit, DirtyMark, RequestOutcome, RetentionCutoffs, RetentionReport, RollupRow, RollupWork, SampleQuery,
-    SeriesRef, Store, StoreError, StoreOptions, StoreResult, UsageDay, UsageRecord, WriteBatch,
+    BlockingCommit, DirtyMark, NewSeries, RequestOutcome, RetentionCutoffs, RetentionReport, RollupRow, RollupWork,
+    SampleQuery, SeriesRef, Store, StoreError, StoreOptions, StoreResult, UsageDay, UsageRecord, WriteBatch,
 };
 
 use kept_minutes::KeptMinutes;
@@ -356,6 +356,71 @@ impl<'t, 'a> LiveServers<'t, 'a> {
     }
 }
 
+/// Creates a write's new series, or finds them when another request or process created
+/// them first, under the per-server series limit.
+struct SeriesMaker<'t> {
+    insert: rusqlite::CachedStatement<'t>,
+    find: rusqlite::CachedStatement<'t>,
+    count: rusqlite::CachedStatement<'t>,
+    limit: u64,
+    now: i64,
+    /// Series each server holds: counted when the server first makes one in this write
+    /// (under the write lock, so exact), then kept up to date.
+    held: HashMap<String, u64>,
+}
+
+impl<'t> SeriesMaker<'t> {
+    fn new(tx: &'t rusqlite::Transaction<'_>, batch: &WriteBatch) -> rusqlite::Result<Self> {
+        Ok(SeriesMaker {
+            insert: tx.prepare_cached(
+                "INSERT INTO series (server_id, name, tags, kind, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (server_id, name, tags) DO NOTHING",
+            )?,
+            find: tx.prepare_cached("SELECT id, kind FROM series WHERE server_id = ?1 AND name = ?2 AND tags = ?3")?,
+            count: tx.prepare_cached("SELECT count(*) FROM series WHERE server_id = ?1")?,
+            limit: batch.max_series_per_server,
+            now: batch.now,
+            held: HashMap::new(),
+        })
+    }
+
+    /// The series, created if it is new and its server is below the limit; `None` when
+    /// it does not exist and the limit refuses it.
+    fn make(&mut self, new: &NewSeries) -> rusqlite::Result<Option<SeriesInfo>> {
+        let server = new.key.server_id.as_str();
+        let tags = tags_to_json(&new.key.tags);
+        let room = if self.limit == 0 {
+            None
+        } else {
+            if !self.held.contains_key(server) {
+                let counted: i64 = self.count.query_row([server], |r| r.get(0))?;
+                self.held.insert(server.to_owned(), counted as u64);
+            }
+            self.held.get_mut(server)
+        };
+        match room {
+            Some(held) if *held >= self.limit => {}
+            room => {
+                let created = self
+                    .insert
+                    .execute(params![server, new.key.name, tags, new.kind.to_i64(), self.now])?;
+                if let Some(held) = room {
+                    *held += created as u64;
+                }
+            }
+        }
+        let found: Option<(i64, i64)> = self
+            .find
+            .query_row(params![server, new.key.name, tags], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(found.map(|(id, kind)| SeriesInfo {
+            id,
+            key: new.key.clone(),
+            kind: Kind::from_i64(kind).unwrap_or(new.kind),
+        }))
+    }
+}
+
 fn write_batch_blocking(
     conn: &mut Connection,
     batch: &WriteBatch,
@@ -384,12 +449,7 @@ fn write_batch_blocking(
              ON CONFLICT (key_id, digest) DO UPDATE SET expires_at = excluded.expires_at
              WHERE request_digests.expires_at <= ?4",
         )?;
-        let mut insert_series = tx.prepare_cached(
-            "INSERT INTO series (server_id, name, tags, kind, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (server_id, name, tags) DO NOTHING",
-        )?;
-        let mut find_series =
-            tx.prepare_cached("SELECT id, kind FROM series WHERE server_id = ?1 AND name = ?2 AND tags = ?3")?;
+        let mut series_maker = SeriesMaker::new(&tx, batch)?;
         let mut insert_event = tx.prepare_cached(
             "INSERT INTO server_events (server_id, kind, title, detail, at, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
@@ -424,38 +484,35 @@ fn write_batch_blocking(
                 continue;
             }
             let mut series = Vec::with_capacity(request.new_series.len());
+            // Where each new series went in `series`; `None` when the limit refused it.
+            let mut slots = Vec::with_capacity(request.new_series.len());
             for new in &request.new_series {
-                let tags = tags_to_json(&new.key.tags);
-                insert_series.execute(params![new.key.server_id, new.key.name, tags, new.kind.to_i64(), now])?;
-                let (id, kind): (i64, i64) = find_series
-                    .query_row(params![new.key.server_id, new.key.name, tags], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })?;
-                series.push(SeriesInfo {
-                    id,
-                    key: new.key.clone(),
-                    kind: Kind::from_i64(kind).unwrap_or(new.kind),
+                let slot = series_maker.make(new)?.map(|info| {
+                    series.push(info);
+                    series.len() - 1
                 });
+                slots.push(slot);
             }
             // A series another request created first as another kind keeps it; the
             // samples meant for the other kind are refused, so a series never holds
             // samples of two kinds (reading runs and the kept minutes rely on it).
             let mut kind_conflicts = Vec::new();
+            let mut series_refused = Vec::new();
             runs.expect(request.samples.len());
             for (position, sample) in request.samples.iter().enumerate() {
                 match sample.series {
                     SeriesRef::Known(id) => {
                         runs.push(&request.server_id, id, sample.timestamp, sample.kind, sample.value);
                     }
-                    SeriesRef::New(i) => {
-                        let created = &series[i as usize];
-                        if created.kind == sample.kind {
+                    SeriesRef::New(i) => match slots[i as usize] {
+                        Some(slot) if series[slot].kind == sample.kind => {
+                            let created = &series[slot];
                             let server = request.new_series[i as usize].key.server_id.as_str();
                             runs.push(server, created.id, sample.timestamp, created.kind, sample.value);
-                        } else {
-                            kind_conflicts.push((position as u32, created.kind));
                         }
-                    }
+                        Some(slot) => kind_conflicts.push((position as u32, series[slot].kind)),
+                        None => series_refused.push(position as u32),
+                    },
                 }
             }
             let event_id = match &request.event {
@@ -470,6 +527,7 @@ fn write_batch_blocking(
                 series,
                 event_id,
                 kind_conflicts,
+                series_refused,
             });
         }
         runs.insert(&tx)?;

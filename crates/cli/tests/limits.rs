@@ -1,0 +1,243 @@
+//! Per-server write limits on every sample endpoint (DESIGN.md §4.1): past its rate a
+//! server's writes get 429 `rate_limited` with `Retry-After` and store nothing, and a
+//! retry after the wait is stored; at its series limit a server's existing series keep
+//! flowing while samples of new series are refused one by one (`too_many_series`).
+//! Other servers are never affected.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestService, batch};
+use mcp_metrics_core::promwrite::{TimeSeries, WriteRequest, encode};
+use mcp_metrics_core::time::now_ms;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn ns(ms: i64) -> String {
+    (ms as u64 * 1_000_000).to_string()
+}
+
+/// `n` gauges named `name0`, `name1`, … at `t`, as a signed-JSON batch.
+fn gauges(server: &str, name: &str, n: usize, t: i64) -> String {
+    let metrics: Vec<Value> = (0..n)
+        .map(|i| json!({"name": format!("{name}{i}"), "value": i, "timestamp": t}))
+        .collect();
+    batch(server, Value::Array(metrics))
+}
+
+/// POSTs to an exporter endpoint with the key as a bearer token: (status, headers, body).
+async fn post(
+    svc: &TestService,
+    path: &str,
+    key: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut request = svc
+        .client
+        .post(svc.url(path))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", content_type)
+        .body(body);
+    if path == "/api/v1/prom/write" {
+        request = request
+            .header("content-encoding", "snappy")
+            .header("x-prometheus-remote-write-version", "0.1.0");
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    (status, headers, response.bytes().await.unwrap().to_vec())
+}
+
+fn line_protocol(names: &[&str], t: i64) -> Vec<u8> {
+    names
+        .iter()
+        .map(|n| format!("{n} value=1 {}\n", t * 1_000_000))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn remote_write(names: &[&str], t: i64) -> Vec<u8> {
+    encode(&WriteRequest {
+        timeseries: names.iter().map(|n| TimeSeries::named(n, &[], &[(1.0, t)])).collect(),
+    })
+}
+
+fn otlp_gauges(names: &[&str], t: i64) -> Vec<u8> {
+    let metrics: Vec<Value> = names
+        .iter()
+        .map(|n| json!({"name": n, "gauge": {"dataPoints": [{"timeUnixNano": ns(t), "asDouble": 1.0}]}}))
+        .collect();
+    serde_json::to_vec(&json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": metrics}]}]})).unwrap()
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
+    headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After of whole seconds")
+}
+
+#[tokio::test]
+async fn past_its_rate_a_server_gets_429_on_every_endpoint_and_others_go_on() {
+    // One sample a second with bursts of ten: after ten, a five-sample write waits
+    // about five seconds, so every endpoint below meets the limit.
+    let svc = TestService::start_with(|c| {
+        c.ingest.samples_per_second_per_server = 1;
+        c.ingest.burst_samples_per_server = 10;
+        c.ingest.max_samples_per_request = 10;
+    })
+    .await;
+    let busy = svc.server_with_key("busy").await;
+    let calm = svc.server_with_key("calm").await;
+    let t = now_ms() - 1000;
+    let (status, _, answer) = svc.push(&busy, &gauges("busy", "burst", 10, t)).await;
+    assert_eq!((status, &answer["accepted"]), (StatusCode::OK, &json!(10)), "{answer}");
+
+    let (status, headers, answer) = svc.push(&busy, &gauges("busy", "over", 5, t)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert_eq!(answer["code"], "rate_limited");
+    assert!((1..=6).contains(&retry_after(&headers)), "{headers:?}");
+    let five = ["o0", "o1", "o2", "o3", "o4"];
+    for (path, content_type, body) in [
+        ("/api/v1/write", "text/plain", line_protocol(&five, t)),
+        ("/api/v1/prom/write", "application/x-protobuf", remote_write(&five, t)),
+    ] {
+        let (status, headers, body) = post(&svc, path, &busy.api_key, content_type, body).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{path}");
+        let problem: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["code"], "rate_limited", "{path}: {problem}");
+        assert!(retry_after(&headers) >= 1, "{path}");
+    }
+    // OTLP answers with a google.rpc.Status: 8 is RESOURCE_EXHAUSTED.
+    let (status, headers, body) = post(
+        &svc,
+        "/otlp/v1/metrics",
+        &busy.api_key,
+        "application/json",
+        otlp_gauges(&five, t),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["code"], 8, "{answer}");
+    assert!(retry_after(&headers) >= 1);
+    assert_eq!(svc.samples(&busy, "").await.len(), 10, "nothing refused was stored");
+
+    // Another server has its own allowance.
+    let (status, _, answer) = svc.push(&calm, &gauges("calm", "g", 10, t)).await;
+    assert_eq!((status, &answer["accepted"]), (StatusCode::OK, &json!(10)), "{answer}");
+    // A refused signed request did not use up its signature: sent again after the wait,
+    // the same body and signature are stored.
+    let body = gauges("calm", "late", 1, t);
+    let signature = mcp_metrics_core::signature::sign(calm.secret.as_bytes(), now_ms() / 1000, body.as_bytes());
+    let (status, headers, _) = svc
+        .push_raw(Some(&calm.api_key), Some(&signature), "application/json", &body)
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    tokio::time::sleep(Duration::from_secs(retry_after(&headers)) + Duration::from_millis(100)).await;
+    let (status, _, answer) = svc
+        .push_raw(Some(&calm.api_key), Some(&signature), "application/json", &body)
+        .await;
+    assert_eq!((status, &answer["accepted"]), (StatusCode::OK, &json!(1)), "{answer}");
+
+    let text = svc.metrics_text().await;
+    assert!(
+        text.contains("mcp_metrics_ingest_requests_rejected_total{code=\"rate_limited\"} 5\n"),
+        "{text}"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn at_its_series_limit_a_server_keeps_its_series_and_new_ones_are_refused() {
+    let svc = TestService::start_with(|c| c.ingest.max_series_per_server = 3).await;
+    let full = svc.server_with_key("full").await;
+    let other = svc.server_with_key("other").await;
+    let t = now_ms() - 1000;
+    // Five new series: the first three fit.
+    let (status, _, answer) = svc.push(&full, &gauges("full", "g", 5, t)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["accepted"], 3, "{answer}");
+    let refused: Vec<(u64, &str)> = answer["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(refused, vec![(3, "too_many_series"), (4, "too_many_series")]);
+    assert!(
+        answer["rejected"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 3 series")
+    );
+
+    // Known series go on through every endpoint; a new one beside them is refused.
+    let (status, _, body) = post(
+        &svc,
+        "/api/v1/write",
+        &full.api_key,
+        "text/plain",
+        line_protocol(&["g0", "h"], t + 1),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let problem: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["accepted"], 1, "{problem}");
+    assert_eq!(
+        problem["rejected"],
+        json!([{"line": 2, "code": "too_many_series",
+        "detail": "this server has reached its limit of 3 series; samples of the series it has are still stored"}])
+    );
+    let (status, _, body) = post(
+        &svc,
+        "/api/v1/prom/write",
+        &full.api_key,
+        "application/x-protobuf",
+        remote_write(&["g1", "h"], t + 2),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a refusal that will not change is not retried"
+    );
+    assert!(String::from_utf8_lossy(&body).contains("1 samples stored, 1 refused"));
+    let (status, _, body) = post(
+        &svc,
+        "/otlp/v1/metrics",
+        &full.api_key,
+        "application/json",
+        otlp_gauges(&["g2", "h"], t + 3),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["partialSuccess"]["rejectedDataPoints"], "1", "{answer}");
+    assert!(
+        answer["partialSuccess"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 3 series")
+    );
+
+    let names: Vec<String> = svc
+        .samples(&full, "")
+        .await
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["g0", "g1", "g2", "g0", "g1", "g2"], "the known series only");
+    let (status, _, answer) = svc.push(&other, &gauges("other", "g", 3, t)).await;
+    assert_eq!((status, &answer["accepted"]), (StatusCode::OK, &json!(3)), "{answer}");
+    let text = svc.metrics_text().await;
+    assert!(
+        text.contains("mcp_metrics_ingest_samples_rejected_total{code=\"too_many_series\"} 5\n"),
+        "{text}"
+    );
+    svc.stop().await;
+}
