@@ -20,17 +20,16 @@ rounds=${3:-3}
 samples=${4:-2000000}
 . scripts/lib.sh
 bench_setup
-{ cat "$bench_config"; printf '[rollup]\ninterval_secs = 3600\n'; } >"$dir/norollup.toml"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for round in $(seq "$rounds"); do
   for mode in $modes; do
     for variant in "${variants[@]}"; do
       label=${variant%%=*}
       variant_bin=${variant#*=}
-      config=$dir/bench.toml
-      case $label in *-norollup) config=$dir/norollup.toml ;; esac
+      toml=
+      case $label in *-norollup) toml=$'[rollup]\ninterval_secs = 3600\n' ;; esac
       rm -f "$dir"/ab.db*
-      service_bin=$variant_bin bench_config=$config start_service "sqlite://$dir/ab.db"
+      service_bin=$variant_bin bench_toml=$toml start_service "sqlite://$dir/ab.db"
       pid=$service_pid
       before=$(ticks "$pid")
       result=$("${LOADGEN:-$bin}" bench --url "$service_url" --mode "$mode" --batch 1000 --samples "$samples" \

@@ -4,8 +4,10 @@
 #                                admin token, and a trap that stops what was started
 #   start_service DATABASE_URL [SERVE ARGS...]
 #                                starts `serve` ($service_bin if set, else $bin) on a free
-#                                loopback port with the configuration file $bench_config
-#                                and waits until it is ready: $service_url, $service_pid
+#                                loopback port and waits until it is ready (or exits with
+#                                the end of its log): $service_url, $service_pid. Its
+#                                configuration file raises the per-server write allowance
+#                                (for builds that have one) and adds $bench_toml if set.
 #   free_port                    prints a free loopback port
 #   cpu_mark / cpu_busy          cpu_mark notes the machine's CPU counters (/proc/stat);
 #                                cpu_busy prints how busy all cores were since, in
@@ -21,11 +23,6 @@ bench_setup() {
   dir=$(mktemp -d)
   pids=()
   export MCP_METRICS_ADMIN_TOKEN=bench-admin-token-$RANDOM$RANDOM
-  # One benchmark server writes millions of samples a second, far past the default
-  # per-server rate limit: raised so the pipeline is measured, while every request is
-  # still charged to it.
-  bench_config=$dir/bench.toml
-  printf '[ingest]\nsamples_per_second_per_server = 1000000000\nburst_samples_per_server = 1000000000\n' >"$bench_config"
   trap bench_cleanup EXIT
 }
 
@@ -39,9 +36,24 @@ bench_cleanup() {
 start_service() { # $1: database URL, then extra `serve` arguments
   local port; port=$(free_port)
   local url=$1; shift
-  "${service_bin:-$bin}" serve --config "$bench_config" "$@" --database "$url" --listen "127.0.0.1:$port" 2>>"$dir/serve.log" &
+  local binary=${service_bin:-$bin} config=$dir/serve-$port.toml
+  : >"$config"
+  # One benchmark server writes millions of samples a second, far past the default
+  # per-server write allowance: raised so the pipeline is measured, while every request
+  # is still charged to it. Builds from before the allowance refuse the keys.
+  if grep -q samples_per_second_per_server "$binary"; then
+    printf '[ingest]\nsamples_per_second_per_server = 1000000000\nburst_samples_per_server = 1000000000\n' >>"$config"
+  fi
+  printf '%s' "${bench_toml:-}" >>"$config"
+  "$binary" serve --config "$config" "$@" --database "$url" --listen "127.0.0.1:$port" 2>>"$dir/serve.log" &
   service_pid=$!; pids+=("$service_pid")
-  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.05; done
+  local ready=
+  for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && ready=1 && break; sleep 0.05; done
+  if [ -z "$ready" ]; then
+    echo "$binary serve did not become ready in 10 s; the end of its log:" >&2
+    tail -n 20 "$dir/serve.log" >&2
+    exit 1
+  fi
   service_url="http://127.0.0.1:$port"
 }
 

@@ -241,3 +241,106 @@ async fn at_its_series_limit_a_server_keeps_its_series_and_new_ones_are_refused(
     );
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn what_is_not_stored_gives_its_charge_back_and_an_otlp_export_is_charged_whole() {
+    // Ten samples a burst, one a second back: a request stored or refused shows at once.
+    let svc = TestService::start_with(|c| {
+        c.ingest.samples_per_second_per_server = 1;
+        c.ingest.burst_samples_per_server = 10;
+        c.ingest.max_samples_per_request = 4;
+    })
+    .await;
+    let cred = svc.server_with_key("acme").await;
+    let t = now_ms() - 1000;
+    let body = gauges("acme", "g", 4, t);
+    let signature = mcp_metrics_core::signature::sign(cred.secret.as_bytes(), now_ms() / 1000, body.as_bytes());
+    let send = || svc.push_raw(Some(&cred.api_key), Some(&signature), "application/json", &body);
+    assert_eq!(send().await.0, StatusCode::OK);
+    // Replays of the signed request (409) and retries of a line-protocol body stored
+    // already (204, stored once) are given back: 6 left, whatever is resent.
+    for _ in 0..5 {
+        assert_eq!(send().await.0, StatusCode::CONFLICT);
+    }
+    let lines = line_protocol(&["l0", "l1"], t);
+    for _ in 0..5 {
+        let (status, ..) = post(&svc, "/api/v1/write", &cred.api_key, "text/plain", lines.clone()).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    // 4 left. An OTLP export of 6 points (written in two parts of at most 4) is charged
+    // whole before its first part: refused, and nothing of it is stored.
+    let six = ["o0", "o1", "o2", "o3", "o4", "o5"];
+    let (status, headers, _) = post(
+        &svc,
+        "/otlp/v1/metrics",
+        &cred.api_key,
+        "application/json",
+        otlp_gauges(&six, t),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        retry_after(&headers) >= 2,
+        "two samples short at one a second: {headers:?}"
+    );
+    assert_eq!(
+        svc.samples(&cred, "").await.len(),
+        6,
+        "4 gauges and 2 lines, no OTLP point"
+    );
+    let (status, ..) = post(
+        &svc,
+        "/otlp/v1/metrics",
+        &cred.api_key,
+        "application/json",
+        otlp_gauges(&six[..4], t),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the 4 left fit");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_of_every_stage_come_back_at_their_indices() {
+    let svc = TestService::start_with(|c| c.ingest.max_series_per_server = 3).await;
+    let cred = svc.server_with_key("s1").await;
+    // A counter series this node has not cached (as if another node created it): the
+    // request names it as new and the writer finds it as another kind.
+    svc.sql_execute("INSERT INTO series (server_id, name, tags, kind, created_at) VALUES ('s1', 'raced', '{}', 1, 0)")
+        .await;
+    let t = now_ms() - 1000;
+    let body = batch(
+        "s1",
+        json!([
+            {"name": "bad name!", "value": 1, "timestamp": t},
+            {"name": "first", "value": 2, "timestamp": t},
+            {"name": "raced", "value": 3, "timestamp": t, "type": "gauge"},
+            {"name": "second", "value": 4, "timestamp": t},
+            {"name": "third", "value": 5, "timestamp": t},
+            {"name": "first", "value": 6, "timestamp": t + 1}
+        ]),
+    );
+    let (status, _, answer) = svc.push(&cred, &body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let refused: Vec<(u64, &str)> = answer["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect();
+    // raced, first and second make 3 series; third is one too many.
+    assert_eq!(
+        refused,
+        vec![(0, "invalid_name"), (2, "kind_mismatch"), (4, "too_many_series")],
+        "{answer}"
+    );
+    assert_eq!(answer["accepted"], 3, "{answer}");
+    let values: Vec<f64> = svc
+        .samples(&cred, "")
+        .await
+        .iter()
+        .map(|s| s["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values, vec![2.0, 4.0, 6.0]);
+    svc.stop().await;
+}

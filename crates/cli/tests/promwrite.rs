@@ -86,14 +86,32 @@ async fn invalid_data_is_400_so_prometheus_does_not_retry_it() {
     let cred = svc.server_with_key("acme").await;
     let bearer = format!("Bearer {}", cred.api_key);
     let t = now_ms() - 1000;
-    // One bad sample (NaN that is not a stale marker) among good ones: the rest is stored.
+    // One bad sample (an infinity) among good ones: the rest is stored.
     let request = WriteRequest {
-        timeseries: vec![TimeSeries::named("g", &[], &[(f64::NAN, t), (1.0, t + 1)])],
+        timeseries: vec![TimeSeries::named("g", &[], &[(f64::INFINITY, t), (1.0, t + 1)])],
     };
     let (status, text) = send(&svc, Some(&bearer), "application/x-protobuf", encode(&request)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("1 samples stored, 1 refused"), "{text}");
     assert_eq!(svc.samples(&cred, "").await.len(), 1);
+    // A NaN (a summary's quantile before any observation) is "no value": dropped like a
+    // stale marker, and the request is a success.
+    let nan = WriteRequest {
+        timeseries: vec![TimeSeries::named(
+            "q",
+            &[("quantile", "0.5")],
+            &[(f64::NAN, t), (2.0, t + 1)],
+        )],
+    };
+    let (status, text) = send(&svc, Some(&bearer), "application/x-protobuf", encode(&nan)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
+    let q: Vec<f64> = svc
+        .samples(&cred, "name=q")
+        .await
+        .iter()
+        .map(|s| s["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(q, vec![2.0]);
     // Not snappy, and snappy around garbage.
     assert_eq!(
         send(&svc, Some(&bearer), "application/x-protobuf", b"plain".to_vec())
@@ -147,7 +165,8 @@ async fn invalid_data_is_400_so_prometheus_does_not_retry_it() {
             .0,
         StatusCode::PAYLOAD_TOO_LARGE
     );
-    // The good sample beside the NaN and the series beside the repeated label; nothing more.
-    assert_eq!(svc.samples(&cred, "").await.len(), 2);
+    // The good sample beside the infinity, the one beside the NaN and the series beside
+    // the repeated label; nothing more.
+    assert_eq!(svc.samples(&cred, "").await.len(), 3);
     svc.stop().await;
 }

@@ -129,17 +129,16 @@ async fn opentelemetry_python_sdk_exports_a_histogram_and_a_counter() {
     svc.stop().await;
 }
 
-#[tokio::test]
-async fn prometheus_remote_writes_its_own_metrics() {
-    let prometheus = PathBuf::from(std::env::var("PROMETHEUS").unwrap_or_else(|_| "/usr/bin/prometheus".into()));
-    if !tool_or_skip(&prometheus, "Debian's prometheus package") {
-        return;
-    }
-    let svc = TestService::start().await;
-    let cred = svc.server_with_key("prom").await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let config = dir.path().join("prometheus.yml");
+/// Prometheus scraping its own metrics every second on `port` and remote-writing them
+/// with the key, configured as docs/METRICS.md shows (`retry_on_http_429` included).
+fn start_prometheus(
+    prometheus: &Path,
+    svc: &TestService,
+    cred: &Credential,
+    dir: &Path,
+    port: u16,
+) -> std::process::Child {
+    let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
@@ -154,6 +153,7 @@ remote_write:
     authorization:
       credentials: {key}
     queue_config:
+      retry_on_http_429: true
       batch_send_deadline: 1s
 "#,
             url = svc.url("/api/v1/prom/write"),
@@ -161,19 +161,85 @@ remote_write:
         ),
     )
     .unwrap();
-    let mut child = Command::new(&prometheus)
+    Command::new(prometheus)
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start prometheus");
+        .expect("start prometheus")
+}
+
+/// The sum of a Prometheus counter over its labels, read from its own `/metrics`.
+async fn prometheus_counter(client: &reqwest::Client, port: u16, name: &str) -> f64 {
+    let Ok(response) = client.get(format!("http://127.0.0.1:{port}/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn prometheus_waits_and_resends_what_the_write_allowance_refused() {
+    let prometheus = PathBuf::from(std::env::var("PROMETHEUS").unwrap_or_else(|_| "/usr/bin/prometheus".into()));
+    if !tool_or_skip(&prometheus, "Debian's prometheus package") {
+        return;
+    }
+    // Prometheus' own metrics are several hundred samples a scrape: past 100 a second.
+    let svc = TestService::start_with(|c| {
+        c.ingest.samples_per_second_per_server = 100;
+        c.ingest.burst_samples_per_server = 1_000;
+    })
+    .await;
+    let cred = svc.server_with_key("prom").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let mut child = start_prometheus(&prometheus, &svc, &cred, dir.path(), port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut refused, mut retried) = (0.0, 0.0);
+    while Instant::now() < deadline && (refused < 1.0 || retried < 1.0) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        refused = svc
+            .metric("mcp_metrics_ingest_requests_rejected_total{code=\"rate_limited\"}")
+            .await;
+        retried = prometheus_counter(&svc.client, port, "prometheus_remote_storage_samples_retried_total").await;
+    }
+    let failed = prometheus_counter(&svc.client, port, "prometheus_remote_storage_samples_failed_total").await;
+    let dropped = prometheus_counter(&svc.client, port, "prometheus_remote_storage_samples_dropped_total").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(refused >= 1.0, "no write was refused with 429 within 60 s");
+    assert!(retried >= 1.0, "Prometheus resent nothing it was refused");
+    assert_eq!((failed, dropped), (0.0, 0.0), "Prometheus gave up on samples");
+    let up = svc.samples(&cred, "name=up").await;
+    assert!(!up.is_empty(), "samples still land");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn prometheus_remote_writes_its_own_metrics() {
+    let prometheus = PathBuf::from(std::env::var("PROMETHEUS").unwrap_or_else(|_| "/usr/bin/prometheus".into()));
+    if !tool_or_skip(&prometheus, "Debian's prometheus package") {
+        return;
+    }
+    let svc = TestService::start().await;
+    let cred = svc.server_with_key("prom").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let mut child = start_prometheus(&prometheus, &svc, &cred, dir.path(), port);
     let up = wait_for(&svc, &cred, "name=up", 40, |s| !s.is_empty()).await;
     let requests = wait_for(&svc, &cred, "name=prometheus_http_requests_total", 20, |s| {
         !s.is_empty()
     })
     .await;
+    // Nothing Prometheus sends of itself is refused: its summaries' NaN quantiles are
+    // "no value", not bad data (they were once answered 400, and Prometheus logged a
+    // non-recoverable error every second).
+    let failed = prometheus_counter(&svc.client, port, "prometheus_remote_storage_samples_failed_total").await;
     let _ = child.kill();
     let _ = child.wait();
     assert!(!up.is_empty(), "no `up` sample arrived from Prometheus within 40 s");
@@ -182,6 +248,7 @@ remote_write:
     assert_eq!(up[0]["tags"]["instance"], format!("127.0.0.1:{port}"));
     assert!(!requests.is_empty());
     assert!(requests[0]["tags"]["handler"].is_string(), "{:?}", requests[0]);
+    assert_eq!(failed, 0.0, "samples Prometheus sent were refused");
     svc.stop().await;
 }
 

@@ -81,8 +81,8 @@ pub struct IngestConfig {
     /// Samples one server may write a second on this node; beyond it (and its burst)
     /// writes get 429 with `Retry-After`. 0: no limit.
     pub samples_per_second_per_server: u32,
-    /// Samples one server may write at once above its rate; at least
-    /// `max_samples_per_request`.
+    /// Samples one server may write at once above its rate. A larger request is let
+    /// through when the server's allowance is whole, and it then waits until it is paid off.
     pub burst_samples_per_server: u32,
     /// Most series one server may have; samples that would create more are refused
     /// (`too_many_series`) while its existing series go on. 0: no limit.
@@ -319,15 +319,6 @@ impl Config {
             // replay window would let a captured request be replayed once it is forgotten.
             bail!("ingest.replay_window_secs must be at least twice ingest.signature_tolerance_secs");
         }
-        if ingest.samples_per_second_per_server > 0
-            && (ingest.burst_samples_per_server as usize) < ingest.max_samples_per_request
-        {
-            bail!(
-                "ingest.burst_samples_per_server ({}) must be at least ingest.max_samples_per_request ({}), or a full request could never be written; or set ingest.samples_per_second_per_server = 0 to turn the rate limit off",
-                ingest.burst_samples_per_server,
-                ingest.max_samples_per_request
-            );
-        }
         if ingest.retry_window_secs < 1 || ingest.max_batch_samples < 1 || ingest.max_body_bytes < 1024 {
             bail!(
                 "ingest.retry_window_secs and ingest.max_batch_samples must be positive, ingest.max_body_bytes at least 1024"
@@ -431,19 +422,6 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("admin token"));
-    }
-
-    #[test]
-    fn a_burst_smaller_than_a_request_is_refused_unless_the_rate_limit_is_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("c.toml");
-        let limits = "[ingest]\nmax_samples_per_request = 5000\nburst_samples_per_server = 4000\n";
-        std::fs::write(&file, limits).unwrap();
-        let err = Config::load(Some(&file), env(&[]), &Overrides::default()).unwrap_err();
-        assert!(err.to_string().contains("burst_samples_per_server (4000)"), "{err}");
-        std::fs::write(&file, format!("{limits}samples_per_second_per_server = 0\n")).unwrap();
-        let c = Config::load(Some(&file), env(&[]), &Overrides::default()).unwrap();
-        assert_eq!(c.ingest.samples_per_second_per_server, 0);
     }
 
     #[test]

@@ -318,6 +318,11 @@ async fn store_export(
     } else {
         points.chunks(chunk).collect()
     };
+    // The whole export is charged to the server's allowance before its first part, so a
+    // 429 stores nothing of it; the parts a retry finds stored already, and those never
+    // committed, are given back.
+    super::write::charge(state, credential, points.len())?;
+    let mut not_stored = points.len();
     let mut accepted = 0;
     for (part, slice) in parts.into_iter().enumerate() {
         let batch = WireBatch {
@@ -345,15 +350,23 @@ async fn store_export(
             hasher.update((part as u64).to_le_bytes());
             hasher.finalize().into()
         };
-        let stored = super::write::commit_with_digest(state, credential, &batch, part_digest, None).await?;
+        let stored = match super::write::commit_charged(state, credential, &batch, part_digest, None).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                state.write_rate.refund(&credential.server_id, not_stored);
+                return Err(e);
+            }
+        };
         if !stored.duplicate {
             accepted += stored.accepted;
+            not_stored -= slice.len();
         }
         for r in stored.rejected {
             let point = &slice[r.index];
             refused.add(point.data_point, || format!("{}: {}", point.name, r.detail));
         }
     }
+    state.write_rate.refund(&credential.server_id, not_stored);
     // Every part is committed (or was, by an earlier try of this body). A stream whose
     // samples were refused keeps no state: nothing of it was stored.
     let refused_points = refused.points();

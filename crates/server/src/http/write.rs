@@ -25,9 +25,10 @@ pub struct Stored {
     pub duplicate: bool,
 }
 
-/// Validates and commits a decoded batch for the credential's server. A retried body
-/// (same key, same bytes, inside the retry window) is acknowledged and stored once; a
-/// signed request whose signature was already used is refused (409).
+/// Validates and commits a decoded batch for the credential's server, charged to the
+/// server's write allowance. A retried body (same key, same bytes, inside the retry
+/// window) is acknowledged and stored once; a signed request whose signature was already
+/// used is refused (409). Neither keeps its charge.
 pub async fn commit(
     state: &AppState,
     credential: &StoredCredential,
@@ -35,51 +36,58 @@ pub async fn commit(
     body: &[u8],
     signature: Option<[u8; 32]>,
 ) -> ApiResult<Stored> {
-    commit_with_digest(state, credential, batch, body_digest(body), signature).await
+    check_sample_count(state, batch.metrics.len())?;
+    charge(state, credential, batch.metrics.len())?;
+    let stored = commit_charged(state, credential, batch, body_digest(body), signature).await;
+    if !matches!(&stored, Ok(s) if !s.duplicate) {
+        state.write_rate.refund(&credential.server_id, batch.metrics.len());
+    }
+    stored
 }
 
-/// [`commit`] with the retry digest given: a body written in several commits gives each
-/// its own digest, so a retry recognises each part.
-pub async fn commit_with_digest(
+/// 413 for a request of more samples than one may carry.
+fn check_sample_count(state: &AppState, samples: usize) -> ApiResult<()> {
+    let limits = state.sample_limits();
+    if samples > limits.max_samples {
+        return Err(ApiError::new(
+            Code::TooManySamples,
+            format!(
+                "a request may carry at most {} samples; this one has {samples}",
+                limits.max_samples
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Charges `samples` to the server's write allowance, or answers 429 with the seconds
+/// until it would hold them. The caller gives back what it then does not store.
+pub fn charge(state: &AppState, credential: &StoredCredential, samples: usize) -> ApiResult<()> {
+    state.write_rate.admit(&credential.server_id, samples).map_err(|wait| {
+        let limit = &state.config.ingest;
+        ApiError::new(
+            Code::RateLimited,
+            format!(
+                "this server may write {} samples a second (bursts of {}); slow down, or retry after the time Retry-After gives",
+                limit.samples_per_second_per_server, limit.burst_samples_per_server
+            ),
+        )
+        .retry_after(retry_after_secs(wait))
+    })
+}
+
+/// [`commit`] of a batch already charged, with the retry digest given: a body written in
+/// several commits is charged once and gives each part its own digest, so a retry
+/// recognises each part.
+pub async fn commit_charged(
     state: &AppState,
     credential: &StoredCredential,
     batch: &WireBatch<'_>,
     digest: [u8; 32],
     signature: Option<[u8; 32]>,
 ) -> ApiResult<Stored> {
+    check_sample_count(state, batch.metrics.len())?;
     let limits = state.sample_limits();
-    if batch.metrics.len() > limits.max_samples {
-        return Err(ApiError::new(
-            Code::TooManySamples,
-            format!(
-                "a request may carry at most {} samples; this one has {}",
-                limits.max_samples,
-                batch.metrics.len()
-            ),
-        ));
-    }
-    if let Err(wait) = state.write_rate.admit(&credential.server_id, batch.metrics.len()) {
-        let limit = &state.config.ingest;
-        let error = ApiError::new(
-            Code::RateLimited,
-            format!(
-                "this server may write {} samples a second (bursts of {}); slow down or send fewer, larger exports",
-                limit.samples_per_second_per_server, limit.burst_samples_per_server
-            ),
-        );
-        return Err(match wait {
-            Some(wait) => error.retry_after(retry_after_secs(wait)),
-            // Configuration keeps every request within a burst; if not, waiting will not help.
-            None => ApiError::new(
-                Code::TooManySamples,
-                format!(
-                    "a request may carry at most {} samples (this server's burst); this one has {}",
-                    limit.burst_samples_per_server,
-                    batch.metrics.len()
-                ),
-            ),
-        });
-    }
     let epoch = state.series.epoch();
     let prepared = prepare(batch, &credential.server_id, &state.series, now_ms(), &limits);
     let mut rejected = prepared.rejected;
