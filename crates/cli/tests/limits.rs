@@ -73,6 +73,16 @@ fn otlp_gauges(names: &[&str], t: i64) -> Vec<u8> {
     serde_json::to_vec(&json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": metrics}]}]})).unwrap()
 }
 
+/// The (index, code) of each rejection in a signed write's answer.
+fn refusals(answer: &Value) -> Vec<(u64, &str)> {
+    answer["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect()
+}
+
 fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
     headers
         .get("retry-after")
@@ -162,12 +172,7 @@ async fn at_its_series_limit_a_server_keeps_its_series_and_new_ones_are_refused(
     let (status, _, answer) = svc.push(&full, &gauges("full", "g", 5, t)).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["accepted"], 3, "{answer}");
-    let refused: Vec<(u64, &str)> = answer["rejected"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
-        .collect();
+    let refused = refusals(&answer);
     assert_eq!(refused, vec![(3, "too_many_series"), (4, "too_many_series")]);
     assert!(
         answer["rejected"][0]["detail"]
@@ -322,12 +327,7 @@ async fn refusals_of_every_stage_come_back_at_their_indices() {
     );
     let (status, _, answer) = svc.push(&cred, &body).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    let refused: Vec<(u64, &str)> = answer["rejected"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
-        .collect();
+    let refused = refusals(&answer);
     // raced, first and second make 3 series; third is one too many.
     assert_eq!(
         refused,
