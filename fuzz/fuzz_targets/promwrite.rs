@@ -1,14 +1,14 @@
 //! Prometheus remote-write: snappy decompression and the borrowing protobuf decoder
 //! never panic and never allocate past the decompression limit. On the decompressed
 //! bytes the decoder accepts exactly what prost's decoding of `WriteRequest` accepts,
-//! with the same names, kinds, tags, samples and stale-marker count; a decoded series'
+//! with the same names, kinds, tags, samples and count of dropped NaN samples; a decoded series'
 //! tags are sorted and unique (a series repeating a label name keeps one of its pairs per
 //! name and is marked with the right name, so its samples are refused). The input is
 //! tried as decompressed bytes, as a snappy body, and compressed into a valid snappy body.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mcp_metrics_core::promwrite::{STALE_NAN_BITS, WriteRequest, decode, decompress, is_counter_name};
+use mcp_metrics_core::promwrite::{WriteRequest, decode, decompress, is_counter_name};
 use prost::Message;
 
 fn compare(raw: &[u8]) {
@@ -19,7 +19,7 @@ fn compare(raw: &[u8]) {
     };
     let series: Vec<_> = ours.series().collect();
     assert_eq!(series.len(), theirs.timeseries.len());
-    let mut stale = 0;
+    let mut dropped = 0;
     for (s, t) in series.iter().zip(&theirs.timeseries) {
         assert!(s.tags.windows(2).all(|w| w[0].0 < w[1].0), "tags not sorted and unique");
         let name = t.labels.iter().find(|l| l.name == "__name__").map_or("", |l| &l.value);
@@ -57,13 +57,13 @@ fn compare(raw: &[u8]) {
             .samples
             .iter()
             .map(|x| (x.value.to_bits(), x.timestamp))
-            .filter(|&(bits, _)| bits != STALE_NAN_BITS)
+            .filter(|&(bits, _)| !f64::from_bits(bits).is_nan())
             .collect();
-        stale += t.samples.len() - kept.len();
+        dropped += t.samples.len() - kept.len();
         let got: Vec<(u64, i64)> = s.samples.iter().map(|x| (x.value.to_bits(), x.timestamp)).collect();
         assert_eq!(got, kept);
     }
-    assert_eq!(ours.stale, stale);
+    assert_eq!(ours.nan_dropped, dropped);
 }
 
 fn check(body: &[u8]) {

@@ -61,8 +61,9 @@ pub enum PromError {
 /// borrowed from the decompressed body.
 #[derive(Debug, Default)]
 pub struct Decoded<'a> {
-    /// Stale markers dropped.
-    pub stale: usize,
+    /// NaN samples dropped: stale markers, and the NaN that is Prometheus' "no value"
+    /// (the quantiles of a summary that has seen no observation yet).
+    pub nan_dropped: usize,
     spans: Vec<Span<'a>>,
     tags: Vec<WireTag<'a>>,
     samples: Vec<Sample>,
@@ -85,7 +86,7 @@ pub struct PromSeries<'d> {
     /// Sorted by key.
     pub tags: &'d [WireTag<'d>],
     pub counter: bool,
-    /// Without stale markers.
+    /// Without NaN samples.
     pub samples: &'d [Sample],
     /// A label name the series repeats (`__name__` included): its samples are refused,
     /// as Prometheus' own receiver skips such a series, since which value was meant
@@ -126,8 +127,8 @@ impl<'a> Decoded<'a> {
                 (2, wire) => {
                     Reader::expect(2, wire, LEN)?;
                     let sample = sample(r.message()?)?;
-                    if sample.value.to_bits() == STALE_NAN_BITS {
-                        self.stale += 1;
+                    if sample.value.is_nan() {
+                        self.nan_dropped += 1;
                     } else {
                         self.samples.push(sample);
                     }
@@ -216,7 +217,7 @@ pub fn decompress(body: &[u8], max_decompressed: usize) -> Result<Vec<u8>, PromE
 }
 
 /// Decodes a decompressed `WriteRequest`, borrowing every name and label from it, and
-/// drops stale markers. Accepts and refuses what prost's decoding of [`WriteRequest`]
+/// drops NaN samples (stale markers and "no value"). Accepts and refuses what prost's decoding of [`WriteRequest`]
 /// does (a property test and the fuzz target compare the two).
 pub fn decode(raw: &[u8]) -> Result<Decoded<'_>, PromError> {
     let mut decoded = Decoded::default();
@@ -278,7 +279,7 @@ mod tests {
     fn decoded(body: &[u8]) -> Result<(Vec<Owned>, usize), PromError> {
         let raw = decompress(body, 1 << 20)?;
         let decoded = decode(&raw)?;
-        Ok((decoded.series().map(|s| Owned::of(&s)).collect(), decoded.stale))
+        Ok((decoded.series().map(|s| Owned::of(&s)).collect(), decoded.nan_dropped))
     }
 
     #[derive(Debug, Clone, PartialEq)]
@@ -332,7 +333,7 @@ mod tests {
                     .samples
                     .iter()
                     .map(|x| (x.value.to_bits(), x.timestamp))
-                    .filter(|&(bits, _)| bits != STALE_NAN_BITS)
+                    .filter(|&(bits, _)| !f64::from_bits(bits).is_nan())
                     .collect();
                 stale += one.samples.len() - samples.len();
                 Owned {
@@ -351,7 +352,7 @@ mod tests {
     /// or both give the same series (tags compared as key sets where a key repeats, since
     /// a refused series keeps any one value per key).
     fn agrees_with_prost(raw: &[u8]) -> Result<(), TestCaseError> {
-        let ours = decode(raw).map(|d| (d.series().map(|s| Owned::of(&s)).collect::<Vec<_>>(), d.stale));
+        let ours = decode(raw).map(|d| (d.series().map(|s| Owned::of(&s)).collect::<Vec<_>>(), d.nan_dropped));
         match (ours, reference(raw)) {
             (Err(_), Err(_)) => {}
             (Ok((mut ours, stale)), Ok((mut theirs, their_stale))) => {
@@ -370,20 +371,20 @@ mod tests {
     }
 
     #[test]
-    fn decodes_names_tags_kinds_and_drops_stale_markers() {
+    fn decodes_names_tags_kinds_and_drops_nan_samples() {
         let request = WriteRequest {
             timeseries: vec![
                 TimeSeries::named(
                     "http_requests_total",
                     &[("job", "api"), ("code", "200")],
-                    &[(10.0, 1000), (f64::from_bits(STALE_NAN_BITS), 2000)],
+                    &[(10.0, 1000), (f64::from_bits(STALE_NAN_BITS), 2000), (f64::NAN, 3000)],
                 ),
                 TimeSeries::named("up", &[("job", "api")], &[(1.0, 1000)]),
                 TimeSeries::named("latency_seconds_bucket", &[("le", "0.5")], &[(3.0, 1000)]),
             ],
         };
-        let (series, stale) = decoded(&encode(&request)).unwrap();
-        assert_eq!(stale, 1);
+        let (series, dropped) = decoded(&encode(&request)).unwrap();
+        assert_eq!(dropped, 2, "the stale marker and the other NaN");
         assert_eq!(series.len(), 3);
         assert_eq!(series[0].name, "http_requests_total");
         assert_eq!(

@@ -525,7 +525,10 @@ mod tests {
         let decoded = mcp_metrics_core::promwrite::decode(&raw).unwrap();
         let series: Vec<_> = decoded.series().collect();
         assert_eq!(
-            (series.iter().map(|s| s.samples.len()).sum::<usize>(), decoded.stale),
+            (
+                series.iter().map(|s| s.samples.len()).sum::<usize>(),
+                decoded.nan_dropped
+            ),
             (50, 0)
         );
         assert!(

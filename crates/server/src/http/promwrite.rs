@@ -70,24 +70,20 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
             .iter()
             .flat_map(|s| {
                 let kind = Cow::Borrowed(if s.counter { "counter" } else { "gauge" });
-                // A NaN is Prometheus' "no value" (a summary's quantiles before any
-                // observation): dropped like a stale marker, not refused, or every
-                // Prometheus would log a non-recoverable error for its own summaries.
-                s.samples
-                    .iter()
-                    .filter(|sample| !sample.value.is_nan())
-                    .map(move |sample| WireSample {
-                        name: Cow::Borrowed(s.name),
-                        // Infinities are refused per sample.
-                        value: if sample.value.is_finite() {
-                            WireValue::Number(sample.value)
-                        } else {
-                            WireValue::NotANumber
-                        },
-                        kind: Some(kind.clone()),
-                        timestamp: Some(WireTime::Millis(sample.timestamp as f64)),
-                        tags: WireTags::Lent(s.tags),
-                    })
+                // The decoder dropped NaN samples (stale markers and Prometheus' "no
+                // value"), so a Prometheus does not log a non-recoverable error for its
+                // own summaries. Infinities are refused per sample.
+                s.samples.iter().map(move |sample| WireSample {
+                    name: Cow::Borrowed(s.name),
+                    value: if sample.value.is_finite() {
+                        WireValue::Number(sample.value)
+                    } else {
+                        WireValue::NotANumber
+                    },
+                    kind: Some(kind.clone()),
+                    timestamp: Some(WireTime::Millis(sample.timestamp as f64)),
+                    tags: WireTags::Lent(s.tags),
+                })
             })
             .collect(),
     };
