@@ -23,7 +23,7 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get ins
 requests=$(( (samples + 999) / 1000 ))
 for variant in "${variants[@]}"; do
   label=${variant%%=*}
-  binary=${variant#*=}
+  binary=$(command -v -- "${variant#*=}") || { echo "no such program: ${variant#*=}" >&2; exit 1; }
   config=$dir/$label.toml
   printf '[rollup]\ninterval_secs = 3600\n' >"$config"
   # The allowance is raised (not off) for builds that have one, so it is counted.
@@ -35,10 +35,17 @@ for variant in "${variants[@]}"; do
   valgrind --tool=callgrind --callgrind-out-file="$dir/$label.out" \
     "$binary" serve --config "$config" --database "sqlite://$dir/ins.db" --listen "127.0.0.1:$port" 2>>"$dir/serve.log" &
   pid=$!; pids+=("$pid")
-  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  ready=
+  for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && ready=1 && break; sleep 0.1; done
+  if [ -z "$ready" ]; then
+    echo "$label: serve under valgrind did not become ready in 60 s; the end of its log:" >&2
+    tail -n 20 "$dir/serve.log" >&2
+    exit 1
+  fi
   "$bin" bench --url "http://127.0.0.1:$port" --mode "$mode" --batch 1000 --samples "$samples" --connections 1 \
     --json >/dev/null 2>&1 || { echo "$label: the load failed; see $dir/serve.log" >&2; exit 1; }
-  kill -TERM "$pid"; wait "$pid" || true
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" || true
   total=$(awk '/^summary:/{print $2}' "$dir/$label.out")
   python3 -c 'import sys; t=int(sys.argv[3]); print("%-10s %-10s %15s instructions  %9.0f per request" % (sys.argv[1], sys.argv[2], format(t, ","), t / int(sys.argv[4])))' \
     "$label" "$mode" "$total" "$requests"

@@ -36,7 +36,8 @@ bench_cleanup() {
 start_service() { # $1: database URL, then extra `serve` arguments
   local port; port=$(free_port)
   local url=$1; shift
-  local binary=${service_bin:-$bin} config=$dir/serve-$port.toml
+  local binary config=$dir/serve-$port.toml
+  binary=$(command -v -- "${service_bin:-$bin}") || { echo "no such program: ${service_bin:-$bin}" >&2; exit 1; }
   : >"$config"
   # One benchmark server writes millions of samples a second, far past the default
   # per-server write allowance: raised so the pipeline is measured, while every request

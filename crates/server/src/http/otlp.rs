@@ -321,7 +321,7 @@ async fn store_export(
     // The whole export is charged to the server's allowance before its first part, so a
     // 429 stores nothing of it; the parts a retry finds stored already, and those never
     // committed, are given back.
-    super::write::charge(state, credential, points.len())?;
+    let charged = super::write::charge(state, credential, points.len())?;
     let mut not_stored = points.len();
     let mut accepted = 0;
     for (part, slice) in parts.into_iter().enumerate() {
@@ -353,7 +353,7 @@ async fn store_export(
         let stored = match super::write::commit_charged(state, credential, &batch, part_digest, None).await {
             Ok(stored) => stored,
             Err(e) => {
-                state.write_rate.refund(&credential.server_id, not_stored);
+                state.write_rate.refund(&credential.server_id, charged, not_stored);
                 return Err(e);
             }
         };
@@ -366,7 +366,7 @@ async fn store_export(
             refused.add(point.data_point, || format!("{}: {}", point.name, r.detail));
         }
     }
-    state.write_rate.refund(&credential.server_id, not_stored);
+    state.write_rate.refund(&credential.server_id, charged, not_stored);
     // Every part is committed (or was, by an earlier try of this body). A stream whose
     // samples were refused keeps no state: nothing of it was stored.
     let refused_points = refused.points();

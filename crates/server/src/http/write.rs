@@ -14,7 +14,7 @@ use mcp_metrics_store::RequestOutcome;
 
 use super::problem::{ApiError, ApiResult};
 use crate::ingest::prepare;
-use crate::ingest::rate_limit::retry_after_secs;
+use crate::ingest::rate_limit::{Charge, retry_after_secs};
 use crate::state::AppState;
 
 /// What became of a batch: samples stored, the ones refused (by index), and whether
@@ -37,10 +37,12 @@ pub async fn commit(
     signature: Option<[u8; 32]>,
 ) -> ApiResult<Stored> {
     check_sample_count(state, batch.metrics.len())?;
-    charge(state, credential, batch.metrics.len())?;
+    let charged = charge(state, credential, batch.metrics.len())?;
     let stored = commit_charged(state, credential, batch, body_digest(body), signature).await;
     if !matches!(&stored, Ok(s) if !s.duplicate) {
-        state.write_rate.refund(&credential.server_id, batch.metrics.len());
+        state
+            .write_rate
+            .refund(&credential.server_id, charged, batch.metrics.len());
     }
     stored
 }
@@ -62,7 +64,7 @@ fn check_sample_count(state: &AppState, samples: usize) -> ApiResult<()> {
 
 /// Charges `samples` to the server's write allowance, or answers 429 with the seconds
 /// until it would hold them. The caller gives back what it then does not store.
-pub fn charge(state: &AppState, credential: &StoredCredential, samples: usize) -> ApiResult<()> {
+pub fn charge(state: &AppState, credential: &StoredCredential, samples: usize) -> ApiResult<Charge> {
     state.write_rate.admit(&credential.server_id, samples).map_err(|wait| {
         let limit = &state.config.ingest;
         ApiError::new(

@@ -5,15 +5,19 @@
 //! second on a node, with bursts of `ingest.burst_samples_per_server`. A request is
 //! charged its samples before it is validated or queued; one over the allowance is
 //! refused whole and told when the allowance will hold it, so a sender's retry succeeds.
-//! What is not stored (a retry acknowledged without storing, a replay, a full queue, a
-//! failed commit) is given back, so neither retries nor a captured request replayed by
-//! someone else use up a server's allowance.
+//! A request the writer does not store (a retry acknowledged without storing, a replay,
+//! a full queue, a failed commit) is given back once it is answered, so retries, and a
+//! captured request replayed by someone else, do not use up a server's allowance over
+//! time. Samples refused one by one (invalid, or past the series limit) stay charged:
+//! the request was taken in.
 //!
 //! The allowance is GCRA (the generic cell rate algorithm): per server one number, the
 //! moment its allowance will be whole again. A request costs `samples / rate` seconds of
 //! it and may push that moment at most a burst's worth past now. A request larger than a
 //! burst (an OTLP export that maps to many samples) is let through when the allowance is
-//! whole, and the server then waits until it is paid off. `governor`, which the usage
+//! whole, and the server then waits until it is paid off (a server that keeps writing
+//! small requests meanwhile can keep such a request waiting: keep the burst above the
+//! largest request, as the defaults do). `governor`, which the usage
 //! beacon uses, cannot give charges back, hence this small one. Entries are made only
 //! after a key was checked, so only registered servers have one; the map needs no pruning.
 
@@ -51,7 +55,8 @@ impl WriteRateLimit {
     /// What `samples` cost of the allowance, in ns.
     fn cost_ns(&self, samples: usize) -> u64 {
         self.rate.map_or(0, |rate| {
-            let ns = samples as u128 * 1_000_000_000 / u128::from(rate.get());
+            // Rounded up: no write is free, however high the rate.
+            let ns = (samples as u128 * 1_000_000_000).div_ceil(u128::from(rate.get()));
             ns.min(u128::from(u64::MAX)) as u64
         })
     }
@@ -62,9 +67,9 @@ impl WriteRateLimit {
 
     /// Charges `samples` to the server. `Err` holds how long until the allowance would
     /// hold them.
-    pub fn admit(&self, server_id: &str, samples: usize) -> Result<(), Duration> {
+    pub fn admit(&self, server_id: &str, samples: usize) -> Result<Charge, Duration> {
         if self.rate.is_none() || samples == 0 {
-            return Ok(());
+            return Ok(Charge::default());
         }
         let cost = self.cost_ns(samples);
         let now = self.now_ns();
@@ -78,7 +83,7 @@ impl WriteRateLimit {
                     whole_at.insert(server_id.to_owned(), next);
                 }
             }
-            return Ok(());
+            return Ok(Charge { until: next });
         }
         // Within a burst: until enough has come back; larger: until the allowance is whole.
         let wait = if cost <= self.burst_ns {
@@ -89,17 +94,27 @@ impl WriteRateLimit {
         Err(Duration::from_nanos(wait))
     }
 
-    /// Gives back what `samples` were charged: they were not stored.
-    pub fn refund(&self, server_id: &str, samples: usize) {
-        let cost = self.cost_ns(samples);
-        if cost == 0 {
+    /// Gives back what `samples` of a charge cost: they were not stored. Only what the
+    /// charge still holds comes back: once the allowance has recovered past it, later
+    /// requests spend the allowance, and giving more back would let them spend it twice.
+    pub fn refund(&self, server_id: &str, charge: Charge, samples: usize) {
+        let back = self.cost_ns(samples).min(charge.until.saturating_sub(self.now_ns()));
+        if back == 0 {
             return;
         }
         let mut whole_at = self.whole_at.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = whole_at.get_mut(server_id) {
-            *t = t.saturating_sub(cost);
+            *t = t.saturating_sub(back);
         }
     }
+}
+
+/// What a request was charged, for [`WriteRateLimit::refund`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Charge {
+    /// When the allowance will have recovered from this charge (ns since start); nothing
+    /// of it is left to give back after that.
+    until: u64,
 }
 
 /// Whole seconds for `Retry-After`: rounded up, at least 1.
@@ -122,8 +137,8 @@ mod tests {
     #[test]
     fn a_burst_passes_then_the_server_waits_and_others_do_not() {
         let limit = limit(10, 100);
-        assert_eq!(limit.admit("a", 60), Ok(()));
-        assert_eq!(limit.admit("a", 40), Ok(()));
+        assert!(limit.admit("a", 60).is_ok());
+        assert!(limit.admit("a", 40).is_ok());
         let wait = limit.admit("a", 5).unwrap_err();
         // Five samples at ten a second: about half a second from an empty allowance.
         assert!(
@@ -131,29 +146,48 @@ mod tests {
             "{wait:?}"
         );
         assert_eq!(retry_after_secs(wait), 1);
-        assert_eq!(limit.admit("b", 100), Ok(()), "another server has its own allowance");
-        assert_eq!(limit.admit("a", 0), Ok(()), "an empty write costs nothing");
+        assert!(limit.admit("b", 100).is_ok(), "another server has its own allowance");
+        assert!(limit.admit("a", 0).is_ok(), "an empty write costs nothing");
     }
 
     #[test]
     fn what_was_not_stored_is_given_back() {
         let limit = limit(1, 100);
-        assert_eq!(limit.admit("a", 100), Ok(()));
+        let charge = limit.admit("a", 100).unwrap();
         assert!(limit.admit("a", 30).is_err());
-        limit.refund("a", 40);
-        assert_eq!(limit.admit("a", 30), Ok(()), "40 came back");
+        limit.refund("a", charge, 40);
+        assert!(limit.admit("a", 30).is_ok(), "40 came back");
         assert!(limit.admit("a", 11).is_err(), "but not more");
-        limit.refund("unknown", 10);
+        limit.refund("unknown", charge, 10);
+    }
+
+    #[test]
+    fn a_charge_the_allowance_has_recovered_from_gives_nothing_back() {
+        // 100 a second with bursts of 100: a charge of 50 is recovered from in 0.5 s.
+        let limit = limit(100, 100);
+        let early = limit.admit("a", 50).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(limit.admit("a", 100).is_ok(), "a whole burst");
+        // Giving the early 50 back now would let 40 more through at once.
+        limit.refund("a", early, 50);
+        assert!(limit.admit("a", 40).is_err(), "the late refund did not add to the burst");
+    }
+
+    #[test]
+    fn no_write_is_free() {
+        let limit = limit(u32::MAX, 1);
+        assert_eq!(limit.cost_ns(1), 1, "rounded up, not down to nothing");
+        assert_eq!(limit.cost_ns(5), 2);
     }
 
     #[test]
     fn a_request_larger_than_a_burst_needs_a_whole_allowance_then_is_paid_off() {
         let limit = limit(100, 100);
-        assert_eq!(limit.admit("a", 1), Ok(()));
+        assert!(limit.admit("a", 1).is_ok());
         let wait = limit.admit("a", 500).unwrap_err();
         assert!(wait <= Duration::from_millis(10), "until whole again: {wait:?}");
         std::thread::sleep(wait + Duration::from_millis(1));
-        assert_eq!(limit.admit("a", 500), Ok(()), "from a whole allowance");
+        assert!(limit.admit("a", 500).is_ok(), "from a whole allowance");
         let wait = limit.admit("a", 1).unwrap_err();
         // 500 samples at 100 a second, less the burst of 100: about four seconds.
         assert!(
@@ -166,7 +200,7 @@ mod tests {
     fn zero_turns_the_limit_off() {
         let limit = limit(0, 0);
         for _ in 0..100 {
-            assert_eq!(limit.admit("a", 1_000_000), Ok(()));
+            assert!(limit.admit("a", 1_000_000).is_ok());
         }
     }
 
