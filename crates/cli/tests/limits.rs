@@ -83,6 +83,19 @@ fn refusals(answer: &Value) -> Vec<(u64, &str)> {
         .collect()
 }
 
+/// The author dashboard's page, signed in with the key.
+async fn dashboard(svc: &TestService, api_key: &str) -> String {
+    let browser = reqwest::Client::builder().cookie_store(true).build().unwrap();
+    let r = browser
+        .post(svc.url("/dashboard/login"))
+        .form(&[("api_key", api_key)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.text().await.unwrap()
+}
+
 fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
     headers
         .get("retry-after")
@@ -159,6 +172,12 @@ async fn past_its_rate_a_server_gets_429_on_every_endpoint_and_others_go_on() {
         text.contains("mcp_metrics_ingest_requests_rejected_total{code=\"rate_limited\"} 5\n"),
         "{text}"
     );
+    // Each author sees their own refusals and the allowance on the dashboard.
+    let html = dashboard(&svc, &busy.api_key).await;
+    assert!(html.contains("1 samples a second, bursts of 10"), "{html}");
+    assert!(html.contains("(this node)</th><td>4</td>"), "{html}");
+    let html = dashboard(&svc, &calm.api_key).await;
+    assert!(html.contains("(this node)</th><td>1</td>"), "{html}");
     svc.stop().await;
 }
 
@@ -239,6 +258,9 @@ async fn at_its_series_limit_a_server_keeps_its_series_and_new_ones_are_refused(
     assert_eq!(names, ["g0", "g1", "g2", "g0", "g1", "g2"], "the known series only");
     let (status, _, answer) = svc.push(&other, &gauges("other", "g", 3, t)).await;
     assert_eq!((status, &answer["accepted"]), (StatusCode::OK, &json!(3)), "{answer}");
+    let html = dashboard(&svc, &full.api_key).await;
+    assert!(html.contains("<td>3 of 3: samples of new series beyond it"), "{html}");
+    assert!(html.contains("<code>too_many_series</code></td><td>5</td>"), "{html}");
     let text = svc.metrics_text().await;
     assert!(
         text.contains("mcp_metrics_ingest_samples_rejected_total{code=\"too_many_series\"} 5\n"),

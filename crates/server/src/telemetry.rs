@@ -100,6 +100,8 @@ pub struct Telemetry {
     http_latency: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
     /// Per-sample rejections by server and code since start, for the author dashboard.
     rejected_by_server: Mutex<std::collections::HashMap<String, BTreeMap<&'static str, u64>>>,
+    /// Writes refused by each server's write allowance since start, for its dashboard.
+    rate_limited_by_server: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Default for Telemetry {
@@ -128,6 +130,7 @@ impl Default for Telemetry {
             http_requests: Mutex::new(BTreeMap::new()),
             http_latency: Mutex::new(BTreeMap::new()),
             rejected_by_server: Mutex::new(std::collections::HashMap::new()),
+            rate_limited_by_server: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -157,6 +160,23 @@ impl Telemetry {
         map.get(server_id)
             .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
             .unwrap_or_default()
+    }
+
+    /// A write of this server refused by its write allowance (429).
+    pub fn write_rate_limited(&self, server_id: &str) {
+        let mut map = self.rate_limited_by_server.lock().expect("telemetry lock");
+        match map.get_mut(server_id) {
+            Some(n) => *n += 1,
+            None => {
+                map.insert(server_id.to_owned(), 1);
+            }
+        }
+    }
+
+    /// Writes of one server refused by its write allowance, since the service started.
+    pub fn rate_limited_of(&self, server_id: &str) -> u64 {
+        let map = self.rate_limited_by_server.lock().expect("telemetry lock");
+        map.get(server_id).copied().unwrap_or(0)
     }
 
     pub fn request_rejected(&self, code: Code) {

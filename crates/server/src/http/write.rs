@@ -66,6 +66,7 @@ fn check_sample_count(state: &AppState, samples: usize) -> ApiResult<()> {
 /// until it would hold them. The caller gives back what it then does not store.
 pub fn charge(state: &AppState, credential: &StoredCredential, samples: usize) -> ApiResult<Charge> {
     state.write_rate.admit(&credential.server_id, samples).map_err(|wait| {
+        state.telemetry.write_rate_limited(&credential.server_id);
         let limit = &state.config.ingest;
         ApiError::new(
             Code::RateLimited,

@@ -170,7 +170,10 @@ mod tests {
         assert!(limit.admit("a", 100).is_ok(), "a whole burst");
         // Giving the early 50 back now would let 40 more through at once.
         limit.refund("a", early, 50);
-        assert!(limit.admit("a", 40).is_err(), "the late refund did not add to the burst");
+        assert!(
+            limit.admit("a", 40).is_err(),
+            "the late refund did not add to the burst"
+        );
     }
 
     #[test]

@@ -448,6 +448,17 @@ struct KeyRow {
     revoked: String,
 }
 
+/// Where a server stands against its write limits.
+struct LimitsRow {
+    series: usize,
+    /// 0: no limit.
+    max_series: u64,
+    /// Samples a second; 0: no limit.
+    rate: u32,
+    burst: u32,
+    rate_limited: u64,
+}
+
 struct SampleRow {
     at: String,
     name: String,
@@ -461,6 +472,7 @@ struct DashboardPage {
     server_id: String,
     csrf: String,
     rejected: Vec<(&'static str, u64)>,
+    limits: LimitsRow,
     keys: Vec<KeyRow>,
     samples: Vec<SampleRow>,
     events: Vec<EventRow>,
@@ -543,9 +555,18 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> ApiResu
         })
         .collect();
     let events = recent_events(&state, &id).await?;
+    let ingest = &state.config.ingest;
+    let limits = LimitsRow {
+        series: series.len(),
+        max_series: ingest.max_series_per_server,
+        rate: ingest.samples_per_second_per_server,
+        burst: ingest.burst_samples_per_server,
+        rate_limited: state.telemetry.rate_limited_of(&id),
+    };
     let mut response = render(&DashboardPage {
         csrf: s.csrf(&session_key(&state)),
         rejected: state.telemetry.rejected_of(&id),
+        limits,
         server_id: id,
         keys,
         samples,
