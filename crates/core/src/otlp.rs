@@ -22,7 +22,7 @@
 
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{
-    AggregationTemporality, ExponentialHistogramDataPoint, HistogramDataPoint, NumberDataPoint, metric,
+    AggregationTemporality, DataPointFlags, ExponentialHistogramDataPoint, HistogramDataPoint, NumberDataPoint, metric,
     number_data_point,
 };
 use prost::Message;
@@ -313,6 +313,14 @@ fn response_time_of(name: &str, unit: &str, attributes: &[KeyValue]) -> Option<(
     }
     crate::names::sort_and_dedup_tags(&mut tags);
     Some((tags, factor))
+}
+
+/// A point flagged "no recorded value": OTLP's spelling of Prometheus' staleness marker
+/// (the Collector's Prometheus receiver sends one when a series disappears). It is a valid
+/// point with nothing to store: dropped, as remote-write drops stale markers, not stored
+/// as its zero value nor refused.
+fn has_no_value(flags: u32) -> bool {
+    flags & DataPointFlags::NoRecordedValueMask as u32 != 0
 }
 
 fn timestamp_ms(time_unix_nano: u64) -> Result<i64, String> {
@@ -624,6 +632,10 @@ impl Mapper {
         let shared_name: Arc<str> = Arc::from(name);
         let mut tags = PointTags::new(resource);
         for point in points {
+            if has_no_value(point.flags) {
+                self.next_index();
+                continue;
+            }
             self.number(&shared_name, kind, tags.of(&point.attributes), point);
         }
     }
@@ -808,6 +820,10 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                         if sum.aggregation_temporality == AggregationTemporality::Delta as i32 {
                             // Each point becomes a stream of its own, with its own tags.
                             for p in &sum.data_points {
+                                if has_no_value(p.flags) {
+                                    m.next_index();
+                                    continue;
+                                }
                                 m.delta_sum(name, kind, point_tags(&resource, &p.attributes), p);
                             }
                         } else {
@@ -817,6 +833,10 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                     metric::Data::Histogram(h) => {
                         let cumulative = h.aggregation_temporality == AggregationTemporality::Cumulative as i32;
                         for p in &h.data_points {
+                            if has_no_value(p.flags) {
+                                m.next_index();
+                                continue;
+                            }
                             let counts = histogram_counts(
                                 explicit_buckets(p),
                                 p.start_time_unix_nano,
@@ -839,6 +859,10 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                     metric::Data::ExponentialHistogram(h) => {
                         let cumulative = h.aggregation_temporality == AggregationTemporality::Cumulative as i32;
                         for p in &h.data_points {
+                            if has_no_value(p.flags) {
+                                m.next_index();
+                                continue;
+                            }
                             let counts = histogram_counts(
                                 exponential_buckets(p),
                                 p.start_time_unix_nano,
@@ -859,8 +883,11 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                         }
                     }
                     metric::Data::Summary(s) => {
-                        for _ in &s.data_points {
+                        for p in &s.data_points {
                             let index = m.next_index();
+                            if has_no_value(p.flags) {
+                                continue;
+                            }
                             m.refuse(
                                 index,
                                 name,
@@ -993,6 +1020,71 @@ mod tests {
             got,
             vec![(tags("x"), 1.0), (tags("x"), 2.0), (tags("y"), 3.0), (tags("x"), 4.0)]
         );
+    }
+
+    /// Points flagged "no recorded value" (staleness, as the Collector's Prometheus
+    /// receiver marks it) are dropped: not stored as their zero value, not refused.
+    #[test]
+    fn points_without_a_recorded_value_are_dropped() {
+        use proto::metrics::v1::{
+            Gauge, Histogram, Metric, NumberDataPoint, Sum, Summary, SummaryDataPoint, metric, number_data_point,
+        };
+        let stale = DataPointFlags::NoRecordedValueMask as u32;
+        let point = |value: f64, flags: u32| NumberDataPoint {
+            time_unix_nano: 1_700_000_000_000_000_000,
+            value: Some(number_data_point::Value::AsDouble(value)),
+            flags,
+            ..Default::default()
+        };
+        let metric = |name: &str, data: metric::Data| Metric {
+            name: name.into(),
+            data: Some(data),
+            ..Default::default()
+        };
+        let request = export_of(
+            vec![],
+            vec![
+                metric(
+                    "up",
+                    metric::Data::Gauge(Gauge {
+                        data_points: vec![point(1.0, 0), point(0.0, stale)],
+                    }),
+                ),
+                metric(
+                    "requests",
+                    metric::Data::Sum(Sum {
+                        data_points: vec![point(0.0, stale)],
+                        aggregation_temporality: AggregationTemporality::Delta as i32,
+                        is_monotonic: true,
+                    }),
+                ),
+                metric(
+                    "latency",
+                    metric::Data::Histogram(Histogram {
+                        data_points: vec![HistogramDataPoint {
+                            time_unix_nano: 1_700_000_000_000_000_000,
+                            flags: stale,
+                            ..Default::default()
+                        }],
+                        aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                    }),
+                ),
+                metric(
+                    "quantiles",
+                    metric::Data::Summary(Summary {
+                        data_points: vec![SummaryDataPoint {
+                            flags: stale,
+                            ..Default::default()
+                        }],
+                    }),
+                ),
+            ],
+        );
+        let mapped = map_request(&request);
+        assert_eq!(mapped.data_points, 5, "every point is counted");
+        assert!(mapped.refused.is_empty(), "{:?}", mapped.refused.examples());
+        assert_eq!(mapped.points.iter().map(|p| p.value).collect::<Vec<_>>(), vec![1.0]);
+        assert!(mapped.streams.is_empty());
     }
 
     #[test]
