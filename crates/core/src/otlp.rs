@@ -1080,6 +1080,11 @@ mod tests {
                 ),
             ],
         );
+        // OTLP/JSON spells the flag `flags` too.
+        let json = r#"{"resourceMetrics":[{"scopeMetrics":[{"metrics":[{"name":"up","gauge":{"dataPoints":[
+            {"timeUnixNano":"1700000000000000000","asDouble":0,"flags":1}]}}]}]}]}"#;
+        let from_json = map_request(&decode_json(json.as_bytes()).unwrap());
+        assert!(from_json.points.is_empty() && from_json.refused.is_empty());
         let mapped = map_request(&request);
         assert_eq!(mapped.data_points, 5, "every point is counted");
         assert!(mapped.refused.is_empty(), "{:?}", mapped.refused.examples());
