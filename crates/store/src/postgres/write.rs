@@ -133,8 +133,10 @@ pub async fn write_batch(
     servers.dedup();
     // A request whose key went with its server, or was revoked, stores nothing either:
     // the server may exist again under the same id, with other keys. The key-share lock
-    // keeps a live key from being revoked until this commits (`revoke_credential` locks
-    // the row first, so a revocation that returned has no write of that key after it). Both
+    // makes a revocation wait for this write: `revoke_credential` commits `revoked_at`
+    // first (later checks find the key revoked and lock nothing), then locks the row
+    // `FOR UPDATE`, which waits for every write that found the key live, so a revocation
+    // that returned has no write of that key after it. Both
     // queries go in one round trip; the server runs the second after the first has its
     // locks, on a fresh snapshot.
     let mut keys: Vec<&str> = batch
@@ -262,19 +264,14 @@ pub async fn write_batch(
             }),
     )
     .await?;
-    let mut series: Vec<Vec<SeriesInfo>> = vec![Vec::new(); batch.requests.len()];
-    // Where each request's n-th new series went in its `series`; `None` when refused.
-    let mut slots: Vec<Vec<Option<usize>>> = vec![Vec::new(); batch.requests.len()];
+    // Each request's new series as made, `None` where the limit refused it.
+    let mut made: Vec<Vec<Option<SeriesInfo>>> = vec![Vec::new(); batch.requests.len()];
     for ((i, n), found) in wanted.iter().zip(found) {
-        let slot = found.map(|(id, kind)| {
-            series[*i].push(SeriesInfo {
-                id,
-                key: n.key.clone(),
-                kind: Kind::from_i64(kind.into()).unwrap_or(n.kind),
-            });
-            series[*i].len() - 1
-        });
-        slots[*i].push(slot);
+        made[*i].push(found.map(|(id, kind)| SeriesInfo {
+            id,
+            key: n.key.clone(),
+            kind: Kind::from_i64(kind.into()).unwrap_or(n.kind),
+        }));
     }
 
     // Events of stored requests.
@@ -324,9 +321,8 @@ pub async fn write_batch(
         .filter(|r| stored[r.request as usize])
         .filter_map(|r| match r.series {
             SeriesRef::Known(id) => Some((r.ts, id, 0, r.kind == Kind::Histogram, r.value)),
-            SeriesRef::New(n) => match slots[r.request as usize][n as usize] {
-                Some(slot) => {
-                    let created = &series[r.request as usize][slot];
+            SeriesRef::New(n) => match &made[r.request as usize][n as usize] {
+                Some(created) => {
                     if created.kind == r.kind {
                         Some((r.ts, created.id, 0, r.kind == Kind::Histogram, r.value))
                     } else {
@@ -431,9 +427,9 @@ pub async fn write_batch(
     tx.commit().await?;
 
     let mut outcomes = Vec::with_capacity(batch.requests.len());
-    for ((((verdict, series), event_id), kind_conflicts), series_refused) in verdicts
+    for ((((verdict, made), event_id), kind_conflicts), series_refused) in verdicts
         .into_iter()
-        .zip(series)
+        .zip(made)
         .zip(event_ids)
         .zip(kind_conflicts)
         .zip(series_refused)
@@ -443,7 +439,7 @@ pub async fn write_batch(
             Verdict::Replayed => RequestOutcome::Replayed,
             Verdict::Duplicate => RequestOutcome::Duplicate,
             Verdict::Store => RequestOutcome::Stored {
-                series,
+                series: made.into_iter().flatten().collect(),
                 event_id,
                 kind_conflicts,
                 series_refused,
@@ -488,17 +484,17 @@ async fn plan_new_series(
     servers.sort_unstable();
     servers.dedup();
     let (lock, count) = tokio::try_join!(
-        tx.prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"),
+        // One statement for every server, in the array's (sorted) order: a function scan
+        // of `unnest` reads it in order.
+        tx.prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended(s, 0)) FROM unnest($1::text[]) AS s"),
         tx.prepare_cached("SELECT server_id, count(*) FROM series WHERE server_id = ANY($1) GROUP BY server_id"),
     )?;
-    for server in &servers {
-        tx.execute(&lock, &[server]).await?;
-    }
+    tx.execute(&lock, &[&servers]).await?;
     let mut held: HashMap<&str, u64> = servers.iter().map(|s| (*s, 0)).collect();
     for row in tx.query(&count, &[&servers]).await? {
         let server: String = row.get(0);
         let count: i64 = row.get(1);
-        if let Some(h) = servers.iter().find(|s| **s == server).and_then(|s| held.get_mut(s)) {
+        if let Some(h) = held.get_mut(server.as_str()) {
             *h = count as u64;
         }
     }

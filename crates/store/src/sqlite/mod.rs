@@ -483,16 +483,12 @@ fn write_batch_blocking(
                 outcomes.push(RequestOutcome::Duplicate);
                 continue;
             }
-            let mut series = Vec::with_capacity(request.new_series.len());
-            // Where each new series went in `series`; `None` when the limit refused it.
-            let mut slots = Vec::with_capacity(request.new_series.len());
-            for new in &request.new_series {
-                let slot = series_maker.make(new)?.map(|info| {
-                    series.push(info);
-                    series.len() - 1
-                });
-                slots.push(slot);
-            }
+            // Each new series as made, `None` where the limit refused it.
+            let made = request
+                .new_series
+                .iter()
+                .map(|new| series_maker.make(new))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             // A series another request created first as another kind keeps it; the
             // samples meant for the other kind are refused, so a series never holds
             // samples of two kinds (reading runs and the kept minutes rely on it).
@@ -504,13 +500,13 @@ fn write_batch_blocking(
                     SeriesRef::Known(id) => {
                         runs.push(&request.server_id, id, sample.timestamp, sample.kind, sample.value);
                     }
-                    SeriesRef::New(i) => match slots[i as usize] {
-                        Some(slot) if series[slot].kind == sample.kind => {
-                            let created = &series[slot];
+                    SeriesRef::New(i) => match &made[i as usize] {
+                        Some(created) if created.kind == sample.kind => {
+                            // The batch's copy: `runs` holds it past this request.
                             let server = request.new_series[i as usize].key.server_id.as_str();
                             runs.push(server, created.id, sample.timestamp, created.kind, sample.value);
                         }
-                        Some(slot) => kind_conflicts.push((position as u32, series[slot].kind)),
+                        Some(created) => kind_conflicts.push((position as u32, created.kind)),
                         None => series_refused.push(position as u32),
                     },
                 }
@@ -524,7 +520,7 @@ fn write_batch_blocking(
             };
             touch_credential.execute(params![request.key_id, now])?;
             outcomes.push(RequestOutcome::Stored {
-                series,
+                series: made.into_iter().flatten().collect(),
                 event_id,
                 kind_conflicts,
                 series_refused,
