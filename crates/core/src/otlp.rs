@@ -632,8 +632,7 @@ impl Mapper {
         let shared_name: Arc<str> = Arc::from(name);
         let mut tags = PointTags::new(resource);
         for point in points {
-            if has_no_value(point.flags) {
-                self.next_index();
+            if self.skips(point.flags) {
                 continue;
             }
             self.number(&shared_name, kind, tags.of(&point.attributes), point);
@@ -746,6 +745,16 @@ impl Mapper {
         );
     }
 
+    /// Whether a point is one to drop ([`has_no_value`]); it still takes its index, so
+    /// the points after it keep theirs.
+    fn skips(&mut self, flags: u32) -> bool {
+        let skip = has_no_value(flags);
+        if skip {
+            self.next_index();
+        }
+        skip
+    }
+
     fn next_index(&mut self) -> usize {
         self.mapped.data_points += 1;
         self.mapped.data_points - 1
@@ -820,8 +829,7 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                         if sum.aggregation_temporality == AggregationTemporality::Delta as i32 {
                             // Each point becomes a stream of its own, with its own tags.
                             for p in &sum.data_points {
-                                if has_no_value(p.flags) {
-                                    m.next_index();
+                                if m.skips(p.flags) {
                                     continue;
                                 }
                                 m.delta_sum(name, kind, point_tags(&resource, &p.attributes), p);
@@ -833,8 +841,7 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                     metric::Data::Histogram(h) => {
                         let cumulative = h.aggregation_temporality == AggregationTemporality::Cumulative as i32;
                         for p in &h.data_points {
-                            if has_no_value(p.flags) {
-                                m.next_index();
+                            if m.skips(p.flags) {
                                 continue;
                             }
                             let counts = histogram_counts(
@@ -859,8 +866,7 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                     metric::Data::ExponentialHistogram(h) => {
                         let cumulative = h.aggregation_temporality == AggregationTemporality::Cumulative as i32;
                         for p in &h.data_points {
-                            if has_no_value(p.flags) {
-                                m.next_index();
+                            if m.skips(p.flags) {
                                 continue;
                             }
                             let counts = histogram_counts(
@@ -884,10 +890,10 @@ pub fn map_request(request: &ExportMetricsServiceRequest) -> Mapped {
                     }
                     metric::Data::Summary(s) => {
                         for p in &s.data_points {
-                            let index = m.next_index();
-                            if has_no_value(p.flags) {
+                            if m.skips(p.flags) {
                                 continue;
                             }
+                            let index = m.next_index();
                             m.refuse(
                                 index,
                                 name,

@@ -1,8 +1,9 @@
 //! Prometheus remote-write 1.0 (DESIGN.md §5): a snappy *block*-compressed protobuf
 //! `WriteRequest`. `__name__` is the metric name and the other labels are tags; series
 //! named `*_total`, `*_bucket`, `*_sum` or `*_count` are counters (classic histograms
-//! arrive as those three), everything else a gauge. Stale markers — the NaN bit pattern
-//! Prometheus writes when a series disappears — are dropped, not stored.
+//! arrive as those three), everything else a gauge. NaN samples are dropped, not stored:
+//! stale markers (the NaN bit pattern Prometheus writes when a series disappears) and the
+//! NaN that is Prometheus' "no value" (a summary's quantiles before any observation).
 
 use std::borrow::Cow;
 

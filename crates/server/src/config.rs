@@ -319,6 +319,15 @@ impl Config {
             // replay window would let a captured request be replayed once it is forgotten.
             bail!("ingest.replay_window_secs must be at least twice ingest.signature_tolerance_secs");
         }
+        if ingest.samples_per_second_per_server > 0
+            && (ingest.burst_samples_per_server as usize) < ingest.max_samples_per_request
+        {
+            bail!(
+                "ingest.burst_samples_per_server ({}) must be at least ingest.max_samples_per_request ({}): a larger request passes only from a whole allowance, and a server writing steadily could keep it waiting; or set ingest.samples_per_second_per_server = 0 to turn the limit off",
+                ingest.burst_samples_per_server,
+                ingest.max_samples_per_request
+            );
+        }
         if ingest.retry_window_secs < 1 || ingest.max_batch_samples < 1 || ingest.max_body_bytes < 1024 {
             bail!(
                 "ingest.retry_window_secs and ingest.max_batch_samples must be positive, ingest.max_body_bytes at least 1024"
@@ -422,6 +431,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("admin token"));
+    }
+
+    #[test]
+    fn a_burst_below_a_full_request_is_refused_unless_the_limit_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let limits = "[ingest]\nmax_samples_per_request = 5000\nburst_samples_per_server = 4000\n";
+        std::fs::write(&file, limits).unwrap();
+        let err = Config::load(Some(&file), env(&[]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("burst_samples_per_server (4000)"), "{err}");
+        std::fs::write(&file, format!("{limits}samples_per_second_per_server = 0\n")).unwrap();
+        assert!(Config::load(Some(&file), env(&[]), &Overrides::default()).is_ok());
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub struct Shared {
     /// Ids of registered servers seen recently (positive answers only).
     pub known_servers: moka::sync::Cache<String, ()>,
     /// Active credentials by API-key hash, looked up recently: writes use them, reads
-    /// only refresh them.
+    /// refresh them, and a lookup that finds a key revoked or unknown removes it.
     pub credentials: KeyCache,
     /// One lock per server for OTLP exports: an export reads its streams' state, commits
     /// samples computed from it and stores the next state, so two exports of one server
@@ -91,7 +91,7 @@ impl AppState {
 
     /// Forgets what this node holds of a deleted server: its cached series ids (a server
     /// registered again under the id must not write under them), its "known" entry, its
-    /// cached answers, and its open live streams.
+    /// cached answers, its open live streams, its write allowance and its dashboard counts.
     pub fn forget_server(&self, id: &str) {
         self.series.remove_server(id);
         self.known_servers.invalidate(id);
@@ -100,6 +100,8 @@ impl AppState {
         self.credentials.forget_all();
         self.cache.invalidate_server(id);
         self.live.close_server(id);
+        self.write_rate.forget(id);
+        self.telemetry.forget_server(id);
     }
 
     pub fn sample_limits(&self) -> SampleLimits {

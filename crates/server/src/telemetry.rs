@@ -173,6 +173,18 @@ impl Telemetry {
         }
     }
 
+    /// Forgets a deleted server's counts: one registered again under its id starts at none.
+    pub fn forget_server(&self, server_id: &str) {
+        self.rejected_by_server
+            .lock()
+            .expect("telemetry lock")
+            .remove(server_id);
+        self.rate_limited_by_server
+            .lock()
+            .expect("telemetry lock")
+            .remove(server_id);
+    }
+
     /// Writes of one server refused by its write allowance, since the service started.
     pub fn rate_limited_of(&self, server_id: &str) -> u64 {
         let map = self.rate_limited_by_server.lock().expect("telemetry lock");

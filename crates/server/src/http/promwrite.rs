@@ -87,7 +87,7 @@ async fn write_inner(state: &AppState, headers: &HeaderMap, body: Body) -> ApiRe
             })
             .collect(),
     };
-    // Committed even with nothing left to store (all stale markers, or every series
+    // Committed even with nothing left to store (all NaN samples, or every series
     // refused): the commit is where the writer confirms the key.
     let super::write::Stored { accepted, rejected, .. } =
         super::write::commit(state, &credential, &batch, &body, None).await?;

@@ -19,7 +19,8 @@
 //! small requests meanwhile can keep such a request waiting: keep the burst above the
 //! largest request, as the defaults do). `governor`, which the usage
 //! beacon uses, cannot give charges back, hence this small one. Entries are made only
-//! after a key was checked, so only registered servers have one; the map needs no pruning.
+//! after a key was checked, so only registered servers have one, and a deleted server's
+//! goes with it; the map needs no other pruning.
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
@@ -42,23 +43,24 @@ pub struct WriteRateLimit {
 impl WriteRateLimit {
     pub fn new(config: &IngestConfig) -> Self {
         let rate = NonZeroU64::new(config.samples_per_second_per_server.into());
-        let mut limit = WriteRateLimit {
+        WriteRateLimit {
             rate,
-            burst_ns: 0,
+            burst_ns: cost_ns(rate, config.burst_samples_per_server as usize),
             started: Instant::now(),
             whole_at: Mutex::new(HashMap::new()),
-        };
-        limit.burst_ns = limit.cost_ns(config.burst_samples_per_server as usize);
-        limit
+        }
     }
 
-    /// What `samples` cost of the allowance, in ns.
     fn cost_ns(&self, samples: usize) -> u64 {
-        self.rate.map_or(0, |rate| {
-            // Rounded up: no write is free, however high the rate.
-            let ns = (samples as u128 * 1_000_000_000).div_ceil(u128::from(rate.get()));
-            ns.min(u128::from(u64::MAX)) as u64
-        })
+        cost_ns(self.rate, samples)
+    }
+
+    /// Forgets a deleted server's allowance: one registered again under its id starts whole.
+    pub fn forget(&self, server_id: &str) {
+        self.whole_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(server_id);
     }
 
     fn now_ns(&self) -> u64 {
@@ -115,6 +117,15 @@ pub struct Charge {
     /// When the allowance will have recovered from this charge (ns since start); nothing
     /// of it is left to give back after that.
     until: u64,
+}
+
+/// What `samples` cost of an allowance of `rate` samples a second, in ns (0 without a
+/// rate). Rounded up: no write is free, however high the rate.
+fn cost_ns(rate: Option<NonZeroU64>, samples: usize) -> u64 {
+    rate.map_or(0, |rate| {
+        let ns = (samples as u128 * 1_000_000_000).div_ceil(u128::from(rate.get()));
+        ns.min(u128::from(u64::MAX)) as u64
+    })
 }
 
 /// Whole seconds for `Retry-After`: rounded up, at least 1.
@@ -197,6 +208,15 @@ mod tests {
             wait > Duration::from_millis(3_900) && wait <= Duration::from_millis(4_010),
             "{wait:?}"
         );
+    }
+
+    #[test]
+    fn a_forgotten_server_starts_whole() {
+        let limit = limit(1, 10);
+        assert!(limit.admit("a", 10).is_ok());
+        assert!(limit.admit("a", 1).is_err());
+        limit.forget("a");
+        assert!(limit.admit("a", 10).is_ok());
     }
 
     #[test]
