@@ -80,11 +80,7 @@ fn request(start: i64, t: i64, n: u64) -> Value {
 }
 
 async fn values(svc: &TestService, cred: &Credential, name: &str) -> Vec<f64> {
-    svc.samples(cred, &format!("name={name}"))
-        .await
-        .iter()
-        .map(|s| s["value"].as_f64().unwrap())
-        .collect()
+    svc.sample_values(cred, &format!("name={name}")).await
 }
 
 #[tokio::test]

@@ -105,13 +105,7 @@ async fn invalid_data_is_400_so_prometheus_does_not_retry_it() {
     };
     let (status, text) = send(&svc, Some(&bearer), "application/x-protobuf", encode(&nan)).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
-    let q: Vec<f64> = svc
-        .samples(&cred, "name=q")
-        .await
-        .iter()
-        .map(|s| s["value"].as_f64().unwrap())
-        .collect();
-    assert_eq!(q, vec![2.0]);
+    assert_eq!(svc.sample_values(&cred, "name=q").await, vec![2.0]);
     // Not snappy, and snappy around garbage.
     assert_eq!(
         send(&svc, Some(&bearer), "application/x-protobuf", b"plain".to_vec())

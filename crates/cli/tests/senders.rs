@@ -171,16 +171,38 @@ remote_write:
         .expect("start prometheus")
 }
 
-/// The sum of a Prometheus counter over its labels, read from its own `/metrics`.
-async fn prometheus_counter(client: &reqwest::Client, port: u16, name: &str) -> f64 {
-    let Ok(response) = client.get(format!("http://127.0.0.1:{port}/metrics")).send().await else {
-        return 0.0;
-    };
-    let text = response.text().await.unwrap_or_default();
-    text.lines()
+/// The sum of a Prometheus counter over its labels, read from its own `/metrics`; `None`
+/// while Prometheus does not answer or does not have the counter yet, so a misspelt name
+/// or an unreachable Prometheus never reads as 0.
+async fn prometheus_counter(client: &reqwest::Client, port: u16, name: &str) -> Option<f64> {
+    let response = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?;
+    let text = response.text().await.ok()?;
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// [`prometheus_counter`] once Prometheus has sent at least `samples` samples to the
+/// service (its batches answered, so their failures are counted), within 20 s.
+async fn counter_after_sending(client: &reqwest::Client, port: u16, samples: f64, name: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sent = prometheus_counter(client, port, "prometheus_remote_storage_samples_total").await;
+        if sent.is_some_and(|n| n >= samples) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    prometheus_counter(client, port, name)
+        .await
+        .unwrap_or_else(|| panic!("Prometheus has no {name}"))
 }
 
 #[tokio::test]
@@ -206,10 +228,18 @@ async fn prometheus_waits_and_resends_what_the_write_allowance_refused() {
         refused = svc
             .metric("mcp_metrics_ingest_requests_rejected_total{code=\"rate_limited\"}")
             .await;
-        retried = prometheus_counter(&svc.client, port, "prometheus_remote_storage_samples_retried_total").await;
+        retried = prometheus_counter(&svc.client, port, "prometheus_remote_storage_samples_retried_total")
+            .await
+            .unwrap_or(0.0);
     }
-    let failed = prometheus_counter(&svc.client, port, "prometheus_remote_storage_samples_failed_total").await;
-    let dropped = prometheus_counter(&svc.client, port, "prometheus_remote_storage_samples_dropped_total").await;
+    let failed = counter_after_sending(&svc.client, port, 0.0, "prometheus_remote_storage_samples_failed_total").await;
+    let dropped = counter_after_sending(
+        &svc.client,
+        port,
+        0.0,
+        "prometheus_remote_storage_samples_dropped_total",
+    )
+    .await;
     let _ = child.kill();
     let _ = child.wait();
     assert!(refused >= 1.0, "no write was refused with 429 within 60 s");
@@ -239,7 +269,14 @@ async fn prometheus_remote_writes_its_own_metrics() {
     // Nothing Prometheus sends of itself is refused: its summaries' NaN quantiles are
     // "no value", not bad data (they were once answered 400, and Prometheus logged a
     // non-recoverable error every second).
-    let failed = prometheus_counter(&svc.client, port, "prometheus_remote_storage_samples_failed_total").await;
+    // Several scrapes' worth sent and answered first, so a refusal would have been counted.
+    let failed = counter_after_sending(
+        &svc.client,
+        port,
+        3_000.0,
+        "prometheus_remote_storage_samples_failed_total",
+    )
+    .await;
     let _ = child.kill();
     let _ = child.wait();
     assert!(!up.is_empty(), "no `up` sample arrived from Prometheus within 40 s");

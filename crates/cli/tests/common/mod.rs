@@ -363,6 +363,15 @@ impl TestService {
         }
     }
 
+    /// The values of [`samples`](Self::samples), in the order they are read back.
+    pub async fn sample_values(&self, cred: &Credential, query: &str) -> Vec<f64> {
+        self.samples(cred, query)
+            .await
+            .iter()
+            .map(|s| s["value"].as_f64().expect("a numeric value"))
+            .collect()
+    }
+
     /// The value of an unlabelled series of `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> f64 {
         let text = self.metrics_text().await;
