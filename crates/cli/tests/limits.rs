@@ -360,3 +360,29 @@ async fn refusals_of_every_stage_come_back_at_their_indices() {
     assert_eq!(svc.sample_values(&cred, "").await, vec![2.0, 4.0, 6.0]);
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_registered_again_under_a_deleted_ones_id_starts_afresh() {
+    let svc = TestService::start_with(|c| {
+        c.ingest.samples_per_second_per_server = 1;
+        c.ingest.burst_samples_per_server = 10;
+        c.ingest.max_samples_per_request = 10;
+    })
+    .await;
+    let old = svc.server_with_key("acme").await;
+    let t = now_ms() - 1000;
+    assert_eq!(svc.push(&old, &gauges("acme", "g", 10, t)).await.0, StatusCode::OK);
+    let (status, _, answer) = svc.push(&old, &gauges("acme", "bad name!", 1, t)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    let (status, _) = svc
+        .admin(reqwest::Method::DELETE, "/api/v1/admin/servers/acme", None)
+        .await;
+    assert!(status.is_success(), "{status}");
+    // The new server's allowance is whole, and its dashboard shows none of the old counts.
+    let new = svc.server_with_key("acme").await;
+    let (status, _, answer) = svc.push(&new, &gauges("acme", "g", 10, t)).await;
+    assert_eq!((status, &answer["accepted"]), (StatusCode::OK, &json!(10)), "{answer}");
+    let html = dashboard(&svc, &new.api_key).await;
+    assert!(html.contains("(this node)</th><td>0</td>"), "{html}");
+    svc.stop().await;
+}
