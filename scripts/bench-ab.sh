@@ -8,7 +8,8 @@
 #     [MODES="influx prom-write metrics"] [ROUNDS=3] [SAMPLES=2000000]
 #
 # A label ending in `-norollup` runs its binary with the rollup job effectively off
-# (rollup.interval_secs = 3600), to measure the job's share. 1,000 samples per request
+# (rollup.interval_secs = 3600), to measure the job's share; one ending in `-nosync` with
+# `[sqlite] synchronous = "normal"`, to measure what the fsync of each commit costs. 1,000 samples per request
 # over 4 connections; the load generator is target/release/mcp-metrics, or $LOADGEN
 # (keep it one binary when the variants differ in code the client runs too, such as
 # the allocator).
@@ -27,7 +28,10 @@ for round in $(seq "$rounds"); do
       label=${variant%%=*}
       variant_bin=${variant#*=}
       toml=
-      case $label in *-norollup) toml=$'[rollup]\ninterval_secs = 3600\n' ;; esac
+      case $label in
+        *-norollup) toml=$'[rollup]\ninterval_secs = 3600\n' ;;
+        *-nosync) toml=$'[sqlite]\nsynchronous = "normal"\n' ;;
+      esac
       rm -f "$dir"/ab.db*
       service_bin=$variant_bin bench_toml=$toml start_service "sqlite://$dir/ab.db"
       pid=$service_pid

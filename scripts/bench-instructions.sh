@@ -11,7 +11,9 @@
 #
 # About a minute per build at the defaults. Startup is counted too (the same for every
 # build); heap layout moves a run by about ±1 % (realloc copies), so read differences
-# below that as none. Needs valgrind.
+# below that as none. Needs valgrind. With PROFILES=DIR, each build's callgrind output
+# is kept as DIR/LABEL-MODE.out, for `callgrind_annotate --inclusive=yes` to say where
+# the instructions go.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r -a variants <<<"${1:?give label=binary pairs, e.g. \"before=/tmp/old after=target/release/mcp-metrics\"}"
@@ -47,6 +49,7 @@ for variant in "${variants[@]}"; do
   kill -TERM "$pid" 2>/dev/null || true
   wait "$pid" || true
   total=$(awk '/^summary:/{print $2}' "$dir/$label.out")
+  if [ -n "${PROFILES:-}" ]; then mkdir -p "$PROFILES" && cp "$dir/$label.out" "$PROFILES/$label-$mode.out"; fi
   python3 -c 'import sys; t=int(sys.argv[3]); print("%-10s %-10s %15s instructions  %9.0f per request" % (sys.argv[1], sys.argv[2], format(t, ","), t / int(sys.argv[4])))' \
     "$label" "$mode" "$total" "$requests"
 done
