@@ -351,6 +351,9 @@ pub async fn sqlite_to_postgres(
         report.tables.push((table.name, rows));
         report.new_rows.push((table.name, new));
     }
+    let (logged, new) = copy_logged_marks(&source, &client, &mut progress).await?;
+    report.tables.push(("rollup_log", logged));
+    report.new_rows.push(("rollup_log", new));
     let (copied, resumed) = copy_samples(&source, &store, &mut client, &mut progress).await?;
     report.tables.push(("server_metrics", copied));
     report.new_rows.push(("server_metrics", copied));
@@ -517,6 +520,53 @@ fn parse_checkpoint(text: &str) -> Option<(i64, i64, i64)> {
         (Some(Ok(a)), Some(Ok(b)), Some(Ok(c)), None) => Some((a, b, c)),
         _ => None,
     }
+}
+
+/// Makes the minute marks the source's log holds (writes the rollup job has not settled
+/// yet, see `sqlite::mark_log`) marks of the destination, so its rollup job recomputes
+/// those minutes. Returns the pairs read and the marks this run added or raised.
+async fn copy_logged_marks(
+    source: &Source,
+    client: &crate::postgres::PoolClient,
+    progress: &mut impl FnMut(CopyProgress),
+) -> StoreResult<(u64, u64)> {
+    let mut marks: Vec<(i64, i64, i64)> = source
+        .run(crate::sqlite::mark_log::pending)
+        .await?
+        .into_iter()
+        .map(|((minute, series), generation)| (minute, series, generation))
+        .collect();
+    marks.sort_unstable();
+    let total = marks.len() as u64;
+    let mut changed = 0;
+    for (done, chunk) in marks.chunks(ROW_CHUNK).enumerate() {
+        progress(CopyProgress {
+            table: "rollup_log",
+            done: (done * ROW_CHUNK) as u64,
+            total,
+        });
+        let column = |pick: fn(&(i64, i64, i64)) -> i64| chunk.iter().map(pick).collect::<Vec<i64>>();
+        let (minutes, series, generations) = (column(|m| m.0), column(|m| m.1), column(|m| m.2));
+        // A mark the destination holds at this generation or later stays as it is, so a
+        // second run changes nothing.
+        changed += client
+            .execute(
+                "INSERT INTO rollup_dirty (level, bucket, series_id, generation)
+                 SELECT 0, * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])
+                 ON CONFLICT (level, bucket, series_id) DO UPDATE SET
+                   generation = EXCLUDED.generation, min_ts = NULL, xids = NULL
+                 WHERE rollup_dirty.generation < EXCLUDED.generation",
+                &[&minutes, &series, &generations],
+            )
+            .await
+            .map_err(pg_err)?;
+    }
+    progress(CopyProgress {
+        table: "rollup_log",
+        done: total,
+        total,
+    });
+    Ok((total, changed))
 }
 
 /// Copies raw samples after the checkpoint in (ts, series_id, seq) order; returns the

@@ -1,5 +1,6 @@
 //! The generation check of dirty marks: a pass whose inputs went stale while it
 //! computed must not overwrite the bucket, and must leave the mark for the next pass.
+//! And the SQLite store's mark log, which writes append to and passes settle into marks.
 
 mod common;
 
@@ -9,7 +10,7 @@ use mcp_metrics_core::rollup::{BucketStats, Level};
 use mcp_metrics_core::time::now_ms;
 use mcp_metrics_store::sqlite::SqliteStore;
 use mcp_metrics_store::{
-    NewSeries, PendingSample, RollupInput, SeriesRef, Store, StoreOptions, WriteBatch, WriteRequest,
+    NewSeries, PendingSample, RetentionCutoffs, RollupInput, SeriesRef, Store, StoreOptions, WriteBatch, WriteRequest,
 };
 
 fn sample(value: f64, ts: i64) -> WriteBatch {
@@ -177,4 +178,82 @@ async fn every_series_of_a_large_write_is_marked_and_renewed() {
         rows.iter().all(|r| r.stats.count == 2),
         "every minute holds both writes"
     );
+}
+
+/// Writes log their marks (`sqlite/mark_log.rs`): a (minute, series) written many times
+/// counts once in the backlog, before and after a pass settles the log, and its mark
+/// carries the generation of the last write to it, as a mark renewed by every write did.
+#[tokio::test]
+async fn logged_marks_count_once_and_settle_at_the_last_writes_generation() {
+    let (_dir, store) = store_with_server().await;
+    // Both minutes inside one hour.
+    let ts = (now_ms() / 3_600_000 - 1) * 3_600_000 + 300_000;
+    // m0, m1 and m2 in the first minute; then m0 alone, four times; then m0 in the next.
+    store.write_batch(many(3, 1.0, ts)).await.unwrap();
+    for i in 0..4 {
+        store.write_batch(many(1, 2.0, ts + 1 + i)).await.unwrap();
+    }
+    store.write_batch(many(1, 3.0, ts + 60_000)).await.unwrap();
+    assert_eq!(store.dirty_backlog().await.unwrap(), [4, 0, 0]);
+
+    let work = store.rollup_work(Level::Minute, 100).await.unwrap();
+    assert_eq!(store.dirty_backlog().await.unwrap(), [4, 0, 0], "settled, not doubled");
+    let ids = series_ids(&store, "s").await;
+    let generation = |bucket: i64, id: i64| {
+        work.items
+            .iter()
+            .find(|(m, _)| (m.bucket, m.series_id) == (bucket, id))
+            .map(|(m, _)| m.generation)
+            .unwrap()
+    };
+    let (m0, m1, m2) = (ids[0], ids[1], ids[2]);
+    assert_eq!(work.items.len(), 4);
+    assert_eq!(generation(ts, m1), generation(ts, m2), "one write");
+    assert!(generation(ts, m0) > generation(ts, m1), "m0 was written last");
+    assert!(generation(ts + 60_000, m0) > generation(ts, m0));
+    let results: Vec<_> = work.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    assert_eq!(
+        store.dirty_backlog().await.unwrap(),
+        [0, 3, 0],
+        "an hour mark per series"
+    );
+    let rows = store.read_rollups(Level::Minute, &[m0], 0, i64::MAX).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.stats.count).collect::<Vec<_>>(), vec![5, 1]);
+}
+
+/// A server deleted before a pass settled its writes' marks leaves none behind: they
+/// would name series that are gone.
+#[tokio::test]
+async fn a_deleted_servers_logged_marks_do_not_come_back() {
+    let (_dir, store) = store_with_server().await;
+    let ts = (now_ms() / 60_000 - 2) * 60_000;
+    store.write_batch(many(5, 1.0, ts)).await.unwrap();
+    assert_eq!(store.dirty_backlog().await.unwrap(), [5, 0, 0]);
+    store.delete_server("s").await.unwrap();
+    assert_eq!(store.dirty_backlog().await.unwrap(), [0, 0, 0]);
+    assert!(store.rollup_work(Level::Minute, 100).await.unwrap().items.is_empty());
+}
+
+/// Minute retention forgets logged minutes before its cutoff, as it does marks.
+#[tokio::test]
+async fn minute_retention_forgets_old_logged_minutes() {
+    let (_dir, store) = store_with_server().await;
+    let recent = (now_ms() / 60_000 - 2) * 60_000;
+    let old = recent - 40 * 86_400_000;
+    store.write_batch(many(2, 1.0, old)).await.unwrap();
+    store.write_batch(many(3, 1.0, recent)).await.unwrap();
+    assert_eq!(store.dirty_backlog().await.unwrap(), [5, 0, 0]);
+    store
+        .apply_retention(&RetentionCutoffs {
+            raw: None,
+            minute: Some(recent - 86_400_000),
+            hour: None,
+            day: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.dirty_backlog().await.unwrap(), [3, 0, 0]);
+    let work = store.rollup_work(Level::Minute, 100).await.unwrap();
+    assert!(work.items.iter().all(|(m, _)| m.bucket == recent));
 }

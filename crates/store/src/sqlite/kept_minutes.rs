@@ -15,11 +15,13 @@
 //!   counter value at a timestamp already in the tail replaces it, as reading runs
 //!   does. A sample older than the folded part (or a rewrite of its last value) makes
 //!   the entry untrusted for good, and the job reads that minute.
-//! - The job uses an entry only when its generation equals the mark's: the mark was set
-//!   last by the very write the entry saw last, so the entry holds exactly the samples of
-//!   the pass's snapshot. A write committed but not recorded yet, a pass on an older
-//!   snapshot, or a mark set by someone else (an operator's re-aggregation) all differ
-//!   and fall back to reading.
+//! - The job uses an entry only when its generation is at least the mark's: the entry
+//!   then holds every sample of the writes the mark names, and perhaps those of later
+//!   writes, which logged the minute again (`mark_log`), so a later pass computes it once
+//!   more. Writes go on while a pass reads, so an entry is usually a write or two ahead
+//!   of the marks the pass settled. A mark newer than the entry — a write committed but
+//!   not recorded yet, or a mark set by someone else, such as an operator's
+//!   re-aggregation — falls back to reading.
 //! - A commit by another connection (another process writing the same file) could add
 //!   samples the writer never saw: SQLite's `data_version` tells, and the writer then
 //!   forgets every entry.
@@ -265,11 +267,11 @@ impl KeptMinutes {
         self.entries.values().map(|e| e.tail.len()).sum()
     }
 
-    /// The complete bucket of a marked minute, if this cache holds exactly what the
+    /// The complete bucket of a marked minute, if this cache holds at least what the
     /// mark's generation names; with the samples it gained since a pass last took it.
     pub fn take(&mut self, key: MinuteKey, generation: i64) -> Option<(BucketStats, u64)> {
         let entry = self.entries.get_mut(&key)?;
-        if !entry.trusted || entry.generation != generation {
+        if !entry.trusted || entry.generation < generation {
             return None;
         }
         entry.normalize_tail();
@@ -341,7 +343,8 @@ mod tests {
         assert_eq!(Some(bucket), table.bucket((M, 7), Kind::Counter));
         assert_eq!(new, 3);
         assert_eq!(kept.take((M, 7), 2).map(|(_, n)| n), Some(0), "counted once");
-        assert!(kept.take((M, 7), 1).is_none(), "an older mark is read, not taken");
+        assert!(kept.take((M, 7), 1).is_some(), "an older mark takes the newer bucket");
+        assert!(kept.take((M, 7), 3).is_none(), "a newer mark is read, not taken");
         assert!(kept.take((M, 8), 2).is_none());
     }
 

@@ -236,6 +236,22 @@ CREATE TABLE sample_runs (
 CREATE INDEX sample_runs_by_minute ON sample_runs(minute, server_id);
 "#,
     ),
+    (
+        6,
+        "the minute-mark log: one row per write and minute instead of a mark per series",
+        r#"
+-- Each write logs the series it wrote in each minute (a blob of id deltas, format and
+-- rules in mark_log.rs); the rollup job moves the log into rollup_dirty once per pass.
+-- The index answers whether a minute is logged when the writer first meets it.
+CREATE TABLE rollup_log (
+    id         INTEGER PRIMARY KEY,
+    minute     INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    series_ids BLOB NOT NULL
+);
+CREATE INDEX rollup_log_by_minute ON rollup_log(minute);
+"#,
+    ),
 ];
 
 /// Work a migration does beyond its SQL, run after it in the same transaction.

@@ -6,6 +6,7 @@
 //! commit: many requests share one transaction and one fsync.
 
 mod kept_minutes;
+pub(crate) mod mark_log;
 mod migrations;
 pub(crate) mod raw;
 mod rollups;
@@ -530,18 +531,23 @@ fn write_batch_blocking(
         // Every minute that received a sample is recomputed by the rollup job.
         let dirty = runs.minutes();
         // A minute the kept buckets have not seen yet can be kept only if it held
-        // nothing before this write: no mark waiting and no bucket stored.
+        // nothing before this write: no mark waiting (set or logged) and no bucket stored.
         let unknown = lock_kept(kept).unknown(&dirty);
-        let mut held_something = tx.prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM rollup_dirty WHERE level = 0 AND bucket = ?1 AND series_id = ?2)
-                 OR EXISTS (SELECT 1 FROM rollups_1m WHERE series_id = ?2 AND bucket = ?1)",
-        )?;
-        for key in unknown {
-            let held: bool = held_something.query_row(params![key.0, key.1], |r| r.get(0))?;
-            was_empty.insert(key, !held);
+        if !unknown.is_empty() {
+            let mut minutes: Vec<i64> = unknown.iter().map(|key| key.0).collect();
+            minutes.dedup();
+            let logged = mark_log::logged_in(&tx, minutes)?;
+            let mut held_something = tx.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM rollup_dirty WHERE level = 0 AND bucket = ?1 AND series_id = ?2)
+                     OR EXISTS (SELECT 1 FROM rollups_1m WHERE series_id = ?2 AND bucket = ?1)",
+            )?;
+            for key in unknown {
+                let held = logged.contains(&key) || held_something.query_row(params![key.0, key.1], |r| r.get(0))?;
+                was_empty.insert(key, !held);
+            }
         }
         generation = rollups::next_generation(&tx)?;
-        rollups::set_minute_marks(&tx, &dirty, generation)?;
+        mark_log::append(&tx, &dirty, generation)?;
     }
     let committed = tx.commit();
     let mut kept = lock_kept(kept);
@@ -656,6 +662,8 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.write(move |c| {
             let tx = c.transaction().map_err(map_err)?;
+            // Logged marks become marks first, so the server's go with the rest.
+            mark_log::settle(&tx).map_err(map_err)?;
             raw::delete_of_server(&tx, &id).map_err(map_err)?;
             // Rollups and pending marks name series, not servers: no cascade.
             for table in ["rollups_1m", "rollups_1h", "server_metrics_daily", "rollup_dirty"] {
@@ -843,6 +851,9 @@ impl Store for SqliteStore {
     }
 
     async fn rollup_work(&self, level: Level, max_marks: usize) -> StoreResult<RollupWork> {
+        if level == Level::Minute {
+            self.write(|c| mark_log::settle_now(c).map_err(map_err)).await?;
+        }
         let kept = self.inner.kept.clone();
         self.read(move |c| rollups::work(c, level, max_marks, &kept)).await
     }

@@ -763,7 +763,7 @@ mod tests {
             )
             .unwrap();
         }
-        assert_eq!(migrations::run(&mut conn, 0).unwrap(), vec![5]);
+        assert_eq!(migrations::run(&mut conn, 0).unwrap(), vec![5, 6]);
         let got = read(&conn, &query(&[1, 2, 3], None, 100)).unwrap();
         let got: Vec<_> = got
             .iter()

@@ -272,7 +272,11 @@ pub fn drop_marks(conn: &mut Connection, marks: &[DirtyMark]) -> rusqlite::Resul
 pub fn mark_minutes(conn: &mut Connection, minutes: &[(i64, i64)]) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let generation = next_generation(&tx)?;
-    set_minute_marks(&tx, minutes, generation)?;
+    let marks: Vec<(i64, i64, i64)> = minutes
+        .iter()
+        .map(|&(minute, series)| (minute, series, generation))
+        .collect();
+    set_minute_marks(&tx, &marks)?;
     tx.commit()?;
     Ok(minutes.len() as u64)
 }
@@ -284,22 +288,20 @@ const MARK_CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
 
 const MARK_HEAD: &str = "INSERT INTO rollup_dirty (level, bucket, series_id, generation)";
 const MARK_ROW: &str = "(0, ?, ?, ?)";
-const MARK_TAIL: &str = "ON CONFLICT (level, bucket, series_id) DO UPDATE SET generation = excluded.generation";
+const MARK_TAIL: &str = "ON CONFLICT (level, bucket, series_id) DO UPDATE SET
+    generation = max(rollup_dirty.generation, excluded.generation)";
 
 /// `INSERT … VALUES (…), (…), …` runs SQLite's VM once for a chunk of marks instead of
-/// once per mark, which was a measurable share of every commit.
+/// once per mark.
 static MARK_SQL: LazyLock<[String; MARK_CHUNKS.len()]> = LazyLock::new(|| {
     MARK_CHUNKS.map(|rows| format!("{MARK_HEAD} VALUES {} {MARK_TAIL}", vec![MARK_ROW; rows].join(", ")))
 });
 
-/// Sets (or renews to `generation`) the minute marks of these distinct (minute, series)
-/// pairs, many rows per statement: a write of 1,000 series sets 1,000 marks.
-pub fn set_minute_marks(
-    tx: &rusqlite::Transaction<'_>,
-    minutes: &[(i64, i64)],
-    generation: i64,
-) -> rusqlite::Result<()> {
-    let mut rest = minutes;
+/// Sets these distinct (minute, series, generation) marks, or raises a mark's
+/// generation to the given one, many rows per statement. A mark never goes back to an
+/// older generation: the newest write (or re-aggregation) of its minute decides.
+pub fn set_minute_marks(tx: &rusqlite::Transaction<'_>, marks: &[(i64, i64, i64)]) -> rusqlite::Result<()> {
+    let mut rest = marks;
     for (&rows, sql) in MARK_CHUNKS.iter().zip(MARK_SQL.iter()) {
         if rest.len() < rows {
             continue;
@@ -307,7 +309,7 @@ pub fn set_minute_marks(
         let mut statement = tx.prepare_cached(sql)?;
         while rest.len() >= rows {
             let (chunk, after) = rest.split_at(rows);
-            for (i, &(minute, series_id)) in chunk.iter().enumerate() {
+            for (i, &(minute, series_id, generation)) in chunk.iter().enumerate() {
                 statement.raw_bind_parameter(3 * i + 1, minute)?;
                 statement.raw_bind_parameter(3 * i + 2, series_id)?;
                 statement.raw_bind_parameter(3 * i + 3, generation)?;
@@ -319,15 +321,19 @@ pub fn set_minute_marks(
     Ok(())
 }
 
+/// Dirty buckets per level: the marks, and for minutes also the logged pairs not
+/// marked yet.
 pub fn backlog(conn: &Connection) -> rusqlite::Result<[u64; 3]> {
-    let mut out = [0u64; 3];
-    let mut stmt = conn.prepare_cached("SELECT level, count(*) FROM rollup_dirty GROUP BY level")?;
+    // One snapshot: a settling between the two reads would count its marks twice.
+    let tx = conn.unchecked_transaction()?;
+    let mut out = [super::mark_log::unsettled(&tx)?, 0, 0];
+    let mut stmt = tx.prepare_cached("SELECT level, count(*) FROM rollup_dirty GROUP BY level")?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         let level: i64 = r.get(0)?;
         let n: i64 = r.get(1)?;
         if let Some(slot) = out.get_mut(level as usize) {
-            *slot = n as u64;
+            *slot += n as u64;
         }
     }
     Ok(out)
@@ -361,7 +367,7 @@ pub fn read(
 }
 
 /// Deletes rollups of `level` older than `cutoff`, series by series, and the dirty marks
-/// of that level older than it.
+/// (and for minutes, the logged ones) of that level older than it.
 pub fn retention_level(conn: &mut Connection, level: Level, cutoff: i64) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut deleted = 0u64;
@@ -381,6 +387,9 @@ pub fn retention_level(conn: &mut Connection, level: Level, cutoff: i64) -> rusq
             "DELETE FROM rollup_dirty WHERE level = ?1 AND bucket < ?2",
             params![level.as_i64(), cutoff],
         )?;
+        if level == Level::Minute {
+            super::mark_log::delete_before(&tx, cutoff)?;
+        }
     }
     tx.commit()?;
     Ok(deleted)
