@@ -211,15 +211,49 @@ async fn logged_marks_count_once_and_settle_at_the_last_writes_generation() {
     assert_eq!(generation(ts, m1), generation(ts, m2), "one write");
     assert!(generation(ts, m0) > generation(ts, m1), "m0 was written last");
     assert!(generation(ts + 60_000, m0) > generation(ts, m0));
-    let results: Vec<_> = work.items.iter().map(|(m, i)| (*m, fold(i))).collect();
-    store.apply_rollups(Level::Minute, results).await.unwrap();
+    // A write after the settling: its minute is marked and logged, and counts once.
+    store.write_batch(many(1, 4.0, ts + 10)).await.unwrap();
     assert_eq!(
         store.dirty_backlog().await.unwrap(),
-        [0, 3, 0],
+        [4, 0, 0],
+        "marked and logged: once"
+    );
+    let results: Vec<_> = work.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    // The pass cleared the mark it read; the log keeps the minute dirty.
+    assert_eq!(
+        store.dirty_backlog().await.unwrap(),
+        [1, 3, 0],
         "an hour mark per series"
     );
-    let rows = store.read_rollups(Level::Minute, &[m0], 0, i64::MAX).await.unwrap();
-    assert_eq!(rows.iter().map(|r| r.stats.count).collect::<Vec<_>>(), vec![5, 1]);
+    let counts = async || {
+        let rows = store.read_rollups(Level::Minute, &[m0], 0, i64::MAX).await.unwrap();
+        rows.iter().map(|r| r.stats.count).collect::<Vec<_>>()
+    };
+    assert_eq!(counts().await, vec![5, 1]);
+    let next = store.rollup_work(Level::Minute, 100).await.unwrap();
+    assert_eq!(next.items.len(), 1);
+    let results: Vec<_> = next.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    assert_eq!(counts().await, vec![6, 1], "the next pass adds the later write");
+    assert_eq!(store.dirty_backlog().await.unwrap()[0], 0);
+}
+
+/// Settling never lowers a mark: an operator's re-aggregation, newer than the writes
+/// still in the log, keeps its generation for every minute it marked.
+#[tokio::test]
+async fn settling_keeps_a_newer_mark() {
+    let (_dir, store) = store_with_server().await;
+    let ts = (now_ms() / 60_000 - 3) * 60_000;
+    // m0 and m1 logged, then m0 again: their logged generations differ.
+    store.write_batch(many(2, 1.0, ts)).await.unwrap();
+    store.write_batch(many(1, 1.0, ts + 1)).await.unwrap();
+    assert_eq!(store.mark_range_dirty(ts, ts + 60_000).await.unwrap(), 2);
+    let work = store.rollup_work(Level::Minute, 100).await.unwrap();
+    let generations: Vec<i64> = work.items.iter().map(|(m, _)| m.generation).collect();
+    assert_eq!(generations.len(), 2);
+    // Logged at two generations, re-marked at one: lowered, they would differ.
+    assert_eq!(generations[0], generations[1], "{generations:?}");
 }
 
 /// A server deleted before a pass settled its writes' marks leaves none behind: they

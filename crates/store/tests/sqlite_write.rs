@@ -2,7 +2,8 @@
 //! read: within one write, a later value for the same (series, timestamp) must still
 //! replace an earlier one, and histogram observations that share a millisecond must
 //! still all be kept in arrival order, also when an earlier write already used that
-//! millisecond.
+//! millisecond. And a database a newer build migrated is refused, not written without
+//! the migrations this build does not know.
 
 mod common;
 
@@ -175,4 +176,25 @@ async fn repeated_values_in_one_write_keep_the_last_and_observations_all() {
         );
         assert!(at.windows(2).all(|w| w[0].2 < w[1].2), "arrival order at {t}");
     }
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_build_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("newer.db");
+    drop(SqliteStore::open(&path, &StoreOptions::default()).await.unwrap());
+    let newer = mcp_metrics_store::sqlite::latest_version() + 1;
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?1, 'future', 0)",
+            [newer],
+        )
+        .unwrap();
+    let refused = SqliteStore::open(&path, &StoreOptions::default()).await.err().unwrap();
+    let message = refused.to_string();
+    assert!(
+        message.contains(&format!("schema version {newer}, newer than this build's")),
+        "{message}"
+    );
 }

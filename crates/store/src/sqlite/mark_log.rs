@@ -27,7 +27,7 @@ use std::collections::HashSet;
 use mcp_metrics_core::varint::{self, unzigzag, zigzag};
 use rusqlite::types::Type;
 use rusqlite::{Connection, Transaction, params};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 /// A (minute, series) the log names, with the greatest generation it names it with.
 pub type LoggedMarks = FxHashMap<(i64, i64), i64>;
@@ -80,20 +80,21 @@ pub fn append(tx: &Transaction<'_>, minutes: &[(i64, i64)], generation: i64) -> 
     Ok(())
 }
 
-/// The (minute, series) pairs the log names in these minutes: whether a minute held
-/// something before a write, for the kept minutes.
-pub fn logged_in(
-    tx: &Transaction<'_>,
-    minutes: impl IntoIterator<Item = i64>,
-) -> rusqlite::Result<HashSet<(i64, i64)>> {
+/// Which of these (minute, series) pairs, sorted, the log names: whether a minute held
+/// something before a write, for the kept minutes. Reads the logged rows of each minute
+/// once, keeping only the pairs asked about.
+pub fn logged_among(tx: &Transaction<'_>, pairs: &[(i64, i64)]) -> rusqlite::Result<HashSet<(i64, i64)>> {
     let mut select = tx.prepare_cached("SELECT series_ids FROM rollup_log WHERE minute = ?1")?;
     let mut found = HashSet::new();
-    for minute in minutes {
-        let mut rows = select.query([minute])?;
+    for minute in pairs.chunk_by(|a, b| a.0 == b.0) {
+        let minute_start = minute[0].0;
+        let asked: FxHashSet<i64> = minute.iter().map(|&(_, series)| series).collect();
+        let mut rows = select.query([minute_start])?;
         while let Some(row) = rows.next()? {
-            let blob = row.get_ref(0)?.as_blob()?;
-            decode_series(blob, |series| {
-                found.insert((minute, series));
+            decode_series(row.get_ref(0)?.as_blob()?, |series| {
+                if asked.contains(&series) {
+                    found.insert((minute_start, series));
+                }
             })
             .map_err(corrupt)?;
         }

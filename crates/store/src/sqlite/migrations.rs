@@ -242,14 +242,15 @@ CREATE INDEX sample_runs_by_minute ON sample_runs(minute, server_id);
         r#"
 -- Each write logs the series it wrote in each minute (a blob of id deltas, format and
 -- rules in mark_log.rs); the rollup job moves the log into rollup_dirty once per pass.
--- The index answers whether a minute is logged when the writer first meets it.
+-- A write has one generation, so (minute, generation) names its row; keyed by minute, the
+-- writer finds a minute's rows when it first meets that minute, and a row costs one
+-- B-tree insert, where a rowid table and an index on minute cost two.
 CREATE TABLE rollup_log (
-    id         INTEGER PRIMARY KEY,
     minute     INTEGER NOT NULL,
     generation INTEGER NOT NULL,
-    series_ids BLOB NOT NULL
-);
-CREATE INDEX rollup_log_by_minute ON rollup_log(minute);
+    series_ids BLOB NOT NULL,
+    PRIMARY KEY (minute, generation)
+) WITHOUT ROWID;
 "#,
     ),
 ];

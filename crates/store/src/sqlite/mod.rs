@@ -154,6 +154,18 @@ impl SqliteStore {
             let mut writer = Connection::open(&path)
                 .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
             configure_writer(&writer, &options).map_err(map_err)?;
+            // A build that does not know the newest migration would write without it: an
+            // older one, for example, marks minutes without the log of migration 6, and
+            // the rollups it stores could then refuse the newer build's results.
+            let version = migrations::current_version(&writer).map_err(map_err)?;
+            if version > latest_version() {
+                return Err(StoreError::Invalid(format!(
+                    "{} is at schema version {version}, newer than this build's {}: run the mcp-metrics \
+                     release that migrated it, or a newer one",
+                    path.display(),
+                    latest_version()
+                )));
+            }
             let applied = migrations::run(&mut writer, now_ms()).map_err(map_err)?;
             if !applied.is_empty() {
                 tracing::info!(path = %path.display(), ?applied, "applied SQLite migrations");
@@ -534,9 +546,8 @@ fn write_batch_blocking(
         // nothing before this write: no mark waiting (set or logged) and no bucket stored.
         let unknown = lock_kept(kept).unknown(&dirty);
         if !unknown.is_empty() {
-            let mut minutes: Vec<i64> = unknown.iter().map(|key| key.0).collect();
-            minutes.dedup();
-            let logged = mark_log::logged_in(&tx, minutes)?;
+            // `unknown` keeps `dirty`'s order: sorted by minute.
+            let logged = mark_log::logged_among(&tx, &unknown)?;
             let mut held_something = tx.prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM rollup_dirty WHERE level = 0 AND bucket = ?1 AND series_id = ?2)
                      OR EXISTS (SELECT 1 FROM rollups_1m WHERE series_id = ?2 AND bucket = ?1)",
@@ -661,7 +672,11 @@ impl Store for SqliteStore {
     async fn delete_server(&self, id: &str) -> StoreResult<()> {
         let id = id.to_owned();
         self.write(move |c| {
-            let tx = c.transaction().map_err(map_err)?;
+            // Immediate: the settling reads before it writes, and a deferred transaction
+            // could then fail at its first write instead of waiting for another process.
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
             // Logged marks become marks first, so the server's go with the rest.
             mark_log::settle(&tx).map_err(map_err)?;
             raw::delete_of_server(&tx, &id).map_err(map_err)?;
