@@ -771,6 +771,34 @@ async fn a_rewritten_gauge_is_folded_again() {
     assert_eq!((stats.count, stats.sum, stats.first), (2, 13.0, 7.0));
 }
 
+/// The backlog counts dirty buckets, not writes: a (minute, series) written several
+/// times, or marked by a pass and written again, counts once on both backends.
+async fn backlog_counts_buckets_not_writes(store: &dyn Store) {
+    store.create_server("s", &ServerFields::default(), 0).await.unwrap();
+    let t = (now_ms() / 60_000 - 2) * 60_000;
+    for i in 0..3 {
+        store.write_batch(one_sample(Kind::Gauge, 1.0, t + i)).await.unwrap();
+    }
+    store
+        .write_batch(one_sample(Kind::Gauge, 1.0, t + 60_000))
+        .await
+        .unwrap();
+    assert_eq!(store.dirty_backlog().await.unwrap(), [2, 0, 0]);
+    let work = store.rollup_work(Level::Minute, 100).await.unwrap();
+    assert_eq!(work.items.len(), 2);
+    store.write_batch(one_sample(Kind::Gauge, 1.0, t + 3)).await.unwrap();
+    assert_eq!(
+        store.dirty_backlog().await.unwrap(),
+        [2, 0, 0],
+        "marked and written again: once"
+    );
+}
+
+test_on_both_backends!(
+    backlog_counts_buckets_not_writes_on_both_backends,
+    backlog_counts_buckets_not_writes
+);
+
 /// rollup_marks.rs' stale-pass case, on any backend.
 async fn stale_pass_keeps_the_newer_result(store: &dyn Store) {
     store.create_server("s", &ServerFields::default(), 0).await.unwrap();

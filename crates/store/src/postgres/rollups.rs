@@ -652,8 +652,16 @@ pub async fn backlog(client: &PoolClient) -> PgResult<[u64; 3]> {
     let mut out = [0u64; 3];
     for r in client
         .query(
+            // Buckets, not writes: a logged (minute, series) counts once, and not at all
+            // when it is marked already (one statement, one snapshot).
             "SELECT level, count(*) FROM rollup_dirty GROUP BY level
-             UNION ALL SELECT 0::smallint, COALESCE(sum(cardinality(series_ids)), 0) FROM rollup_log",
+             UNION ALL
+             SELECT 0::smallint, count(*) FROM (
+                 SELECT DISTINCT l.bucket, logged.series_id
+                 FROM rollup_log l, unnest(l.series_ids) AS logged(series_id)
+             ) p
+             WHERE NOT EXISTS (SELECT 1 FROM rollup_dirty d
+                               WHERE d.level = 0 AND d.bucket = p.bucket AND d.series_id = p.series_id)",
             &[],
         )
         .await?
