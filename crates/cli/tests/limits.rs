@@ -371,9 +371,18 @@ async fn a_server_registered_again_under_a_deleted_ones_id_starts_afresh() {
     .await;
     let old = svc.server_with_key("acme").await;
     let t = now_ms() - 1000;
-    assert_eq!(svc.push(&old, &gauges("acme", "g", 10, t)).await.0, StatusCode::OK);
-    let (status, _, answer) = svc.push(&old, &gauges("acme", "bad name!", 1, t)).await;
+    // A whole burst, one sample of it refused by name: the dashboard counts both.
+    let mut metrics: Vec<Value> = (0..9)
+        .map(|i| json!({"name": format!("g{i}"), "value": i, "timestamp": t}))
+        .collect();
+    metrics.push(json!({"name": "bad name!", "value": 1, "timestamp": t}));
+    let (status, _, answer) = svc.push(&old, &batch("acme", Value::Array(metrics))).await;
+    assert_eq!((status, &answer["accepted"]), (StatusCode::OK, &json!(9)), "{answer}");
+    let (status, _, answer) = svc.push(&old, &gauges("acme", "g", 1, t)).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    let html = dashboard(&svc, &old.api_key).await;
+    assert!(html.contains("invalid_name"), "{html}");
+    assert!(html.contains("(this node)</th><td>1</td>"), "{html}");
     let (status, _) = svc
         .admin(reqwest::Method::DELETE, "/api/v1/admin/servers/acme", None)
         .await;
@@ -384,5 +393,6 @@ async fn a_server_registered_again_under_a_deleted_ones_id_starts_afresh() {
     assert_eq!((status, &answer["accepted"]), (StatusCode::OK, &json!(10)), "{answer}");
     let html = dashboard(&svc, &new.api_key).await;
     assert!(html.contains("(this node)</th><td>0</td>"), "{html}");
+    assert!(!html.contains("invalid_name"), "the old server's refusals: {html}");
     svc.stop().await;
 }
