@@ -396,3 +396,35 @@ async fn a_server_registered_again_under_a_deleted_ones_id_starts_afresh() {
     assert!(!html.contains("invalid_name"), "the old server's refusals: {html}");
     svc.stop().await;
 }
+
+/// Settings built in code are checked as those loaded from a file are: a burst smaller
+/// than a whole request, while the allowance is on, is refused before the database is
+/// opened.
+#[tokio::test]
+async fn settings_built_in_code_are_refused_as_a_file_would_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("refused.db");
+    let mut config = mcp_metrics_server::config::Config {
+        database: format!("sqlite://{}", database.display()),
+        ..Default::default()
+    };
+    config.ingest.burst_samples_per_server = 10;
+    config.ingest.max_samples_per_request = 100;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let run = mcp_metrics_server::run(
+        config,
+        listener,
+        std::future::pending(),
+        mcp_metrics_server::RunOptions::default(),
+    );
+    let refused = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the service started on settings it must refuse")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("ingest.burst_samples_per_server (10) must be at least ingest.max_samples_per_request (100)"),
+        "{refused}"
+    );
+    assert!(!database.exists());
+}

@@ -212,9 +212,12 @@ async fn prometheus_waits_and_resends_what_the_write_allowance_refused() {
         return;
     }
     // Prometheus' own metrics are several hundred samples a scrape: past 100 a second.
+    // A burst holds a whole request (the service refuses a smaller one), and Prometheus
+    // sends at most 2,000 samples a request by default.
     let svc = TestService::start_with(|c| {
         c.ingest.samples_per_second_per_server = 100;
-        c.ingest.burst_samples_per_server = 1_000;
+        c.ingest.burst_samples_per_server = 2_000;
+        c.ingest.max_samples_per_request = 2_000;
     })
     .await;
     let cred = svc.server_with_key("prom").await;

@@ -302,7 +302,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    /// Refuses settings the service cannot run on, naming the setting to change.
+    pub fn validate(&self) -> anyhow::Result<()> {
         if let Some(token) = &self.admin_token
             && token.len() < 16
         {

@@ -76,6 +76,9 @@ pub async fn run(
     options: RunOptions,
 ) -> anyhow::Result<()> {
     install_crypto_provider();
+    // `Config::load` validates too; this covers a config built in code (embedders, the
+    // integration tests), so nothing runs on settings the service would refuse.
+    config.validate()?;
     let store = open_store(&config).await?;
     let master_key = keyring::load_master_key(config.master_key.as_deref(), &config.database, store.as_ref()).await?;
     let telemetry = Arc::new(Telemetry::default());
