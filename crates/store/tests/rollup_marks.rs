@@ -291,3 +291,29 @@ async fn minute_retention_forgets_old_logged_minutes() {
     let work = store.rollup_work(Level::Minute, 100).await.unwrap();
     assert!(work.items.iter().all(|(m, _)| m.bucket == recent));
 }
+
+/// With the job far apart (or slowed by a backlog), the writer settles the log itself
+/// once it holds about a thousand rows, so the log, a minute of which the writer reads
+/// when it first meets that minute, stays bounded; the marks are the same.
+#[tokio::test]
+async fn the_writer_settles_a_long_log_itself() {
+    let (dir, store) = store_with_server().await;
+    let ts = (now_ms() / 60_000 - 3) * 60_000;
+    for i in 0..1100 {
+        store.write_batch(many(1, 1.0, ts + i)).await.unwrap();
+    }
+    let file = rusqlite::Connection::open(dir.path().join("m.db")).unwrap();
+    let count = |table: &str| -> i64 {
+        file.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    assert!(count("rollup_log") < 200, "{} rows logged", count("rollup_log"));
+    assert_eq!(count("rollup_dirty"), 1, "settled into one mark");
+    assert_eq!(store.dirty_backlog().await.unwrap(), [1, 0, 0]);
+    let work = store.rollup_work(Level::Minute, 100).await.unwrap();
+    let results: Vec<_> = work.items.iter().map(|(m, i)| (*m, fold(i))).collect();
+    store.apply_rollups(Level::Minute, results).await.unwrap();
+    let ids = series_ids(&store, "s").await;
+    let rows = store.read_rollups(Level::Minute, &ids, 0, i64::MAX).await.unwrap();
+    assert_eq!(rows[0].stats.count, 1100);
+}

@@ -65,19 +65,28 @@ fn corrupt(e: Corrupt) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(0, Type::Blob, Box::new(e))
 }
 
+/// Rows the writer lets the log grow to before it settles the log itself, in its own
+/// transaction. The job settles every pass (each second by default), but a job set far
+/// apart (`rollup.interval_secs` up to an hour) or slowed by a large backlog must not let
+/// the log grow without bound: the writer reads a minute's logged rows when it first
+/// meets that minute, and settling once per this many rows costs little.
+pub const SETTLE_AFTER_ROWS: usize = 1024;
+
 /// Logs the (minute, series) pairs one write touched, sorted by minute, at the write's
-/// generation: one row per minute.
-pub fn append(tx: &Transaction<'_>, minutes: &[(i64, i64)], generation: i64) -> rusqlite::Result<()> {
+/// generation: one row per minute. Returns the rows appended.
+pub fn append(tx: &Transaction<'_>, minutes: &[(i64, i64)], generation: i64) -> rusqlite::Result<usize> {
     let mut insert =
         tx.prepare_cached("INSERT INTO rollup_log (minute, generation, series_ids) VALUES (?1, ?2, ?3)")?;
+    let mut rows = 0;
     for minute in minutes.chunk_by(|a, b| a.0 == b.0) {
         insert.execute(params![
             minute[0].0,
             generation,
             encode_series(minute.iter().map(|&(_, series)| series))
         ])?;
+        rows += 1;
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// Which of these (minute, series) pairs, sorted, the log names: whether a minute held

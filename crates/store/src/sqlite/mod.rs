@@ -16,6 +16,7 @@ mod value_codec;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -76,6 +77,9 @@ struct Inner {
     writer: Mutex<Connection>,
     /// Open minute buckets the writer keeps for the rollup job (see `kept_minutes`).
     kept: Arc<Mutex<KeptMinutes>>,
+    /// Rows this process logged since the mark log was last settled (see
+    /// `mark_log::SETTLE_AFTER_ROWS`).
+    logged_rows: AtomicUsize,
     readers: Mutex<Vec<Connection>>,
     read_pool_size: usize,
 }
@@ -175,6 +179,7 @@ impl SqliteStore {
                     path,
                     writer: Mutex::new(writer),
                     kept: Arc::default(),
+                    logged_rows: AtomicUsize::new(0),
                     readers: Mutex::new(Vec::new()),
                     read_pool_size: options.read_pool_size.max(1),
                 }),
@@ -438,6 +443,7 @@ fn write_batch_blocking(
     conn: &mut Connection,
     batch: &WriteBatch,
     kept: &Mutex<KeptMinutes>,
+    logged_rows: &AtomicUsize,
 ) -> rusqlite::Result<Vec<RequestOutcome>> {
     let now = batch.now;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -558,7 +564,16 @@ fn write_batch_blocking(
             }
         }
         generation = rollups::next_generation(&tx)?;
-        mark_log::append(&tx, &dirty, generation)?;
+        let appended = mark_log::append(&tx, &dirty, generation)?;
+        // Only the writer thread changes the count between settlings (the job's settling
+        // also holds the writer connection), so a load and a store suffice.
+        let logged = logged_rows.load(Ordering::Relaxed) + appended;
+        if logged >= mark_log::SETTLE_AFTER_ROWS {
+            mark_log::settle(&tx)?;
+            logged_rows.store(0, Ordering::Relaxed);
+        } else {
+            logged_rows.store(logged, Ordering::Relaxed);
+        }
     }
     let committed = tx.commit();
     let mut kept = lock_kept(kept);
@@ -573,7 +588,13 @@ fn write_batch_blocking(
 
 impl BlockingCommit for SqliteStore {
     fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
-        write_batch_blocking(&mut self.inner.writer(), &batch, &self.inner.kept).map_err(map_err)
+        write_batch_blocking(
+            &mut self.inner.writer(),
+            &batch,
+            &self.inner.kept,
+            &self.inner.logged_rows,
+        )
+        .map_err(map_err)
     }
 }
 
@@ -838,8 +859,8 @@ impl Store for SqliteStore {
     }
 
     async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
-        let kept = self.inner.kept.clone();
-        self.write(move |c| write_batch_blocking(c, &batch, &kept).map_err(map_err))
+        let inner = self.inner.clone();
+        self.write(move |c| write_batch_blocking(c, &batch, &inner.kept, &inner.logged_rows).map_err(map_err))
             .await
     }
 
@@ -867,7 +888,13 @@ impl Store for SqliteStore {
 
     async fn rollup_work(&self, level: Level, max_marks: usize) -> StoreResult<RollupWork> {
         if level == Level::Minute {
-            self.write(|c| mark_log::settle_now(c).map_err(map_err)).await?;
+            let inner = self.inner.clone();
+            self.write(move |c| {
+                mark_log::settle_now(c).map_err(map_err)?;
+                inner.logged_rows.store(0, Ordering::Relaxed);
+                Ok(())
+            })
+            .await?;
         }
         let kept = self.inner.kept.clone();
         self.read(move |c| rollups::work(c, level, max_marks, &kept)).await
