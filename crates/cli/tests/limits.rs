@@ -378,7 +378,8 @@ async fn a_server_registered_again_under_a_deleted_ones_id_starts_afresh() {
     metrics.push(json!({"name": "bad name!", "value": 1, "timestamp": t}));
     let (status, _, answer) = svc.push(&old, &batch("acme", Value::Array(metrics))).await;
     assert_eq!((status, &answer["accepted"]), (StatusCode::OK, &json!(9)), "{answer}");
-    let (status, _, answer) = svc.push(&old, &gauges("acme", "g", 1, t)).await;
+    // Five samples: refused unless five seconds passed since the burst.
+    let (status, _, answer) = svc.push(&old, &gauges("acme", "g", 5, t)).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
     let html = dashboard(&svc, &old.api_key).await;
     assert!(html.contains("invalid_name"), "{html}");
