@@ -23,6 +23,7 @@
 //! two each.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mcp_metrics_core::varint::{self, unzigzag, zigzag};
 use rusqlite::types::Type;
@@ -70,11 +71,40 @@ fn corrupt(e: Corrupt) -> rusqlite::Error {
 /// apart (`rollup.interval_secs` up to an hour) or slowed by a large backlog must not let
 /// the log grow without bound: the writer reads a minute's logged rows when it first
 /// meets that minute, and settling once per this many rows costs little.
-pub const SETTLE_AFTER_ROWS: usize = 1024;
+const SETTLE_AFTER_ROWS: usize = 1024;
+
+/// The writer's side of the log: appending, and settling when this process has logged
+/// [`SETTLE_AFTER_ROWS`] rows since the log was last settled. Used only while holding the
+/// writer connection, so a load and a store of the count suffice.
+#[derive(Default)]
+pub struct Writer {
+    logged_rows: AtomicUsize,
+}
+
+impl Writer {
+    /// [`append`], then [`settle`] in the same transaction if the log has grown long.
+    pub fn append(&self, tx: &Transaction<'_>, minutes: &[(i64, i64)], generation: i64) -> rusqlite::Result<()> {
+        let logged = self.logged_rows.load(Ordering::Relaxed) + append(tx, minutes, generation)?;
+        if logged >= SETTLE_AFTER_ROWS {
+            settle(tx)?;
+            self.logged_rows.store(0, Ordering::Relaxed);
+        } else {
+            self.logged_rows.store(logged, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// [`settle_now`], the rollup job's settling at the start of a minute pass.
+    pub fn settle_now(&self, conn: &mut Connection) -> rusqlite::Result<usize> {
+        let settled = settle_now(conn)?;
+        self.logged_rows.store(0, Ordering::Relaxed);
+        Ok(settled)
+    }
+}
 
 /// Logs the (minute, series) pairs one write touched, sorted by minute, at the write's
 /// generation: one row per minute. Returns the rows appended.
-pub fn append(tx: &Transaction<'_>, minutes: &[(i64, i64)], generation: i64) -> rusqlite::Result<usize> {
+fn append(tx: &Transaction<'_>, minutes: &[(i64, i64)], generation: i64) -> rusqlite::Result<usize> {
     let mut insert =
         tx.prepare_cached("INSERT INTO rollup_log (minute, generation, series_ids) VALUES (?1, ?2, ?3)")?;
     let mut rows = 0;
@@ -148,7 +178,7 @@ pub fn settle(tx: &Transaction<'_>) -> rusqlite::Result<usize> {
 
 /// [`settle`] in a transaction of its own, committed only when the log held something
 /// (an empty settle costs no sync).
-pub fn settle_now(conn: &mut Connection) -> rusqlite::Result<usize> {
+fn settle_now(conn: &mut Connection) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let settled = settle(&tx)?;
     if settled > 0 {

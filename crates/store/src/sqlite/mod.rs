@@ -16,7 +16,6 @@ mod value_codec;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -77,9 +76,8 @@ struct Inner {
     writer: Mutex<Connection>,
     /// Open minute buckets the writer keeps for the rollup job (see `kept_minutes`).
     kept: Arc<Mutex<KeptMinutes>>,
-    /// Rows this process logged since the mark log was last settled (see
-    /// `mark_log::SETTLE_AFTER_ROWS`).
-    logged_rows: AtomicUsize,
+    /// The writer's side of the minute-mark log.
+    mark_log: mark_log::Writer,
     readers: Mutex<Vec<Connection>>,
     read_pool_size: usize,
 }
@@ -179,7 +177,7 @@ impl SqliteStore {
                     path,
                     writer: Mutex::new(writer),
                     kept: Arc::default(),
-                    logged_rows: AtomicUsize::new(0),
+                    mark_log: mark_log::Writer::default(),
                     readers: Mutex::new(Vec::new()),
                     read_pool_size: options.read_pool_size.max(1),
                 }),
@@ -443,7 +441,7 @@ fn write_batch_blocking(
     conn: &mut Connection,
     batch: &WriteBatch,
     kept: &Mutex<KeptMinutes>,
-    logged_rows: &AtomicUsize,
+    log_writer: &mark_log::Writer,
 ) -> rusqlite::Result<Vec<RequestOutcome>> {
     let now = batch.now;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -564,16 +562,7 @@ fn write_batch_blocking(
             }
         }
         generation = rollups::next_generation(&tx)?;
-        let appended = mark_log::append(&tx, &dirty, generation)?;
-        // Only the writer thread changes the count between settlings (the job's settling
-        // also holds the writer connection), so a load and a store suffice.
-        let logged = logged_rows.load(Ordering::Relaxed) + appended;
-        if logged >= mark_log::SETTLE_AFTER_ROWS {
-            mark_log::settle(&tx)?;
-            logged_rows.store(0, Ordering::Relaxed);
-        } else {
-            logged_rows.store(logged, Ordering::Relaxed);
-        }
+        log_writer.append(&tx, &dirty, generation)?;
     }
     let committed = tx.commit();
     let mut kept = lock_kept(kept);
@@ -588,13 +577,7 @@ fn write_batch_blocking(
 
 impl BlockingCommit for SqliteStore {
     fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
-        write_batch_blocking(
-            &mut self.inner.writer(),
-            &batch,
-            &self.inner.kept,
-            &self.inner.logged_rows,
-        )
-        .map_err(map_err)
+        write_batch_blocking(&mut self.inner.writer(), &batch, &self.inner.kept, &self.inner.mark_log).map_err(map_err)
     }
 }
 
@@ -860,7 +843,7 @@ impl Store for SqliteStore {
 
     async fn write_batch(&self, batch: WriteBatch) -> StoreResult<Vec<RequestOutcome>> {
         let inner = self.inner.clone();
-        self.write(move |c| write_batch_blocking(c, &batch, &inner.kept, &inner.logged_rows).map_err(map_err))
+        self.write(move |c| write_batch_blocking(c, &batch, &inner.kept, &inner.mark_log).map_err(map_err))
             .await
     }
 
@@ -889,12 +872,8 @@ impl Store for SqliteStore {
     async fn rollup_work(&self, level: Level, max_marks: usize) -> StoreResult<RollupWork> {
         if level == Level::Minute {
             let inner = self.inner.clone();
-            self.write(move |c| {
-                mark_log::settle_now(c).map_err(map_err)?;
-                inner.logged_rows.store(0, Ordering::Relaxed);
-                Ok(())
-            })
-            .await?;
+            self.write(move |c| inner.mark_log.settle_now(c).map_err(map_err))
+                .await?;
         }
         let kept = self.inner.kept.clone();
         self.read(move |c| rollups::work(c, level, max_marks, &kept)).await
