@@ -26,6 +26,18 @@ fn gauges(server: &str, name: &str, n: usize, t: i64) -> String {
     batch(server, Value::Array(metrics))
 }
 
+/// A service whose servers may write one sample a second, in bursts of ten, and at
+/// most `max_samples_per_request` samples a request: each write meets the allowance at
+/// once, and none of the tests' sequences lasts the seconds it takes to recover.
+async fn one_sample_a_second(max_samples_per_request: usize) -> TestService {
+    TestService::start_with(|c| {
+        c.ingest.samples_per_second_per_server = 1;
+        c.ingest.burst_samples_per_server = 10;
+        c.ingest.max_samples_per_request = max_samples_per_request;
+    })
+    .await
+}
+
 /// POSTs to an exporter endpoint with the key as a bearer token: (status, headers, body).
 async fn post(
     svc: &TestService,
@@ -108,12 +120,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
 async fn past_its_rate_a_server_gets_429_on_every_endpoint_and_others_go_on() {
     // One sample a second with bursts of ten: after ten, a five-sample write waits
     // about five seconds, so every endpoint below meets the limit.
-    let svc = TestService::start_with(|c| {
-        c.ingest.samples_per_second_per_server = 1;
-        c.ingest.burst_samples_per_server = 10;
-        c.ingest.max_samples_per_request = 10;
-    })
-    .await;
+    let svc = one_sample_a_second(10).await;
     let busy = svc.server_with_key("busy").await;
     let calm = svc.server_with_key("calm").await;
     let t = now_ms() - 1000;
@@ -273,12 +280,7 @@ async fn at_its_series_limit_a_server_keeps_its_series_and_new_ones_are_refused(
 #[tokio::test]
 async fn what_is_not_stored_gives_its_charge_back_and_an_otlp_export_is_charged_whole() {
     // Ten samples a burst, one a second back: a request stored or refused shows at once.
-    let svc = TestService::start_with(|c| {
-        c.ingest.samples_per_second_per_server = 1;
-        c.ingest.burst_samples_per_server = 10;
-        c.ingest.max_samples_per_request = 4;
-    })
-    .await;
+    let svc = one_sample_a_second(4).await;
     let cred = svc.server_with_key("acme").await;
     let t = now_ms() - 1000;
     let body = gauges("acme", "g", 4, t);
@@ -364,12 +366,7 @@ async fn refusals_of_every_stage_come_back_at_their_indices() {
 
 #[tokio::test]
 async fn a_server_registered_again_under_a_deleted_ones_id_starts_afresh() {
-    let svc = TestService::start_with(|c| {
-        c.ingest.samples_per_second_per_server = 1;
-        c.ingest.burst_samples_per_server = 10;
-        c.ingest.max_samples_per_request = 10;
-    })
-    .await;
+    let svc = one_sample_a_second(10).await;
     let old = svc.server_with_key("acme").await;
     let t = now_ms() - 1000;
     // A whole burst, one sample of it refused by name: the dashboard counts both.
